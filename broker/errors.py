@@ -1,0 +1,126 @@
+"""One OAuth error model, rendered in one place.
+
+Every error carries a public ``description`` (shown to the caller, never containing a token or
+secret) and a private ``debug`` part (logged, and shown to callers only when the operator turns on
+``expose_error_debug``, which nobody should do in production).
+
+Hierarchy::
+
+    BrokerError
+    └── OAuthError                       RFC 6749 §5.2 / RFC 8693 §2.2.2 / RFC 7009 / RFC 7662
+        ├── InvalidRequest               400 invalid_request
+        │   └── RequestTooLarge          413 invalid_request
+        ├── InvalidClient                401 invalid_client (+ WWW-Authenticate)
+        ├── InvalidGrant                 400 invalid_grant
+        ├── UnauthorizedClient           400 unauthorized_client
+        ├── UnsupportedGrantType         400 unsupported_grant_type
+        ├── UnsupportedTokenType         400 unsupported_token_type (RFC 7009)
+        ├── InvalidScope                 400 invalid_scope
+        ├── InvalidTarget                400 invalid_target (RFC 8707 / RFC 8693)
+        ├── AccessDenied                 403 access_denied
+        ├── TemporarilyUnavailable       503 temporarily_unavailable
+        └── ServerError                  500 server_error
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BrokerError(Exception):
+    """Base class of every error the broker raises on purpose."""
+
+
+class OAuthError(BrokerError):
+    error: ClassVar[str] = "server_error"
+    status_code: ClassVar[int] = 400
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        debug: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(description)
+        self.description = description
+        self.debug = debug
+        self.headers = dict(headers or {})
+        # A short machine-readable reason for decision records and metrics (never user data).
+        self.reason = reason or self.error
+
+    def to_body(self, *, expose_debug: bool = False) -> dict[str, str]:
+        body = {"error": self.error, "error_description": self.description}
+        if expose_debug and self.debug:
+            body["error_debug"] = self.debug
+        return body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r}, reason={self.reason!r})"
+
+
+class InvalidRequest(OAuthError):
+    error = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    status_code = 413
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status_code = 415
+
+
+class InvalidClient(OAuthError):
+    error = "invalid_client"
+    status_code = 401
+
+    def __init__(self, description: str, **kwargs: object) -> None:
+        super().__init__(description, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("WWW-Authenticate", 'Basic realm="broker"')
+
+
+class InvalidGrant(OAuthError):
+    error = "invalid_grant"
+
+
+class UnauthorizedClient(OAuthError):
+    error = "unauthorized_client"
+
+
+class UnsupportedGrantType(OAuthError):
+    error = "unsupported_grant_type"
+
+
+class UnsupportedTokenType(OAuthError):
+    error = "unsupported_token_type"
+
+
+class InvalidScope(OAuthError):
+    error = "invalid_scope"
+
+
+class InvalidTarget(OAuthError):
+    error = "invalid_target"
+
+
+class AccessDenied(OAuthError):
+    error = "access_denied"
+    status_code = 403
+
+
+class TemporarilyUnavailable(OAuthError):
+    error = "temporarily_unavailable"
+    status_code = 503
+
+
+class ServerError(OAuthError):
+    error = "server_error"
+    status_code = 500
+
+
+def render_error(err: OAuthError, *, expose_debug: bool = False) -> tuple[int, dict[str, str], dict[str, str]]:
+    """The single place an error becomes an HTTP response: (status, JSON body, headers)."""
+    headers = {"Cache-Control": "no-store", "Pragma": "no-cache", **err.headers}
+    return err.status_code, err.to_body(expose_debug=expose_debug), headers

@@ -1,0 +1,34 @@
+"""Policy as files: schema, loading, the pure decision, explanations and policy tests."""
+
+from broker.policy.engine import (
+    Decision,
+    ExchangeRequest,
+    ParentGrant,
+    Person,
+    Policy,
+    Reason,
+    ScopeVerdict,
+    decide,
+    explain,
+)
+from broker.policy.loader import LoadedPolicy, PolicyError, load_policy, load_policy_tests
+from broker.policy.testing import PolicyTestResult, decide_chain, run_policy_tests
+
+__all__ = [
+    "Decision",
+    "ExchangeRequest",
+    "LoadedPolicy",
+    "ParentGrant",
+    "Person",
+    "Policy",
+    "PolicyError",
+    "PolicyTestResult",
+    "Reason",
+    "ScopeVerdict",
+    "decide",
+    "decide_chain",
+    "explain",
+    "load_policy",
+    "load_policy_tests",
+    "run_policy_tests",
+]

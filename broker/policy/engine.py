@@ -1,0 +1,347 @@
+"""The policy decision: a pure function of (compiled policy, person, agent chain, request).
+
+No I/O, no clock. Everything the token endpoint grants passes through `decide`; `broker policy
+explain` and policy tests call the same function, so what they say is what the broker does.
+
+Granted scopes are always a subset of what was asked for (or of the agent's defaults), and every
+granted scope is covered by the person's roles *and* the agent's ceiling *and*, on a re-exchange,
+by the parent token's scopes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from broker.policy.model import Agent, ResourceServer
+from broker.policy.permissions import EMPTY, PermissionSet, is_permission
+
+
+class Reason(enum.StrEnum):
+    GRANTED = "granted"
+    UNKNOWN_AGENT = "unknown_agent"
+    MALFORMED_SCOPE = "malformed_scope"
+    PERSON_LACKS_SCOPE = "person_lacks_scope"
+    CEILING_EXCLUDES_SCOPE = "ceiling_excludes_scope"
+    PARENT_LACKS_SCOPE = "parent_token_lacks_scope"
+    NOT_ACT_FOR = "agent_may_not_act_for_person"
+    DELEGATION_NOT_ALLOWED = "delegation_not_allowed"
+    REQUIRES_DELEGATION = "agent_accepts_only_delegated_tokens"
+    DEPTH_EXCEEDED = "delegation_depth_exceeded"
+    AUDIENCE_NOT_ALLOWED = "audience_not_allowed_for_agent"
+    PARENT_LACKS_AUDIENCE = "parent_token_lacks_audience"
+    NO_SCOPE = "no_scope_allowed"
+    NO_AUDIENCE = "no_audience"
+
+
+_ERROR_FOR_REASON: Mapping[Reason, str] = {
+    Reason.UNKNOWN_AGENT: "unauthorized_client",
+    Reason.NOT_ACT_FOR: "unauthorized_client",
+    Reason.DELEGATION_NOT_ALLOWED: "unauthorized_client",
+    Reason.REQUIRES_DELEGATION: "unauthorized_client",
+    Reason.DEPTH_EXCEEDED: "invalid_grant",
+    Reason.AUDIENCE_NOT_ALLOWED: "invalid_target",
+    Reason.PARENT_LACKS_AUDIENCE: "invalid_target",
+    Reason.NO_AUDIENCE: "invalid_target",
+    Reason.MALFORMED_SCOPE: "invalid_scope",
+    Reason.PERSON_LACKS_SCOPE: "invalid_scope",
+    Reason.CEILING_EXCLUDES_SCOPE: "invalid_scope",
+    Reason.PARENT_LACKS_SCOPE: "invalid_scope",
+    Reason.NO_SCOPE: "invalid_scope",
+}
+
+_SCOPE_REASON_TEXT: Mapping[Reason, str] = {
+    Reason.MALFORMED_SCOPE: "is not a well-formed permission",
+    Reason.PERSON_LACKS_SCOPE: "the person does not hold it",
+    Reason.CEILING_EXCLUDES_SCOPE: "the agent's ceiling excludes it",
+    Reason.PARENT_LACKS_SCOPE: "the parent token does not carry it",
+    Reason.NOT_ACT_FOR: "the agent may not act for this person",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledAgent:
+    name: str
+    spec: Agent
+    ceiling: PermissionSet
+    default_scopes: tuple[str, ...]
+    audiences: frozenset[str]
+    act_for_groups: frozenset[tuple[str, str]]
+    act_for_people: frozenset[tuple[str, str]]
+    act_for_roles: frozenset[str]
+    may_delegate_to: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated, compiled policy. Immutable: a reload builds a new one and swaps it in."""
+
+    version: str
+    roles: Mapping[str, PermissionSet]
+    group_roles: Mapping[tuple[str, str], frozenset[str]]
+    person_roles: Mapping[tuple[str, str], frozenset[str]]
+    agents: Mapping[str, CompiledAgent]
+    resource_servers: Mapping[str, ResourceServer]
+    max_token_lifetime_seconds: int
+    max_delegation_depth: int
+    files: tuple[str, ...] = ()
+
+    def roles_of(self, person: Person) -> frozenset[str]:
+        roles: set[str] = set(self.person_roles.get((person.idp, person.subject), ()))
+        for group in person.groups:
+            roles.update(self.group_roles.get((person.idp, group), ()))
+        return frozenset(roles)
+
+    def rights_of(self, person: Person) -> PermissionSet:
+        rights = EMPTY
+        for role in sorted(self.roles_of(person)):
+            rights = rights.union(self.roles[role])
+        return rights
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    idp: str
+    subject: str
+    groups: frozenset[str] = frozenset()
+
+    @property
+    def person_id(self) -> str:
+        return f"{self.idp}/{self.subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParentGrant:
+    """What a broker-issued token presented for re-exchange already carries."""
+
+    actor_chain: tuple[str, ...]
+    """Agents from the most recent actor to the first (the nesting order of ``act``)."""
+    scopes: frozenset[str]
+    audiences: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    person: Person
+    agent: str
+    scopes: tuple[str, ...] | None = None
+    """None when the request named no scope: the agent's defaults apply."""
+    audiences: tuple[str, ...] = ()
+    parent: ParentGrant | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeVerdict:
+    scope: str
+    reasons: tuple[Reason, ...]
+
+    @property
+    def allowed(self) -> bool:
+        return not self.reasons
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reasons: tuple[Reason, ...]
+    description: str
+    policy_version: str
+    scopes: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = ()
+    actor_chain: tuple[str, ...] = ()
+    max_lifetime_seconds: int = 0
+    scope_verdicts: tuple[ScopeVerdict, ...] = field(default=())
+
+    @property
+    def error(self) -> str | None:
+        """The RFC 6749/8693 error code for a denial (None when allowed)."""
+        if self.allowed:
+            return None
+        return _ERROR_FOR_REASON[self.reasons[0]]
+
+    @property
+    def reason(self) -> str:
+        return str(self.reasons[0]) if self.reasons else str(Reason.GRANTED)
+
+
+def _may_act_for(agent: CompiledAgent, person: Person, roles: frozenset[str]) -> bool:
+    if (person.idp, person.subject) in agent.act_for_people:
+        return True
+    if any((person.idp, group) in agent.act_for_groups for group in person.groups):
+        return True
+    return not agent.act_for_roles.isdisjoint(roles)
+
+
+def _candidate_scopes(agent: CompiledAgent, request: ExchangeRequest) -> tuple[str, ...]:
+    if request.scopes is not None:
+        return tuple(dict.fromkeys(request.scopes))
+    if agent.default_scopes:
+        return agent.default_scopes
+    if request.parent is not None:
+        return tuple(sorted(request.parent.scopes))
+    return ()
+
+
+def _scope_verdicts(
+    policy: Policy, agent: CompiledAgent, request: ExchangeRequest
+) -> list[ScopeVerdict]:
+    rights = policy.rights_of(request.person)
+    parent = request.parent
+    verdicts: list[ScopeVerdict] = []
+    for scope in _candidate_scopes(agent, request):
+        reasons: list[Reason] = []
+        if not is_permission(scope):
+            reasons.append(Reason.MALFORMED_SCOPE)
+        else:
+            if not rights.covers(scope):
+                reasons.append(Reason.PERSON_LACKS_SCOPE)
+            if not agent.ceiling.covers(scope):
+                reasons.append(Reason.CEILING_EXCLUDES_SCOPE)
+            if parent is not None and scope not in parent.scopes:
+                reasons.append(Reason.PARENT_LACKS_SCOPE)
+        verdicts.append(ScopeVerdict(scope, tuple(reasons)))
+    return verdicts
+
+
+def decide(policy: Policy, request: ExchangeRequest) -> Decision:
+    """Decide one token exchange. Pure; never raises for any input."""
+    version = policy.version
+    agent = policy.agents.get(request.agent)
+    parent = request.parent
+    chain = (request.agent, *(parent.actor_chain if parent else ()))
+
+    def deny(reason: Reason, description: str, **extra: object) -> Decision:
+        return Decision(
+            allowed=False,
+            reasons=(reason,),
+            description=description,
+            policy_version=version,
+            actor_chain=chain,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    if agent is None:
+        return deny(Reason.UNKNOWN_AGENT, f"agent {request.agent!r} is not declared in the policy")
+
+    if parent is None:
+        if not agent.spec.accepts_person_tokens:
+            return deny(
+                Reason.REQUIRES_DELEGATION,
+                f"agent {agent.name!r} accepts only tokens delegated by another agent",
+            )
+    else:
+        delegator = policy.agents.get(parent.actor_chain[0]) if parent.actor_chain else None
+        if delegator is None or agent.name not in delegator.may_delegate_to:
+            by = parent.actor_chain[0] if parent.actor_chain else "?"
+            return deny(
+                Reason.DELEGATION_NOT_ALLOWED,
+                f"agent {by!r} may not delegate to agent {agent.name!r}",
+            )
+        if len(chain) > policy.max_delegation_depth:
+            return deny(
+                Reason.DEPTH_EXCEEDED,
+                f"delegation depth {len(chain)} exceeds the limit of "
+                f"{policy.max_delegation_depth}",
+            )
+
+    person = request.person
+    roles = policy.roles_of(person)
+    if not _may_act_for(agent, person, roles):
+        return deny(
+            Reason.NOT_ACT_FOR,
+            f"agent {agent.name!r} may not act for person {person.person_id!r}",
+            scope_verdicts=tuple(
+                ScopeVerdict(v.scope, (*v.reasons, Reason.NOT_ACT_FOR))
+                for v in _scope_verdicts(policy, agent, request)
+            ),
+        )
+
+    # Audiences (RFC 8693 audience / RFC 8707 resource).
+    if request.audiences:
+        for audience in request.audiences:
+            if audience not in agent.audiences:
+                return deny(
+                    Reason.AUDIENCE_NOT_ALLOWED,
+                    f"audience {audience!r} is not allowed for agent {agent.name!r}",
+                )
+            if parent is not None and audience not in parent.audiences:
+                return deny(
+                    Reason.PARENT_LACKS_AUDIENCE,
+                    f"audience {audience!r} is not in the parent token's audience",
+                )
+        audiences = tuple(dict.fromkeys(request.audiences))
+    else:
+        allowed_audiences = sorted(agent.audiences)
+        if parent is not None:
+            allowed_audiences = [a for a in allowed_audiences if a in parent.audiences]
+        audiences = tuple(allowed_audiences)
+        if not audiences:
+            return deny(Reason.NO_AUDIENCE, f"no audience is available to agent {agent.name!r}")
+
+    # Scopes.
+    explicit = request.scopes is not None
+    verdicts = _scope_verdicts(policy, agent, request)
+    denied = [v for v in verdicts if not v.allowed]
+    granted = tuple(v.scope for v in verdicts if v.allowed)
+    if explicit and denied:
+        parts = [
+            f"{v.scope!r} ({'; '.join(_SCOPE_REASON_TEXT[r] for r in v.reasons)})"
+            for v in denied[:10]
+        ]
+        return deny(
+            denied[0].reasons[0],
+            "scope not allowed: " + ", ".join(parts),
+            scope_verdicts=tuple(verdicts),
+            audiences=audiences,
+        )
+    if not granted:
+        what = "requested" if explicit else "default"
+        return deny(
+            Reason.NO_SCOPE,
+            f"none of the {what} scopes is allowed for agent {agent.name!r} acting for "
+            f"{person.person_id!r}",
+            scope_verdicts=tuple(verdicts),
+            audiences=audiences,
+        )
+
+    return Decision(
+        allowed=True,
+        reasons=(),
+        description="granted",
+        policy_version=version,
+        scopes=granted,
+        audiences=audiences,
+        actor_chain=chain,
+        max_lifetime_seconds=min(
+            agent.spec.max_token_lifetime_seconds, policy.max_token_lifetime_seconds
+        ),
+        scope_verdicts=tuple(verdicts),
+    )
+
+
+def explain(policy: Policy, request: ExchangeRequest) -> str:
+    """A human-readable account of `decide` for `broker policy explain`."""
+    decision = decide(policy, request)
+    person = request.person
+    lines = [
+        f"policy version: {policy.version}",
+        f"person:         {person.person_id} (groups: {', '.join(sorted(person.groups)) or '-'})",
+        f"roles:          {', '.join(sorted(policy.roles_of(person))) or '-'}",
+        f"agent chain:    {' <- '.join(decision.actor_chain)}",
+        f"decision:       {'GRANTED' if decision.allowed else 'DENIED (' + str(decision.error) + ')'}",
+    ]
+    if not decision.allowed:
+        lines.append(f"reason:         {decision.reason}: {decision.description}")
+    if decision.audiences:
+        lines.append(f"audience:       {' '.join(decision.audiences)}")
+    for verdict in decision.scope_verdicts:
+        if verdict.allowed:
+            lines.append(f"  + {verdict.scope}: allowed")
+        else:
+            why = "; ".join(f"{r} ({_SCOPE_REASON_TEXT[r]})" for r in verdict.reasons)
+            lines.append(f"  - {verdict.scope}: denied: {why}")
+    if decision.allowed:
+        lines.append(f"granted:        {' '.join(decision.scopes)}")
+        lines.append(f"max lifetime:   {decision.max_lifetime_seconds}s")
+    return "\n".join(lines)

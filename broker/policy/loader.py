@@ -1,0 +1,284 @@
+"""Load a policy directory: parse, validate, merge, cross-check, compile, version.
+
+Any problem makes the whole load fail with `PolicyError` listing every problem found; the caller
+keeps serving the previous version (or refuses to start). Lint findings that do not make a policy
+unsafe are returned as warnings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from broker.policy.engine import CompiledAgent, Policy
+from broker.policy.model import PolicyDocument, PolicyTestCase, PolicyTestFile
+from broker.policy.permissions import PermissionSet, pattern_overlaps
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+TESTS_SUBDIR = "tests"
+MAX_POLICY_FILE_BYTES = 1_000_000
+
+
+class PolicyError(Exception):
+    """The policy directory is invalid. `problems` lists each one as 'file: where: what'."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid policy:\n  " + "\n  ".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPolicy:
+    policy: Policy
+    warnings: tuple[str, ...]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error, not a silent overwrite."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def _read_yaml(path: Path) -> object:
+    data = path.read_bytes()
+    if len(data) > MAX_POLICY_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_POLICY_FILE_BYTES} bytes")
+    return yaml.load(data, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _format_validation(name: str, err: ValidationError) -> list[str]:
+    problems = []
+    for item in err.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        problems.append(f"{name}: {where}: {item['msg']}")
+    return problems
+
+
+def policy_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise PolicyError([f"{directory}: policy directory does not exist"])
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in POLICY_SUFFIXES)
+
+
+def compute_version(files: list[tuple[str, bytes]]) -> str:
+    """A content hash over every policy file (name and bytes), independent of mtime or order."""
+    digest = hashlib.sha256()
+    for name, content in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def load_policy(directory: Path, *, known_workload_issuers: Iterable[str] | None = None) -> LoadedPolicy:
+    problems: list[str] = []
+    documents: list[tuple[str, PolicyDocument]] = []
+    raw_files: list[tuple[str, bytes]] = []
+    for path in policy_files(directory):
+        try:
+            raw_files.append((path.name, path.read_bytes()))
+            data = _read_yaml(path)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            problems.append(f"{path.name}: cannot parse: {exc}")
+            continue
+        if data is None:
+            continue
+        try:
+            documents.append((path.name, PolicyDocument.model_validate(data)))
+        except ValidationError as exc:
+            problems.extend(_format_validation(path.name, exc))
+    if not raw_files:
+        problems.append(f"{directory}: no policy files (*.yaml) found")
+    if problems:
+        raise PolicyError(problems)
+
+    merged = _merge(documents, problems)
+    policy, warnings = _compile(merged, compute_version(raw_files), problems, known_workload_issuers)
+    if problems:
+        raise PolicyError(problems)
+    return LoadedPolicy(policy, tuple(warnings))
+
+
+@dataclass
+class _Merged:
+    roles: dict
+    group_bindings: list
+    person_bindings: list
+    agents: dict
+    resource_servers: dict
+    limits: object
+    origin: dict[str, str]
+    files: list[str]
+
+
+def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> _Merged:
+    merged = _Merged({}, [], [], {}, {}, None, {}, [])
+    for name, doc in documents:
+        merged.files.append(name)
+        for section in ("roles", "agents", "resource_servers"):
+            target = getattr(merged, section)
+            for key, value in getattr(doc, section).items():
+                where = f"{section}.{key}"
+                if key in target:
+                    problems.append(f"{name}: {where}: already defined in {merged.origin[where]}")
+                    continue
+                target[key] = value
+                merged.origin[where] = name
+        merged.group_bindings.extend((name, b) for b in doc.group_bindings)
+        merged.person_bindings.extend((name, b) for b in doc.person_bindings)
+        if doc.limits is not None:
+            if merged.limits is not None:
+                problems.append(f"{name}: limits: already defined in {merged.origin['limits']}")
+            else:
+                merged.limits = doc.limits
+                merged.origin["limits"] = name
+    clash = set(merged.agents) & set(merged.resource_servers)
+    for key in sorted(clash):
+        problems.append(f"agents.{key}: the same client id is also a resource server")
+    return merged
+
+
+def _compile(
+    merged: _Merged,
+    version: str,
+    problems: list[str],
+    known_workload_issuers: Iterable[str] | None,
+) -> tuple[Policy, list[str]]:
+    from broker.policy.model import Limits
+
+    warnings: list[str] = []
+    roles = {name: PermissionSet.of(role.permissions) for name, role in merged.roles.items()}
+
+    def check_roles(origin: str, where: str, names: list[str]) -> None:
+        for role in names:
+            if role not in roles:
+                problems.append(f"{origin}: {where}: unknown role {role!r}")
+
+    group_roles: dict[tuple[str, str], set[str]] = {}
+    for index, (origin, binding) in enumerate(merged.group_bindings):
+        check_roles(origin, f"group_bindings[{index}]", binding.roles)
+        group = binding.group.lstrip("/")
+        group_roles.setdefault((binding.idp, group), set()).update(binding.roles)
+    person_roles: dict[tuple[str, str], set[str]] = {}
+    for index, (origin, binding) in enumerate(merged.person_bindings):
+        check_roles(origin, f"person_bindings[{index}]", binding.roles)
+        person_roles.setdefault((binding.idp, binding.subject), set()).update(binding.roles)
+
+    everything_granted = PermissionSet.of(p for r in merged.roles.values() for p in r.permissions)
+    workload_issuers = None if known_workload_issuers is None else set(known_workload_issuers)
+    seen_workloads: dict[tuple[str, str], str] = {}
+    agents: dict[str, CompiledAgent] = {}
+    for name, spec in merged.agents.items():
+        origin = merged.origin[f"agents.{name}"]
+        where = f"{origin}: agents.{name}"
+        ceiling = PermissionSet.of(spec.ceiling)
+        groups: set[tuple[str, str]] = set()
+        people: set[tuple[str, str]] = set()
+        act_roles: set[str] = set()
+        for selector in spec.act_for:
+            kind, _, rest = selector.partition(":")
+            if kind == "role":
+                act_roles.add(rest)
+                check_roles(origin, f"agents.{name}.act_for", [rest])
+            else:
+                idp, _, value = rest.partition("/")
+                (groups if kind == "group" else people).add(
+                    (idp, value.lstrip("/") if kind == "group" else value)
+                )
+        for target in spec.may_delegate_to:
+            if target not in merged.agents:
+                problems.append(f"{where}.may_delegate_to: unknown agent {target!r}")
+            if target == name:
+                problems.append(f"{where}.may_delegate_to: an agent cannot delegate to itself")
+        for binding in spec.workload_identities:
+            key = (binding.issuer, binding.subject)
+            if key in seen_workloads:
+                problems.append(
+                    f"{where}.workload_identities: {binding.subject!r} is already agent "
+                    f"{seen_workloads[key]!r}"
+                )
+            seen_workloads[key] = name
+            if workload_issuers is not None and binding.issuer not in workload_issuers:
+                warnings.append(
+                    f"{where}.workload_identities: unknown workload issuer {binding.issuer!r}"
+                )
+        if not ceiling:
+            warnings.append(f"{where}: empty ceiling; this agent can never be granted anything")
+        for pattern in spec.ceiling:
+            if not pattern_overlaps(pattern, everything_granted):
+                warnings.append(f"{where}.ceiling: {pattern!r} is granted by no role")
+        for scope in spec.default_scopes:
+            if not ceiling.covers(scope):
+                warnings.append(f"{where}.default_scopes: {scope!r} is outside the ceiling")
+        if not spec.act_for:
+            warnings.append(f"{where}: empty act_for; this agent may act for nobody")
+        if not spec.audiences:
+            warnings.append(f"{where}: no audiences; every exchange will fail with invalid_target")
+        agents[name] = CompiledAgent(
+            name=name,
+            spec=spec,
+            ceiling=ceiling,
+            default_scopes=tuple(spec.default_scopes),
+            audiences=frozenset(spec.audiences),
+            act_for_groups=frozenset(groups),
+            act_for_people=frozenset(people),
+            act_for_roles=frozenset(act_roles),
+            may_delegate_to=frozenset(spec.may_delegate_to),
+        )
+
+    for name, role in merged.roles.items():
+        if not any(pattern_overlaps(p, PermissionSet.of(a.spec.ceiling)) for p in role.permissions
+                   for a in agents.values()):
+            warnings.append(f"roles.{name}: no agent's ceiling admits any of its permissions")
+
+    limits = merged.limits if merged.limits is not None else Limits()
+    policy = Policy(
+        version=version,
+        roles=roles,
+        group_roles={k: frozenset(v) for k, v in group_roles.items()},
+        person_roles={k: frozenset(v) for k, v in person_roles.items()},
+        agents=agents,
+        resource_servers=dict(merged.resource_servers),
+        max_token_lifetime_seconds=limits.max_token_lifetime_seconds,  # type: ignore[attr-defined]
+        max_delegation_depth=limits.max_delegation_depth,  # type: ignore[attr-defined]
+        files=tuple(merged.files),
+    )
+    return policy, warnings
+
+
+def load_policy_tests(directory: Path) -> list[tuple[str, PolicyTestCase]]:
+    tests_dir = directory / TESTS_SUBDIR
+    if not tests_dir.is_dir():
+        return []
+    cases: list[tuple[str, PolicyTestCase]] = []
+    problems: list[str] = []
+    for path in sorted(p for p in tests_dir.iterdir() if p.suffix in POLICY_SUFFIXES):
+        try:
+            data = _read_yaml(path)
+            cases.extend((path.name, c) for c in PolicyTestFile.model_validate(data).tests)
+        except ValidationError as exc:
+            problems.extend(_format_validation(f"{TESTS_SUBDIR}/{path.name}", exc))
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            problems.append(f"{TESTS_SUBDIR}/{path.name}: cannot parse: {exc}")
+    if problems:
+        raise PolicyError(problems)
+    return cases

@@ -1,0 +1,210 @@
+"""The policy file schema (pydantic). `broker policy schema` exports it as JSON Schema for editors.
+
+A policy directory holds any number of ``*.yaml`` files; each may contain any of the top-level
+sections below and they are merged (a name defined twice is an error). Policy tests live in
+``tests/`` beside them and are not part of the policy itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from broker.policy.permissions import is_pattern, is_permission
+from broker.settings import NAME_PATTERN, require_https_unless_loopback
+
+_SELECTOR_RE = re.compile(r"^(group|person):([a-z0-9][a-z0-9_-]*)/(.+)$|^role:([a-z0-9][a-z0-9_.-]*)$")
+_SECRET_REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+_SECRET_HASH_RE = re.compile(r"^(sha256|scrypt)\$")
+
+
+def _permission(value: str) -> str:
+    if not is_permission(value):
+        raise ValueError(
+            f"{value!r} is not a permission: lowercase segments separated by ':' (no wildcard)"
+        )
+    return value
+
+
+def _pattern(value: str) -> str:
+    if not is_pattern(value):
+        raise ValueError(
+            f"{value!r} is not a permission pattern: segments separated by ':', optionally "
+            "ending in ':*' (a bare '*' is not allowed)"
+        )
+    return value
+
+
+def _selector(value: str) -> str:
+    if not _SELECTOR_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a selector: use 'group:<idp>/<group>', 'person:<idp>/<subject>' "
+            "or 'role:<role>'"
+        )
+    return value
+
+
+Permission = Annotated[str, AfterValidator(_permission)]
+PermissionPattern = Annotated[str, AfterValidator(_pattern)]
+Selector = Annotated[str, AfterValidator(_selector)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+RoleName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Role(_Strict):
+    description: str = ""
+    permissions: list[PermissionPattern] = Field(min_length=1)
+
+
+class GroupBinding(_Strict):
+    """Everyone in `group` at identity provider `idp` holds `roles`."""
+
+    idp: Name
+    group: str = Field(min_length=1)
+    roles: list[RoleName] = Field(min_length=1)
+
+
+class PersonBinding(_Strict):
+    """One person (by their IdP's stable subject) holds `roles`."""
+
+    idp: Name
+    subject: str = Field(min_length=1)
+    roles: list[RoleName] = Field(min_length=1)
+
+
+class PrivateKeyJwtAuth(_Strict):
+    """RFC 7523 client assertion signed with a key from `jwks` or `jwks_uri`."""
+
+    method: Literal["private_key_jwt"]
+    jwks: dict[str, list[dict[str, object]]] | None = None
+    jwks_uri: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["ES256", "RS256", "PS256", "EdDSA"])
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> PrivateKeyJwtAuth:
+        if (self.jwks is None) == (self.jwks_uri is None):
+            raise ValueError("private_key_jwt needs exactly one of jwks or jwks_uri")
+        if self.jwks_uri is not None:
+            require_https_unless_loopback(self.jwks_uri)
+        if self.jwks is not None:
+            keys = self.jwks.get("keys")
+            if not keys or any("d" in k or "p" in k for k in keys):
+                raise ValueError("jwks must hold public keys only (no private parts)")
+        bad = [a for a in self.algorithms if a.upper().startswith("HS") or a.lower() == "none"]
+        if bad:
+            raise ValueError(f"algorithms {bad} are not allowed for client assertions")
+        return self
+
+
+class ClientSecretBasicAuth(_Strict):
+    """HTTP Basic with a client secret: the policy holds a salted hash or a reference, never the
+    secret itself. `broker policy hash-secret` makes both a secret and its hash."""
+
+    method: Literal["client_secret_basic"]
+    secret_hash: str | None = Field(None, description="sha256$<salt>$<hex> or scrypt$...")
+    secret_ref: str | None = Field(None, description="env:VARIABLE or file:/path/to/secret")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClientSecretBasicAuth:
+        if (self.secret_hash is None) == (self.secret_ref is None):
+            raise ValueError("client_secret_basic needs exactly one of secret_hash or secret_ref")
+        if self.secret_hash is not None and not _SECRET_HASH_RE.match(self.secret_hash):
+            raise ValueError("secret_hash must start with 'sha256$' or 'scrypt$'")
+        if self.secret_ref is not None and not _SECRET_REF_RE.match(self.secret_ref):
+            raise ValueError("secret_ref must be 'env:NAME' or 'file:/path'")
+        return self
+
+
+ClientAuthentication = Annotated[
+    PrivateKeyJwtAuth | ClientSecretBasicAuth, Field(discriminator="method")
+]
+
+
+class WorkloadBinding(_Strict):
+    """An agent proven by a workload JWT (Kubernetes service account, SPIFFE JWT-SVID)."""
+
+    issuer: Name = Field(description="Name of a configured workload issuer.")
+    subject: str = Field(min_length=1, description="Exact `sub`, e.g. spiffe://corp/agents/x.")
+
+
+class Agent(_Strict):
+    description: str = ""
+    authentication: ClientAuthentication | None = None
+    workload_identities: list[WorkloadBinding] = Field(default_factory=list)
+    ceiling: list[PermissionPattern] = Field(
+        default_factory=list, description="The most this agent may ever hold, for anyone."
+    )
+    default_scopes: list[Permission] = Field(default_factory=list)
+    audiences: list[str] = Field(default_factory=list)
+    max_token_lifetime_seconds: int = Field(900, gt=0, le=86400)
+    act_for: list[Selector] = Field(
+        default_factory=list, description="Who this agent may act for."
+    )
+    may_delegate_to: list[Name] = Field(default_factory=list)
+    accepts_person_tokens: bool = Field(
+        True, description="False for sub-agents reachable only through delegation."
+    )
+
+    @model_validator(mode="after")
+    def _authenticates_somehow(self) -> Agent:
+        if self.authentication is None and not self.workload_identities:
+            raise ValueError("an agent needs authentication or workload_identities")
+        return self
+
+
+class ResourceServer(_Strict):
+    """A registered caller of introspection (an API or gateway that receives agent tokens)."""
+
+    description: str = ""
+    authentication: ClientAuthentication
+    audiences: list[str] = Field(min_length=1, description="Tokens it may introspect.")
+
+
+class Limits(_Strict):
+    max_token_lifetime_seconds: int = Field(3600, gt=0, le=86400)
+    max_delegation_depth: int = Field(4, ge=1, le=16)
+
+
+class PolicyDocument(_Strict):
+    """One policy file. Every section is optional; files in a directory are merged."""
+
+    roles: dict[RoleName, Role] = Field(default_factory=dict)
+    group_bindings: list[GroupBinding] = Field(default_factory=list)
+    person_bindings: list[PersonBinding] = Field(default_factory=list)
+    agents: dict[Name, Agent] = Field(default_factory=dict)
+    resource_servers: dict[Name, ResourceServer] = Field(default_factory=dict)
+    limits: Limits | None = None
+
+
+class PolicyTestCase(_Strict):
+    """Given person P with groups G via agent chain A requesting S, expect T or a denial."""
+
+    name: str
+    person: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*/.+$", description="<idp>/<subject>")
+    groups: list[str] = Field(default_factory=list)
+    agents: list[Name] = Field(
+        min_length=1, description="The delegation chain, first agent first."
+    )
+    scope: list[str] | None = None
+    audience: list[str] = Field(default_factory=list)
+    expect_granted: list[str] | None = None
+    expect_error: Literal["invalid_scope", "invalid_target", "unauthorized_client", "invalid_grant"] | None = None
+    expect_reason: str | None = Field(
+        None, description="A reason code (e.g. person_lacks_scope) the denial must include."
+    )
+
+    @model_validator(mode="after")
+    def _one_expectation(self) -> PolicyTestCase:
+        if (self.expect_granted is None) == (self.expect_error is None):
+            raise ValueError("a policy test needs exactly one of expect_granted or expect_error")
+        return self
+
+
+class PolicyTestFile(_Strict):
+    tests: list[PolicyTestCase] = Field(min_length=1)

@@ -1,0 +1,220 @@
+"""Broker configuration: one YAML file, every value overridable by ``BROKER_*`` environment variables.
+
+Nested keys use ``__`` in environment variables, e.g. ``BROKER_TOKENS__DEFAULT_LIFETIME_SECONDS=300``.
+Lists (such as ``identity_providers``) are overridden as JSON, e.g.
+``BROKER_IDENTITY_PROVIDERS='[{"name": "okta", ...}]'``.
+
+Secrets never appear inline: the signing keys are a directory path, client secrets live (hashed)
+in the policy files or behind references.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SUPPORTED_JWS_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+Preset = Literal["generic", "okta", "entra", "auth0", "keycloak", "google"]
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in {"127.0.0.1", "localhost", "::1"}
+
+
+def require_https_unless_loopback(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_url(url)):
+        return url
+    raise ValueError(f"{url!r} must use https (plain http is allowed only on loopback)")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClaimMapping(_Strict):
+    """Which claims carry what. `None` means: take the preset's choice."""
+
+    subject: str | None = Field(None, description="Claim holding the stable subject (e.g. oid).")
+    groups: list[str] | None = Field(
+        None, description="Claims (dotted paths allowed) whose string values become groups."
+    )
+    email: str | None = None
+    name: str | None = None
+
+
+class IdentityProviderConfig(_Strict):
+    """A trusted issuer of people's identity tokens (or, in `workload_issuers`, of agents')."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["oidc", "dev", "kubernetes", "spiffe"] = "oidc"
+    issuer: str = Field(description="Exact `iss` value; compared byte for byte.")
+    discovery_url: str | None = Field(
+        None, description="Defaults to <issuer>/.well-known/openid-configuration."
+    )
+    jwks_uri: str | None = Field(None, description="Overrides the jwks_uri from discovery.")
+    client_ids: list[str] = Field(
+        default_factory=list, description="Accepted `aud` of ID tokens (the IdP app's client ids)."
+    )
+    audiences: list[str] = Field(
+        default_factory=list, description="Accepted `aud` of access tokens / workload JWTs."
+    )
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"])
+    preset: Preset = "generic"
+    claims: ClaimMapping = ClaimMapping()
+    leeway_seconds: int = Field(30, ge=0, le=300)
+    max_token_bytes: int = Field(16384, ge=512, le=262144)
+    jwks_min_refresh_interval_seconds: float = Field(30.0, ge=0.0)
+    jwks_max_age_seconds: float = Field(3600.0, gt=0.0)
+    http_timeout_seconds: float = Field(5.0, gt=0.0)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        unknown = [a for a in value if a not in SUPPORTED_JWS_ALGORITHMS]
+        if unknown:
+            raise ValueError(f"unsupported or insecure algorithms {unknown} (no 'none', no HMAC)")
+        return value
+
+    @field_validator("issuer", "discovery_url", "jwks_uri")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        return None if value is None else require_https_unless_loopback(value)
+
+    @model_validator(mode="after")
+    def _audience_required(self) -> IdentityProviderConfig:
+        if not self.client_ids and not self.audiences:
+            raise ValueError(f"identity provider {self.name!r}: set client_ids and/or audiences")
+        return self
+
+
+class SigningKeysConfig(_Strict):
+    directory: Path = Field(Path("var/keys"), description="Where the broker's signing keys live.")
+    algorithm: Literal["ES256", "ES384", "RS256", "PS256", "EdDSA"] = "ES256"
+    generate_if_missing: bool = Field(
+        True, description="Create a first key when the directory holds none."
+    )
+
+
+class TokenLifetimes(_Strict):
+    default_lifetime_seconds: int = Field(900, gt=0)
+    max_lifetime_seconds: int = Field(3600, gt=0, description="Global cap on any issued token.")
+    client_assertion_max_lifetime_seconds: int = Field(300, gt=0)
+    leeway_seconds: int = Field(30, ge=0, le=300)
+    max_delegation_depth: int = Field(4, ge=1, le=16)
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    max_body_bytes: int = Field(65536, ge=1024)
+    workers: int = Field(1, ge=1)
+
+
+class DevIdpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=1, le=65535)
+    people_file: Path | None = Field(
+        None, description="YAML of example people; defaults to the built-in list."
+    )
+
+
+class BrokerSettings(BaseSettings):
+    """Everything `broker serve` needs. See README, "Configuration reference"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    issuer: str = Field("http://127.0.0.1:8080", description="This broker's issuer URL.")
+    policy_dir: Path = Path("policies")
+    signing_keys: SigningKeysConfig = SigningKeysConfig()
+    tokens: TokenLifetimes = TokenLifetimes()
+    identity_providers: list[IdentityProviderConfig] = Field(default_factory=list)
+    workload_issuers: list[IdentityProviderConfig] = Field(default_factory=list)
+    http: HttpConfig = HttpConfig()
+    allow_development_components: bool = Field(
+        False, description="Permit the development IdP (kind: dev). Never in production."
+    )
+    dev_idp: DevIdpConfig = DevIdpConfig()
+    expose_error_debug: bool = Field(False, description="Add private error detail to responses.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_https(cls, value: str) -> str:
+        require_https_unless_loopback(value)
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _unique_and_safe(self) -> BrokerSettings:
+        names = [p.name for p in (*self.identity_providers, *self.workload_issuers)]
+        if len(names) != len(set(names)):
+            raise ValueError("identity provider and workload issuer names must be unique")
+        issuers = [p.issuer for p in self.identity_providers]
+        if len(issuers) != len(set(issuers)):
+            raise ValueError("two identity providers share an issuer")
+        if self.issuer in issuers or self.issuer in {w.issuer for w in self.workload_issuers}:
+            raise ValueError("the broker's own issuer cannot also be a trusted identity provider")
+        for idp in self.identity_providers:
+            if idp.kind in {"kubernetes", "spiffe"}:
+                raise ValueError(f"{idp.name}: workload kinds belong in workload_issuers")
+        for wl in self.workload_issuers:
+            if wl.kind not in {"kubernetes", "spiffe"}:
+                raise ValueError(f"{wl.name}: workload_issuers take kind kubernetes or spiffe")
+            if not wl.audiences:
+                raise ValueError(f"{wl.name}: a workload issuer needs audiences")
+        return self
+
+    @property
+    def uses_development_components(self) -> bool:
+        return any(p.kind == "dev" for p in self.identity_providers)
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.issuer}/oauth2/token"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file") is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> BrokerSettings:
+    """Load settings from an optional YAML file; environment variables win over the file."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"configuration file {config_file} does not exist")
+
+    class _FromFile(BrokerSettings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    loaded = _FromFile(**overrides)
+    return BrokerSettings.model_validate(loaded.model_dump())

@@ -1,0 +1,157 @@
+"""Domain values shared by every layer: frozen, hashable where it matters, free of I/O."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class TokenType(enum.StrEnum):
+    """RFC 8693 section 3 token type identifiers."""
+
+    ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+    ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+    JWT = "urn:ietf:params:oauth:token-type:jwt"
+    SAML2 = "urn:ietf:params:oauth:token-type:saml2"
+    REFRESH_TOKEN = "urn:ietf:params:oauth:token-type:refresh_token"
+
+
+def _frozen_mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A person, as proven by a verified identity token from a trusted IdP.
+
+    `idp` is the configured name of the identity provider (never taken from the token),
+    `subject` the stable identifier the IdP's claim mapping selected.
+    """
+
+    idp: str
+    subject: str
+    groups: frozenset[str]
+    token_type: TokenType
+    expires_at: int
+    auth_time: int | None = None
+    attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", _frozen_mapping(self.attributes))
+
+    @property
+    def person_id(self) -> str:
+        """The person's identifier, unambiguous across IdPs: ``<idp>/<subject>``.
+
+        IdP names cannot contain ``/`` so the first ``/`` always separates the two parts.
+        """
+        return f"{self.idp}/{self.subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where the person came from. Immutable through every later hop (like STS source identity)."""
+
+    idp: str
+    subject: str
+    groups: frozenset[str]
+    auth_time: int | None
+    token_type: TokenType
+    session_expires_at: int
+
+    @property
+    def person_id(self) -> str:
+        return f"{self.idp}/{self.subject}"
+
+    @classmethod
+    def from_principal(cls, principal: Principal) -> Provenance:
+        return cls(
+            idp=principal.idp,
+            subject=principal.subject,
+            groups=principal.groups,
+            auth_time=principal.auth_time,
+            token_type=principal.token_type,
+            session_expires_at=principal.expires_at,
+        )
+
+    def to_claim(self) -> dict[str, object]:
+        return {
+            "idp": self.idp,
+            "sub": self.subject,
+            "groups": sorted(self.groups),
+            "auth_time": self.auth_time,
+            "token_type": str(self.token_type),
+            "session_exp": self.session_expires_at,
+        }
+
+    @classmethod
+    def from_claim(cls, claim: Mapping[str, object]) -> Provenance:
+        groups = claim.get("groups") or []
+        auth_time = claim.get("auth_time")
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ValueError("provenance.groups must be a list of strings")
+        return cls(
+            idp=str(claim["idp"]),
+            subject=str(claim["sub"]),
+            groups=frozenset(groups),
+            auth_time=int(auth_time) if isinstance(auth_time, int) else None,
+            token_type=TokenType(str(claim["token_type"])),
+            session_expires_at=int(claim["session_exp"]),  # type: ignore[call-overload]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerToken:
+    """A verified token this broker issued, as presented back to it (re-exchange, introspection)."""
+
+    jti: str
+    subject: str
+    client_id: str
+    scopes: frozenset[str]
+    audiences: tuple[str, ...]
+    actor_chain: tuple[str, ...]
+    """Agents from the most recent actor to the first one (the order of nested ``act``)."""
+    provenance: Provenance
+    policy_version: str
+    issued_at: int
+    expires_at: int
+    parent_jti: str | None
+    claims: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    jti: str
+    token: str
+    expires_in: int
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...]
+    claims: Mapping[str, object]
+
+
+class Sensitive:
+    """A secret string (token, client secret, assertion) whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Sensitive('***')"
+
+    __str__ = __repr__
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sensitive) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)

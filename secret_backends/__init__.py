@@ -1,0 +1,1 @@
+"""Secret stores (Vault/OpenBao, AWS Secrets Manager): see issue 3."""
