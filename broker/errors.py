@@ -120,7 +120,9 @@ class ServerError(OAuthError):
     status_code = 500
 
 
-def render_error(err: OAuthError, *, expose_debug: bool = False) -> tuple[int, dict[str, str], dict[str, str]]:
+def render_error(
+    err: OAuthError, *, expose_debug: bool = False
+) -> tuple[int, dict[str, str], dict[str, str]]:
     """The single place an error becomes an HTTP response: (status, JSON body, headers)."""
     headers = {"Cache-Control": "no-store", "Pragma": "no-cache", **err.headers}
     return err.status_code, err.to_body(expose_debug=expose_debug), headers

@@ -1,6 +1,6 @@
-"""Broker configuration: one YAML file, every value overridable by ``BROKER_*`` environment variables.
+"""Broker configuration: one YAML file, every value overridable by ``BROKER_*`` variables.
 
-Nested keys use ``__`` in environment variables, e.g. ``BROKER_TOKENS__DEFAULT_LIFETIME_SECONDS=300``.
+Nested keys use ``__`` in environment variables, e.g. ``BROKER_TOKENS__MAX_LIFETIME_SECONDS=600``.
 Lists (such as ``identity_providers``) are overridden as JSON, e.g.
 ``BROKER_IDENTITY_PROVIDERS='[{"name": "okta", ...}]'``.
 
@@ -113,7 +113,6 @@ class SigningKeysConfig(_Strict):
 
 
 class TokenLifetimes(_Strict):
-    default_lifetime_seconds: int = Field(900, gt=0)
     max_lifetime_seconds: int = Field(3600, gt=0, description="Global cap on any issued token.")
     client_assertion_max_lifetime_seconds: int = Field(300, gt=0)
     leeway_seconds: int = Field(30, ge=0, le=300)

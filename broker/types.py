@@ -11,11 +11,11 @@ from types import MappingProxyType
 class TokenType(enum.StrEnum):
     """RFC 8693 section 3 token type identifiers."""
 
-    ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
-    ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+    ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+    ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
     JWT = "urn:ietf:params:oauth:token-type:jwt"
     SAML2 = "urn:ietf:params:oauth:token-type:saml2"
-    REFRESH_TOKEN = "urn:ietf:params:oauth:token-type:refresh_token"
+    REFRESH_TOKEN = "urn:ietf:params:oauth:token-type:refresh_token"  # noqa: S105
 
 
 def _frozen_mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:

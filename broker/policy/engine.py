@@ -241,8 +241,7 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
         if len(chain) > policy.max_delegation_depth:
             return deny(
                 Reason.DEPTH_EXCEEDED,
-                f"delegation depth {len(chain)} exceeds the limit of "
-                f"{policy.max_delegation_depth}",
+                f"delegation depth {len(chain)} exceeds the limit of {policy.max_delegation_depth}",
             )
 
     person = request.person
@@ -329,7 +328,7 @@ def explain(policy: Policy, request: ExchangeRequest) -> str:
         f"person:         {person.person_id} (groups: {', '.join(sorted(person.groups)) or '-'})",
         f"roles:          {', '.join(sorted(policy.roles_of(person))) or '-'}",
         f"agent chain:    {' <- '.join(decision.actor_chain)}",
-        f"decision:       {'GRANTED' if decision.allowed else 'DENIED (' + str(decision.error) + ')'}",
+        f"decision:       {'GRANTED' if decision.allowed else f'DENIED ({decision.error})'}",
     ]
     if not decision.allowed:
         lines.append(f"reason:         {decision.reason}: {decision.description}")

@@ -42,10 +42,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, but a key given twice in one mapping is an error, not a silent overwrite."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
     seen: set[object] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "unhashable mapping key", key_node.start_mark
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -89,7 +97,9 @@ def compute_version(files: list[tuple[str, bytes]]) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def load_policy(directory: Path, *, known_workload_issuers: Iterable[str] | None = None) -> LoadedPolicy:
+def load_policy(
+    directory: Path, *, known_workload_issuers: Iterable[str] | None = None
+) -> LoadedPolicy:
     problems: list[str] = []
     documents: list[tuple[str, PolicyDocument]] = []
     raw_files: list[tuple[str, bytes]] = []
@@ -112,7 +122,9 @@ def load_policy(directory: Path, *, known_workload_issuers: Iterable[str] | None
         raise PolicyError(problems)
 
     merged = _merge(documents, problems)
-    policy, warnings = _compile(merged, compute_version(raw_files), problems, known_workload_issuers)
+    policy, warnings = _compile(
+        merged, compute_version(raw_files), problems, known_workload_issuers
+    )
     if problems:
         raise PolicyError(problems)
     return LoadedPolicy(policy, tuple(warnings))
@@ -246,8 +258,11 @@ def _compile(
         )
 
     for name, role in merged.roles.items():
-        if not any(pattern_overlaps(p, PermissionSet.of(a.spec.ceiling)) for p in role.permissions
-                   for a in agents.values()):
+        if not any(
+            pattern_overlaps(p, PermissionSet.of(a.spec.ceiling))
+            for p in role.permissions
+            for a in agents.values()
+        ):
             warnings.append(f"roles.{name}: no agent's ceiling admits any of its permissions")
 
     limits = merged.limits if merged.limits is not None else Limits()

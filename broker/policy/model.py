@@ -15,7 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from broker.policy.permissions import is_pattern, is_permission
 from broker.settings import NAME_PATTERN, require_https_unless_loopback
 
-_SELECTOR_RE = re.compile(r"^(group|person):([a-z0-9][a-z0-9_-]*)/(.+)$|^role:([a-z0-9][a-z0-9_.-]*)$")
+_SELECTOR_RE = re.compile(
+    r"^(group|person):([a-z0-9][a-z0-9_-]*)/(.+)$|^role:([a-z0-9][a-z0-9_.-]*)$"
+)
 _SECRET_REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
 _SECRET_HASH_RE = re.compile(r"^(sha256|scrypt)\$")
 
@@ -143,9 +145,7 @@ class Agent(_Strict):
     default_scopes: list[Permission] = Field(default_factory=list)
     audiences: list[str] = Field(default_factory=list)
     max_token_lifetime_seconds: int = Field(900, gt=0, le=86400)
-    act_for: list[Selector] = Field(
-        default_factory=list, description="Who this agent may act for."
-    )
+    act_for: list[Selector] = Field(default_factory=list, description="Who this agent may act for.")
     may_delegate_to: list[Name] = Field(default_factory=list)
     accepts_person_tokens: bool = Field(
         True, description="False for sub-agents reachable only through delegation."
@@ -188,13 +188,13 @@ class PolicyTestCase(_Strict):
     name: str
     person: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*/.+$", description="<idp>/<subject>")
     groups: list[str] = Field(default_factory=list)
-    agents: list[Name] = Field(
-        min_length=1, description="The delegation chain, first agent first."
-    )
+    agents: list[Name] = Field(min_length=1, description="The delegation chain, first agent first.")
     scope: list[str] | None = None
     audience: list[str] = Field(default_factory=list)
     expect_granted: list[str] | None = None
-    expect_error: Literal["invalid_scope", "invalid_target", "unauthorized_client", "invalid_grant"] | None = None
+    expect_error: (
+        Literal["invalid_scope", "invalid_target", "unauthorized_client", "invalid_grant"] | None
+    ) = None
     expect_reason: str | None = Field(
         None, description="A reason code (e.g. person_lacks_scope) the denial must include."
     )

@@ -60,7 +60,10 @@ def run_case(policy: Policy, file: str, case: PolicyTestCase) -> PolicyTestResul
     )
     if case.expect_granted is not None:
         if not decision.allowed:
-            detail = f"expected grant of {case.expect_granted}, got {decision.error}: {decision.description}"
+            detail = (
+                f"expected grant of {case.expect_granted}, "
+                f"got {decision.error}: {decision.description}"
+            )
             return PolicyTestResult(file, case, False, detail)
         if sorted(decision.scopes) != sorted(case.expect_granted):
             detail = f"expected {sorted(case.expect_granted)}, granted {sorted(decision.scopes)}"
@@ -81,5 +84,7 @@ def run_case(policy: Policy, file: str, case: PolicyTestCase) -> PolicyTestResul
     return PolicyTestResult(file, case, True, f"denied {decision.error}: {decision.reason}")
 
 
-def run_policy_tests(policy: Policy, cases: list[tuple[str, PolicyTestCase]]) -> list[PolicyTestResult]:
+def run_policy_tests(
+    policy: Policy, cases: list[tuple[str, PolicyTestCase]]
+) -> list[PolicyTestResult]:
     return [run_case(policy, file, case) for file, case in cases]

@@ -1,0 +1,277 @@
+"""The HTTP edge: `create_app(settings, services=...)` -> FastAPI.
+
+Routes translate HTTP to domain calls and domain errors to RFC 6749 §5.2 responses, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker.audit import DecisionLog, DecisionSink, LoggingSink
+from broker.client_auth import ClientAuthenticator, WorkloadActorResolver
+from broker.clock import Clock, SystemClock
+from broker.errors import (
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+    ServerError,
+    UnsupportedGrantType,
+    render_error,
+)
+from broker.exchange import (
+    GRANT_TYPE,
+    REPEATABLE_PARAMETERS,
+    SubjectTokenVerifier,
+    TokenExchangeGrant,
+)
+from broker.introspection import Introspection
+from broker.oauth_request import read_form
+from broker.policy.store import PolicyStore
+from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
+from broker.state import InMemoryStateStore, StateStore
+from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
+from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
+
+log = logging.getLogger("broker.http")
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+@dataclass
+class BrokerServices:
+    """Everything the routes need, built once per process and passed in (no globals)."""
+
+    settings: BrokerSettings
+    clock: Clock
+    http: httpx.AsyncClient
+    keyring: Keyring
+    policies: PolicyStore
+    clients: ClientAuthenticator
+    exchange: TokenExchangeGrant
+    introspection: Introspection
+    decisions: DecisionLog
+
+
+def build_services(
+    settings: BrokerSettings,
+    *,
+    clock: Clock | None = None,
+    decision_sinks: list[DecisionSink] | None = None,
+    state: StateStore | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> BrokerServices:
+    clock = clock or SystemClock()
+    if settings.uses_development_components and not settings.allow_development_components:
+        raise ValueError(
+            "the development identity provider (kind: dev) is configured but "
+            "allow_development_components is false; it must never run in production"
+        )
+    http = http or httpx.AsyncClient(timeout=5.0, follow_redirects=False)
+    tokens = settings.tokens
+    keyring = Keyring(
+        settings.signing_keys.directory,
+        algorithm=settings.signing_keys.algorithm,
+        clock=clock,
+        publish_grace_seconds=tokens.max_lifetime_seconds + tokens.leeway_seconds,
+        generate_if_missing=settings.signing_keys.generate_if_missing,
+    )
+    policies = PolicyStore(
+        settings.policy_dir, known_workload_issuers=[w.name for w in settings.workload_issuers]
+    )
+    state = state or InMemoryStateStore(clock)
+    decisions = DecisionLog(
+        decision_sinks if decision_sinks is not None else [LoggingSink()], clock
+    )
+    clients = ClientAuthenticator(
+        policy=policies.current,
+        replay=state,
+        clock=clock,
+        http=http,
+        assertion_audiences=frozenset({settings.issuer, settings.token_endpoint}),
+        assertion_max_lifetime=tokens.client_assertion_max_lifetime_seconds,
+        leeway=tokens.leeway_seconds,
+    )
+    broker_tokens = BrokerTokenVerifier(
+        keyring,
+        settings.issuer,
+        clock,
+        leeway=tokens.leeway_seconds,
+        algorithms=tuple(sorted(SUPPORTED_JWS_ALGORITHMS)),
+    )
+    adapters = build_identity_adapters(
+        settings.identity_providers,
+        http,
+        clock,
+        allow_development=settings.allow_development_components,
+    )
+    workloads = build_workload_verifiers(settings.workload_issuers, http, clock)
+    exchange = TokenExchangeGrant(
+        subjects=SubjectTokenVerifier(adapters, broker_tokens, settings.issuer),
+        workload_actors=WorkloadActorResolver(workloads, policies.current),
+        policy=policies.current,
+        issuer=TokenIssuer(keyring, settings.issuer, clock),
+        decisions=decisions,
+        clock=clock,
+        max_lifetime_seconds=tokens.max_lifetime_seconds,
+    )
+    introspection = Introspection(
+        verifier=broker_tokens, policy=policies.current, decisions=decisions
+    )
+    return BrokerServices(
+        settings, clock, http, keyring, policies, clients, exchange, introspection, decisions
+    )
+
+
+def _error_response(
+    err: OAuthError, settings: BrokerSettings, request_id: str | None = None
+) -> JSONResponse:
+    status, body, headers = render_error(err, expose_debug=settings.expose_error_debug)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    if err.debug:
+        log.info("request refused: %s (%s) debug=%s", err.error, err.reason, err.debug)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def authorization_server_metadata(settings: BrokerSettings) -> dict[str, Any]:
+    """RFC 8414 metadata."""
+    issuer = settings.issuer
+    return {
+        "issuer": issuer,
+        "token_endpoint": settings.token_endpoint,
+        "jwks_uri": f"{issuer}/.well-known/jwks.json",
+        "introspection_endpoint": f"{issuer}/oauth2/introspect",
+        "grant_types_supported": [GRANT_TYPE],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "RS256", "PS256", "EdDSA"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
+        "introspection_endpoint_auth_signing_alg_values_supported": [
+            "ES256",
+            "RS256",
+            "PS256",
+            "EdDSA",
+        ],
+        "service_documentation": "https://github.com/example/agent-identity-broker#readme",
+    }
+
+
+def create_app(settings: BrokerSettings, *, services: BrokerServices | None = None) -> FastAPI:
+    services = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await services.http.aclose()
+
+    app = FastAPI(
+        title="Agent identity broker",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    max_body = settings.http.max_body_bytes
+
+    @app.exception_handler(OAuthError)
+    async def _oauth_error(request: Request, err: OAuthError) -> JSONResponse:
+        return _error_response(err, settings, request.headers.get("x-request-id"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, __: RequestValidationError) -> JSONResponse:
+        # Never echo the input back: it may hold a token.
+        return _error_response(InvalidRequest("the request is malformed"), settings)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {
+            "error": "not_found" if exc.status_code == 404 else "invalid_request",
+            "error_description": str(exc.detail),
+        }
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error: %s", type(exc).__name__)  # no message: it may hold data
+        return _error_response(ServerError("internal error"), settings)
+
+    def _request_id(request: Request) -> str:
+        supplied = request.headers.get("x-request-id", "")
+        return supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
+
+    @app.post("/oauth2/token")
+    async def token(request: Request) -> JSONResponse:
+        request_id = _request_id(request)
+        try:
+            form = await read_form(request, max_bytes=max_body, repeatable=REPEATABLE_PARAMETERS)
+            client = await services.clients.authenticate(request.headers, form)
+            grant_type = form.non_empty("grant_type")
+            if grant_type is None:
+                raise InvalidRequest("grant_type is required")
+            if grant_type != GRANT_TYPE:
+                raise UnsupportedGrantType(f"only {GRANT_TYPE} is supported")
+            body = await services.exchange.handle(form, client, request_id=request_id)
+        except OAuthError as err:
+            return _error_response(err, settings, request_id)
+        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+
+    @app.post("/oauth2/introspect")
+    async def introspect(request: Request) -> JSONResponse:
+        request_id = _request_id(request)
+        try:
+            form = await read_form(request, max_bytes=max_body)
+            client = await services.clients.authenticate(request.headers, form)
+            if client is None:
+                raise InvalidClient("client authentication is required")
+            body = await services.introspection.handle(form, client, request_id=request_id)
+        except OAuthError as err:
+            return _error_response(err, settings, request_id)
+        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+
+    metadata = authorization_server_metadata(settings)
+
+    @app.get("/.well-known/oauth-authorization-server")
+    async def server_metadata() -> JSONResponse:
+        return JSONResponse(metadata)
+
+    @app.get("/.well-known/jwks.json")
+    async def jwks() -> JSONResponse:
+        return JSONResponse(services.keyring.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = {
+            "policy": {"ok": True, "version": services.policies.current().version},
+            "signing_keys": {"ok": bool(services.keyring.published_kids())},
+        }
+        ready = all(c["ok"] for c in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` (several workers): config file from BROKER_CONFIG_FILE."""
+    import os
+    from pathlib import Path
+
+    from broker.settings import load_settings
+
+    config = os.environ.get("BROKER_CONFIG_FILE")
+    settings = load_settings(Path(config) if config else None)
+    return create_app(settings)

@@ -1,0 +1,29 @@
+"""The `broker` command: `serve`, `dev`, `policy ...`, `keys ...`, `token decode`."""
+
+from __future__ import annotations
+
+import typer
+
+from broker.cli.keys import keys_app
+from broker.cli.policy import policy_app
+from broker.cli.serve import dev, serve
+from broker.cli.token import decode
+
+app = typer.Typer(
+    name="broker",
+    help="Identity-delegation and secrets broker for AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(serve)
+app.command()(dev)
+app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
+token_app = typer.Typer(help="Inspect tokens.", no_args_is_help=True)
+token_app.command("decode")(decode)
+app.add_typer(token_app, name="token")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,220 @@
+"""`broker serve` (production) and `broker dev` (everything embedded, development only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from broker.policy import PolicyError
+from broker.settings import BrokerSettings, load_settings
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML configuration file.", exists=False)
+]
+
+
+def _load(config: Path | None, **overrides: object) -> BrokerSettings:
+    try:
+        return load_settings(config, **overrides)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        typer.echo(f"error: invalid configuration:\n{exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _check_buildable(settings: BrokerSettings) -> None:
+    """Build the services once in this process: bad policy, keys or IdPs fail here, loudly."""
+    from broker.app import build_services
+
+    try:
+        build_services(settings)
+    except PolicyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Overrides http.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Overrides http.port.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Overrides http.workers.")] = None,
+) -> None:
+    """Run the broker. Refuses development components unless explicitly allowed."""
+    settings = _load(config)
+    if settings.uses_development_components and not settings.allow_development_components:
+        typer.echo(
+            "error: the development identity provider (kind: dev) is configured; `broker serve` "
+            "refuses it unless allow_development_components is true. Use `broker dev` locally.",
+            err=True,
+        )
+        raise typer.Exit(1)
+    _check_buildable(settings)
+    if config is not None:
+        os.environ["BROKER_CONFIG_FILE"] = str(config.resolve())
+    uvicorn.run(
+        "broker.app:create_app_from_environment",
+        factory=True,
+        host=host or settings.http.host,
+        port=port or settings.http.port,
+        workers=workers or settings.http.workers,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+    )
+
+
+def _dev_client_secrets(policy_dir: Path, store: Path) -> dict[str, str]:
+    """Generate (once) a secret for every `env:` reference in the policy, kept in var/dev."""
+    from broker.policy import load_policy
+
+    policy = load_policy(policy_dir).policy
+    refs = set()
+    for auth in [a.spec.authentication for a in policy.agents.values()] + [
+        r.authentication for r in policy.resource_servers.values()
+    ]:
+        ref = getattr(auth, "secret_ref", None)
+        if ref and ref.startswith("env:"):
+            refs.add(ref[4:])
+    known: dict[str, str] = json.loads(store.read_text()) if store.exists() else {}
+    for name in sorted(refs):
+        known.setdefault(name, os.environ.get(name) or secrets.token_urlsafe(24))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(known, handle, indent=2)
+    return known
+
+
+WALKTHROUGH = """
+==============================================================================
+ Agent identity broker: DEVELOPMENT MODE (built-in IdP, generated keys)
+==============================================================================
+ broker:          {issuer}       (metadata: {issuer}/.well-known/oauth-authorization-server)
+ dev IdP:         {idp}   (DEVELOPMENT ONLY; people: {people})
+ policies:        {policy_dir}  (version {version})
+ client secrets:  {secrets_file}
+
+ 1. Sign Alice (support) in at the development IdP and keep her ID token:
+
+    PERSON_TOKEN=$(curl -s -X POST {idp}/token -d person=alice \\
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["id_token"])')
+
+ 2. Exchange it as the triage agent for a down-scoped agent token (RFC 8693):
+
+    curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \\
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\
+      -d subject_token="$PERSON_TOKEN" \\
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \\
+      -d scope="tickets:read kb:read" -d audience=https://tickets.internal.example
+
+ 3. Decode the agent token (person in sub, agent in act, policy version, provenance):
+
+    AGENT_TOKEN=$(curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \\
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\
+      -d subject_token="$PERSON_TOKEN" \\
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \\
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
+    {broker_cmd} token decode "$AGENT_TOKEN"
+
+ 4. A sub-agent narrows it further; act nests (summariser acting for triage for Alice):
+
+    curl -s -u summariser-agent:{summariser_secret} {issuer}/oauth2/token \\
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\
+      -d subject_token="$AGENT_TOKEN" \\
+      -d subject_token_type=urn:ietf:params:oauth:token-type:access_token -d scope=tickets:read
+
+ 5. Ask for more than Alice holds and read why it is refused:
+
+    curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \\
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\
+      -d subject_token="$PERSON_TOKEN" \\
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token -d scope=tickets:write
+    {broker_cmd} policy explain --person dev/alice --group support \\
+      --agent triage-agent --scope tickets:write
+
+ Decision records are printed below as JSON lines. Ctrl-C stops everything.
+==============================================================================
+"""
+
+
+def dev(
+    config: ConfigOption = None,
+    state_dir: Annotated[Path, typer.Option(help="Where dev keys and secrets live.")] = Path(
+        "var/dev"
+    ),
+) -> None:
+    """Run the broker with embedded development defaults (a built-in IdP, generated keys, the
+    example policies). DEVELOPMENT ONLY."""
+    import logging
+    import sys
+
+    from idp_adapters._loopback import serve_in_thread
+    from idp_adapters.dev import DevIdentityProvider, load_dev_people
+
+    from broker.app import build_services, create_app
+    from broker.audit import StreamSink
+
+    base = _load(config)
+    idp_url = f"http://{base.dev_idp.host}:{base.dev_idp.port}"
+    dev_idp_config = {
+        "name": "dev",
+        "kind": "dev",
+        "issuer": idp_url,
+        "client_ids": ["broker-dev"],
+        "audiences": ["broker"],
+        "algorithms": ["RS256"],
+    }
+    settings = _load(
+        config,
+        identity_providers=[dev_idp_config, *[p.model_dump() for p in base.identity_providers]],
+        allow_development_components=True,
+        signing_keys={**base.signing_keys.model_dump(), "directory": state_dir / "keys"},
+    )
+    secrets_file = state_dir / "client-secrets.json"
+    try:
+        client_secrets = _dev_client_secrets(settings.policy_dir, secrets_file)
+    except PolicyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    os.environ.update(client_secrets)
+
+    people = load_dev_people(settings.dev_idp.people_file)
+    provider = DevIdentityProvider(idp_url, people)
+    idp_server = serve_in_thread(provider.asgi_app(), settings.dev_idp.host, settings.dev_idp.port)
+    try:
+        logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
+        services = build_services(settings, decision_sinks=[StreamSink(sys.stdout)])
+        typer.echo(
+            WALKTHROUGH.format(
+                issuer=settings.issuer,
+                idp=idp_url,
+                people=", ".join(sorted(people)),
+                policy_dir=settings.policy_dir,
+                version=services.policies.current().version,
+                secrets_file=secrets_file,
+                triage_secret=client_secrets.get("TRIAGE_AGENT_SECRET", "<secret>"),
+                summariser_secret=client_secrets.get("SUMMARISER_AGENT_SECRET", "<secret>"),
+                broker_cmd=".venv/bin/broker",
+            )
+        )
+        uvicorn.run(
+            create_app(settings, services=services),
+            host=settings.http.host,
+            port=settings.http.port,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+        )
+    finally:
+        idp_server.stop()

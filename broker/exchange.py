@@ -1,0 +1,317 @@
+"""The RFC 8693 token-exchange grant: verify the subject (and actor) -> decide -> issue -> record.
+
+A person's SSO token (from a trusted IdP) or a token this broker issued (a re-exchange by a
+sub-agent) is the subject; the authenticated client, or the workload identity in ``actor_token``,
+is the actor. Every decision, granted or denied, is recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+
+from broker.audit import DecisionLog
+from broker.client_auth import AuthenticatedClient, WorkloadActorResolver
+from broker.clock import Clock
+from broker.errors import (
+    InvalidClient,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    OAuthError,
+    TemporarilyUnavailable,
+    UnauthorizedClient,
+)
+from broker.oauth_request import OAuthForm
+from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
+from broker.tokens import BrokerTokenVerifier, TokenIssuer
+from broker.types import BrokerToken, Provenance, Sensitive, TokenType
+from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+REPEATABLE_PARAMETERS = frozenset({"audience", "resource"})
+SUBJECT_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.ID_TOKEN, TokenType.JWT})
+ISSUABLE_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.JWT})
+MAX_SUBJECT_TOKEN_BYTES = 16384
+
+_ERRORS: Mapping[str, type[OAuthError]] = {
+    "invalid_scope": InvalidScope,
+    "invalid_target": InvalidTarget,
+    "unauthorized_client": UnauthorizedClient,
+    "invalid_grant": InvalidGrant,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """The verified subject of an exchange."""
+
+    provenance: Provenance
+    parent: BrokerToken | None
+
+
+class SubjectTokenVerifier:
+    """Routes a subject token to the one verifier that may accept it, by exact issuer."""
+
+    def __init__(
+        self,
+        adapters: Mapping[str, IdentityAdapter],
+        broker_tokens: BrokerTokenVerifier,
+        broker_issuer: str,
+    ) -> None:
+        self._adapters = adapters
+        self._broker_tokens = broker_tokens
+        self._broker_issuer = broker_issuer
+
+    async def verify(self, token: Sensitive, token_type: TokenType) -> Subject:
+        raw = token.reveal()
+        if len(raw) > MAX_SUBJECT_TOKEN_BYTES:
+            raise InvalidGrant(
+                f"subject_token exceeds {MAX_SUBJECT_TOKEN_BYTES} bytes",
+                reason="subject_token_too_large",
+            )
+        try:
+            issuer = jwt.decode(raw, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            raise InvalidGrant(
+                "subject_token is not a well-formed JWT", reason="subject_token_malformed"
+            ) from None
+        except (ValueError, TypeError):
+            raise InvalidGrant(
+                "subject_token is not a well-formed JWT", reason="subject_token_malformed"
+            ) from None
+        try:
+            if issuer == self._broker_issuer:
+                if token_type == TokenType.ID_TOKEN:
+                    raise InvalidGrant(
+                        "a token issued by this broker is not a person's ID token; present it "
+                        f"as {TokenType.ACCESS_TOKEN} to re-exchange it",
+                        reason="broker_token_as_id_token",
+                    )
+                parent = await self._broker_tokens.verify(raw)
+                return Subject(parent.provenance, parent)
+            adapter = self._adapters.get(issuer) if isinstance(issuer, str) else None
+            if adapter is None:
+                raise InvalidGrant(
+                    "subject_token issuer is not a trusted identity provider",
+                    reason="unknown_issuer",
+                )
+            if not adapter.accepts(token_type):
+                raise InvalidRequest(
+                    f"identity provider {adapter.name!r} does not accept "
+                    f"subject_token_type {token_type}"
+                )
+            principal = await adapter.authenticate(raw, token_type)
+            return Subject(Provenance.from_principal(principal), None)
+        except TokenRejected as exc:
+            raise InvalidGrant(
+                f"subject_token rejected: {exc.reason}",
+                debug=exc.debug,
+                reason="subject_token_rejected",
+            ) from None
+        except IdentityProviderUnavailable as exc:
+            raise TemporarilyUnavailable(
+                f"cannot verify subject_token: {exc.reason}",
+                debug=exc.debug,
+                reason="idp_unavailable",
+            ) from None
+
+
+def _parse_scope(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    scopes = tuple(dict.fromkeys(value.split()))
+    if not scopes:
+        raise InvalidScope("scope is empty")
+    return scopes
+
+
+def _parse_targets(form: OAuthForm) -> tuple[str, ...]:
+    targets: list[str] = []
+    for audience in form.get_all("audience"):
+        if not audience or len(audience) > 512:
+            raise InvalidTarget("audience must be a non-empty string of at most 512 characters")
+        targets.append(audience)
+    for resource in form.get_all("resource"):
+        parts = urlsplit(resource)
+        if not parts.scheme or not parts.netloc or parts.fragment or len(resource) > 512:
+            raise InvalidTarget("resource must be an absolute URI without a fragment (RFC 8707)")
+        targets.append(resource)
+    return tuple(dict.fromkeys(targets))
+
+
+def _token_type(form: OAuthForm, name: str, allowed: frozenset[TokenType]) -> TokenType:
+    value = form.non_empty(name)
+    if value is None:
+        raise InvalidRequest(f"{name} is required")
+    try:
+        token_type = TokenType(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} {value[:100]!r} is not a known token type") from None
+    if token_type not in allowed:
+        raise InvalidRequest(f"{name} {token_type} is not supported here")
+    return token_type
+
+
+class TokenExchangeGrant:
+    def __init__(
+        self,
+        *,
+        subjects: SubjectTokenVerifier,
+        workload_actors: WorkloadActorResolver,
+        policy: Callable[[], Policy],
+        issuer: TokenIssuer,
+        decisions: DecisionLog,
+        clock: Clock,
+        max_lifetime_seconds: int,
+    ) -> None:
+        self._subjects = subjects
+        self._workload_actors = workload_actors
+        self._policy = policy
+        self._issuer = issuer
+        self._decisions = decisions
+        self._clock = clock
+        self._max_lifetime = max_lifetime_seconds
+
+    async def _actor(
+        self, form: OAuthForm, client: AuthenticatedClient | None
+    ) -> AuthenticatedClient:
+        actor_token = form.non_empty("actor_token")
+        if actor_token is None:
+            if form.non_empty("actor_token_type") is not None:
+                raise InvalidRequest("actor_token_type given without actor_token")
+            if client is None:
+                raise InvalidClient("client authentication is required")
+            actor = client
+        else:
+            _token_type(
+                form, "actor_token_type", frozenset({TokenType.JWT, TokenType.ACCESS_TOKEN})
+            )
+            actor = await self._workload_actors.resolve(Sensitive(actor_token))
+            if client is not None and client.client_id != actor.client_id:
+                raise InvalidRequest("actor_token identifies a different agent than the client")
+        if actor.kind != "agent":
+            raise UnauthorizedClient(f"client {actor.client_id!r} is not an agent")
+        return actor
+
+    async def handle(
+        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+    ) -> dict[str, Any]:
+        requested: dict[str, Any] = {"request_id": request_id}
+        try:
+            return await self._handle(form, client, requested)
+        except OAuthError as err:
+            self._decisions.record(
+                "token.exchange",
+                outcome="denied",
+                error=err.error,
+                reason=err.reason,
+                description=err.description,
+                **requested,
+            )
+            raise
+
+    async def _handle(
+        self, form: OAuthForm, client: AuthenticatedClient | None, record: dict[str, Any]
+    ) -> dict[str, Any]:
+        policy = self._policy()  # the whole request is decided under one policy version
+        record["policy_version"] = policy.version
+        if client is not None:
+            record["client_id"] = client.client_id
+        subject_token = form.non_empty("subject_token")
+        if subject_token is None:
+            raise InvalidRequest("subject_token is required")
+        subject_type = _token_type(form, "subject_token_type", SUBJECT_TOKEN_TYPES)
+        issued_type = TokenType.ACCESS_TOKEN
+        if form.non_empty("requested_token_type") is not None:
+            issued_type = _token_type(form, "requested_token_type", ISSUABLE_TOKEN_TYPES)
+        scopes = _parse_scope(form.get("scope"))
+        targets = _parse_targets(form)
+        record.update(
+            requested_scopes=list(scopes) if scopes is not None else None,
+            requested_audiences=list(targets) or None,
+        )
+
+        actor = await self._actor(form, client)
+        record.update(client_id=actor.client_id, client_auth=actor.method)
+
+        subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
+        provenance = subject.provenance
+        parent = subject.parent
+        record.update(
+            person=provenance.person_id,
+            idp=provenance.idp,
+            parent_jti=parent.jti if parent else None,
+        )
+
+        decision = decide(
+            policy,
+            ExchangeRequest(
+                person=Person(provenance.idp, provenance.subject, provenance.groups),
+                agent=actor.client_id,
+                scopes=scopes,
+                audiences=targets,
+                parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
+                if parent
+                else None,
+            ),
+        )
+        record["agent_chain"] = list(decision.actor_chain)
+        if not decision.allowed:
+            raise _ERRORS[decision.error or "invalid_grant"](
+                decision.description, reason=decision.reason
+            )
+
+        lifetime = self._lifetime(decision, provenance, parent)
+        issued = self._issuer.issue(
+            provenance=provenance,
+            client_id=actor.client_id,
+            actor_chain=decision.actor_chain,
+            scopes=decision.scopes,
+            audiences=decision.audiences,
+            lifetime_seconds=lifetime,
+            policy_version=decision.policy_version,
+            parent_jti=parent.jti if parent else None,
+        )
+        self._decisions.record(
+            "token.exchange",
+            outcome="granted",
+            reason="granted",
+            granted_scopes=list(decision.scopes),
+            audiences=list(decision.audiences),
+            jti=issued.jti,
+            expires_in=lifetime,
+            **record,
+        )
+        return {
+            "access_token": issued.token,
+            "issued_token_type": str(issued_type),
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "scope": " ".join(decision.scopes),
+        }
+
+    def _lifetime(
+        self, decision: Decision, provenance: Provenance, parent: BrokerToken | None
+    ) -> int:
+        """An agent token never outlives the person's session, nor its parent token."""
+        now = self._clock.now()
+        limits = [
+            decision.max_lifetime_seconds,
+            self._max_lifetime,
+            int(provenance.session_expires_at - now),
+        ]
+        if parent is not None:
+            limits.append(int(parent.expires_at - now))
+        lifetime = min(limits)
+        if lifetime < 1:
+            raise InvalidGrant(
+                "the subject token expires too soon to issue a token",
+                reason="subject_session_expired",
+            )
+        return lifetime

@@ -1,0 +1,92 @@
+"""RFC 7662 token introspection for registered resource servers (and, later, gateways).
+
+A caller learns about a token only if the token is addressed to it (its audiences intersect the
+token's ``aud``); otherwise the answer is ``{"active": false}``, as for any invalid token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from broker.audit import DecisionLog
+from broker.client_auth import AuthenticatedClient
+from broker.errors import InvalidRequest, UnauthorizedClient
+from broker.oauth_request import OAuthForm
+from broker.policy import Policy
+from broker.tokens import BrokerTokenVerifier
+from idp_adapters.base import TokenRejected
+
+INACTIVE: dict[str, Any] = {"active": False}
+_EXPOSED_CLAIMS = (
+    "iss",
+    "sub",
+    "aud",
+    "client_id",
+    "scope",
+    "act",
+    "iat",
+    "nbf",
+    "exp",
+    "jti",
+    "auth_time",
+    "provenance",
+    "policy_version",
+    "parent_jti",
+)
+
+
+class Introspection:
+    def __init__(
+        self,
+        *,
+        verifier: BrokerTokenVerifier,
+        policy: Callable[[], Policy],
+        decisions: DecisionLog,
+    ) -> None:
+        self._verifier = verifier
+        self._policy = policy
+        self._decisions = decisions
+
+    async def handle(
+        self, form: OAuthForm, client: AuthenticatedClient, *, request_id: str
+    ) -> dict[str, Any]:
+        if client.kind != "resource_server":
+            raise UnauthorizedClient("only registered resource servers may introspect tokens")
+        token = form.non_empty("token")
+        if token is None:
+            raise InvalidRequest("token is required")
+        server = self._policy().resource_servers[client.client_id]
+        try:
+            verified = await self._verifier.verify(token)
+        except TokenRejected as exc:
+            self._decisions.record(
+                "token.introspect",
+                outcome="inactive",
+                reason=exc.reason,
+                client_id=client.client_id,
+                request_id=request_id,
+            )
+            return INACTIVE
+        if not set(server.audiences).intersection(verified.audiences):
+            self._decisions.record(
+                "token.introspect",
+                outcome="inactive",
+                reason="audience_mismatch",
+                jti=verified.jti,
+                client_id=client.client_id,
+                request_id=request_id,
+            )
+            return INACTIVE
+        self._decisions.record(
+            "token.introspect",
+            outcome="active",
+            jti=verified.jti,
+            person=verified.subject,
+            agent_chain=list(verified.actor_chain),
+            client_id=client.client_id,
+            request_id=request_id,
+        )
+        response: dict[str, Any] = {"active": True, "token_type": "Bearer"}
+        response.update({k: verified.claims[k] for k in _EXPOSED_CLAIMS if k in verified.claims})
+        return response

@@ -1,0 +1,351 @@
+"""The broker's own tokens: signing keys (keyring, rotation, JWKS), issuing RFC 9068 JWT access
+tokens, and verifying them when they come back (re-exchange, introspection).
+
+Keys live in a directory, one JSON file per key (private key as PKCS#8 PEM, mode 0600). The newest
+key that is not retired signs; retired keys stay published until every token they signed has
+expired (retirement time + the maximum token lifetime + leeway), then are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from broker.clock import Clock
+from broker.types import BrokerToken, IssuedToken, Provenance
+from idp_adapters.base import TokenRejected
+from idp_adapters.jwt_verify import verify_jwt
+
+ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
+_KEY_FILE_SUFFIX = ".key.json"
+
+
+def _generate_private_key(algorithm: str) -> Any:
+    if algorithm == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if algorithm == "ES384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if algorithm in {"RS256", "PS256"}:
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    if algorithm == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unsupported signing algorithm {algorithm}")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    algorithm: str
+    private_key: Any
+    public_jwk: Mapping[str, Any]
+    created_at: float
+    retired_at: float | None
+
+    @property
+    def verification_key(self) -> jwt.PyJWK:
+        return jwt.PyJWK(dict(self.public_jwk), algorithm=self.algorithm)
+
+
+class KeyringError(Exception):
+    pass
+
+
+class Keyring:
+    """Signing keys on disk. Cheap to read on the hot path; re-reads the directory when it changes
+    (checked at most once a second), so `broker keys rotate` reaches a running broker."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        algorithm: str,
+        clock: Clock,
+        publish_grace_seconds: float,
+        generate_if_missing: bool = True,
+    ) -> None:
+        self._directory = directory
+        self._algorithm = algorithm
+        self._clock = clock
+        self._grace = publish_grace_seconds
+        self._lock = threading.Lock()
+        self._checked_at = float("-inf")
+        self._signature: tuple[tuple[str, int], ...] = ()
+        self._keys: dict[str, SigningKey] = {}
+        self._active: SigningKey | None = None
+        self._jwks: dict[str, Any] = {"keys": []}
+        if generate_if_missing and not self._key_files():
+            self.rotate()
+        self._load()
+        if self._active is None:
+            raise KeyringError(f"no usable signing key in {directory}")
+
+    # -- reading ---------------------------------------------------------------------------
+    def _key_files(self) -> list[Path]:
+        if not self._directory.is_dir():
+            return []
+        return sorted(self._directory.glob("*" + _KEY_FILE_SUFFIX))
+
+    def _dir_signature(self) -> tuple[tuple[str, int], ...]:
+        return tuple((p.name, p.stat().st_mtime_ns) for p in self._key_files())
+
+    def _load(self) -> None:
+        keys: dict[str, SigningKey] = {}
+        for path in self._key_files():
+            try:
+                record = json.loads(path.read_text())
+                private_key = serialization.load_pem_private_key(
+                    record["private_key_pem"].encode(), password=None
+                )
+                algorithm = record["alg"]
+                public_jwk = jwt.get_algorithm_by_name(algorithm).to_jwk(
+                    private_key.public_key(), as_dict=True
+                )
+                public_jwk.update({"kid": record["kid"], "alg": algorithm, "use": "sig"})
+                keys[record["kid"]] = SigningKey(
+                    kid=record["kid"],
+                    algorithm=algorithm,
+                    private_key=private_key,
+                    public_jwk=public_jwk,
+                    created_at=float(record["created_at"]),
+                    retired_at=record.get("retired_at"),
+                )
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise KeyringError(f"unreadable signing key file {path.name}: {exc}") from None
+        now = self._clock.now()
+        published = {
+            kid: key
+            for kid, key in keys.items()
+            if key.retired_at is None or key.retired_at + self._grace > now
+        }
+        candidates = [k for k in published.values() if k.retired_at is None]
+        active = max(candidates, key=lambda k: k.created_at) if candidates else None
+        with self._lock:
+            self._keys = published
+            self._active = active
+            self._jwks = {"keys": [dict(k.public_jwk) for k in published.values()]}
+            self._signature = self._dir_signature()
+
+    def refresh(self, *, force: bool = False) -> None:
+        now = self._clock.monotonic()
+        if not force and now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        if force or self._dir_signature() != self._signature:
+            self._load()
+
+    @property
+    def active(self) -> SigningKey:
+        self.refresh()
+        if self._active is None:
+            raise KeyringError("no active signing key")
+        return self._active
+
+    def jwks(self) -> dict[str, Any]:
+        self.refresh()
+        return self._jwks
+
+    def published_kids(self) -> list[str]:
+        self.refresh()
+        return sorted(self._keys)
+
+    async def get_signing_key(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        """`SigningKeyResolver` for verifying tokens this broker issued."""
+        self.refresh()
+        key = self._keys.get(kid) if kid is not None else None
+        if key is None or key.algorithm != alg:
+            raise TokenRejected("token was not signed by a current key of this broker")
+        return key.verification_key
+
+    # -- rotation --------------------------------------------------------------------------
+    def rotate(self) -> SigningKey:
+        """Add a new active key; retire the previous one (still published for its tokens);
+        delete keys whose tokens have all expired."""
+        self._directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        now = self._clock.now()
+        for path in self._key_files():
+            record = json.loads(path.read_text())
+            if record.get("retired_at") is None:
+                record["retired_at"] = now
+                self._write(path, record)
+            elif record["retired_at"] + self._grace <= now:
+                path.unlink()
+        private_key = _generate_private_key(self._algorithm)
+        kid = time.strftime("%Y%m%d", time.gmtime(now)) + "-" + secrets.token_hex(4)
+        pem = private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        record = {
+            "kid": kid,
+            "alg": self._algorithm,
+            "created_at": now,
+            "retired_at": None,
+            "private_key_pem": pem,
+        }
+        self._write(self._directory / f"{kid}{_KEY_FILE_SUFFIX}", record)
+        self._load()
+        return self._keys[kid]
+
+    @staticmethod
+    def _write(path: Path, record: dict[str, Any]) -> None:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+        os.replace(tmp, path)
+
+
+def _nest_act(actor_chain: tuple[str, ...]) -> dict[str, Any]:
+    """RFC 8693 §4.1: the current actor outermost, earlier actors nested inside."""
+    act: dict[str, Any] | None = None
+    for agent in reversed(actor_chain):
+        act = {"sub": agent} if act is None else {"sub": agent, "act": act}
+    assert act is not None
+    return act
+
+
+def actor_chain_from_claim(act: object, *, max_depth: int = 16) -> tuple[str, ...]:
+    chain: list[str] = []
+    while act is not None:
+        if (
+            not isinstance(act, dict)
+            or not isinstance(act.get("sub"), str)
+            or len(chain) >= max_depth
+        ):
+            raise ValueError("malformed act claim")
+        chain.append(act["sub"])
+        act = act.get("act")
+    return tuple(chain)
+
+
+class TokenIssuer:
+    """Signs RFC 9068 JWT access tokens for agents."""
+
+    def __init__(self, keyring: Keyring, issuer: str, clock: Clock) -> None:
+        self._keyring = keyring
+        self._issuer = issuer
+        self._clock = clock
+
+    def issue(
+        self,
+        *,
+        provenance: Provenance,
+        client_id: str,
+        actor_chain: tuple[str, ...],
+        scopes: tuple[str, ...],
+        audiences: tuple[str, ...],
+        lifetime_seconds: int,
+        policy_version: str,
+        parent_jti: str | None,
+    ) -> IssuedToken:
+        now = int(self._clock.now())
+        jti = secrets.token_urlsafe(18)
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "sub": provenance.person_id,
+            "aud": audiences[0] if len(audiences) == 1 else list(audiences),
+            "client_id": client_id,
+            "scope": " ".join(scopes),
+            "act": _nest_act(actor_chain),
+            "iat": now,
+            "nbf": now,
+            "exp": now + lifetime_seconds,
+            "jti": jti,
+            "provenance": provenance.to_claim(),
+            "policy_version": policy_version,
+        }
+        if provenance.auth_time is not None:
+            claims["auth_time"] = provenance.auth_time
+        if parent_jti is not None:
+            claims["parent_jti"] = parent_jti
+        key = self._keyring.active
+        token = jwt.encode(
+            claims,
+            key.private_key,
+            algorithm=key.algorithm,
+            headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYP},
+        )
+        return IssuedToken(
+            jti=jti,
+            token=token,
+            expires_in=lifetime_seconds,
+            scopes=scopes,
+            audiences=audiences,
+            claims=claims,
+        )
+
+
+class BrokerTokenVerifier:
+    """Verifies a token this broker issued: signature by a published key, issuer, expiry, type."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        issuer: str,
+        clock: Clock,
+        *,
+        leeway: int,
+        algorithms: tuple[str, ...],
+        max_bytes: int = 16384,
+    ) -> None:
+        self._keyring = keyring
+        self._issuer = issuer
+        self._clock = clock
+        self._leeway = leeway
+        self._algorithms = algorithms
+        self._max_bytes = max_bytes
+
+    async def verify(self, token: str) -> BrokerToken:
+        verified = await verify_jwt(
+            token,
+            keys=self._keyring,
+            issuer=self._issuer,
+            audiences=None,
+            algorithms=self._algorithms,
+            clock=self._clock,
+            leeway=self._leeway,
+            max_bytes=self._max_bytes,
+            require=("exp", "iat", "iss", "sub", "jti", "client_id", "act", "provenance"),
+            allowed_typ=(ACCESS_TOKEN_TYP,),
+        )
+        claims = verified.claims
+        try:
+            chain = actor_chain_from_claim(claims["act"])
+            provenance = Provenance.from_claim(claims["provenance"])
+            aud = claims.get("aud")
+            audiences = (aud,) if isinstance(aud, str) else tuple(aud or ())
+            scope = claims.get("scope", "")
+            if not isinstance(scope, str) or not all(isinstance(a, str) for a in audiences):
+                raise ValueError("malformed scope or aud")
+            if claims["sub"] != provenance.person_id:
+                raise ValueError("sub does not match provenance")
+            return BrokerToken(
+                jti=str(claims["jti"]),
+                subject=str(claims["sub"]),
+                client_id=str(claims["client_id"]),
+                scopes=frozenset(scope.split()),
+                audiences=audiences,
+                actor_chain=chain,
+                provenance=provenance,
+                policy_version=str(claims.get("policy_version", "")),
+                issued_at=int(claims["iat"]),
+                expires_at=int(claims["exp"]),
+                parent_jti=claims.get("parent_jti"),
+                claims=claims,
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise TokenRejected(
+                "token issued by this broker is malformed", debug=str(exc)
+            ) from None
