@@ -1,0 +1,128 @@
+"""Run a real broker over loopback HTTP for integration tests.
+
+The broker is the production app (`broker.app.create_app`) served by uvicorn in a thread, with a
+test identity provider (a `DevIdentityProvider` served over HTTP, configured as `kind: oidc`), the
+example policies plus test-only agents, and decision records captured in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker.app import BrokerServices, build_services, create_app
+from broker.audit import MemorySink
+from broker.settings import BrokerSettings
+from idp_adapters._loopback import RunningServer, reserve_loopback_socket, serve_in_thread
+from idp_adapters.dev import DevIdentityProvider, DevPerson
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_POLICIES = REPO / "policies"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+TICKETS = "https://tickets.internal.example"
+
+# The example organisation's people, as the test IdP signs them in (match policies/bindings.yaml).
+EXAMPLE_PEOPLE = {
+    "alice": DevPerson("alice", ("support",), "alice@example.com", "Alice Support"),
+    "dave": DevPerson("dave", ("support-leads",), "dave@example.com", "Dave Lead"),
+    "bob": DevPerson("bob", ("engineering",), "bob@example.com", "Bob Engineer"),
+    "carol": DevPerson("carol", ("finance",), "carol@example.com", "Carol Finance"),
+    "erin": DevPerson("erin", (), "erin@example.com", "Erin Contractor"),
+}
+
+
+@contextmanager
+def serve_idp(
+    people: dict[str, DevPerson] | None = None, **kwargs: Any
+) -> Iterator[tuple[DevIdentityProvider, RunningServer]]:
+    """A loopback OIDC issuer with keys generated for this test."""
+    sock = reserve_loopback_socket()
+    issuer = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    provider = DevIdentityProvider(issuer, people or EXAMPLE_PEOPLE, **kwargs)
+    server = serve_in_thread(provider.asgi_app(), sock=sock)
+    try:
+        yield provider, server
+    finally:
+        server.stop()
+
+
+@dataclass
+class RunningBroker:
+    url: str
+    settings: BrokerSettings
+    services: BrokerServices
+    decisions: MemorySink
+    server: RunningServer
+    policy_dir: Path
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.url}/oauth2/token"
+
+
+def write_policy_dir(tmp_path: Path, extra: dict[str, Any] | None = None) -> Path:
+    """A copy of the example policies, plus `extra` as one more policy file."""
+    policy_dir = tmp_path / "policies"
+    shutil.copytree(EXAMPLE_POLICIES, policy_dir)
+    if extra:
+        (policy_dir / "zz-test-extra.yaml").write_text(yaml.safe_dump(extra))
+    return policy_dir
+
+
+@contextmanager
+def run_broker(
+    tmp_path: Path,
+    identity_providers: list[dict[str, Any]],
+    *,
+    policy_extra: dict[str, Any] | None = None,
+    workload_issuers: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> Iterator[RunningBroker]:
+    sock = reserve_loopback_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    policy_dir = write_policy_dir(tmp_path, policy_extra)
+    settings = BrokerSettings(
+        issuer=url,
+        policy_dir=policy_dir,
+        signing_keys={"directory": tmp_path / "keys"},
+        identity_providers=identity_providers,
+        workload_issuers=workload_issuers or [],
+        **overrides,
+    )
+    sink = MemorySink()
+    services = build_services(settings, decision_sinks=[sink])
+    server = serve_in_thread(create_app(settings, services=services), sock=sock)
+    try:
+        yield RunningBroker(url, settings, services, sink, server, policy_dir)
+    finally:
+        server.stop()
+
+
+def oidc_provider_config(provider: DevIdentityProvider, name: str = "dev") -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "oidc",
+        "issuer": provider.issuer,
+        "client_ids": [provider.client_id],
+        "audiences": [provider.audience],
+        "algorithms": [provider.algorithm],
+        "jwks_min_refresh_interval_seconds": 1.0,
+    }
+
+
+def exchange_form(subject_token: str, subject_token_type: str = ID_TOKEN, **extra: str) -> dict:
+    return {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": subject_token_type,
+        **extra,
+    }
