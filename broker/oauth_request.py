@@ -25,6 +25,8 @@ class OAuthForm(Mapping[str, str]):
         self._single: dict[str, str] = {}
         self._multi: dict[str, list[str]] = {}
         for name, value in pairs:
+            if not name:
+                raise InvalidRequest("the request body has a parameter without a name")
             if name in repeatable:
                 self._multi.setdefault(name, []).append(value)
                 continue

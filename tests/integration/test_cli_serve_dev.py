@@ -47,18 +47,25 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
     port, idp_port = _free_port(), _free_port()
     config = tmp_path / "broker.yaml"
-    config.write_text(yaml.safe_dump({
-        "issuer": f"http://127.0.0.1:{port}",
-        "policy_dir": str(REPO / "policies"),
-        "http": {"port": port},
-        "dev_idp": {"port": idp_port},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "issuer": f"http://127.0.0.1:{port}",
+                "policy_dir": str(REPO / "policies"),
+                "http": {"port": port},
+                "dev_idp": {"port": idp_port},
+            }
+        )
+    )
     log = tmp_path / "dev.log"
     env = {k: v for k, v in os.environ.items() if not k.endswith("_SECRET")}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [BROKER, "dev", "--config", str(config), "--state-dir", str(tmp_path / "state")],
-            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -80,44 +87,71 @@ def test_dev_walkthrough_runs_as_printed(dev_process: tuple[str, str, Path, Path
 
     person = httpx.post(f"{idp_url}/token", data={"person": "alice"}).json()["id_token"]
     triage = ("triage-agent", secrets["TRIAGE_AGENT_SECRET"])
-    response = httpx.post(f"{url}/oauth2/token", auth=triage, data={
-        "grant_type": TOKEN_EXCHANGE, "subject_token": person, "subject_token_type": ID_TOKEN,
-        "scope": "tickets:read kb:read", "audience": TICKETS,
-    })
+    response = httpx.post(
+        f"{url}/oauth2/token",
+        auth=triage,
+        data={
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": person,
+            "subject_token_type": ID_TOKEN,
+            "scope": "tickets:read kb:read",
+            "audience": TICKETS,
+        },
+    )
     assert response.status_code == 200, response.text
     agent_token = response.json()["access_token"]
     claims = jwt.decode(agent_token, options={"verify_signature": False})
     assert claims["sub"] == "dev/alice" and claims["act"] == {"sub": "triage-agent"}
 
-    child = httpx.post(f"{url}/oauth2/token",
-                       auth=("summariser-agent", secrets["SUMMARISER_AGENT_SECRET"]), data={
-        "grant_type": TOKEN_EXCHANGE, "subject_token": agent_token,
-        "subject_token_type": ACCESS_TOKEN, "scope": "tickets:read",
-    })
+    child = httpx.post(
+        f"{url}/oauth2/token",
+        auth=("summariser-agent", secrets["SUMMARISER_AGENT_SECRET"]),
+        data={
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": agent_token,
+            "subject_token_type": ACCESS_TOKEN,
+            "scope": "tickets:read",
+        },
+    )
     assert child.status_code == 200, child.text
 
-    decoded = subprocess.run([BROKER, "token", "decode", agent_token], capture_output=True,
-                             text=True, check=True)
+    decoded = subprocess.run(
+        [BROKER, "token", "decode", agent_token], capture_output=True, text=True, check=True
+    )
     assert '"sub": "dev/alice"' in decoded.stdout
 
     # decision records are printed as JSON lines, without the tokens
     time.sleep(0.2)
-    lines = [json.loads(line) for line in log.read_text().splitlines()
-             if line.startswith("{") and '"event"' in line]
+    lines = [
+        json.loads(line)
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and '"event"' in line
+    ]
     assert any(r["event"] == "token.exchange" and r["outcome"] == "granted" for r in lines)
     assert person not in log.read_text() and agent_token not in log.read_text()
 
 
 def test_serve_refuses_the_development_idp(tmp_path: Path) -> None:
     config = tmp_path / "broker.yaml"
-    config.write_text(yaml.safe_dump({
-        "policy_dir": str(REPO / "policies"),
-        "signing_keys": {"directory": str(tmp_path / "keys")},
-        "identity_providers": [{"name": "dev", "kind": "dev", "issuer": "http://127.0.0.1:1",
-                                "client_ids": ["broker-dev"]}],
-    }))
-    result = subprocess.run([BROKER, "serve", "--config", str(config)], capture_output=True,
-                            text=True, timeout=60)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy_dir": str(REPO / "policies"),
+                "signing_keys": {"directory": str(tmp_path / "keys")},
+                "identity_providers": [
+                    {
+                        "name": "dev",
+                        "kind": "dev",
+                        "issuer": "http://127.0.0.1:1",
+                        "client_ids": ["broker-dev"],
+                    }
+                ],
+            }
+        )
+    )
+    result = subprocess.run(
+        [BROKER, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert "refuses" in result.stderr and "allow_development_components" in result.stderr
     assert "Traceback" not in result.stderr
@@ -128,10 +162,14 @@ def test_serve_refuses_an_invalid_policy_without_a_traceback(tmp_path: Path) -> 
     policies.mkdir()
     (policies / "bad.yaml").write_text("roles:\n  x:\n    permissions: ['*']\n")
     config = tmp_path / "broker.yaml"
-    config.write_text(yaml.safe_dump({"policy_dir": str(policies),
-                                      "signing_keys": {"directory": str(tmp_path / "keys")}}))
-    result = subprocess.run([BROKER, "serve", "--config", str(config)], capture_output=True,
-                            text=True, timeout=60)
+    config.write_text(
+        yaml.safe_dump(
+            {"policy_dir": str(policies), "signing_keys": {"directory": str(tmp_path / "keys")}}
+        )
+    )
+    result = subprocess.run(
+        [BROKER, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert "bad.yaml" in result.stderr and "Traceback" not in result.stderr
 
@@ -139,14 +177,23 @@ def test_serve_refuses_an_invalid_policy_without_a_traceback(tmp_path: Path) -> 
 def test_serve_runs_with_environment_overrides(tmp_path: Path) -> None:
     port = _free_port()
     config = tmp_path / "broker.yaml"
-    config.write_text(yaml.safe_dump({"policy_dir": str(REPO / "policies"),
-                                      "signing_keys": {"directory": str(tmp_path / "keys")}}))
-    env = os.environ | {"BROKER_ISSUER": f"http://127.0.0.1:{port}",
-                        "BROKER_HTTP__PORT": str(port)}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy_dir": str(REPO / "policies"),
+                "signing_keys": {"directory": str(tmp_path / "keys")},
+            }
+        )
+    )
+    env = os.environ | {"BROKER_ISSUER": f"http://127.0.0.1:{port}", "BROKER_HTTP__PORT": str(port)}
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([BROKER, "serve", "--config", str(config)], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [BROKER, "serve", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, process, log)

@@ -570,7 +570,7 @@ def test_protocol_errors_are_rfc6749_json_never_500(
         ),
         (
             {
-                "content": "grant_type=a&grant_type=b".encode(),
+                "content": b"grant_type=a&grant_type=b",
                 "auth": triage(),
                 "headers": {"content-type": "application/x-www-form-urlencoded"},
             },

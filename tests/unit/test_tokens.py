@@ -1,0 +1,134 @@
+"""The keyring (rotation, publication window, pruning) and the broker's token shape."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import jwt
+import pytest
+
+from broker.clock import FrozenClock
+from broker.tokens import (
+    BrokerTokenVerifier,
+    Keyring,
+    TokenIssuer,
+    _nest_act,
+    actor_chain_from_claim,
+)
+from broker.types import Provenance, TokenType
+from idp_adapters.base import TokenRejected
+
+ISSUER = "https://broker.example"
+PROVENANCE = Provenance(
+    "okta", "00u1", frozenset({"support"}), 1_799_999_000, TokenType.ID_TOKEN, 1_800_003_600
+)
+
+
+def _keyring(tmp_path: Path, clock: FrozenClock, grace: float = 3630) -> Keyring:
+    return Keyring(tmp_path / "keys", algorithm="ES256", clock=clock, publish_grace_seconds=grace)
+
+
+def _issue(issuer: TokenIssuer, **overrides: object) -> str:
+    kwargs: dict[str, object] = {
+        "provenance": PROVENANCE,
+        "client_id": "triage",
+        "actor_chain": ("triage",),
+        "scopes": ("tickets:read",),
+        "audiences": ("api",),
+        "lifetime_seconds": 600,
+        "policy_version": "sha256:abc",
+        "parent_jti": None,
+    }
+    kwargs.update(overrides)
+    return issuer.issue(**kwargs).token  # type: ignore[arg-type]
+
+
+def test_first_key_is_generated_with_private_file_mode(tmp_path: Path) -> None:
+    keyring = _keyring(tmp_path, FrozenClock())
+    files = list((tmp_path / "keys").iterdir())
+    assert len(files) == 1
+    assert files[0].stat().st_mode & 0o777 == 0o600
+    assert [k["kid"] for k in keyring.jwks()["keys"]] == [keyring.active.kid]
+    assert "d" not in keyring.jwks()["keys"][0]
+
+
+def test_rotation_keeps_old_key_published_until_its_tokens_expire(tmp_path: Path) -> None:
+    clock = FrozenClock()
+    keyring = _keyring(tmp_path, clock, grace=1000)
+    old = keyring.active.kid
+    clock.advance(10)
+    new = keyring.rotate().kid
+    assert keyring.active.kid == new != old
+    assert set(keyring.published_kids()) == {old, new}
+    clock.advance(999)
+    keyring.refresh(force=True)
+    assert old in keyring.published_kids()
+    clock.advance(2)
+    keyring.refresh(force=True)
+    assert keyring.published_kids() == [new]
+    keyring.rotate()  # prunes the long-retired key file from disk
+    assert not list((tmp_path / "keys").glob(f"{old}*"))
+
+
+def test_running_keyring_picks_up_rotation_by_another_process(tmp_path: Path) -> None:
+    clock = FrozenClock()
+    serving = _keyring(tmp_path, clock)
+    cli = _keyring(tmp_path, clock)
+    new = cli.rotate().kid
+    clock.advance(1.5)  # the serving keyring re-checks the directory at most once a second
+    assert serving.active.kid == new
+
+
+def test_issued_token_shape_and_round_trip(tmp_path: Path) -> None:
+    clock = FrozenClock()
+    keyring = _keyring(tmp_path, clock)
+    token = _issue(
+        TokenIssuer(keyring, ISSUER, clock),
+        actor_chain=("summariser", "triage"),
+        audiences=("a", "b"),
+        parent_jti="parent-1",
+    )
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "ES256", "kid": keyring.active.kid, "typ": "at+jwt"}
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["act"] == {"sub": "summariser", "act": {"sub": "triage"}}
+    assert claims["aud"] == ["a", "b"]
+    assert claims["sub"] == "okta/00u1"
+    assert claims["exp"] - claims["iat"] == 600
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, leeway=0, algorithms=("ES256",))
+    verified = asyncio.run(verifier.verify(token))
+    assert verified.actor_chain == ("summariser", "triage")
+    assert verified.parent_jti == "parent-1"
+    assert verified.provenance == PROVENANCE
+
+
+def test_verifier_rejects_expired_foreign_and_tampered_tokens(tmp_path: Path) -> None:
+    clock = FrozenClock()
+    keyring = _keyring(tmp_path, clock)
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, leeway=5, algorithms=("ES256",))
+    token = _issue(TokenIssuer(keyring, ISSUER, clock))
+    other = _keyring(tmp_path / "other", clock)
+    foreign = _issue(TokenIssuer(other, ISSUER, clock))
+    wrong_issuer = _issue(TokenIssuer(keyring, "https://evil.example", clock))
+    header, payload, signature = token.split(".")
+    tampered = ".".join([header, payload[:-4] + "AAAA", signature])
+    for bad in (foreign, wrong_issuer, tampered):
+        with pytest.raises(TokenRejected):
+            asyncio.run(verifier.verify(bad))
+    clock.advance(606)
+    with pytest.raises(TokenRejected):
+        asyncio.run(verifier.verify(token))
+
+
+def test_act_nesting_round_trips_and_rejects_malformed() -> None:
+    chain = ("c", "b", "a")
+    assert actor_chain_from_claim(_nest_act(chain)) == chain
+    for bad in ({"act": {}}, {"sub": 1}, "agent", {"sub": "a", "act": {"sub": None}}):
+        with pytest.raises(ValueError):
+            actor_chain_from_claim(bad)
+    deep: dict[str, object] = {"sub": "x"}
+    for _ in range(20):
+        deep = {"sub": "x", "act": deep}
+    with pytest.raises(ValueError):
+        actor_chain_from_claim(deep)
