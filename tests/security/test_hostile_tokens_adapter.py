@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -20,37 +19,11 @@ from broker.types import TokenType
 from idp_adapters._loopback import RunningServer
 from idp_adapters.base import TokenRejected
 from idp_adapters.oidc import OidcAdapter
+from tests.support.jose import b64, compact, public_jwk
 
 pytestmark = pytest.mark.anyio
 
 ServeRecorded = Callable[[Any], tuple[RunningServer, Any]]
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def compact(
-    header: dict[str, Any] | bytes,
-    payload: dict[str, Any] | bytes,
-    key: Any = None,
-    alg: str = "RS256",
-) -> str:
-    """Hand-build a compact JWS from arbitrary header/payload bytes (signature via PyJWT's alg)."""
-    raw_header = header if isinstance(header, bytes) else json.dumps(header).encode()
-    raw_payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    signing_input = f"{b64(raw_header)}.{b64(raw_payload)}"
-    signature = b""
-    if key is not None:
-        signature = jwt.get_algorithm_by_name(alg).sign(signing_input.encode(), key)
-    return f"{signing_input}.{b64(signature)}"
-
-
-def public_jwk(key: rsa.RSAPrivateKey, kid: str | None) -> dict[str, Any]:
-    jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    if kid is not None:
-        jwk["kid"] = kid
-    return jwk
 
 
 def json_app(document: dict[str, Any]) -> Callable[..., Any]:
