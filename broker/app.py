@@ -6,6 +6,7 @@ Routes translate HTTP to domain calls and domain errors to RFC 6749 §5.2 respon
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.audit import DecisionLog, DecisionSink, LoggingSink
+from broker.audit import DecisionLog, DecisionSink, StreamSink
 from broker.client_auth import ClientAuthenticator, WorkloadActorResolver
 from broker.clock import Clock, SystemClock
 from broker.errors import (
@@ -90,7 +91,7 @@ def build_services(
     )
     state = state or InMemoryStateStore(clock)
     decisions = DecisionLog(
-        decision_sinks if decision_sinks is not None else [LoggingSink()], clock
+        decision_sinks if decision_sinks is not None else [StreamSink(sys.stdout)], clock
     )
     clients = ClientAuthenticator(
         policy=policies.current,
@@ -274,4 +275,5 @@ def create_app_from_environment() -> FastAPI:
 
     config = os.environ.get("BROKER_CONFIG_FILE")
     settings = load_settings(Path(config) if config else None)
+    logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
     return create_app(settings)

@@ -116,7 +116,6 @@ class TokenLifetimes(_Strict):
     max_lifetime_seconds: int = Field(3600, gt=0, description="Global cap on any issued token.")
     client_assertion_max_lifetime_seconds: int = Field(3600, gt=0, le=86400)
     leeway_seconds: int = Field(30, ge=0, le=300)
-    max_delegation_depth: int = Field(4, ge=1, le=16)
 
 
 class HttpConfig(_Strict):

@@ -159,11 +159,10 @@ def dev(
     import logging
     import sys
 
-    from idp_adapters._loopback import serve_in_thread
-    from idp_adapters.dev import DevIdentityProvider, load_dev_people
-
     from broker.app import build_services, create_app
     from broker.audit import StreamSink
+    from idp_adapters._loopback import serve_in_thread
+    from idp_adapters.dev import DevIdentityProvider, load_dev_people
 
     base = _load(config)
     idp_url = f"http://{base.dev_idp.host}:{base.dev_idp.port}"
