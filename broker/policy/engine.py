@@ -177,7 +177,7 @@ def _candidate_scopes(agent: CompiledAgent, request: ExchangeRequest) -> tuple[s
     if request.scopes is not None:
         return tuple(dict.fromkeys(request.scopes))
     if agent.default_scopes:
-        return agent.default_scopes
+        return tuple(dict.fromkeys(agent.default_scopes))
     if request.parent is not None:
         return tuple(sorted(request.parent.scopes))
     return ()

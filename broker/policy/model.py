@@ -109,7 +109,11 @@ class ClientSecretBasicAuth(_Strict):
     secret itself. `broker policy hash-secret` makes both a secret and its hash."""
 
     method: Literal["client_secret_basic"]
-    secret_hash: str | None = Field(None, description="sha256$<salt>$<hex> or scrypt$...")
+    secret_hash: str | None = Field(
+        None,
+        description="scrypt$<n>$<r>$<p>$<salt>$<hash> or sha256$<salt>$<hash> (base64url), "
+        "as printed by `broker policy hash-secret`",
+    )
     secret_ref: str | None = Field(None, description="env:VARIABLE or file:/path/to/secret")
 
     @model_validator(mode="after")

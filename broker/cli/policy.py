@@ -1,0 +1,295 @@
+"""`broker policy check | test | explain | schema | hash-secret`.
+
+Expected failures (an invalid policy, a missing directory, bad arguments) are reported on stderr
+in a few lines, without a traceback, and exit 1. `explain` exits 0 when the exchange would be
+granted and 2 when it would be denied, so scripts can branch on the decision.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn
+
+import typer
+from pydantic import BaseModel
+
+from broker.client_secrets import generate_client_secret, hash_client_secret
+from broker.policy.engine import (
+    Decision,
+    ExchangeRequest,
+    ParentGrant,
+    Person,
+    Policy,
+    decide,
+    explain,
+)
+from broker.policy.loader import TESTS_SUBDIR, LoadedPolicy, PolicyError, load_policy
+from broker.policy.loader import load_policy_tests as _load_policy_tests
+from broker.policy.model import PolicyDocument, PolicyTestFile
+from broker.policy.testing import run_policy_tests
+
+policy_app = typer.Typer(
+    help="Validate, test and explain the policy files.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_DENIED = 2
+DEFAULT_DIR = Path("policies")
+DEFAULT_SCHEMA = DEFAULT_DIR / "schema.json"
+TESTS_SCHEMA_NAME = "schema.json"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+DirOption = Annotated[
+    Path,
+    typer.Option("--dir", "-d", help="The policy directory.", file_okay=False),
+]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _fail_policy(directory: Path, exc: PolicyError) -> NoReturn:
+    count = len(exc.problems)
+    lines = [f"error: invalid policy in {directory} ({count} problem{'s' * (count != 1)}):"]
+    lines.extend(f"  {problem}" for problem in exc.problems)
+    typer.echo("\n".join(lines), err=True)
+    raise typer.Exit(1)
+
+
+def _load(directory: Path) -> LoadedPolicy:
+    try:
+        return load_policy(directory)
+    except PolicyError as exc:
+        _fail_policy(directory, exc)
+
+
+@policy_app.command("check")
+def check(
+    directory: DirOption = DEFAULT_DIR,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Treat lint warnings as errors (exit 1).")
+    ] = False,
+) -> None:
+    """Load and validate the policy; print its version and any lint warnings."""
+    loaded = _load(directory)
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if strict and loaded.warnings:
+        count = len(loaded.warnings)
+        _fail(f"{count} warning{'s' * (count != 1)} (--strict)")
+    typer.echo(f"OK {loaded.policy.version}")
+
+
+@policy_app.command("test")
+def test(directory: DirOption = DEFAULT_DIR) -> None:
+    """Run the policy tests in <dir>/tests/*.yaml; exit 1 on any failure or if there are none."""
+    loaded = _load(directory)
+    try:
+        cases = _load_policy_tests(directory)
+    except PolicyError as exc:
+        _fail_policy(directory / TESTS_SUBDIR, exc)
+    if not cases:
+        _fail(f"no policy tests found in {directory / TESTS_SUBDIR}/*.yaml")
+    results = run_policy_tests(loaded.policy, cases)
+    for result in results:
+        status = "PASS" if result.passed else "FAIL"
+        typer.echo(f"{status}  {result.file}  {result.case.name}  ({result.detail})")
+    failed = sum(not r.passed for r in results)
+    typer.echo(f"{len(results) - failed} passed, {failed} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _split(values: list[str] | None, separators: str | None) -> list[str]:
+    """Flatten repeated option values, each also split on `separators` (None: whitespace)."""
+    items: list[str] = []
+    for value in values or []:
+        if separators is None:
+            items.extend(value.split())
+        else:
+            items.extend(part.strip() for part in value.split(separators) if part.strip())
+    return items
+
+
+def walk_chain(
+    policy: Policy,
+    person: Person,
+    agents: list[str],
+    scopes: tuple[str, ...] | None,
+    audiences: tuple[str, ...] = (),
+) -> tuple[int, ExchangeRequest, Decision]:
+    """Decide each hop of a delegation chain as `decide_chain` does, stopping at a denial.
+
+    Returns the index of the last hop decided, its request (with the parent grant it saw) and
+    its decision, so the caller can explain exactly that hop.
+    """
+    parent: ParentGrant | None = None
+    for index, agent in enumerate(agents):
+        request = ExchangeRequest(
+            person=person, agent=agent, scopes=scopes, audiences=audiences, parent=parent
+        )
+        decision = decide(policy, request)
+        if not decision.allowed or index == len(agents) - 1:
+            return index, request, decision
+        parent = ParentGrant(
+            actor_chain=decision.actor_chain,
+            scopes=frozenset(decision.scopes),
+            audiences=decision.audiences,
+        )
+    raise ValueError("the agent chain is empty")
+
+
+@policy_app.command("explain")
+def explain_command(
+    person: Annotated[
+        str | None,
+        typer.Option("--person", "-p", help="Required: the person, as IDP/SUBJECT."),
+    ] = None,
+    groups: Annotated[
+        list[str] | None,
+        typer.Option("--groups", help="The person's groups, comma-separated."),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option("--group", "-g", help="One of the person's groups (repeatable)."),
+    ] = None,
+    agent: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--agent",
+            "-a",
+            help="Required: an agent of the delegation chain (repeatable, first agent first).",
+        ),
+    ] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            "-s",
+            help="A requested scope (repeatable, or several space-separated). "
+            "None given: the agent's default scopes.",
+        ),
+    ] = None,
+    audience: Annotated[
+        list[str] | None,
+        typer.Option("--audience", help="A requested audience (repeatable)."),
+    ] = None,
+    directory: DirOption = DEFAULT_DIR,
+) -> None:
+    """Explain the decision for a person, an agent chain and a request (exit 0 granted, 2 denied).
+
+    Each hop of the chain re-exchanges the previous hop's grant with the same scopes and
+    audiences, as policy tests do. The explanation is that of the final hop, or of the first
+    hop that is denied.
+    """
+    if not person:
+        _fail("--person IDP/SUBJECT is required")
+    idp, _, subject = person.partition("/")
+    if not idp or not subject:
+        _fail(f"--person must be IDP/SUBJECT, got {person!r}")
+    agents = _split(agent, None)
+    if not agents:
+        _fail("at least one --agent is required")
+    the_person = Person(
+        idp=idp,
+        subject=subject,
+        groups=frozenset(_split(groups, ",") + _split(group, ",")),
+    )
+    scopes = tuple(_split(scope, None)) if scope is not None else None
+    audiences = tuple(_split(audience, None))
+
+    policy = _load(directory).policy
+    index, request, decision = walk_chain(policy, the_person, agents, scopes, audiences)
+    if not decision.allowed and index < len(agents) - 1:
+        typer.echo(
+            f"denied at hop {index + 1} of {len(agents)} (agent {agents[index]!r}); "
+            "later hops were not evaluated"
+        )
+    typer.echo(explain(policy, request))
+    if not decision.allowed:
+        raise typer.Exit(EXIT_DENIED)
+
+
+def render_schema(model: type[BaseModel]) -> str:
+    """The JSON Schema of `model` as written by `broker policy schema` (stable, ends in newline)."""
+    schema = {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema()}
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
+def schema_files(output: Path, tests_output: Path | None = None) -> dict[Path, str]:
+    """The schema files to write: the policy file schema and the policy test file schema."""
+    tests_path = tests_output or output.parent / TESTS_SUBDIR / TESTS_SCHEMA_NAME
+    return {output: render_schema(PolicyDocument), tests_path: render_schema(PolicyTestFile)}
+
+
+@policy_app.command("schema")
+def schema(
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Where to write the policy file schema.", dir_okay=False
+        ),
+    ] = DEFAULT_SCHEMA,
+    tests_output: Annotated[
+        Path | None,
+        typer.Option(
+            "--tests-output",
+            help="Where to write the policy test file schema "
+            "(default: tests/schema.json beside --output).",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """Write the JSON Schemas of policy files and policy test files, for editors."""
+    for path, text in schema_files(output, tests_output).items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _fail(f"cannot write {path}: {exc.strerror or exc}")
+        typer.echo(f"wrote {path}")
+
+
+@policy_app.command("hash-secret")
+def hash_secret(
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            "-m",
+            help="scrypt (any secret) or sha256 (only generated secrets of 32+ characters).",
+        ),
+    ] = "scrypt",
+    secret_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--secret-stdin", help="Hash the secret read from stdin instead of generating one."
+        ),
+    ] = False,
+) -> None:
+    """Generate a client secret and print it once with the `secret_hash` line for the policy."""
+    if method not in ("scrypt", "sha256"):
+        _fail(f"--method must be scrypt or sha256, got {method!r}")
+    chosen: Literal["scrypt", "sha256"] = "scrypt" if method == "scrypt" else "sha256"
+    if secret_stdin:
+        secret = sys.stdin.read()
+        secret = secret[:-1] if secret.endswith("\n") else secret
+        secret = secret[:-1] if secret.endswith("\r") else secret
+        if not secret:
+            _fail("no secret on stdin")
+    else:
+        secret = generate_client_secret()
+    try:
+        hashed = hash_client_secret(secret, method=chosen)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not secret_stdin:
+        typer.echo("client secret (shown only now; give it to the client, do not store it here):")
+        typer.echo(secret)
+        typer.echo("policy line (under the client's client_secret_basic `authentication:`):")
+    typer.echo(f'secret_hash: "{hashed}"')

@@ -1,0 +1,379 @@
+"""`broker policy check | test | explain | schema | hash-secret`, through the real typer app
+(and once as the installed console script)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from broker.cli import app
+from broker.cli.policy import schema_files
+from broker.client_secrets import verify_client_secret
+from broker.policy import load_policy
+from broker.policy.model import ClientSecretBasicAuth
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICIES = ROOT / "policies"
+BROKER = Path(sys.executable).with_name("broker")
+
+runner = CliRunner()
+
+
+def run(*args: str, input: str | None = None) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["policy", *args], input=input)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def policy_copy(tmp_path: Path) -> Path:
+    """A writable copy of the shipped policy directory (with its tests)."""
+    return Path(shutil.copytree(POLICIES, tmp_path / "policies"))
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+def test_check_ok() -> None:
+    code, out, err = run("check", "--dir", str(POLICIES))
+    assert code == 0, err
+    assert out.strip() == f"OK {load_policy(POLICIES).policy.version}"
+    assert err == ""
+
+
+def test_check_broken_directory(policy_copy: Path) -> None:
+    (policy_copy / "roles.yaml").write_text(
+        "roles:\n  support: {permissions: ['*']}\n  support: {permissions: [a:b]}\n"
+    )
+    (policy_copy / "extra.yaml").write_text("agents:\n  Bad Name: {}\n")
+    code, out, err = run("check", "--dir", str(policy_copy))
+    assert code == 1
+    assert out == ""
+    assert err.startswith(f"error: invalid policy in {policy_copy} (")
+    assert "roles.yaml: cannot parse" in err and "duplicate key 'support'" in err
+    assert "extra.yaml: agents.Bad Name" in err
+    assert "Traceback" not in err
+
+
+def test_check_missing_directory(tmp_path: Path) -> None:
+    code, out, err = run("check", "--dir", str(tmp_path / "nope"))
+    assert code == 1
+    assert out == ""
+    assert "policy directory does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_check_strict_fails_on_warnings(policy_copy: Path) -> None:
+    (policy_copy / "zz-extra.yaml").write_text(
+        textwrap.dedent(
+            """
+            agents:
+              payroll-agent:
+                authentication: {method: client_secret_basic, secret_ref: "env:PAYROLL"}
+                ceiling: [payroll:read]
+                audiences: [payroll]
+                act_for: ["group:dev/finance"]
+            """
+        )
+    )
+    code, out, err = run("check", "--dir", str(policy_copy))
+    assert code == 0
+    assert out.startswith("OK sha256:")
+    assert (
+        "warning: zz-extra.yaml: agents.payroll-agent.ceiling: 'payroll:read' is granted by no "
+        "role" in err.splitlines()
+    )
+    code, out, err = run("check", "--strict", "--dir", str(policy_copy))
+    assert code == 1
+    assert "OK" not in out
+    assert "payroll:read" in err and "error: 1 warning (--strict)" in err
+
+
+def test_check_as_installed_console_script(tmp_path: Path) -> None:
+    assert BROKER.exists(), "the project is not installed: run `pip install -e .` (make install)"
+    done = subprocess.run(
+        [str(BROKER), "policy", "check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"OK sha256:[0-9a-f]{32}\n", done.stdout)
+    done = subprocess.run(
+        [str(BROKER), "policy", "check", "--dir", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "policy directory does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- test --------------------------------------------------------------------------------------
+
+
+def test_test_passes_on_the_shipped_policy() -> None:
+    code, out, err = run("test", "--dir", str(POLICIES))
+    assert code == 0, out + err
+    lines = out.strip().splitlines()
+    assert lines[-1] == f"{len(lines) - 1} passed, 0 failed"
+    assert all(line.startswith("PASS  example.yaml  ") for line in lines[:-1])
+    assert any("triage delegates to the summariser, which narrows" in line for line in lines)
+
+
+def test_test_reports_a_failing_test(policy_copy: Path) -> None:
+    (policy_copy / "tests" / "zz-failing.yaml").write_text(
+        textwrap.dedent(
+            """
+            tests:
+              - name: support person wrongly expected to close tickets
+                person: dev/alice
+                groups: [support]
+                agents: [triage-agent]
+                scope: [tickets:close]
+                expect_granted: [tickets:close]
+              - name: this one passes
+                person: dev/alice
+                groups: [support]
+                agents: [triage-agent]
+                scope: [kb:read]
+                expect_granted: [kb:read]
+            """
+        )
+    )
+    code, out, _ = run("test", "--dir", str(policy_copy))
+    assert code == 1
+    fail = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(fail) == 1
+    assert fail[0].startswith(
+        "FAIL  zz-failing.yaml  support person wrongly expected to close tickets  (expected grant"
+    )
+    assert "invalid_scope" in fail[0]
+    assert "PASS  zz-failing.yaml  this one passes" in out
+    passed = len([line for line in out.splitlines() if line.startswith("PASS")])
+    assert out.strip().splitlines()[-1] == f"{passed} passed, 1 failed"
+
+
+def test_test_without_tests_fails(policy_copy: Path) -> None:
+    shutil.rmtree(policy_copy / "tests")
+    code, out, err = run("test", "--dir", str(policy_copy))
+    assert code == 1
+    assert out == ""
+    assert "no policy tests found" in err
+
+
+def test_test_with_an_invalid_test_file(policy_copy: Path) -> None:
+    (policy_copy / "tests" / "bad.yaml").write_text("tests:\n  - {name: x, person: nobody}\n")
+    code, _, err = run("test", "--dir", str(policy_copy))
+    assert code == 1
+    assert "tests/bad.yaml: tests.0" in err
+    assert "Traceback" not in err
+
+
+def test_test_with_an_invalid_policy(policy_copy: Path) -> None:
+    (policy_copy / "limits.yaml").write_text("limits: {max_delegation_depth: 0}\n")
+    code, _, err = run("test", "--dir", str(policy_copy))
+    assert code == 1
+    assert "limits.yaml: limits.max_delegation_depth" in err
+
+
+# -- explain -----------------------------------------------------------------------------------
+
+
+def explain(*args: str) -> tuple[int, str, str]:
+    return run("explain", "--dir", str(POLICIES), *args)
+
+
+def test_explain_granted() -> None:
+    code, out, err = explain(
+        "--person", "dev/alice", "--group", "support", "--agent", "triage-agent",
+        "--scope", "tickets:read kb:read", "--audience", "llm-gateway",
+    )
+    assert code == 0, out + err
+    assert "decision:       GRANTED" in out
+    assert "granted:        tickets:read kb:read" in out
+    assert "audience:       llm-gateway" in out
+    assert "max lifetime:   900s" in out
+
+
+def test_explain_defaults_when_no_scope_is_given() -> None:
+    code, out, _ = explain("--person", "dev/alice", "--groups", "support", "-a", "triage-agent")
+    assert code == 0
+    assert "+ tickets:read: allowed" in out and "+ kb:read: allowed" in out
+
+
+def test_explain_person_lacks_scope() -> None:
+    code, out, _ = explain(
+        "--person", "dev/alice", "--groups", "support,other", "--agent", "triage-agent",
+        "--scope", "tickets:write",
+    )
+    assert code == 2
+    assert "DENIED (invalid_scope)" in out
+    assert "reason:         person_lacks_scope" in out
+    assert "groups: other, support" in out
+
+
+def test_explain_ceiling_excludes_scope() -> None:
+    code, out, _ = explain(
+        "--person", "dev/dave", "--group", "support-leads", "--agent", "triage-agent",
+        "--scope", "tickets:close",
+    )
+    assert code == 2
+    assert "- tickets:close: denied: ceiling_excludes_scope" in out
+
+
+def test_explain_agent_may_not_act_for_person() -> None:
+    code, out, _ = explain(
+        "--person", "dev/carol", "--group", "finance", "--agent", "triage-agent",
+        "--scope", "llm:openai:chat",
+    )
+    assert code == 2
+    assert "DENIED (unauthorized_client)" in out
+    assert "reason:         agent_may_not_act_for_person" in out
+
+
+def test_explain_delegation_chain() -> None:
+    code, out, _ = explain(
+        "--person", "dev/alice", "--group", "support",
+        "--agent", "triage-agent", "--agent", "summariser-agent", "--scope", "tickets:read",
+    )
+    assert code == 0
+    assert "agent chain:    summariser-agent <- triage-agent" in out
+    assert "max lifetime:   300s" in out
+    # The sub-agent alone is refused: it only accepts delegated tokens.
+    code, out, _ = explain(
+        "--person", "dev/alice", "--group", "support", "--agent", "summariser-agent",
+    )
+    assert code == 2
+    assert "agent_accepts_only_delegated_tokens" in out
+
+
+def test_explain_names_the_denied_earlier_hop() -> None:
+    code, out, _ = explain(
+        "--person", "dev/carol", "--group", "finance",
+        "--agent", "triage-agent", "--agent", "summariser-agent",
+    )
+    assert code == 2
+    assert out.startswith("denied at hop 1 of 2 (agent 'triage-agent')")
+    assert "agent chain:    triage-agent\n" in out
+    assert "agent_may_not_act_for_person" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--agent", "triage-agent"], "--person IDP/SUBJECT is required"),
+        (["--person", "alice", "--agent", "triage-agent"], "--person must be IDP/SUBJECT"),
+        (["--person", "dev/", "--agent", "triage-agent"], "--person must be IDP/SUBJECT"),
+        (["--person", "dev/alice"], "at least one --agent is required"),
+    ],
+)
+def test_explain_bad_arguments_exit_1(args: list[str], message: str) -> None:
+    code, out, err = explain(*args)
+    assert code == 1
+    assert out == ""
+    assert message in err
+
+
+def test_explain_with_an_invalid_policy(tmp_path: Path) -> None:
+    code, _, err = run(
+        "explain", "--dir", str(tmp_path), "--person", "dev/a", "--agent", "triage-agent"
+    )
+    assert code == 1
+    assert "no policy files" in err
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+def test_schema_writes_both_files(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "schema.json"
+    code, out, err = run("schema", "--output", str(output))
+    assert code == 0, err
+    tests_schema = tmp_path / "out" / "tests" / "schema.json"
+    assert out.splitlines() == [f"wrote {output}", f"wrote {tests_schema}"]
+    expected = schema_files(output)
+    assert output.read_text() == expected[output]
+    assert tests_schema.read_text() == expected[tests_schema]
+    assert output.read_text() == (POLICIES / "schema.json").read_text()
+    other = tmp_path / "elsewhere.json"
+    code, _, _ = run("schema", "-o", str(output), "--tests-output", str(other))
+    assert code == 0
+    assert other.read_text() == (POLICIES / "tests" / "schema.json").read_text()
+
+
+def test_schema_unwritable_output(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run("schema", "--output", str(blocker / "schema.json"))
+    assert code == 1
+    assert err.startswith("error: cannot write")
+
+
+# -- hash-secret -------------------------------------------------------------------------------
+
+
+def _hash_line(out: str) -> str:
+    [line] = [line for line in out.splitlines() if line.startswith("secret_hash: ")]
+    return line
+
+
+def test_hash_secret_generates_a_secret_and_its_hash(tmp_path: Path) -> None:
+    code, out, _ = run("hash-secret")
+    assert code == 0
+    lines = out.splitlines()
+    secret = lines[lines.index(next(x for x in lines if x.startswith("client secret"))) + 1]
+    assert len(secret) >= 43
+    line = _hash_line(out)
+    stored = yaml.safe_load(line)["secret_hash"]
+    assert stored.startswith("scrypt$16384$8$1$")
+    assert verify_client_secret(secret, stored)
+    assert not verify_client_secret(secret + "x", stored)
+    # The printed line pastes straight into a policy file.
+    policy_dir = Path(shutil.copytree(POLICIES, tmp_path / "p"))
+    (policy_dir / "zz-extra.yaml").write_text(
+        "agents:\n  new-agent:\n    authentication:\n      method: client_secret_basic\n"
+        f"      {line}\n    ceiling: [kb:read]\n    audiences: [kb]\n"
+        "    act_for: ['group:dev/support']\n"
+    )
+    auth = load_policy(policy_dir).policy.agents["new-agent"].spec.authentication
+    assert isinstance(auth, ClientSecretBasicAuth)
+    assert auth.secret_hash == stored
+
+
+def test_hash_secret_sha256_and_fresh_secrets() -> None:
+    first = run("hash-secret", "--method", "sha256")
+    second = run("hash-secret", "--method", "sha256")
+    assert first[0] == second[0] == 0
+    assert first[1] != second[1]
+    assert yaml.safe_load(_hash_line(first[1]))["secret_hash"].startswith("sha256$")
+
+
+def test_hash_secret_from_stdin() -> None:
+    code, out, _ = run("hash-secret", "--secret-stdin", input="my chosen secret\n")
+    assert code == 0
+    assert "my chosen secret" not in out
+    assert out.splitlines() == [_hash_line(out)]
+    assert verify_client_secret("my chosen secret", yaml.safe_load(out)["secret_hash"])
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["--secret-stdin", "--method", "sha256"], "too short\n", "at least 32 characters"),
+        (["--secret-stdin"], "", "no secret on stdin"),
+        (["--method", "md5"], None, "--method must be scrypt or sha256"),
+    ],
+)
+def test_hash_secret_refusals(args: list[str], stdin: str | None, message: str) -> None:
+    code, out, err = run("hash-secret", *args, input=stdin)
+    assert code == 1
+    assert out == ""
+    assert message in err
