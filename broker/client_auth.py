@@ -13,6 +13,7 @@ goes to the private debug part and the decision log.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -134,7 +135,7 @@ class ClientAuthenticator:
         if authorization and (assertion or assertion_type):
             raise InvalidRequest("use exactly one client authentication method")
         if authorization:
-            return self._authenticate_basic(authorization, form.get("client_id"))
+            return await self._authenticate_basic(authorization, form.get("client_id"))
         if assertion or assertion_type:
             if assertion_type != CLIENT_ASSERTION_TYPE or not assertion:
                 raise InvalidClient(
@@ -144,7 +145,9 @@ class ClientAuthenticator:
         return None
 
     # -- client_secret_basic ------------------------------------------------------------
-    def _authenticate_basic(self, header: str, form_client_id: str | None) -> AuthenticatedClient:
+    async def _authenticate_basic(
+        self, header: str, form_client_id: str | None
+    ) -> AuthenticatedClient:
         client_id, secret = _parse_basic(header)
         if form_client_id is not None and form_client_id != client_id:
             raise InvalidClient("client_id does not match the authenticated client")
@@ -156,7 +159,8 @@ class ClientAuthenticator:
         kind, method = found
         assert isinstance(method, ClientSecretBasicAuth)
         if method.secret_hash is not None:
-            ok = verify_client_secret(secret.reveal(), method.secret_hash)
+            # scrypt costs tens of milliseconds by design: keep it off the event loop.
+            ok = await asyncio.to_thread(verify_client_secret, secret.reveal(), method.secret_hash)
         else:
             expected = self._secret_refs.resolve(method.secret_ref or "")
             if expected is None:

@@ -3,7 +3,8 @@
 No I/O, no clock. Everything the token endpoint grants passes through `decide`; `broker policy
 explain` and policy tests call the same function, so what they say is what the broker does.
 
-Granted scopes are always a subset of what was asked for (or of the agent's defaults), and every
+Granted scopes are always a subset of what was asked for (when nothing is asked for: the agent's
+defaults, or on a re-exchange by an agent without defaults, the parent token's scopes), and every
 granted scope is covered by the person's roles *and* the agent's ceiling *and*, on a re-exchange,
 by the parent token's scopes.
 """
