@@ -297,10 +297,15 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
         )
     if not granted:
         what = "requested" if explicit else "default"
+        description = (
+            f"none of the {what} scopes is allowed for agent {agent.name!r} acting for "
+            f"{person.person_id!r}"
+            if verdicts
+            else f"no scope requested and agent {agent.name!r} has no default scopes"
+        )
         return deny(
             Reason.NO_SCOPE,
-            f"none of the {what} scopes is allowed for agent {agent.name!r} acting for "
-            f"{person.person_id!r}",
+            description,
             scope_verdicts=tuple(verdicts),
             audiences=audiences,
         )

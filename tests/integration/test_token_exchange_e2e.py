@@ -56,7 +56,36 @@ def _public_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
     return jwk
 
 
-def _test_agents() -> dict[str, Any]:
+REMOTE_KEY = _rsa_key()
+
+
+@pytest.fixture(scope="module")
+def remote_jwks() -> Iterator[str]:
+    """An agent's own JWKS endpoint (private_key_jwt with jwks_uri)."""
+    from idp_adapters._loopback import serve_in_thread
+
+    body = json.dumps({"keys": [_public_jwk(REMOTE_KEY, "remote-1")]}).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    server = serve_in_thread(app)
+    try:
+        yield f"{server.url}/jwks.json"
+    finally:
+        server.stop()
+
+
+def _test_agents(remote_jwks_uri: str) -> dict[str, Any]:
     chain_hash = hash_client_secret(SECRETS["chain"], method="sha256")
     agents: dict[str, Any] = {
         "pkjwt-agent": {
@@ -70,6 +99,12 @@ def _test_agents() -> dict[str, Any]:
             "audiences": [TICKETS, "llm-gateway"],
             "act_for": ["group:dev/support"],
             "may_delegate_to": ["summariser-agent"],
+        },
+        "pkjwt-remote-agent": {
+            "authentication": {"method": "private_key_jwt", "jwks_uri": remote_jwks_uri},
+            "ceiling": ["tickets:read"],
+            "audiences": [TICKETS],
+            "act_for": ["group:dev/support"],
         },
         "workload-agent": {
             "workload_identities": [{"issuer": "k8s", "subject": WORKLOAD_SUBJECT}],
@@ -127,6 +162,7 @@ def broker(
     idp: DevIdentityProvider,
     workload_idp: DevIdentityProvider,
     env_secrets: None,
+    remote_jwks: str,
 ) -> Iterator[RunningBroker]:
     workload = {
         "name": "k8s",
@@ -138,7 +174,7 @@ def broker(
     with run_broker(
         tmp_path_factory.mktemp("broker"),
         [oidc_provider_config(idp)],
-        policy_extra=_test_agents(),
+        policy_extra=_test_agents(remote_jwks),
         workload_issuers=[workload],
     ) as running:
         yield running
@@ -256,21 +292,44 @@ def test_private_key_jwt_with_authlib_client(
     assert record["client_auth"] == "private_key_jwt"
 
 
-def _client_assertion(audience: str, *, jti: str | None = None, lifetime: int = 60) -> str:
+def _client_assertion(
+    audience: str,
+    *,
+    jti: str | None = None,
+    lifetime: int = 60,
+    client_id: str = "pkjwt-agent",
+    key: rsa.RSAPrivateKey = PKJWT_KEY,
+    kid: str = "pkjwt-1",
+) -> str:
     now = int(time.time())
-    return jwt.encode(
-        {
-            "iss": "pkjwt-agent",
-            "sub": "pkjwt-agent",
-            "aud": audience,
-            "iat": now,
-            "exp": now + lifetime,
-            "jti": jti or uuid.uuid4().hex,
-        },
-        PKJWT_KEY,
-        algorithm="RS256",
-        headers={"kid": "pkjwt-1"},
-    )
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "iat": now,
+        "exp": now + lifetime,
+        "jti": jti or uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+def test_private_key_jwt_with_a_jwks_uri(broker: RunningBroker, idp: DevIdentityProvider) -> None:
+    def form(key: rsa.RSAPrivateKey) -> dict[str, str]:
+        return exchange_form(
+            idp.mint("alice"),
+            scope="tickets:read",
+            client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            client_assertion=_client_assertion(
+                broker.url, client_id="pkjwt-remote-agent", key=key, kid="remote-1"
+            ),
+        )
+
+    response = _post(broker, form(REMOTE_KEY))
+    assert response.status_code == 200, response.text
+    assert response.json()["scope"] == "tickets:read"
+    forged = _post(broker, form(PKJWT_KEY))  # right kid, wrong key
+    assert forged.status_code == 401
+    assert forged.json()["error"] == "invalid_client"
 
 
 def test_replayed_client_assertion_is_refused(
