@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Collection
 from typing import Any
@@ -19,30 +18,11 @@ from broker.clock import FrozenClock
 from idp_adapters.base import TokenRejected
 from idp_adapters.jwks import StaticJwks
 from idp_adapters.jwt_verify import VerifiedJwt, claim_audiences, normalize_typ, verify_jwt
+from tests.support.jose import compact
 
 ISSUER = "https://idp.example.com/tenant"
 AUDIENCE = "broker"
 NOW = 1_800_000_000
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def compact(
-    header: dict[str, Any] | bytes,
-    payload: dict[str, Any] | bytes,
-    key: Any = None,
-    alg: str = "RS256",
-) -> str:
-    """Hand-build a compact JWS (arbitrary header/payload bytes), signed with PyJWT's algorithm."""
-    raw_header = header if isinstance(header, bytes) else json.dumps(header).encode()
-    raw_payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    signing_input = f"{b64(raw_header)}.{b64(raw_payload)}"
-    signature = b""
-    if key is not None:
-        signature = jwt.get_algorithm_by_name(alg).sign(signing_input.encode(), key)
-    return f"{signing_input}.{b64(signature)}"
 
 
 def public_jwk(private_key: Any, kid: str | None, **members: Any) -> dict[str, Any]:
