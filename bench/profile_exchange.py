@@ -1,0 +1,374 @@
+"""Where one token exchange's CPU time goes, in process (no HTTP server, no load generator).
+
+``python -m bench.profile_exchange [--requests N]`` builds the broker app exactly as
+``broker serve`` does (same settings shape, example policies, the development issuer on loopback
+for the JWKS), then:
+
+1. times N sequential exchanges and N ``GET /healthz`` calls made straight into the ASGI app
+   (a minimal ASGI driver: no sockets, no uvicorn), so the difference is the exchange's own cost;
+2. runs the N exchanges under cProfile and prints the cumulative time of the steps of an
+   exchange (per exchange) and the functions with the most own time;
+3. times the primitives the exchange is made of (RS256 verify, ES256 sign, PyJWT's wrappers
+   around them, the strict JSON parse, the decision record, the JSON response) with no profiler.
+
+cProfile's overhead inflates pure-Python code relative to C (the crypto), so read (1) and (3) for
+absolute costs and (2) for the shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import cProfile
+import json
+import logging
+import os
+import pstats
+import secrets
+import tempfile
+import time
+import timeit
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from bench._report import table
+from bench._servers import REPO, dev_issuer
+from bench.exchange import AUDIENCE, GRANT_TYPE, ID_TOKEN_TYPE, PERSON, SCOPE
+
+Asgi = Callable[..., Awaitable[None]]
+
+
+async def asgi_call(
+    app: Asgi, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""
+) -> tuple[int, bytes]:
+    """One request straight into an ASGI app; returns (status, body)."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+        "state": {},
+    }
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+STEPS: list[tuple[str, str, str]] = [
+    # (label, file suffix, function name) for the per-exchange cumulative table
+    ("whole ASGI app (FastAPI + Starlette + endpoint)", "fastapi/applications.py", "__call__"),
+    ("  token endpoint body (app.py token)", "broker/app.py", "token"),
+    ("    read_form (body, parse_qsl)", "broker/oauth_request.py", "read_form"),
+    ("    client authentication (Basic)", "broker/client_auth.py", "authenticate"),
+    ("    TokenExchangeGrant.handle", "broker/exchange.py", "handle"),
+    ("      subject token verify (all)", "broker/exchange.py", "verify"),
+    ("        PyJWT decode (issuer peek + signature)", "jwt/api_jwt.py", "decode"),
+    ("        verify_jwt (strict parse + checks)", "idp_adapters/jwt_verify.py", "verify_jwt"),
+    (
+        "          _verify_signature (PyJWT decode)",
+        "idp_adapters/jwt_verify.py",
+        "_verify_signature",
+    ),
+    ("          RSA verify (PyJWT RSAAlgorithm)", "jwt/algorithms.py", "verify"),
+    ("      policy decide", "broker/policy/engine.py", "decide"),
+    ("      TokenIssuer.issue (claims + sign)", "broker/tokens.py", "issue"),
+    ("        ES256 sign (PyJWT ECAlgorithm)", "jwt/algorithms.py", "sign"),
+    ("      DecisionLog.record", "broker/audit.py", "record"),
+    ("  JSONResponse render", "starlette/responses.py", "render"),
+    ("  response send path (Response.__call__)", "starlette/responses.py", "__call__"),
+]
+
+
+def _cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
+    """Cumulative seconds of functions matching (file suffix, name), outermost calls only."""
+    total = 0.0
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, func), (_cc, _nc, _tt, ct, _callers) in raw.items():
+        if func == name and filename.replace(os.sep, "/").endswith(suffix):
+            total += ct
+    return total
+
+
+def _micro(label: str, fn: Callable[[], object], number: int) -> list[object]:
+    try:
+        fn()
+        best = min(timeit.repeat(fn, number=number, repeat=5)) / number
+        return [label, best * 1e6]
+    except Exception as exc:  # a primitive moved while others edit the broker: say so, go on
+        return [label, f"n/a ({type(exc).__name__})"]
+
+
+def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any]) -> str:
+    import jwt
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    header_b64, payload_b64, sig_b64 = person_token.split(".")
+    signing_input = f"{header_b64}.{payload_b64}".encode()
+    signature = base64.urlsafe_b64decode(sig_b64 + "=" * (-len(sig_b64) % 4))
+    pyjwk = jwt.PyJWK(dict(issuer_jwks["keys"][-1]))
+    rsa_public = pyjwk.key
+    services = broker_app.state.services
+    key = services.keyring.active
+    ec_private = key.private_key
+    claims = jwt.decode(person_token, options={"verify_signature": False})
+    options = {
+        "verify_signature": True,
+        "verify_exp": False,
+        "verify_nbf": False,
+        "verify_iat": False,
+        "verify_aud": False,
+        "verify_iss": False,
+        "verify_sub": False,
+        "verify_jti": False,
+        "require": [],
+    }
+    record = {
+        "time": "2026-01-01T00:00:00.000+00:00",
+        "event": "token.exchange",
+        "outcome": "granted",
+        "reason": "granted",
+        "granted_scopes": SCOPE.split(),
+        "audiences": [AUDIENCE],
+        "jti": secrets.token_urlsafe(18),
+        "expires_in": 900,
+        "request_id": secrets.token_hex(16),
+        "policy_version": "x" * 16,
+        "client_id": "triage-agent",
+        "client_auth": "client_secret_basic",
+        "person": "dev/alice",
+        "idp": "dev",
+        "agent_chain": ["triage-agent"],
+    }
+    rows = [
+        _micro(
+            "RS256 verify, cryptography directly",
+            lambda: rsa_public.verify(
+                signature, signing_input, padding.PKCS1v15(), hashes.SHA256()
+            ),
+            2000,
+        ),
+        _micro(
+            "RS256 verify via jwt.decode (PyJWT, as _verify_signature)",
+            lambda: jwt.decode(person_token, key=pyjwk, algorithms=["RS256"], options=options),
+            2000,
+        ),
+        _micro(
+            "jwt.decode without verification (issuer peek)",
+            lambda: jwt.decode(person_token, options={"verify_signature": False}),
+            5000,
+        ),
+        _micro("jwt.PyJWK(jwk) construction (RSA)", lambda: jwt.PyJWK(dict(pyjwk._jwk_data)), 2000),
+        _micro(
+            "ES256 sign, cryptography directly",
+            lambda: ec_private.sign(signing_input, ec.ECDSA(hashes.SHA256())),
+            2000,
+        ),
+        _micro(
+            "ES256 sign via jwt.encode (PyJWT)",
+            lambda: jwt.encode(claims, ec_private, algorithm="ES256", headers={"kid": key.kid}),
+            2000,
+        ),
+        _micro(
+            "decision record json.dumps",
+            lambda: json.dumps(record, separators=(",", ":"), default=str),
+            20000,
+        ),
+    ]
+    with contextlib.suppress(ImportError):
+        from idp_adapters.jwt_verify import _decode_json_segment
+
+        rows.append(
+            _micro(
+                "strict JSON parse of header + payload (jwt_verify)",
+                lambda: (
+                    _decode_json_segment(header_b64, "header"),
+                    _decode_json_segment(payload_b64, "payload"),
+                ),
+                5000,
+            )
+        )
+    with contextlib.suppress(ImportError):
+        from starlette.responses import JSONResponse
+
+        body = {"access_token": person_token, "token_type": "Bearer", "expires_in": 900}
+        rows.append(
+            _micro(
+                "JSONResponse(body, headers) construction",
+                lambda: JSONResponse(body, headers={"Cache-Control": "no-store"}),
+                20000,
+            )
+        )
+    form_body = _exchange_body(person_token).decode()
+    rows.append(_micro("parse_qsl of the exchange form", lambda: parse_qsl(form_body, True), 20000))
+    return "Primitives (best of 5, no profiler):\n" + table(["primitive", "us/call"], rows)
+
+
+def _exchange_body(person_token: str) -> bytes:
+    from urllib.parse import urlencode
+
+    return urlencode(
+        {
+            "grant_type": GRANT_TYPE,
+            "subject_token": person_token,
+            "subject_token_type": ID_TOKEN_TYPE,
+            "scope": SCOPE,
+            "audience": AUDIENCE,
+        }
+    ).encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_exchange")
+    parser.add_argument("--requests", type=int, default=2000, help="exchanges per measurement")
+    parser.add_argument("--top", type=int, default=25, help="rows of the own-time table")
+    args = parser.parse_args(argv)
+
+    from broker.app import create_app
+    from broker.settings import load_settings
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-prof-")))
+        issuer = stack.enter_context(dev_issuer())
+        secret = secrets.token_urlsafe(32)
+        saved = os.environ.get("TRIAGE_AGENT_SECRET")
+        os.environ["TRIAGE_AGENT_SECRET"] = secret
+        stack.callback(
+            lambda: (
+                os.environ.__setitem__("TRIAGE_AGENT_SECRET", saved)
+                if saved is not None
+                else os.environ.pop("TRIAGE_AGENT_SECRET", None)
+            )
+        )
+        settings = load_settings(
+            None,
+            issuer="http://127.0.0.1:8080",
+            policy_dir=REPO / "policies",
+            signing_keys={"directory": workdir / "keys"},
+            identity_providers=[
+                {
+                    "name": "dev",
+                    "kind": "oidc",
+                    "issuer": issuer.url,
+                    "client_ids": [issuer.provider.client_id],
+                    "audiences": [issuer.provider.audience],
+                    "algorithms": ["RS256"],
+                }
+            ],
+        )
+        # Decision records go to a file, flushed per record, as under `broker serve` (whose
+        # stdout/stderr the benchmark sends to a file), whichever sink the broker uses.
+        records = stack.enter_context((workdir / "decisions.jsonl").open("w"))
+        audit_logger = logging.getLogger("broker.audit")
+        audit_logger.addHandler(logging.StreamHandler(records))
+        audit_logger.setLevel(logging.INFO)
+        audit_logger.propagate = False
+        with contextlib.redirect_stdout(records):
+            app = create_app(settings)
+        token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
+        basic = base64.b64encode(f"triage-agent:{secret}".encode())
+        headers = [
+            (b"authorization", b"Basic " + basic),
+            (b"content-type", b"application/x-www-form-urlencoded"),
+        ]
+        body = _exchange_body(token)
+        n = args.requests
+
+        async def exchanges(count: int) -> None:
+            for _ in range(count):
+                status, payload = await asgi_call(app, "POST", "/oauth2/token", headers, body)
+                if status != 200:
+                    raise RuntimeError(f"exchange failed: {status} {payload[:300]!r}")
+
+        async def healthz(count: int) -> None:
+            for _ in range(count):
+                await asgi_call(app, "GET", "/healthz", [])
+
+        async def timed() -> tuple[float, float]:
+            await exchanges(50)  # warm: discovery + JWKS fetched once, caches filled
+            await healthz(50)
+            start = time.perf_counter()
+            await exchanges(n)
+            ex = (time.perf_counter() - start) / n
+            start = time.perf_counter()
+            await healthz(n)
+            return ex, (time.perf_counter() - start) / n
+
+        ex_s, hz_s = asyncio.run(timed())
+        print(
+            f"In-process, sequential, {n} requests each (no sockets, no uvicorn/h11):\n"
+            + table(
+                ["request", "us/request"],
+                [
+                    ["POST /oauth2/token (token exchange)", ex_s * 1e6],
+                    ["GET /healthz", hz_s * 1e6],
+                    ["exchange minus healthz", (ex_s - hz_s) * 1e6],
+                ],
+            )
+        )
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        asyncio.run(exchanges(n))
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        whole = _cumulative(stats, *STEPS[0][1:])
+        rows: list[list[object]] = []
+        for label, suffix, name in STEPS:
+            cum = _cumulative(stats, suffix, name)
+            rows.append([label, cum / n * 1e6, f"{100 * cum / whole:.0f}%" if whole else "-"])
+        print(
+            "\nUnder cProfile: cumulative time per exchange (inflated by the profiler):\n"
+            + table(["step", "us/exchange", "of app"], rows)
+        )
+        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+        own = sorted(raw.items(), key=lambda item: item[1][2], reverse=True)[: args.top]
+        total_tt = sum(v[2] for v in raw.values())
+        own_rows = [
+            [
+                f"{Path(fn).parent.name}/{Path(fn).name}:{line} {func}",
+                tt / n * 1e6,
+                f"{100 * tt / total_tt:.1f}%",
+                nc // n if nc >= n else f"{nc / n:.2f}",
+            ]
+            for (fn, line, func), (_cc, nc, tt, _ct, _callers) in own
+        ]
+        print(
+            f"\nTop {args.top} functions by own time (per exchange, under cProfile):\n"
+            + table(["function", "us/exchange", "share", "calls/exchange"], own_rows)
+        )
+        print("\n" + _primitives(token, app, issuer.provider.jwks()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
