@@ -25,7 +25,6 @@ from typing import Literal
 from urllib.parse import unquote
 
 import httpx
-import jwt
 from cachetools import TTLCache
 
 from broker.client_secrets import verify_client_secret
@@ -37,7 +36,7 @@ from broker.state import StateStore, StateUnavailable
 from broker.types import Sensitive
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwks import JwksCache, SigningKeyResolver, StaticJwks
-from idp_adapters.jwt_verify import verify_jwt
+from idp_adapters.jwt_verify import unverified_claims, verify_jwt
 from idp_adapters.workload import WorkloadVerifier
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -204,8 +203,8 @@ class ClientAuthenticator:
         if len(raw) > MAX_ASSERTION_BYTES:
             raise InvalidClient("client_assertion is too large")
         try:
-            unverified = jwt.decode(raw, options={"verify_signature": False})
-        except jwt.PyJWTError:
+            unverified = unverified_claims(raw, max_bytes=MAX_ASSERTION_BYTES)
+        except TokenRejected:
             raise InvalidClient("client_assertion is not a well-formed JWT") from None
         client_id = unverified.get("iss")
         if not isinstance(client_id, str) or not client_id:
@@ -282,8 +281,8 @@ class WorkloadActorResolver:
         if len(raw) > 16384:
             raise InvalidClient("actor_token is too large")
         try:
-            issuer = jwt.decode(raw, options={"verify_signature": False}).get("iss")
-        except jwt.PyJWTError:
+            issuer = unverified_claims(raw, max_bytes=16384).get("iss")
+        except TokenRejected:
             raise InvalidClient("actor_token is not a well-formed JWT") from None
         verifier = self._verifiers.get(issuer) if isinstance(issuer, str) else None
         if verifier is None:

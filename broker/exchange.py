@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import jwt
-
 from broker.audit import DecisionLog
 from broker.client_auth import AuthenticatedClient, WorkloadActorResolver
 from broker.clock import Clock
@@ -32,6 +30,7 @@ from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy
 from broker.tokens import BrokerTokenVerifier, TokenIssuer
 from broker.types import BrokerToken, Provenance, Sensitive, TokenType
 from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
+from idp_adapters.jwt_verify import unverified_claims
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 REPEATABLE_PARAMETERS = frozenset({"audience", "resource"})
@@ -76,14 +75,11 @@ class SubjectTokenVerifier:
                 reason="subject_token_too_large",
             )
         try:
-            issuer = jwt.decode(raw, options={"verify_signature": False}).get("iss")
-        except jwt.PyJWTError:
+            issuer = unverified_claims(raw, max_bytes=MAX_SUBJECT_TOKEN_BYTES).get("iss")
+        except TokenRejected as exc:
             raise InvalidGrant(
-                "subject_token is not a well-formed JWT", reason="subject_token_malformed"
-            ) from None
-        except (ValueError, TypeError):
-            raise InvalidGrant(
-                "subject_token is not a well-formed JWT", reason="subject_token_malformed"
+                f"subject_token is not a well-formed JWT: {exc.reason}",
+                reason="subject_token_malformed",
             ) from None
         try:
             if issuer == self._broker_issuer:

@@ -1,10 +1,11 @@
 """The one strict JWT verification routine (RFC 7519 / RFC 8725), shared by every JWT consumer:
 identity adapters, workload verifiers, and the broker (client assertions, its own tokens).
 
-Structure, header and time rules are enforced here; the signature is verified by PyJWT
-(`jwt.decode`) with a key chosen by a `SigningKeyResolver` from configured keys only. PyJWT's own
-claim checks are switched off because they read ``time.time()``; ``exp``/``nbf``/``iat``/``iss``/
-``aud`` are checked here against the injected `Clock`.
+Structure, header and time rules are enforced here; the signature is verified by PyJWT's algorithm
+implementation (`jwt.PyJWK.Algorithm.verify`, backed by `cryptography`) with a key chosen by a
+`SigningKeyResolver` from configured keys only. The compact serialization is parsed once, strictly
+(canonical base64url, no duplicate JSON members), and the same bytes are what the signature covers.
+``exp``/``nbf``/``iat``/``iss``/``aud`` are checked here against the injected `Clock`.
 
 Every refusal is a `TokenRejected` whose ``reason`` is fixed text: no part of the token (not even
 its ``kid`` or ``iss``) ever appears in a reason or a log line. Library messages go to ``debug``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,7 @@ from idp_adapters._json import StrictJsonError, loads_strict_object
 from idp_adapters.base import TokenRejected
 from idp_adapters.jwks import KEY_REQUIREMENTS, SigningKeyResolver
 
-_B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 IGNORED_KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
 """Header parameters that could point at or carry a key. Never consulted (RFC 8725 section 3.10)."""
@@ -54,7 +56,7 @@ def normalize_typ(value: str) -> str:
 
 def _b64url_decode(segment: str) -> bytes:
     """Strict base64url without padding (RFC 7515 section 2): canonical encodings only."""
-    if not segment or len(segment) % 4 == 1 or not set(segment) <= _B64URL_ALPHABET:
+    if len(segment) % 4 == 1 or _B64URL.fullmatch(segment) is None:
         raise ValueError("not base64url")
     try:
         data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
@@ -113,33 +115,31 @@ def _check_typ(header: Mapping[str, Any], allowed_typ: Collection[str | None] | 
         raise TokenRejected("token type header is not acceptable")
 
 
-def _verify_signature(token: str, key: jwt.PyJWK, alg: str) -> None:
-    options: dict[str, Any] = {
-        "verify_signature": True,
-        "verify_exp": False,
-        "verify_nbf": False,
-        "verify_iat": False,
-        "verify_aud": False,
-        "verify_iss": False,
-        "verify_sub": False,
-        "verify_jti": False,
-        "require": [],
-        "enforce_minimum_key_length": True,
-    }
+def _verify_signature(signing_input: bytes, signature: bytes, key: jwt.PyJWK, alg: str) -> None:
+    # The resolver binds each key to one algorithm; a key is never used with another one.
+    if key.algorithm_name != alg:
+        raise TokenRejected("token algorithm is not allowed", debug="key bound to another alg")
     try:
-        jwt.decode(token, key=key, algorithms=[alg], options=options)  # type: ignore[arg-type]
-    except jwt.InvalidSignatureError as exc:
-        raise TokenRejected("token signature is invalid", debug=str(exc)) from None
-    except jwt.InvalidAlgorithmError as exc:
-        raise TokenRejected("token algorithm is not allowed", debug=str(exc)) from None
-    except jwt.InvalidKeyError as exc:
-        raise TokenRejected("token signing key is unusable", debug=str(exc)) from None
-    except jwt.DecodeError as exc:
-        raise TokenRejected("token is malformed", debug=str(exc)) from None
-    except jwt.PyJWTError as exc:
-        raise TokenRejected("token is invalid", debug=f"{type(exc).__name__}: {exc}") from None
-    except (ValueError, TypeError) as exc:
-        raise TokenRejected("token is invalid", debug=f"{type(exc).__name__}") from None
+        valid = key.Algorithm.verify(signing_input, key.key, signature)
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise TokenRejected("token signature is invalid", debug=type(exc).__name__) from None
+    if not valid:
+        raise TokenRejected("token signature is invalid")
+
+
+def unverified_claims(token: str, *, max_bytes: int) -> dict[str, Any]:
+    """The payload of a compact JWS, parsed as strictly as `verify_jwt` parses it, NOT verified.
+
+    Only for routing (which issuer's keys to verify with); never trust what it returns.
+    """
+    if not isinstance(token, str) or len(token) > max_bytes:
+        raise TokenRejected("token is too large")
+    if not token.isascii():
+        raise TokenRejected("token is malformed", debug="non-ASCII characters")
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise TokenRejected("token is malformed", debug=f"{len(segments)} segments, expected 3")
+    return _decode_json_segment(segments[1], "payload")
 
 
 def _check_times(claims: Mapping[str, Any], now: float, leeway: int) -> None:
@@ -203,12 +203,12 @@ async def verify_jwt(
     if not signature_segment:
         raise TokenRejected("token is not signed")
     try:
-        _b64url_decode(signature_segment)
+        signature = _b64url_decode(signature_segment)
     except ValueError:
         raise TokenRejected("token signature is malformed") from None
 
     key = await keys.get_signing_key(kid, alg)
-    _verify_signature(token, key, alg)
+    _verify_signature(f"{header_segment}.{payload_segment}".encode(), signature, key, alg)
 
     for name in ("exp", *require):
         if name not in claims:
