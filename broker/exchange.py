@@ -148,7 +148,7 @@ def _token_type(form: OAuthForm, name: str, allowed: frozenset[TokenType]) -> To
     try:
         token_type = TokenType(value)
     except ValueError:
-        raise InvalidRequest(f"{name} {value[:100]!r} is not a known token type") from None
+        raise InvalidRequest(f"{name} is not a known token type") from None
     if token_type not in allowed:
         raise InvalidRequest(f"{name} {token_type} is not supported here")
     return token_type

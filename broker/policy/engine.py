@@ -166,6 +166,12 @@ class Decision:
         return str(self.reasons[0]) if self.reasons else str(Reason.GRANTED)
 
 
+def _shown(value: str, limit: int = 80) -> str:
+    """A caller-supplied value as it may appear in a description: quoted and length-capped, so an
+    error body can never carry back a long string (a token pasted into the wrong field)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit] + "...")
+
+
 def _may_act_for(agent: CompiledAgent, person: Person, roles: frozenset[str]) -> bool:
     if (person.idp, person.subject) in agent.act_for_people:
         return True
@@ -263,12 +269,12 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
             if audience not in agent.audiences:
                 return deny(
                     Reason.AUDIENCE_NOT_ALLOWED,
-                    f"audience {audience!r} is not allowed for agent {agent.name!r}",
+                    f"audience {_shown(audience)} is not allowed for agent {agent.name!r}",
                 )
             if parent is not None and audience not in parent.audiences:
                 return deny(
                     Reason.PARENT_LACKS_AUDIENCE,
-                    f"audience {audience!r} is not in the parent token's audience",
+                    f"audience {_shown(audience)} is not in the parent token's audience",
                 )
         audiences = tuple(dict.fromkeys(request.audiences))
     else:
@@ -286,7 +292,7 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
     granted = tuple(v.scope for v in verdicts if v.allowed)
     if explicit and denied:
         parts = [
-            f"{v.scope!r} ({'; '.join(_SCOPE_REASON_TEXT[r] for r in v.reasons)})"
+            f"{_shown(v.scope)} ({'; '.join(_SCOPE_REASON_TEXT[r] for r in v.reasons)})"
             for v in denied[:10]
         ]
         return deny(

@@ -725,3 +725,14 @@ def test_unknown_issuer_and_unexpected_tokens_fail_closed(
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_grant"
     assert "not a trusted identity provider" in response.json()["error_description"]
+
+
+def test_error_descriptions_never_echo_long_caller_values(
+    broker: RunningBroker, idp: DevIdentityProvider
+) -> None:
+    pasted = idp.mint("alice")  # a token pasted into the wrong parameter
+    for extra in ({"scope": pasted}, {"audience": pasted[:500]}, {"requested_token_type": pasted}):
+        response = _post(broker, exchange_form(idp.mint("alice")) | extra, triage())
+        assert response.status_code == 400, response.text
+        assert len(response.json()["error_description"]) < 300
+        assert pasted[:120] not in response.text
