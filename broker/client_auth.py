@@ -41,7 +41,7 @@ from idp_adapters.workload import WorkloadVerifier
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_BYTES = 8192
-ClientKind = Literal["agent", "resource_server"]
+ClientKind = Literal["agent", "resource_server", "gateway", "admin"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +120,12 @@ class ClientAuthenticator:
         server = policy.resource_servers.get(client_id)
         if server is not None:
             return "resource_server", server.authentication
+        gateway = policy.gateways.get(client_id)
+        if gateway is not None:
+            return "gateway", gateway.authentication
+        admin = policy.admins.get(client_id)
+        if admin is not None:
+            return "admin", admin.authentication
         return None
 
     async def authenticate(

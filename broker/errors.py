@@ -18,6 +18,9 @@ Hierarchy::
         ├── InvalidScope                 400 invalid_scope
         ├── InvalidTarget                400 invalid_target (RFC 8707 / RFC 8693)
         ├── AccessDenied                 403 access_denied
+        ├── InvalidToken                 401 invalid_token (RFC 6750, presented agent token)
+        ├── InsufficientScope            403 insufficient_scope (RFC 6750)
+        ├── NotFound                     404 not_found
         ├── TemporarilyUnavailable       503 temporarily_unavailable
         └── ServerError                  500 server_error
 """
@@ -108,6 +111,25 @@ class InvalidTarget(OAuthError):
 class AccessDenied(OAuthError):
     error = "access_denied"
     status_code = 403
+
+
+class InvalidToken(OAuthError):
+    error = "invalid_token"
+    status_code = 401
+
+    def __init__(self, description: str, **kwargs: object) -> None:
+        super().__init__(description, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("WWW-Authenticate", 'Bearer error="invalid_token"')
+
+
+class InsufficientScope(OAuthError):
+    error = "insufficient_scope"
+    status_code = 403
+
+
+class NotFound(OAuthError):
+    error = "not_found"
+    status_code = 404
 
 
 class TemporarilyUnavailable(OAuthError):

@@ -51,12 +51,17 @@ class Introspection:
     async def handle(
         self, form: OAuthForm, client: AuthenticatedClient, *, request_id: str
     ) -> dict[str, Any]:
-        if client.kind != "resource_server":
-            raise UnauthorizedClient("only registered resource servers may introspect tokens")
+        policy = self._policy()
+        server = policy.resource_servers.get(client.client_id) or policy.gateways.get(
+            client.client_id
+        )
+        if client.kind not in {"resource_server", "gateway"} or server is None:
+            raise UnauthorizedClient(
+                "only registered resource servers and gateways may introspect tokens"
+            )
         token = form.non_empty("token")
         if token is None:
             raise InvalidRequest("token is required")
-        server = self._policy().resource_servers[client.client_id]
         try:
             verified = await self._verifier.verify(token)
         except TokenRejected as exc:

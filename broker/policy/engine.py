@@ -15,7 +15,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from broker.policy.model import Agent, ResourceServer
+from broker.policy.model import Admin, Agent, Credential, Gateway, ResourceServer
 from broker.policy.permissions import EMPTY, PermissionSet, is_permission
 
 
@@ -84,6 +84,9 @@ class Policy:
     person_roles: Mapping[tuple[str, str], frozenset[str]]
     agents: Mapping[str, CompiledAgent]
     resource_servers: Mapping[str, ResourceServer]
+    gateways: Mapping[str, Gateway]
+    credentials: Mapping[str, Credential]
+    admins: Mapping[str, Admin]
     max_token_lifetime_seconds: int
     max_delegation_depth: int
     files: tuple[str, ...] = ()

@@ -98,7 +98,10 @@ def compute_version(files: list[tuple[str, bytes]]) -> str:
 
 
 def load_policy(
-    directory: Path, *, known_workload_issuers: Iterable[str] | None = None
+    directory: Path,
+    *,
+    known_workload_issuers: Iterable[str] | None = None,
+    known_secret_backends: Iterable[str] | None = None,
 ) -> LoadedPolicy:
     problems: list[str] = []
     documents: list[tuple[str, PolicyDocument]] = []
@@ -123,7 +126,7 @@ def load_policy(
 
     merged = _merge(documents, problems)
     policy, warnings = _compile(
-        merged, compute_version(raw_files), problems, known_workload_issuers
+        merged, compute_version(raw_files), problems, known_workload_issuers, known_secret_backends
     )
     if problems:
         raise PolicyError(problems)
@@ -137,16 +140,26 @@ class _Merged:
     person_bindings: list
     agents: dict
     resource_servers: dict
+    gateways: dict
+    credentials: dict
+    admins: dict
     limits: object
     origin: dict[str, str]
     files: list[str]
 
 
 def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> _Merged:
-    merged = _Merged({}, [], [], {}, {}, None, {}, [])
+    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, None, {}, [])
     for name, doc in documents:
         merged.files.append(name)
-        for section in ("roles", "agents", "resource_servers"):
+        for section in (
+            "roles",
+            "agents",
+            "resource_servers",
+            "gateways",
+            "credentials",
+            "admins",
+        ):
             target = getattr(merged, section)
             for key, value in getattr(doc, section).items():
                 where = f"{section}.{key}"
@@ -163,9 +176,14 @@ def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> 
             else:
                 merged.limits = doc.limits
                 merged.origin["limits"] = name
-    clash = set(merged.agents) & set(merged.resource_servers)
-    for key in sorted(clash):
-        problems.append(f"agents.{key}: the same client id is also a resource server")
+    clients: dict[str, str] = {}
+    for section in ("agents", "resource_servers", "gateways", "admins"):
+        for key in getattr(merged, section):
+            if key in clients:
+                problems.append(
+                    f"{section}.{key}: the same client id is already declared in {clients[key]}"
+                )
+            clients.setdefault(key, section)
     return merged
 
 
@@ -174,6 +192,7 @@ def _compile(
     version: str,
     problems: list[str],
     known_workload_issuers: Iterable[str] | None,
+    known_secret_backends: Iterable[str] | None = None,
 ) -> tuple[Policy, list[str]]:
     from broker.policy.model import Limits
 
@@ -265,6 +284,19 @@ def _compile(
         ):
             warnings.append(f"roles.{name}: no agent's ceiling admits any of its permissions")
 
+    backends = None if known_secret_backends is None else set(known_secret_backends)
+    for name, credential in merged.credentials.items():
+        where = f"{merged.origin[f'credentials.{name}']}: credentials.{name}"
+        if backends is not None and credential.backend not in backends:
+            warnings.append(f"{where}.backend: unknown secret backend {credential.backend!r}")
+        if not everything_granted.covers(credential.requires):
+            warnings.append(f"{where}.requires: {credential.requires!r} is granted by no role")
+    for name, gateway in merged.gateways.items():
+        where = f"{merged.origin[f'gateways.{name}']}: gateways.{name}"
+        for credential_name in gateway.credentials:
+            if credential_name not in merged.credentials:
+                problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
+
     limits = merged.limits if merged.limits is not None else Limits()
     policy = Policy(
         version=version,
@@ -273,6 +305,9 @@ def _compile(
         person_roles={k: frozenset(v) for k, v in person_roles.items()},
         agents=agents,
         resource_servers=dict(merged.resource_servers),
+        gateways=dict(merged.gateways),
+        credentials=dict(merged.credentials),
+        admins=dict(merged.admins),
         max_token_lifetime_seconds=limits.max_token_lifetime_seconds,  # type: ignore[attr-defined]
         max_delegation_depth=limits.max_delegation_depth,  # type: ignore[attr-defined]
         files=tuple(merged.files),

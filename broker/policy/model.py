@@ -170,6 +170,41 @@ class ResourceServer(_Strict):
     audiences: list[str] = Field(min_length=1, description="Tokens it may introspect.")
 
 
+class Credential(_Strict):
+    """A provider credential the broker serves to gateways, read from a configured secret
+    backend. An agent token unlocks it when its scope carries `requires`."""
+
+    description: str = ""
+    backend: Name = Field(description="Name of a configured secret backend.")
+    path: str = Field(min_length=1, description="Vault KV path / AWS secret name or ARN.")
+    field: str | None = Field(None, description="One field of a structured secret.")
+    stage: str | None = Field(None, description="AWS staging label (default AWSCURRENT).")
+    requires: Permission = Field(description="The permission an agent token must carry.")
+    refresh_interval_seconds: float = Field(300.0, gt=0, le=86400)
+    max_stale_seconds: float = Field(
+        3600.0, ge=0, le=7 * 86400, description="Serve the last good value this long in outages."
+    )
+    previous_version_grace_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="How long after a rotation ?version=previous may be served (0: never).",
+    )
+
+
+class Gateway(ResourceServer):
+    """A resource server that calls providers for agents and may receive `credentials`."""
+
+    credentials: list[Name] = Field(default_factory=list)
+
+
+class Admin(_Strict):
+    """An operator or automation allowed the admin API (e.g. push refresh from a rotation hook)."""
+
+    description: str = ""
+    authentication: ClientAuthentication
+
+
 class Limits(_Strict):
     max_token_lifetime_seconds: int = Field(3600, gt=0, le=86400)
     max_delegation_depth: int = Field(4, ge=1, le=16)
@@ -183,6 +218,9 @@ class PolicyDocument(_Strict):
     person_bindings: list[PersonBinding] = Field(default_factory=list)
     agents: dict[Name, Agent] = Field(default_factory=dict)
     resource_servers: dict[Name, ResourceServer] = Field(default_factory=dict)
+    gateways: dict[Name, Gateway] = Field(default_factory=dict)
+    credentials: dict[Name, Credential] = Field(default_factory=dict)
+    admins: dict[Name, Admin] = Field(default_factory=dict)
     limits: Limits | None = None
 
 

@@ -13,13 +13,24 @@ log = logging.getLogger("broker.policy")
 
 
 class PolicyStore:
-    def __init__(self, directory: Path, *, known_workload_issuers: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        known_workload_issuers: Iterable[str] = (),
+        known_secret_backends: Iterable[str] = (),
+    ) -> None:
         self._directory = directory
         self._known_workload_issuers = tuple(known_workload_issuers)
+        self._known_secret_backends = tuple(known_secret_backends)
         self._loaded: LoadedPolicy = self._load()  # raises PolicyError: no policy, no service
 
     def _load(self) -> LoadedPolicy:
-        loaded = load_policy(self._directory, known_workload_issuers=self._known_workload_issuers)
+        loaded = load_policy(
+            self._directory,
+            known_workload_issuers=self._known_workload_issuers,
+            known_secret_backends=self._known_secret_backends,
+        )
         for warning in loaded.warnings:
             log.warning("policy lint: %s", warning)
         return loaded

@@ -147,7 +147,9 @@ def test_agent_and_limits_defined_twice(tmp_path: Path) -> None:
 def test_agent_that_is_also_a_resource_server(tmp_path: Path) -> None:
     rs = f"resource_servers:\n  main:\n    {AUTH}\n    audiences: [api]\n"
     found = problems(tmp_path, good_files(**{"rs.yaml": rs}))
-    assert any("agents.main" in p and "resource server" in p for p in found)
+    assert any(
+        "resource_servers.main" in p and "already declared in agents" in p for p in found
+    )
 
 
 def test_unknown_roles_in_bindings_and_act_for(tmp_path: Path) -> None:
