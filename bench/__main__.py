@@ -10,10 +10,15 @@ from types import FrameType
 
 from bench import exchange
 
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+_NUMBERS: list[tuple[str, type, str | None, str]] = [
+    # (option = exchange.Options field, type, environment variable or None, help)
+    ("seconds", float, "BENCH_SECONDS", "measured seconds per target"),
+    ("warmup", float, "BENCH_WARMUP", "warm-up seconds per target, not measured"),
+    ("concurrency", int, None, "concurrent clients"),
+    ("processes", int, None, "load generator processes"),
+    ("workers", int, None, "broker uvicorn workers"),
+    ("rounds", int, None, "measure every target this many times"),
+]
 
 
 def _parse(argv: list[str] | None) -> exchange.Options:
@@ -23,51 +28,16 @@ def _parse(argv: list[str] | None) -> exchange.Options:
         description="Token exchange throughput/latency beside same-run baselines "
         "(broker /healthz, OpenBao JWT login).",
     )
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=_env_float("BENCH_SECONDS", defaults.seconds),
-        help="measured seconds per target (env BENCH_SECONDS; default %(default)s)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=_env_float("BENCH_WARMUP", defaults.warmup),
-        help="warm-up seconds per target, not measured (env BENCH_WARMUP; default %(default)s)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=defaults.concurrency,
-        help="concurrent clients (default %(default)s)",
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=defaults.processes,
-        help="load generator processes (default %(default)s)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=defaults.workers,
-        help="broker uvicorn workers (default %(default)s)",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=defaults.rounds,
-        help="measure every target this many times (default %(default)s)",
-    )
+    for name, kind, env, text in _NUMBERS:
+        default = getattr(defaults, name)
+        if env and os.environ.get(env):
+            default = kind(os.environ[env])
+        where = f"env {env}; " if env else ""
+        parser.add_argument(
+            f"--{name}", type=kind, default=default, help=f"{text} ({where}default %(default)s)"
+        )
     parser.add_argument(
         "--no-bao-audit", action="store_true", help="skip the OpenBao row with a file audit device"
-    )
-    parser.add_argument(
-        "--fixed-launch",
-        choices=["auto", "always", "never"],
-        default=defaults.fixed_launch,
-        help="also measure the broker started with TCP_NODELAY on accepted connections: "
-        "auto = when `broker serve` shows the delayed-ACK stall (default %(default)s)",
     )
     parser.add_argument(
         "--keep",
@@ -85,7 +55,6 @@ def _parse(argv: list[str] | None) -> exchange.Options:
         workers=args.workers,
         rounds=max(1, args.rounds),
         bao_audit=not args.no_bao_audit,
-        fixed_launch=args.fixed_launch,
         keep=args.keep,
     )
 

@@ -121,6 +121,22 @@ def _stop_process(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None
                 os.kill(pid, signal.SIGKILL)
 
 
+def _start(
+    command: list[str], *, env: dict[str, str], cwd: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """`command` in its own session (so `_stop_process` can find its children), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -180,32 +196,11 @@ def dev_issuer() -> Iterator[Issuer]:
 # -- the broker ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Broker:
-    url: str
-    port: int
-    pid: int
-    client_id: str
-    client_secret: str
-    log: Path
-    workers: int
-    fixed_launch: bool
-
-
-@contextlib.contextmanager
-def broker_server(
-    issuer: Issuer, workdir: Path, *, workers: int, fixed_launch: bool = False
-) -> Iterator[Broker]:
-    """``broker serve`` with `workers` uvicorn workers, trusting `issuer` as an ``oidc`` provider,
-    with the repository's example policies. Its output (decision records included) goes to a
-    file. `fixed_launch` starts it through `bench._fixed_launch` instead of ``broker serve``
-    (TCP_NODELAY on accepted connections with several workers)."""
-    workdir = workdir / ("broker-fixed-launch" if fixed_launch else "broker")
-    workdir.mkdir()
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}"
-    config: dict[str, Any] = {
-        "issuer": url,
+def broker_config(issuer: Issuer, broker_url: str, workdir: Path) -> dict[str, Any]:
+    """The broker's settings for the benchmarks: `issuer` trusted as an ``oidc`` provider, the
+    repository's example policies, signing keys under `workdir` (no ``http`` section)."""
+    return {
+        "issuer": broker_url,
         "policy_dir": str(REPO / "policies"),
         "signing_keys": {"directory": str(workdir / "keys")},
         "identity_providers": [
@@ -218,8 +213,30 @@ def broker_server(
                 "algorithms": ["RS256"],
             }
         ],
-        "http": {"host": LOOPBACK, "port": port, "workers": workers},
     }
+
+
+@dataclass(frozen=True)
+class Broker:
+    url: str
+    port: int
+    pid: int
+    client_id: str
+    client_secret: str
+    log: Path
+    workers: int
+
+
+@contextlib.contextmanager
+def broker_server(issuer: Issuer, workdir: Path, *, workers: int) -> Iterator[Broker]:
+    """``broker serve`` with `workers` uvicorn workers and `broker_config`. Its output (decision
+    records included) goes to a file."""
+    workdir = workdir / "broker"
+    workdir.mkdir()
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    config = broker_config(issuer, url, workdir)
+    config["http"] = {"host": LOOPBACK, "port": port, "workers": workers}
     config_file = workdir / "broker.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     secret = secrets.token_urlsafe(32)
@@ -227,28 +244,16 @@ def broker_server(
     env["TRIAGE_AGENT_SECRET"] = secret
     env["PYTHONUNBUFFERED"] = "1"
     script = _venv_script("broker")
-    if fixed_launch:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        command = [sys.executable, "-m", "bench._fixed_launch", "serve"]
-    elif script:
+    if script:
         command = [script, "serve"]
     else:
         command = [sys.executable, "-c", "from broker.cli import main; main()", "serve"]
     command += ["--config", str(config_file)]
     log = workdir / "broker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-            start_new_session=True,
-        )
+    proc = _start(command, env=env, cwd=workdir, log=log)
     try:
         _wait_http_ok(f"{url}/readyz", proc, log, "broker")
-        yield Broker(url, port, proc.pid, "triage-agent", secret, log, workers, fixed_launch)
+        yield Broker(url, port, proc.pid, "triage-agent", secret, log, workers)
     finally:
         _stop_process(proc)
 
@@ -314,16 +319,7 @@ def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Ite
             f'audit "file" "bench" {{\n  options {{\n    file_path = {audit_file}\n  }}\n}}\n'
         )
         command.append(f"-config={audit_config}")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-            start_new_session=True,
-        )
+    proc = _start(command, env=env, cwd=workdir, log=log)
     try:
         _wait_http_ok(f"{url}/v1/sys/health", proc, log, "OpenBao")
         role = "bench-person"

@@ -8,8 +8,11 @@ for the JWKS), then:
    (a minimal ASGI driver: no sockets, no uvicorn), so the difference is the exchange's own cost;
 2. runs the N exchanges under cProfile and prints the cumulative time of the steps of an
    exchange (per exchange) and the functions with the most own time;
-3. times the primitives the exchange is made of (RS256 verify, ES256 sign, PyJWT's wrappers
-   around them, the strict JSON parse, the decision record, the JSON response) with no profiler.
+3. times the primitives the exchange is made of, through the project's own functions where it
+   has them (the issuer peek, the signature check and the whole of ``verify_jwt``, the strict JSON
+   parse, the decision record; ES256 signing through PyJWT as ``TokenIssuer.issue`` does it, the
+   form parse, the JSON response) beside the bare ``cryptography`` calls, with no profiler. PyJWT's
+   ``jwt.decode``, which the broker no longer calls, is timed for comparison only.
 
 cProfile's overhead inflates pure-Python code relative to C (the crypto), so read (1) and (3) for
 absolute costs and (2) for the shape.
@@ -19,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import cProfile
-import json
 import logging
 import os
 import pstats
@@ -30,14 +31,14 @@ import secrets
 import tempfile
 import time
 import timeit
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from bench._report import table
-from bench._servers import REPO, dev_issuer
-from bench.exchange import AUDIENCE, GRANT_TYPE, ID_TOKEN_TYPE, PERSON, SCOPE
+from bench._servers import broker_config, dev_issuer
+from bench.exchange import AUDIENCE, PERSON, SCOPE, exchange_request
 
 Asgi = Callable[..., Awaitable[None]]
 
@@ -91,17 +92,15 @@ STEPS: list[tuple[str, str, str]] = [
     ("    client authentication (Basic)", "broker/client_auth.py", "authenticate"),
     ("    TokenExchangeGrant.handle", "broker/exchange.py", "handle"),
     ("      subject token verify (all)", "broker/exchange.py", "verify"),
-    ("        PyJWT decode (issuer peek + signature)", "jwt/api_jwt.py", "decode"),
-    ("        verify_jwt (strict parse + checks)", "idp_adapters/jwt_verify.py", "verify_jwt"),
-    (
-        "          _verify_signature (PyJWT decode)",
-        "idp_adapters/jwt_verify.py",
-        "_verify_signature",
-    ),
-    ("          RSA verify (PyJWT RSAAlgorithm)", "jwt/algorithms.py", "verify"),
+    ("        issuer peek (unverified_claims)", "idp_adapters/jwt_verify.py", "unverified_claims"),
+    ("        OIDC adapter authenticate", "idp_adapters/oidc.py", "authenticate"),
+    ("          verify_jwt (strict parse + checks)", "idp_adapters/jwt_verify.py", "verify_jwt"),
+    ("            _verify_signature", "idp_adapters/jwt_verify.py", "_verify_signature"),
+    ("              RSA verify (PyJWT RSAAlgorithm)", "jwt/algorithms.py", "verify"),
     ("      policy decide", "broker/policy/engine.py", "decide"),
     ("      TokenIssuer.issue (claims + sign)", "broker/tokens.py", "issue"),
-    ("        ES256 sign (PyJWT ECAlgorithm)", "jwt/algorithms.py", "sign"),
+    ("        jwt.encode (PyJWT)", "jwt/api_jwt.py", "encode"),
+    ("          ES256 sign (PyJWT ECAlgorithm)", "jwt/algorithms.py", "sign"),
     ("      DecisionLog.record", "broker/audit.py", "record"),
     ("  JSONResponse render", "starlette/responses.py", "render"),
     ("  response send path (Response.__call__)", "starlette/responses.py", "__call__"),
@@ -127,34 +126,49 @@ def _micro(label: str, fn: Callable[[], object], number: int) -> list[object]:
         return [label, f"n/a ({type(exc).__name__})"]
 
 
+def _run_sync(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (no I/O) to completion, without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("the coroutine suspended")
+
+
 def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any]) -> str:
     import jwt
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding
+    from starlette.responses import JSONResponse
+
+    from broker.app import _NO_STORE
+    from broker.clock import SystemClock
+    from broker.exchange import MAX_SUBJECT_TOKEN_BYTES
+    from broker.oauth_request import MAX_FIELDS
+    from broker.tokens import ACCESS_TOKEN_TYP
+    from idp_adapters.jwks import StaticJwks
+    from idp_adapters.jwt_verify import (
+        _b64url_decode,
+        _decode_json_segment,
+        _verify_signature,
+        unverified_claims,
+        verify_jwt,
+    )
 
     header_b64, payload_b64, sig_b64 = person_token.split(".")
     signing_input = f"{header_b64}.{payload_b64}".encode()
-    signature = base64.urlsafe_b64decode(sig_b64 + "=" * (-len(sig_b64) % 4))
-    pyjwk = jwt.PyJWK(dict(issuer_jwks["keys"][-1]))
+    signature = _b64url_decode(sig_b64)
+    claims = unverified_claims(person_token, max_bytes=MAX_SUBJECT_TOKEN_BYTES)
+    header = _decode_json_segment(header_b64, "header")
+    keys = StaticJwks(issuer_jwks)  # the key a resolver hands verify_jwt (cached PyJWK)
+    pyjwk = _run_sync(keys.get_signing_key(header.get("kid"), "RS256"))
     rsa_public = pyjwk.key
     services = broker_app.state.services
     key = services.keyring.active
     ec_private = key.private_key
-    claims = jwt.decode(person_token, options={"verify_signature": False})
-    options = {
-        "verify_signature": True,
-        "verify_exp": False,
-        "verify_nbf": False,
-        "verify_iat": False,
-        "verify_aud": False,
-        "verify_iss": False,
-        "verify_sub": False,
-        "verify_jti": False,
-        "require": [],
-    }
+    clock = SystemClock()
     record = {
-        "time": "2026-01-01T00:00:00.000+00:00",
-        "event": "token.exchange",
         "outcome": "granted",
         "reason": "granted",
         "granted_scopes": SCOPE.split(),
@@ -169,7 +183,23 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
         "idp": "dev",
         "agent_chain": ["triage-agent"],
     }
+    response_body = {"access_token": person_token, "token_type": "Bearer", "expires_in": 900}
+    response_headers = {**_NO_STORE, "X-Request-Id": secrets.token_hex(16)}
+    form_body = exchange_request("triage-agent", "secret", person_token)[1].decode()
     rows = [
+        _micro(
+            "issuer peek (jwt_verify.unverified_claims)",
+            lambda: unverified_claims(person_token, max_bytes=MAX_SUBJECT_TOKEN_BYTES),
+            5000,
+        ),
+        _micro(
+            "strict JSON parse of header + payload (jwt_verify)",
+            lambda: (
+                _decode_json_segment(header_b64, "header"),
+                _decode_json_segment(payload_b64, "payload"),
+            ),
+            5000,
+        ),
         _micro(
             "RS256 verify, cryptography directly",
             lambda: rsa_public.verify(
@@ -178,73 +208,73 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
             2000,
         ),
         _micro(
-            "RS256 verify via jwt.decode (PyJWT, as _verify_signature)",
-            lambda: jwt.decode(person_token, key=pyjwk, algorithms=["RS256"], options=options),
+            "RS256 verify as verify_jwt does (jwt_verify._verify_signature)",
+            lambda: _verify_signature(signing_input, signature, pyjwk, "RS256"),
             2000,
         ),
         _micro(
-            "jwt.decode without verification (issuer peek)",
+            "verify_jwt whole (parse + signature + claims; in-memory key)",
+            lambda: _run_sync(
+                verify_jwt(
+                    person_token,
+                    keys=keys,
+                    issuer=claims["iss"],
+                    audiences=None,
+                    algorithms=["RS256"],
+                    clock=clock,
+                    leeway=60,
+                    max_bytes=MAX_SUBJECT_TOKEN_BYTES,
+                    require=("exp", "iat", "iss"),
+                )
+            ),
+            2000,
+        ),
+        _micro(
+            "PyJWT jwt.decode with RS256 verify, for comparison",
+            lambda: jwt.decode(
+                person_token, key=pyjwk, algorithms=["RS256"], options={"verify_aud": False}
+            ),
+            2000,
+        ),
+        _micro(
+            "PyJWT jwt.decode unverified, for comparison",
             lambda: jwt.decode(person_token, options={"verify_signature": False}),
             5000,
         ),
-        _micro("jwt.PyJWK(jwk) construction (RSA)", lambda: jwt.PyJWK(dict(pyjwk._jwk_data)), 2000),
         _micro(
             "ES256 sign, cryptography directly",
             lambda: ec_private.sign(signing_input, ec.ECDSA(hashes.SHA256())),
             2000,
         ),
         _micro(
-            "ES256 sign via jwt.encode (PyJWT)",
-            lambda: jwt.encode(claims, ec_private, algorithm="ES256", headers={"kid": key.kid}),
+            "ES256 sign via jwt.encode (PyJWT, as TokenIssuer.issue)",
+            lambda: jwt.encode(
+                claims,
+                ec_private,
+                algorithm=key.algorithm,
+                headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYP},
+            ),
             2000,
         ),
         _micro(
-            "decision record json.dumps",
-            lambda: json.dumps(record, separators=(",", ":"), default=str),
+            "decision record (the app's DecisionLog.record, to its file)",
+            lambda: services.decisions.record("token.exchange", **record),
+            20000,
+        ),
+        _micro(
+            "JSONResponse(body, headers) construction",
+            lambda: JSONResponse(response_body, headers=response_headers),
+            20000,
+        ),
+        _micro(
+            "parse_qsl of the exchange form (as read_form)",
+            lambda: parse_qsl(
+                form_body, keep_blank_values=True, strict_parsing=True, max_num_fields=MAX_FIELDS
+            ),
             20000,
         ),
     ]
-    with contextlib.suppress(ImportError):
-        from idp_adapters.jwt_verify import _decode_json_segment
-
-        rows.append(
-            _micro(
-                "strict JSON parse of header + payload (jwt_verify)",
-                lambda: (
-                    _decode_json_segment(header_b64, "header"),
-                    _decode_json_segment(payload_b64, "payload"),
-                ),
-                5000,
-            )
-        )
-    with contextlib.suppress(ImportError):
-        from starlette.responses import JSONResponse
-
-        body = {"access_token": person_token, "token_type": "Bearer", "expires_in": 900}
-        rows.append(
-            _micro(
-                "JSONResponse(body, headers) construction",
-                lambda: JSONResponse(body, headers={"Cache-Control": "no-store"}),
-                20000,
-            )
-        )
-    form_body = _exchange_body(person_token).decode()
-    rows.append(_micro("parse_qsl of the exchange form", lambda: parse_qsl(form_body, True), 20000))
     return "Primitives (best of 5, no profiler):\n" + table(["primitive", "us/call"], rows)
-
-
-def _exchange_body(person_token: str) -> bytes:
-    from urllib.parse import urlencode
-
-    return urlencode(
-        {
-            "grant_type": GRANT_TYPE,
-            "subject_token": person_token,
-            "subject_token_type": ID_TOKEN_TYPE,
-            "scope": SCOPE,
-            "audience": AUDIENCE,
-        }
-    ).encode()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,22 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 else os.environ.pop("TRIAGE_AGENT_SECRET", None)
             )
         )
-        settings = load_settings(
-            None,
-            issuer="http://127.0.0.1:8080",
-            policy_dir=REPO / "policies",
-            signing_keys={"directory": workdir / "keys"},
-            identity_providers=[
-                {
-                    "name": "dev",
-                    "kind": "oidc",
-                    "issuer": issuer.url,
-                    "client_ids": [issuer.provider.client_id],
-                    "audiences": [issuer.provider.audience],
-                    "algorithms": ["RS256"],
-                }
-            ],
-        )
+        settings = load_settings(None, **broker_config(issuer, "http://127.0.0.1:8080", workdir))
         # Decision records go to a file, flushed per record, as under `broker serve` (whose
         # stdout/stderr the benchmark sends to a file), whichever sink the broker uses.
         records = stack.enter_context((workdir / "decisions.jsonl").open("w"))
@@ -295,12 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(records):
             app = create_app(settings)
         token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
-        basic = base64.b64encode(f"triage-agent:{secret}".encode())
-        headers = [
-            (b"authorization", b"Basic " + basic),
-            (b"content-type", b"application/x-www-form-urlencoded"),
-        ]
-        body = _exchange_body(token)
+        http_headers, body = exchange_request("triage-agent", secret, token)
+        headers = [(k.lower().encode(), v.encode()) for k, v in http_headers.items()]
         n = args.requests
 
         async def exchanges(count: int) -> None:
