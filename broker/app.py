@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.audit import DecisionLog, DecisionSink, StreamSink
+from broker.cache import CredentialCache
 from broker.client_auth import ClientAuthenticator, WorkloadActorResolver
 from broker.clock import Clock, SystemClock
+from broker.credentials import CredentialService, record_cache_event
 from broker.errors import (
     InvalidClient,
     InvalidRequest,
@@ -37,12 +39,13 @@ from broker.exchange import (
     TokenExchangeGrant,
 )
 from broker.introspection import Introspection
-from broker.oauth_request import read_form
+from broker.oauth_request import read_form, read_form_or_json
 from broker.policy.store import PolicyStore
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
 from broker.state import InMemoryStateStore, StateStore
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
 from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
+from secret_backends.registry import build_secret_backends
 
 log = logging.getLogger("broker.http")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -61,6 +64,8 @@ class BrokerServices:
     exchange: TokenExchangeGrant
     introspection: Introspection
     decisions: DecisionLog
+    credentials: CredentialService
+    cache: CredentialCache
 
 
 def build_services(
@@ -74,8 +79,9 @@ def build_services(
     clock = clock or SystemClock()
     if settings.uses_development_components and not settings.allow_development_components:
         raise ValueError(
-            "the development identity provider (kind: dev) is configured but "
-            "allow_development_components is false; it must never run in production"
+            "a development component (an identity provider of kind dev or a secret backend of "
+            "kind file) is configured but allow_development_components is false; development "
+            "components must never run in production"
         )
     http = http or httpx.AsyncClient(timeout=5.0, follow_redirects=False)
     tokens = settings.tokens
@@ -87,7 +93,9 @@ def build_services(
         generate_if_missing=settings.signing_keys.generate_if_missing,
     )
     policies = PolicyStore(
-        settings.policy_dir, known_workload_issuers=[w.name for w in settings.workload_issuers]
+        settings.policy_dir,
+        known_workload_issuers=[w.name for w in settings.workload_issuers],
+        known_secret_backends=[b.name for b in settings.secret_backends],
     )
     state = state or InMemoryStateStore(clock)
     decisions = DecisionLog(
@@ -128,8 +136,34 @@ def build_services(
     introspection = Introspection(
         verifier=broker_tokens, policy=policies.current, decisions=decisions
     )
+    backends = build_secret_backends(
+        settings.secret_backends, allow_development=settings.allow_development_components
+    )
+    cache = CredentialCache(
+        backends,
+        clock,
+        max_entries=settings.credential_cache_max_entries,
+        on_event=lambda event: record_cache_event(decisions, event),
+    )
+    credentials = CredentialService(
+        verifier=broker_tokens,
+        policy=policies.current,
+        cache=cache,
+        decisions=decisions,
+        clock=clock,
+    )
     return BrokerServices(
-        settings, clock, http, keyring, policies, clients, exchange, introspection, decisions
+        settings=settings,
+        clock=clock,
+        http=http,
+        keyring=keyring,
+        policies=policies,
+        clients=clients,
+        exchange=exchange,
+        introspection=introspection,
+        decisions=decisions,
+        credentials=credentials,
+        cache=cache,
     )
 
 
@@ -173,6 +207,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        await services.cache.close()
         await services.http.aclose()
 
     app = FastAPI(
@@ -259,7 +294,37 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    async def fetch_credential(request: Request) -> JSONResponse:
+        request_id = _request_id(request)
+        try:
+            form = await read_form_or_json(request, max_bytes=max_body)
+            client = await services.clients.authenticate(request.headers, form)
+            body = await services.credentials.fetch(
+                request.path_params["name"],
+                form,
+                client,
+                version=request.query_params.get("version"),
+                request_id=request_id,
+            )
+        except OAuthError as err:
+            return _error_response(err, settings, request_id)
+        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+
+    async def refresh_credential(request: Request) -> JSONResponse:
+        request_id = _request_id(request)
+        try:
+            form = await read_form_or_json(request, max_bytes=max_body)
+            client = await services.clients.authenticate(request.headers, form)
+            body = await services.credentials.refresh(
+                request.path_params["name"], client, request_id=request_id
+            )
+        except OAuthError as err:
+            return _error_response(err, settings, request_id)
+        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+
     app.add_route("/oauth2/token", token, methods=["POST"])
+    app.add_route("/v1/credentials/{name}", fetch_credential, methods=["POST"])
+    app.add_route("/v1/admin/credentials/{name}/refresh", refresh_credential, methods=["POST"])
     app.add_route("/oauth2/introspect", introspect, methods=["POST"])
     app.add_route("/.well-known/oauth-authorization-server", server_metadata, methods=["GET"])
     app.add_route("/.well-known/jwks.json", jwks, methods=["GET"])

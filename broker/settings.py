@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -22,24 +21,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from broker.urls import require_https_unless_loopback
+from secret_backends.config import SecretBackendConfig
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 SUPPORTED_JWS_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 
 Preset = Literal["generic", "okta", "entra", "auth0", "keycloak", "google"]
-
-
-def is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host in {"127.0.0.1", "localhost", "::1"}
-
-
-def require_https_unless_loopback(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_url(url)):
-        return url
-    raise ValueError(f"{url!r} must use https (plain http is allowed only on loopback)")
 
 
 class _Strict(BaseModel):
@@ -133,6 +123,11 @@ class DevIdpConfig(_Strict):
     )
 
 
+class DevOpenBaoConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8200, ge=1, le=65535)
+
+
 class BrokerSettings(BaseSettings):
     """Everything `broker serve` needs. See README, "Configuration reference"."""
 
@@ -149,11 +144,16 @@ class BrokerSettings(BaseSettings):
     tokens: TokenLifetimes = TokenLifetimes()
     identity_providers: list[IdentityProviderConfig] = Field(default_factory=list)
     workload_issuers: list[IdentityProviderConfig] = Field(default_factory=list)
+    secret_backends: list[SecretBackendConfig] = Field(
+        default_factory=list, description="Where provider credentials are read from."
+    )
+    credential_cache_max_entries: int = Field(1024, ge=1)
     http: HttpConfig = HttpConfig()
     allow_development_components: bool = Field(
         False, description="Permit the development IdP (kind: dev). Never in production."
     )
     dev_idp: DevIdpConfig = DevIdpConfig()
+    dev_openbao: DevOpenBaoConfig = DevOpenBaoConfig()
     expose_error_debug: bool = Field(False, description="Add private error detail to responses.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -168,6 +168,9 @@ class BrokerSettings(BaseSettings):
         names = [p.name for p in (*self.identity_providers, *self.workload_issuers)]
         if len(names) != len(set(names)):
             raise ValueError("identity provider and workload issuer names must be unique")
+        backends = [b.name for b in self.secret_backends]
+        if len(backends) != len(set(backends)):
+            raise ValueError("secret backend names must be unique")
         issuers = [p.issuer for p in self.identity_providers]
         if len(issuers) != len(set(issuers)):
             raise ValueError("two identity providers share an issuer")
@@ -185,7 +188,9 @@ class BrokerSettings(BaseSettings):
 
     @property
     def uses_development_components(self) -> bool:
-        return any(p.kind == "dev" for p in self.identity_providers)
+        return any(p.kind == "dev" for p in self.identity_providers) or any(
+            b.kind == "file" for b in self.secret_backends
+        )
 
     @property
     def token_endpoint(self) -> str:

@@ -7,7 +7,8 @@ the errors below, whose messages never contain a secret value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
@@ -100,3 +101,17 @@ class SecretBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def quiet_sdk_loggers(names: Iterable[str]) -> None:
+    """Raise the named SDK loggers to WARNING (never lower them).
+
+    SDKs log request and response bodies at DEBUG (botocore logs every response body, which for
+    Secrets Manager holds the secret). Backends call this at construction so that turning on
+    DEBUG for the root logger, or for these loggers before the backend exists, cannot put secret
+    values into logs. Setting one of them back to DEBUG afterwards defeats this: don't.
+    """
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)

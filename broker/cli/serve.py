@@ -56,8 +56,9 @@ def serve(
     settings = _load(config)
     if settings.uses_development_components and not settings.allow_development_components:
         typer.echo(
-            "error: the development identity provider (kind: dev) is configured; `broker serve` "
-            "refuses it unless allow_development_components is true. Use `broker dev` locally.",
+            "error: a development component is configured (an identity provider of kind dev or "
+            "a secret backend of kind file); `broker serve` refuses it unless "
+            "allow_development_components is true. Use `broker dev` locally.",
             err=True,
         )
         raise typer.Exit(1)
@@ -104,9 +105,13 @@ def _dev_client_secrets(policy_dir: Path, store: Path) -> dict[str, str]:
 
     policy = load_policy(policy_dir).policy
     refs = set()
-    for auth in [a.spec.authentication for a in policy.agents.values()] + [
-        r.authentication for r in policy.resource_servers.values()
-    ]:
+    clients = [
+        *(a.spec.authentication for a in policy.agents.values()),
+        *(r.authentication for r in policy.resource_servers.values()),
+        *(g.authentication for g in policy.gateways.values()),
+        *(a.authentication for a in policy.admins.values()),
+    ]
+    for auth in clients:
         ref = getattr(auth, "secret_ref", None)
         if ref and ref.startswith("env:"):
             refs.add(ref[4:])
@@ -126,6 +131,7 @@ WALKTHROUGH = """
 ==============================================================================
  broker:          {issuer}       (metadata: {issuer}/.well-known/oauth-authorization-server)
  dev IdP:         {idp}   (DEVELOPMENT ONLY; people: {people})
+ dev OpenBao:     {bao}   (DEVELOPMENT ONLY; in memory, seeded with demo provider keys)
  policies:        {policy_dir}  (version {version})
  client secrets:  {secrets_file}
 
@@ -167,6 +173,24 @@ WALKTHROUGH = """
     {broker_cmd} policy explain --person dev/alice --group support \\
       --agent triage-agent --scope tickets:write
 
+ 6. The LLM gateway fetches the provider key for one call of the agent (the agent never sees it):
+
+    LLM_TOKEN=$(curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \\
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \\
+      -d subject_token="$PERSON_TOKEN" \\
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \\
+      -d scope=llm:openai:chat -d audience=llm-gateway \\
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
+    curl -s -u llm-gateway:{gateway_secret} -X POST {issuer}/v1/credentials/openai-api-key \\
+      -d token="$LLM_TOKEN"
+
+ 7. Rotate the key in OpenBao ({bao}) and push a refresh, as a rotation hook would;
+    fetch again (step 6's curl) and see version 2. Without the push it arrives within 60 s.
+
+    BAO_ADDR={bao} BAO_TOKEN={bao_token} {bao_cmd} kv put secret/llm/openai api_key=sk-rotated-demo
+    curl -s -u rotation-hook:{hook_secret} -X POST \\
+      {issuer}/v1/admin/credentials/openai-api-key/refresh
+
  Decision records are printed below as JSON lines. Ctrl-C stops everything.
 ==============================================================================
 """
@@ -185,6 +209,7 @@ def dev(
 
     from broker.app import build_services, create_app
     from broker.audit import StreamSink
+    from broker.cli.dev_openbao import start_dev_openbao
     from idp_adapters._loopback import serve_in_thread
     from idp_adapters.dev import DevIdentityProvider, load_dev_people
 
@@ -198,9 +223,17 @@ def dev(
         "audiences": ["broker"],
         "algorithms": ["RS256"],
     }
+    bao_url = f"http://{base.dev_openbao.host}:{base.dev_openbao.port}"
+    dev_vault_config = {
+        "name": "vault",
+        "kind": "vault",
+        "address": bao_url,
+        "auth": {"method": "token", "token_ref": "env:BROKER_DEV_OPENBAO_TOKEN"},
+    }
     settings = _load(
         config,
         identity_providers=[dev_idp_config, *[p.model_dump() for p in base.identity_providers]],
+        secret_backends=[dev_vault_config, *[b.model_dump() for b in base.secret_backends]],
         allow_development_components=True,
         signing_keys={**base.signing_keys.model_dump(), "directory": state_dir / "keys"},
     )
@@ -214,6 +247,10 @@ def dev(
 
     people = load_dev_people(settings.dev_idp.people_file)
     provider = DevIdentityProvider(idp_url, people)
+    openbao = start_dev_openbao(settings.dev_openbao.host, settings.dev_openbao.port)
+    os.environ["BROKER_DEV_OPENBAO_TOKEN"] = openbao.root_token
+    openbao.kv_put("llm/openai", {"api_key": "sk-demo-openai-" + secrets.token_hex(8)})
+    openbao.kv_put("llm/anthropic", {"api_key": "sk-ant-demo-" + secrets.token_hex(8)})
     idp_server = serve_in_thread(provider.asgi_app(), settings.dev_idp.host, settings.dev_idp.port)
     try:
         logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
@@ -228,6 +265,11 @@ def dev(
                 secrets_file=secrets_file,
                 triage_secret=client_secrets.get("TRIAGE_AGENT_SECRET", "<secret>"),
                 summariser_secret=client_secrets.get("SUMMARISER_AGENT_SECRET", "<secret>"),
+                gateway_secret=client_secrets.get("LLM_GATEWAY_SECRET", "<secret>"),
+                hook_secret=client_secrets.get("ROTATION_HOOK_SECRET", "<secret>"),
+                bao=bao_url,
+                bao_token=openbao.root_token,
+                bao_cmd=".venv/bin/bao",
                 broker_cmd=".venv/bin/broker",
             )
         )
@@ -241,3 +283,4 @@ def dev(
         )
     finally:
         idp_server.stop()
+        openbao.stop()

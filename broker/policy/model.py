@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from broker.policy.permissions import is_pattern, is_permission
-from broker.settings import NAME_PATTERN, require_https_unless_loopback
+from broker.settings import NAME_PATTERN
+from broker.urls import require_https_unless_loopback
 
 _SELECTOR_RE = re.compile(
     r"^(group|person):([a-z0-9][a-z0-9_-]*)/(.+)$|^role:([a-z0-9][a-z0-9_.-]*)$"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 @pytest.fixture
 def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
-    port, idp_port = _free_port(), _free_port()
+    port, idp_port, bao_port = _free_port(), _free_port(), _free_port()
     config = tmp_path / "broker.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -54,6 +55,7 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
                 "policy_dir": str(REPO / "policies"),
                 "http": {"port": port},
                 "dev_idp": {"port": idp_port},
+                "dev_openbao": {"port": bao_port},
             }
         )
     )
@@ -115,6 +117,40 @@ def test_dev_walkthrough_runs_as_printed(dev_process: tuple[str, str, Path, Path
     )
     assert child.status_code == 200, child.text
 
+    # step 6: the gateway fetches the provider key for the agent's call
+    llm_token = httpx.post(
+        f"{url}/oauth2/token",
+        auth=triage,
+        data={
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": person,
+            "subject_token_type": ID_TOKEN,
+            "scope": "llm:openai:chat",
+            "audience": "llm-gateway",
+        },
+    ).json()["access_token"]
+    gateway = ("llm-gateway", secrets["LLM_GATEWAY_SECRET"])
+    fetch_url = f"{url}/v1/credentials/openai-api-key"
+    first = httpx.post(fetch_url, auth=gateway, data={"token": llm_token})
+    assert first.status_code == 200, first.text
+    assert first.json()["value"].startswith("sk-demo-openai-")
+    assert first.json()["served_for"]["sub"] == "dev/alice"
+
+    # step 7: rotate in OpenBao, push the refresh, see the new version
+    bao_token = re.search(r"BAO_TOKEN=(\S+)", walkthrough).group(1)  # type: ignore[union-attr]
+    bao_addr = re.search(r"BAO_ADDR=(\S+)", walkthrough).group(1)  # type: ignore[union-attr]
+    httpx.post(
+        f"{bao_addr}/v1/secret/data/llm/openai",
+        headers={"X-Vault-Token": bao_token},
+        json={"data": {"api_key": "sk-rotated-demo"}},
+    ).raise_for_status()
+    hook = ("rotation-hook", secrets["ROTATION_HOOK_SECRET"])
+    pushed = httpx.post(f"{url}/v1/admin/credentials/openai-api-key/refresh", auth=hook)
+    assert pushed.status_code == 200, pushed.text
+    second = httpx.post(fetch_url, auth=gateway, data={"token": llm_token}).json()
+    assert second["value"] == "sk-rotated-demo"
+    assert int(second["version"]) == int(first.json()["version"]) + 1
+
     decoded = subprocess.run(
         [BROKER, "token", "decode", agent_token], capture_output=True, text=True, check=True
     )
@@ -154,6 +190,7 @@ def test_serve_refuses_the_development_idp(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "refuses" in result.stderr and "allow_development_components" in result.stderr
+    assert "kind dev" in result.stderr
     assert "Traceback" not in result.stderr
 
 

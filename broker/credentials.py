@@ -1,0 +1,273 @@
+"""Serving provider credentials to gateways: `POST /v1/credentials/{name}`.
+
+A registered gateway presents the agent token it received. The broker verifies the token with its
+own keys, checks it is addressed to this gateway, that its scope carries the permission the
+credential requires and that the gateway may receive the credential, then serves the value from the
+credential cache. Every fetch, granted or denied, is one decision record without the value.
+
+Status codes: 401 for a bad gateway or agent token, 403 with the missing permission named (or a
+credential this gateway may not receive: the same answer whether or not it exists), 404 only for a
+credential the gateway may know exists, 503 when the backend cannot serve it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from broker.audit import DecisionLog
+from broker.cache import (
+    CacheEvent,
+    CachePolicy,
+    CredentialCache,
+    CredentialUnavailable,
+    VersionUnavailable,
+)
+from broker.client_auth import AuthenticatedClient
+from broker.clock import Clock
+from broker.errors import (
+    AccessDenied,
+    InsufficientScope,
+    InvalidClient,
+    InvalidRequest,
+    InvalidToken,
+    NotFound,
+    OAuthError,
+    TemporarilyUnavailable,
+)
+from broker.oauth_request import OAuthForm
+from broker.policy import Policy
+from broker.policy.model import Credential
+from broker.tokens import BrokerTokenVerifier
+from idp_adapters.base import TokenRejected
+from secret_backends.base import SecretRef
+
+VersionChoice = Literal["current", "previous"]
+
+
+def secret_ref(credential: Credential) -> SecretRef:
+    return SecretRef(
+        backend=credential.backend,
+        path=credential.path,
+        field=credential.field,
+        stage=credential.stage,
+    )
+
+
+def cache_policy(credential: Credential) -> CachePolicy:
+    return CachePolicy(
+        refresh_interval=credential.refresh_interval_seconds,
+        jitter=0.1,
+        max_stale=credential.max_stale_seconds,
+        previous_grace=credential.previous_version_grace_seconds,
+    )
+
+
+class CredentialService:
+    def __init__(
+        self,
+        *,
+        verifier: BrokerTokenVerifier,
+        policy: Callable[[], Policy],
+        cache: CredentialCache,
+        decisions: DecisionLog,
+        clock: Clock,
+    ) -> None:
+        self._verifier = verifier
+        self._policy = policy
+        self._cache = cache
+        self._decisions = decisions
+        self._clock = clock
+        # (policy version, credential name) -> (SecretRef, CachePolicy): built once per policy
+        # version, so the hot path looks up the cache with the very same key objects.
+        self._plans: dict[tuple[str, str], tuple[SecretRef, CachePolicy]] = {}
+
+    def _plan(
+        self, policy: Policy, name: str, credential: Credential
+    ) -> tuple[SecretRef, CachePolicy]:
+        key = (policy.version, name)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 4 * max(len(policy.credentials), 1):
+                self._plans.clear()  # older policy versions
+            plan = self._plans[key] = (secret_ref(credential), cache_policy(credential))
+        return plan
+
+    async def fetch(
+        self,
+        name: str,
+        form: OAuthForm,
+        gateway: AuthenticatedClient | None,
+        *,
+        version: str | None,
+        request_id: str,
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {"request_id": request_id, "credential": name}
+        try:
+            return await self._fetch(name, form, gateway, version, record)
+        except OAuthError as err:
+            self._decisions.record(
+                "credential.fetch",
+                outcome="denied",
+                error=err.error,
+                reason=err.reason,
+                description=err.description,
+                **record,
+            )
+            raise
+
+    async def _fetch(
+        self,
+        name: str,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        version: str | None,
+        record: dict[str, Any],
+    ) -> dict[str, Any]:
+        policy = self._policy()
+        record["policy_version"] = policy.version
+        if client is None:
+            raise InvalidClient("gateway authentication is required")
+        record["gateway"] = client.client_id
+        gateway = policy.gateways.get(client.client_id)
+        if client.kind != "gateway" or gateway is None:
+            raise InvalidClient(
+                "only registered gateways may fetch credentials", reason="not_a_gateway"
+            )
+        which: VersionChoice = "current"
+        if version not in (None, "", "current"):
+            if version != "previous":
+                raise InvalidRequest("version must be 'current' or 'previous'")
+            which = "previous"
+
+        token = form.non_empty("token")
+        if token is None:
+            raise InvalidRequest("token (the agent token) is required")
+        try:
+            agent_token = await self._verifier.verify(token)
+        except TokenRejected as exc:
+            raise InvalidToken(
+                f"agent token rejected: {exc.reason}",
+                debug=exc.debug,
+                reason="agent_token_rejected",
+            ) from None
+        record.update(
+            person=agent_token.subject,
+            agent_chain=list(agent_token.actor_chain),
+            jti=agent_token.jti,
+            token_policy_version=agent_token.policy_version,
+        )
+        if not set(gateway.audiences).intersection(agent_token.audiences):
+            raise InvalidToken(
+                "the agent token is not addressed to this gateway", reason="audience_mismatch"
+            )
+
+        credential = policy.credentials.get(name)
+        if credential is None or name not in gateway.credentials:
+            raise AccessDenied(
+                f"gateway {client.client_id!r} may not receive credential {name[:64]!r}",
+                reason="gateway_not_allowed",
+            )
+        if credential.requires not in agent_token.scopes:
+            raise InsufficientScope(
+                f"the agent token lacks the permission {credential.requires!r} that credential "
+                f"{name!r} requires",
+                reason="missing_permission",
+            )
+        if which == "previous" and credential.previous_version_grace_seconds <= 0:
+            raise AccessDenied(
+                f"the policy does not allow the previous version of {name!r}",
+                reason="previous_not_allowed",
+            )
+
+        ref, plan = self._plan(policy, name, credential)
+        try:
+            cached = await self._cache.get_version(ref, plan, which)
+        except CredentialUnavailable as exc:
+            if exc.condition == "not_found" or isinstance(exc, VersionUnavailable):
+                raise NotFound(
+                    f"credential {name!r}: {exc.message}", reason=f"credential_{exc.condition}"
+                ) from None
+            raise TemporarilyUnavailable(
+                f"credential {name!r} is unavailable: backend {credential.backend!r} is "
+                f"{exc.condition}",
+                reason=f"backend_{exc.condition}",
+                headers={"Retry-After": "1"},
+            ) from None
+
+        secret = cached.secret
+        record.update(version=secret.version_id, stage=secret.stage, stale=cached.stale or None)
+        self._decisions.record("credential.fetch", outcome="granted", reason="granted", **record)
+        response: dict[str, Any] = {
+            "credential": name,
+            "version": secret.version_id,
+            "stage": secret.stage,
+            "refresh_in": round(cached.refresh_in(self._clock.now()), 3),
+            "stale": cached.stale,
+            "served_for": {
+                "sub": agent_token.subject,
+                "act": agent_token.claims.get("act"),
+                "client_id": agent_token.client_id,
+            },
+        }
+        if credential.field is not None or set(secret.fields) == {"value"}:
+            response["value"] = secret.value.reveal()
+        else:
+            response["fields"] = {k: v.reveal() for k, v in secret.fields.items()}
+        if secret.expires_at is not None:
+            response["expires_at"] = int(secret.expires_at)
+        return response
+
+    async def refresh(
+        self, name: str, admin: AuthenticatedClient | None, *, request_id: str
+    ) -> dict[str, Any]:
+        """Push refresh: the next read sees the store's current version at once."""
+        policy = self._policy()
+        if admin is None or admin.kind != "admin":
+            raise InvalidClient("admin authentication is required")
+        credential = policy.credentials.get(name)
+        if credential is None:
+            raise NotFound(f"no credential named {name[:64]!r}")
+        ref, plan = self._plan(policy, name, credential)
+        try:
+            cached = await self._cache.refresh_now(ref, plan)
+        except CredentialUnavailable as exc:
+            self._decisions.record(
+                "credential.refresh",
+                outcome="failed",
+                credential=name,
+                admin=admin.client_id,
+                condition=exc.condition,
+                request_id=request_id,
+                policy_version=policy.version,
+            )
+            raise TemporarilyUnavailable(
+                f"credential {name!r} could not be refreshed: backend is {exc.condition}"
+            ) from None
+        self._decisions.record(
+            "credential.refresh",
+            outcome="refreshed",
+            credential=name,
+            admin=admin.client_id,
+            version=cached.secret.version_id,
+            request_id=request_id,
+            policy_version=policy.version,
+        )
+        return {
+            "credential": name,
+            "version": cached.secret.version_id,
+            "refresh_in": round(cached.refresh_in(self._clock.now()), 3),
+        }
+
+
+def record_cache_event(decisions: DecisionLog, event: CacheEvent) -> None:
+    """Cache observations (rotations, failed refreshes) become decision records."""
+    decisions.record(
+        event.kind,
+        backend=event.ref.backend,
+        path=event.ref.path,
+        old_version=event.old_version,
+        new_version=event.new_version,
+        condition=event.condition,
+        observed_at=event.observed_at,
+    )

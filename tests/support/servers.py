@@ -1,0 +1,352 @@
+"""Real secret-store servers for tests: OpenBao in dev mode, and moto's Secrets Manager.
+
+```python
+with run_openbao() as bao:           # bao.address, bao.root_token, bao.client() (hvac)
+    bao.add_seeder(seed)             # seed(bao) now, and again after every restart
+    bao.stop(); bao.start()          # an outage; same port, same root token
+
+with run_moto() as moto:             # moto.endpoint_url, moto.client() (boto3)
+    monkeypatch_env(moto.credentials_env)  # dummy keys for the standard AWS chain
+    ...
+```
+
+Both servers keep their state **in memory only**: after `stop()` + `start()` everything written
+is gone (OpenBao dev mode comes back with an empty ``secret/`` KV v2 mount and the same root
+token; moto with no secrets). Register seeders with `add_seeder` so they are re-applied on
+every start. Binaries are found next to `sys.executable` (the virtualenv's ``bin``); failing
+to start raises `ServerStartError` with the end of the server's log, never skips.
+
+OpenBao writes a file audit log (`OpenBaoServer.audit_log_path`); `request_paths()` lists the
+API paths it served, so tests can count data reads against metadata reads. PostgreSQL-backed
+dynamic secrets: `enable_postgres_database_engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+import hvac
+
+BIN_DIR = Path(sys.executable).parent
+LOOPBACK = "127.0.0.1"
+POSTGRES_URL = "postgresql://{{username}}:{{password}}@127.0.0.1:5432/test?sslmode=disable"
+
+
+class ServerStartError(RuntimeError):
+    """A test server could not be started (the message ends with its log)."""
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _binary(name: str) -> Path:
+    path = BIN_DIR / name
+    if not path.is_file():
+        raise ServerStartError(f"{path} does not exist (is the virtualenv complete?)")
+    return path
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return "(no log)"
+
+
+def _http_status(url: str, *, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=1.0) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, urllib.error.URLError):
+        return 0
+
+
+class _Process:
+    """One server process: started in its own session, output to a log file."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        if self.running:
+            raise ServerStartError(f"{self.name} is already running")
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running:
+                self.terminate()
+                raise ServerStartError(
+                    f"{self.name} exited while starting; log:\n{_tail(self.log_path)}"
+                )
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                self.terminate()
+                raise ServerStartError(
+                    f"{self.name} not ready within {timeout}s; log:\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.05)
+
+    def terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    prefixes = ("VAULT_", "BAO_", "AWS_", "MOTO_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+class OpenBaoServer:
+    """``bao server -dev`` on a loopback port; see the module docstring."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_loopback_port()
+        self.root_token = "root-" + secrets.token_hex(16)
+        self.audit_log_path = workdir / "audit.log"
+        self._config_path = workdir / "server.hcl"
+        self._config_path.write_text(
+            'audit "file" "file" {\n'
+            f"  options {{\n    file_path = {json.dumps(str(self.audit_log_path))}\n  }}\n"
+            "}\n"
+        )
+        (workdir / "home").mkdir(exist_ok=True)
+        self._process = _Process(f"openbao on port {self.port}", workdir / "server.log")
+        self._seeders: list[Callable[[OpenBaoServer], None]] = []
+
+    @property
+    def address(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def client(self, token: str | None = None) -> hvac.Client:
+        """An hvac client for this server (root token by default)."""
+        return hvac.Client(url=self.address, token=token or self.root_token, timeout=5)
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start (or restart, on the same port) and re-apply the seeders."""
+        argv = [
+            str(_binary("bao")),
+            "server",
+            "-dev",
+            f"-dev-root-token-id={self.root_token}",
+            f"-dev-listen-address={LOOPBACK}:{self.port}",
+            f"-config={self._config_path}",
+        ]
+        self._process.spawn(argv, _clean_env(HOME=str(self.workdir / "home")))
+        headers = {"X-Vault-Token": self.root_token}
+        self._process.wait_until(
+            lambda: (
+                _http_status(f"{self.address}/v1/sys/health") == 200
+                and _http_status(f"{self.address}/v1/secret/config", headers=headers) == 200
+            ),
+            timeout,
+        )
+        for seed in self._seeders:
+            seed(self)
+
+    def stop(self) -> None:
+        """Stop the server (all its data is lost)."""
+        self._process.terminate()
+
+    def add_seeder(self, seed: Callable[[OpenBaoServer], None]) -> None:
+        """Run `seed(self)` now (when running) and after every later `start()`."""
+        self._seeders.append(seed)
+        if self.running:
+            seed(self)
+
+    def audit_entries(self, entry_type: str = "request") -> list[dict[str, Any]]:
+        """The audit log's entries of one type (``request`` or ``response``)."""
+        try:
+            lines = self.audit_log_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        entries = [json.loads(line) for line in lines if line.strip()]
+        return [e for e in entries if e.get("type") == entry_type]
+
+    def request_paths(self) -> list[str]:
+        """API paths of every request served so far, in order (e.g. ``secret/data/app``)."""
+        return [e["request"]["path"] for e in self.audit_entries("request")]
+
+
+@contextlib.contextmanager
+def run_openbao(*, port: int | None = None) -> Iterator[OpenBaoServer]:
+    """An OpenBao dev server for the duration of the block (raises if it cannot start)."""
+    with tempfile.TemporaryDirectory(prefix="openbao-") as workdir:
+        server = OpenBaoServer(Path(workdir), port=port)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def enable_postgres_database_engine(
+    client: hvac.Client,
+    *,
+    mount: str = "database",
+    role: str = "readonly",
+    default_ttl: str = "60s",
+    max_ttl: str = "300s",
+    connection_url: str = POSTGRES_URL,
+) -> str:
+    """Configure the database engine against the local PostgreSQL (user postgres, trust auth,
+    database test); return the credentials path (``<mount>/creds/<role>``).
+
+    Raises (never skips) when PostgreSQL cannot be reached: ``verify_connection`` is on.
+    Revoke the leases afterwards (`revoke_leases(client, f"{mount}/creds/")`) so the generated
+    roles are dropped from PostgreSQL.
+    """
+    client.sys.enable_secrets_engine("database", path=mount)
+    client.write(
+        f"{mount}/config/postgres",
+        plugin_name="postgresql-database-plugin",
+        connection_url=connection_url,
+        username="postgres",
+        password="unused-with-trust-auth",
+        allowed_roles=role,
+        verify_connection=True,
+    )
+    client.write(
+        f"{mount}/roles/{role}",
+        db_name="postgres",
+        creation_statements=[
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            "VALID UNTIL '{{expiration}}';"
+        ],
+        default_ttl=default_ttl,
+        max_ttl=max_ttl,
+    )
+    return f"{mount}/creds/{role}"
+
+
+def revoke_leases(client: hvac.Client, prefix: str) -> None:
+    """Revoke every lease under `prefix` now (drops generated database roles)."""
+    client.sys.revoke_prefix(prefix)
+
+
+class MotoServer:
+    """``moto_server`` on a loopback port; see the module docstring."""
+
+    region = "us-east-1"
+    access_key_id = "testing"
+    secret_access_key = "testing"
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.port = port or free_loopback_port()
+        self._process = _Process(f"moto on port {self.port}", workdir / "moto.log")
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    @property
+    def credentials_env(self) -> dict[str, str]:
+        """Environment for the standard AWS chain: dummy keys, region, and no shared files or
+        instance metadata lookups (apply with ``monkeypatch.setenv``)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self) -> Any:
+        """A boto3 ``secretsmanager`` client with explicit dummy credentials (for seeding)."""
+        return boto3.session.Session(
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        ).client(
+            "secretsmanager",
+            endpoint_url=self.endpoint_url,
+            config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 1}),
+        )
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start (or restart, on the same port, with no state)."""
+        argv = [str(_binary("moto_server")), "-H", LOOPBACK, "-p", str(self.port)]
+        self._process.spawn(argv, _clean_env())
+        self._process.wait_until(
+            lambda: _http_status(f"{self.endpoint_url}/moto-api/") == 200, timeout
+        )
+
+    def stop(self) -> None:
+        self._process.terminate()
+
+    def reset(self) -> None:
+        """Forget every resource (moto's reset API)."""
+        status = _http_status(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        if status != 200:
+            raise RuntimeError(f"moto reset answered {status}")
+
+
+@contextlib.contextmanager
+def run_moto(*, port: int | None = None) -> Iterator[MotoServer]:
+    """A moto server for the duration of the block (raises if it cannot start)."""
+    with tempfile.TemporaryDirectory(prefix="moto-") as workdir:
+        server = MotoServer(Path(workdir), port=port)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
