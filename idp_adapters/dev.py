@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse
 
 from broker import settings as broker_settings
 from broker.clock import Clock, SystemClock
-from broker.settings import is_loopback_url
 from broker.types import TokenType
+from broker.urls import is_loopback_url
 
 _log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import httpx
 import jwt
 
 from broker.clock import Clock
-from broker.settings import IdentityProviderConfig, require_https_unless_loopback
+from broker.settings import IdentityProviderConfig
+from broker.urls import require_https_unless_loopback
 from idp_adapters._http import fetch_json_object
 from idp_adapters.base import IdentityProviderUnavailable
 from idp_adapters.jwks import JwksCache, SigningKeyResolver
