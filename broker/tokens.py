@@ -8,6 +8,7 @@ expired (retirement time + the maximum token lifetime + leeway), then are delete
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cachetools import LRUCache
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -51,10 +53,7 @@ class SigningKey:
     public_jwk: Mapping[str, Any]
     created_at: float
     retired_at: float | None
-
-    @property
-    def verification_key(self) -> jwt.PyJWK:
-        return jwt.PyJWK(dict(self.public_jwk), algorithm=self.algorithm)
+    verification_key: jwt.PyJWK
 
 
 class KeyringError(Exception):
@@ -119,6 +118,7 @@ class Keyring:
                     public_jwk=public_jwk,
                     created_at=float(record["created_at"]),
                     retired_at=record.get("retired_at"),
+                    verification_key=jwt.PyJWK(dict(public_jwk), algorithm=algorithm),
                 )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise KeyringError(f"unreadable signing key file {path.name}: {exc}") from None
@@ -158,6 +158,10 @@ class Keyring:
     def published_kids(self) -> list[str]:
         self.refresh()
         return sorted(self._keys)
+
+    def is_published(self, kid: str) -> bool:
+        self.refresh()
+        return kid in self._keys
 
     async def get_signing_key(self, kid: str | None, alg: str) -> jwt.PyJWK:
         """`SigningKeyResolver` for verifying tokens this broker issued."""
@@ -288,7 +292,13 @@ class TokenIssuer:
 
 
 class BrokerTokenVerifier:
-    """Verifies a token this broker issued: signature by a published key, issuer, expiry, type."""
+    """Verifies a token this broker issued: signature by a published key, issuer, expiry, type.
+
+    Gateways present the same agent token on many calls, so a verdict is remembered (bounded LRU,
+    keyed by the SHA-256 of the token, never the token itself) until the token expires or its
+    signing key stops being published; expiry and key publication are re-checked on every hit.
+    Revocation, which can change at any time, is the caller's check on every call.
+    """
 
     def __init__(
         self,
@@ -299,6 +309,7 @@ class BrokerTokenVerifier:
         leeway: int,
         algorithms: tuple[str, ...],
         max_bytes: int = 16384,
+        verdict_cache_size: int = 10_000,
     ) -> None:
         self._keyring = keyring
         self._issuer = issuer
@@ -306,8 +317,27 @@ class BrokerTokenVerifier:
         self._leeway = leeway
         self._algorithms = algorithms
         self._max_bytes = max_bytes
+        self._verdicts: LRUCache[bytes, tuple[BrokerToken, str]] = LRUCache(
+            maxsize=verdict_cache_size
+        )
 
     async def verify(self, token: str) -> BrokerToken:
+        if len(token) > self._max_bytes:
+            raise TokenRejected("token is too large")
+        digest = hashlib.sha256(token.encode()).digest()
+        remembered = self._verdicts.get(digest)
+        if remembered is not None:
+            verified_token, kid = remembered
+            if self._clock.now() < verified_token.expires_at + self._leeway and (
+                self._keyring.is_published(kid)
+            ):
+                return verified_token
+            self._verdicts.pop(digest, None)
+        verified_token, kid = await self._verify(token)
+        self._verdicts[digest] = (verified_token, kid)
+        return verified_token
+
+    async def _verify(self, token: str) -> tuple[BrokerToken, str]:
         verified = await verify_jwt(
             token,
             keys=self._keyring,
@@ -331,7 +361,7 @@ class BrokerTokenVerifier:
                 raise ValueError("malformed scope or aud")
             if claims["sub"] != provenance.person_id:
                 raise ValueError("sub does not match provenance")
-            return BrokerToken(
+            broker_token = BrokerToken(
                 jti=str(claims["jti"]),
                 subject=str(claims["sub"]),
                 client_id=str(claims["client_id"]),
@@ -345,6 +375,7 @@ class BrokerTokenVerifier:
                 parent_jti=claims.get("parent_jti"),
                 claims=claims,
             )
+            return broker_token, str(verified.header["kid"])
         except (KeyError, ValueError, TypeError) as exc:
             raise TokenRejected(
                 "token issued by this broker is malformed", debug=str(exc)

@@ -132,3 +132,28 @@ def test_act_nesting_round_trips_and_rejects_malformed() -> None:
         deep = {"sub": "x", "act": deep}
     with pytest.raises(ValueError):
         actor_chain_from_claim(deep)
+
+
+def test_remembered_verdicts_still_expire_and_follow_key_publication(tmp_path: Path) -> None:
+    clock = FrozenClock()
+    keyring = _keyring(tmp_path, clock, grace=100)
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, leeway=0, algorithms=("ES256",))
+    token = _issue(TokenIssuer(keyring, ISSUER, clock), lifetime_seconds=50)
+    first = asyncio.run(verifier.verify(token))
+    assert asyncio.run(verifier.verify(token)) is first  # remembered, not re-verified
+    clock.advance(51)
+    with pytest.raises(TokenRejected):
+        asyncio.run(verifier.verify(token))
+
+    long_lived = _issue(TokenIssuer(keyring, ISSUER, clock), lifetime_seconds=3600)
+    asyncio.run(verifier.verify(long_lived))
+    keyring.rotate()
+    clock.advance(101)  # the retired key leaves the JWKS (e.g. removed after a compromise)
+    keyring.refresh(force=True)
+    with pytest.raises(TokenRejected):
+        asyncio.run(verifier.verify(long_lived))
+
+    header, payload, signature = token.split(".")
+    forged = f"{header}.{payload}.{signature[:-4]}AAAA"
+    with pytest.raises(TokenRejected):
+        asyncio.run(verifier.verify(forged))
