@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -202,13 +203,8 @@ def dev(
         "var/dev"
     ),
 ) -> None:
-    """Run the broker with embedded development defaults (a built-in IdP, generated keys, the
-    example policies). DEVELOPMENT ONLY."""
-    import logging
-    import sys
-
-    from broker.app import build_services, create_app
-    from broker.audit import StreamSink
+    """Run the broker with embedded development defaults (a built-in IdP, an OpenBao dev server
+    with demo provider keys, generated signing keys, the example policies). DEVELOPMENT ONLY."""
     from broker.cli.dev_openbao import start_dev_openbao
     from idp_adapters._loopback import serve_in_thread
     from idp_adapters.dev import DevIdentityProvider, load_dev_people
@@ -247,40 +243,61 @@ def dev(
 
     people = load_dev_people(settings.dev_idp.people_file)
     provider = DevIdentityProvider(idp_url, people)
-    openbao = start_dev_openbao(settings.dev_openbao.host, settings.dev_openbao.port)
-    os.environ["BROKER_DEV_OPENBAO_TOKEN"] = openbao.root_token
-    openbao.kv_put("llm/openai", {"api_key": "sk-demo-openai-" + secrets.token_hex(8)})
-    openbao.kv_put("llm/anthropic", {"api_key": "sk-ant-demo-" + secrets.token_hex(8)})
-    idp_server = serve_in_thread(provider.asgi_app(), settings.dev_idp.host, settings.dev_idp.port)
-    try:
-        logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
-        services = build_services(settings, decision_sinks=[StreamSink(sys.stdout)])
-        typer.echo(
-            WALKTHROUGH.format(
-                issuer=settings.issuer,
-                idp=idp_url,
-                people=", ".join(sorted(people)),
-                policy_dir=settings.policy_dir,
-                version=services.policies.current().version,
-                secrets_file=secrets_file,
-                triage_secret=client_secrets.get("TRIAGE_AGENT_SECRET", "<secret>"),
-                summariser_secret=client_secrets.get("SUMMARISER_AGENT_SECRET", "<secret>"),
-                gateway_secret=client_secrets.get("LLM_GATEWAY_SECRET", "<secret>"),
-                hook_secret=client_secrets.get("ROTATION_HOOK_SECRET", "<secret>"),
-                bao=bao_url,
-                bao_token=openbao.root_token,
-                bao_cmd=".venv/bin/bao",
-                broker_cmd=".venv/bin/broker",
-            )
+    with contextlib.ExitStack() as started:  # Ctrl-C or any failure stops everything started
+        openbao = start_dev_openbao(settings.dev_openbao.host, settings.dev_openbao.port)
+        started.callback(openbao.stop)
+        os.environ["BROKER_DEV_OPENBAO_TOKEN"] = openbao.root_token
+        openbao.kv_put("llm/openai", {"api_key": "sk-demo-openai-" + secrets.token_hex(8)})
+        openbao.kv_put("llm/anthropic", {"api_key": "sk-ant-demo-" + secrets.token_hex(8)})
+        idp_server = serve_in_thread(
+            provider.asgi_app(), settings.dev_idp.host, settings.dev_idp.port
         )
-        uvicorn.run(
-            create_app(settings, services=services),
-            host=settings.http.host,
-            port=settings.http.port,
-            log_level="warning",
-            access_log=False,
-            server_header=False,
+        started.callback(idp_server.stop)
+        _run_dev_broker(
+            settings, people, idp_url, bao_url, openbao.root_token, client_secrets, secrets_file
         )
-    finally:
-        idp_server.stop()
-        openbao.stop()
+
+
+def _run_dev_broker(
+    settings: BrokerSettings,
+    people: dict[str, object],
+    idp_url: str,
+    bao_url: str,
+    bao_token: str,
+    client_secrets: dict[str, str],
+    secrets_file: Path,
+) -> None:
+    import logging
+    import sys
+
+    from broker.app import build_services, create_app
+    from broker.audit import StreamSink
+
+    logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
+    services = build_services(settings, decision_sinks=[StreamSink(sys.stdout)])
+    typer.echo(
+        WALKTHROUGH.format(
+            issuer=settings.issuer,
+            idp=idp_url,
+            people=", ".join(sorted(people)),
+            policy_dir=settings.policy_dir,
+            version=services.policies.current().version,
+            secrets_file=secrets_file,
+            triage_secret=client_secrets.get("TRIAGE_AGENT_SECRET", "<secret>"),
+            summariser_secret=client_secrets.get("SUMMARISER_AGENT_SECRET", "<secret>"),
+            gateway_secret=client_secrets.get("LLM_GATEWAY_SECRET", "<secret>"),
+            hook_secret=client_secrets.get("ROTATION_HOOK_SECRET", "<secret>"),
+            bao=bao_url,
+            bao_token=bao_token,
+            bao_cmd=".venv/bin/bao",
+            broker_cmd=".venv/bin/broker",
+        )
+    )
+    uvicorn.run(
+        create_app(settings, services=services),
+        host=settings.http.host,
+        port=settings.http.port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+    )
