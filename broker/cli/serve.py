@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -243,6 +245,9 @@ def dev(
 
     people = load_dev_people(settings.dev_idp.people_file)
     provider = DevIdentityProvider(idp_url, people)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception rather than
+    # the default instant exit, so the exit stack below still stops what `broker dev` started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.ExitStack() as started:  # Ctrl-C or any failure stops everything started
         openbao = start_dev_openbao(settings.dev_openbao.host, settings.dev_openbao.port)
         started.callback(openbao.stop)

@@ -76,6 +76,10 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+    # stopping `broker dev` stops everything it started: OpenBao and the IdP are gone too
+    for stopped in (bao_port, idp_port):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{stopped}/", timeout=1)
 
 
 def test_dev_walkthrough_runs_as_printed(dev_process: tuple[str, str, Path, Path]) -> None:

@@ -42,6 +42,8 @@ import boto3
 import botocore.config
 import hvac
 
+from broker.cli.dev_openbao import bao_binary
+
 BIN_DIR = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
 POSTGRES_URL = "postgresql://{{username}}:{{password}}@127.0.0.1:5432/test?sslmode=disable"
@@ -178,7 +180,7 @@ class OpenBaoServer:
     def start(self, timeout: float = 20.0) -> None:
         """Start (or restart, on the same port) and re-apply the seeders."""
         argv = [
-            str(_binary("bao")),
+            str(bao_binary()),
             "server",
             "-dev",
             f"-dev-root-token-id={self.root_token}",
