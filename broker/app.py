@@ -29,6 +29,8 @@ from broker.errors import (
     InvalidRequest,
     OAuthError,
     ServerError,
+    TemporarilyUnavailable,
+    UnauthorizedClient,
     UnsupportedGrantType,
     render_error,
 )
@@ -41,9 +43,11 @@ from broker.exchange import (
 from broker.introspection import Introspection
 from broker.oauth_request import read_form, read_form_or_json
 from broker.policy.store import PolicyStore
+from broker.revocation import RevocationRequest, Revocations
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
-from broker.state import InMemoryStateStore, StateStore
+from broker.state import InMemoryStateStore, StateStore, StateUnavailable
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
+from idp_adapters.base import TokenRejected
 from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
 from secret_backends.registry import build_secret_backends
 
@@ -66,6 +70,9 @@ class BrokerServices:
     decisions: DecisionLog
     credentials: CredentialService
     cache: CredentialCache
+    revocations: Revocations
+    broker_tokens: BrokerTokenVerifier
+    state: StateStore
 
 
 def build_services(
@@ -110,6 +117,9 @@ def build_services(
         assertion_max_lifetime=tokens.client_assertion_max_lifetime_seconds,
         leeway=tokens.leeway_seconds,
     )
+    revocations = Revocations(
+        state, clock, decisions, max_token_lifetime=tokens.max_lifetime_seconds
+    )
     broker_tokens = BrokerTokenVerifier(
         keyring,
         settings.issuer,
@@ -132,9 +142,13 @@ def build_services(
         decisions=decisions,
         clock=clock,
         max_lifetime_seconds=tokens.max_lifetime_seconds,
+        revocations=revocations,
     )
     introspection = Introspection(
-        verifier=broker_tokens, policy=policies.current, decisions=decisions
+        verifier=broker_tokens,
+        policy=policies.current,
+        decisions=decisions,
+        revocations=revocations,
     )
     backends = build_secret_backends(
         settings.secret_backends, allow_development=settings.allow_development_components
@@ -151,6 +165,7 @@ def build_services(
         cache=cache,
         decisions=decisions,
         clock=clock,
+        revocations=revocations,
     )
     return BrokerServices(
         settings=settings,
@@ -164,6 +179,9 @@ def build_services(
         decisions=decisions,
         credentials=credentials,
         cache=cache,
+        revocations=revocations,
+        broker_tokens=broker_tokens,
+        state=state,
     )
 
 
@@ -186,6 +204,8 @@ def authorization_server_metadata(settings: BrokerSettings) -> dict[str, Any]:
         "token_endpoint": settings.token_endpoint,
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
         "introspection_endpoint": f"{issuer}/oauth2/introspect",
+        "revocation_endpoint": f"{issuer}/oauth2/revoke",
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
         "grant_types_supported": [GRANT_TYPE],
         "response_types_supported": [],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
@@ -322,7 +342,69 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
             return _error_response(err, settings, request_id)
         return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
 
+    async def revoke(request: Request) -> JSONResponse:
+        """RFC 7009: the agent holding a token revokes it (and everything derived from it)."""
+        request_id = _request_id(request)
+        try:
+            form = await read_form(request, max_bytes=max_body)
+            client = await services.clients.authenticate(request.headers, form)
+            if client is None:
+                raise InvalidClient("client authentication is required")
+            token = form.non_empty("token")
+            if token is None:
+                raise InvalidRequest("token is required")
+            try:
+                presented = await services.broker_tokens.verify(token)
+            except TokenRejected:
+                # RFC 7009 §2.2: an invalid token is not an error; there is nothing to revoke.
+                return JSONResponse({}, headers={**_NO_STORE, "X-Request-Id": request_id})
+            if client.client_id not in presented.actor_chain:
+                raise UnauthorizedClient("the token was not issued to this client")
+            try:
+                await services.revocations.revoke(
+                    RevocationRequest("token", presented.jti, expires_at=presented.expires_at),
+                    by=client.client_id,
+                    request_id=request_id,
+                )
+            except StateUnavailable:
+                raise TemporarilyUnavailable("revocation cannot be recorded right now") from None
+        except OAuthError as err:
+            return _error_response(err, settings, request_id)
+        return JSONResponse({}, headers={**_NO_STORE, "X-Request-Id": request_id})
+
+    async def admin_revoke(request: Request) -> JSONResponse:
+        """Revoke by token id (and its lineage), by person, or by agent; admins only."""
+        request_id = _request_id(request)
+        try:
+            form = await read_form_or_json(request, max_bytes=max_body)
+            client = await services.clients.authenticate(request.headers, form)
+            if client is None or client.kind != "admin":
+                raise InvalidClient("admin authentication is required")
+            given = [k for k in ("jti", "person", "agent") if form.non_empty(k)]
+            if len(given) != 1:
+                raise InvalidRequest("give exactly one of jti, person or agent")
+            kind = given[0]
+            not_before = form.non_empty("not_before")
+            try:
+                before = float(not_before) if not_before is not None else None
+            except ValueError:
+                raise InvalidRequest("not_before must be seconds since the epoch") from None
+            target = "token" if kind == "jti" else kind
+            try:
+                body = await services.revocations.revoke(
+                    RevocationRequest(target, form[kind], not_before=before),  # type: ignore[arg-type]
+                    by=client.client_id,
+                    request_id=request_id,
+                )
+            except StateUnavailable:
+                raise TemporarilyUnavailable("revocation cannot be recorded right now") from None
+        except OAuthError as err:
+            return _error_response(err, settings, request_id)
+        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+
     app.add_route("/oauth2/token", token, methods=["POST"])
+    app.add_route("/oauth2/revoke", revoke, methods=["POST"])
+    app.add_route("/v1/admin/revocations", admin_revoke, methods=["POST"])
     app.add_route("/v1/credentials/{name}", fetch_credential, methods=["POST"])
     app.add_route("/v1/admin/credentials/{name}/refresh", refresh_credential, methods=["POST"])
     app.add_route("/oauth2/introspect", introspect, methods=["POST"])

@@ -38,6 +38,7 @@ from broker.errors import (
 from broker.oauth_request import OAuthForm
 from broker.policy import Policy
 from broker.policy.model import Credential
+from broker.revocation import Revocations, check_not_revoked
 from broker.tokens import BrokerTokenVerifier
 from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
@@ -72,7 +73,9 @@ class CredentialService:
         cache: CredentialCache,
         decisions: DecisionLog,
         clock: Clock,
+        revocations: Revocations,
     ) -> None:
+        self._revocations = revocations
         self._verifier = verifier
         self._policy = policy
         self._cache = cache
@@ -151,6 +154,7 @@ class CredentialService:
                 debug=exc.debug,
                 reason="agent_token_rejected",
             ) from None
+        await check_not_revoked(self._revocations, agent_token, InvalidToken)
         record.update(
             person=agent_token.subject,
             agent_chain=list(agent_token.actor_chain),

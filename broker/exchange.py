@@ -27,6 +27,7 @@ from broker.errors import (
 )
 from broker.oauth_request import OAuthForm
 from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
+from broker.revocation import Revocations, check_not_revoked
 from broker.tokens import BrokerTokenVerifier, TokenIssuer
 from broker.types import BrokerToken, Provenance, Sensitive, TokenType
 from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
@@ -165,7 +166,9 @@ class TokenExchangeGrant:
         decisions: DecisionLog,
         clock: Clock,
         max_lifetime_seconds: int,
+        revocations: Revocations,
     ) -> None:
+        self._revocations = revocations
         self._subjects = subjects
         self._workload_actors = workload_actors
         self._policy = policy
@@ -239,6 +242,8 @@ class TokenExchangeGrant:
         subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
         provenance = subject.provenance
         parent = subject.parent
+        if parent is not None:
+            await check_not_revoked(self._revocations, parent, InvalidGrant)
         record.update(
             person=provenance.person_id,
             idp=provenance.idp,
@@ -273,6 +278,7 @@ class TokenExchangeGrant:
             lifetime_seconds=lifetime,
             policy_version=decision.policy_version,
             parent_jti=parent.jti if parent else None,
+            lineage=parent.lineage if parent else (),
         )
         self._decisions.record(
             "token.exchange",

@@ -11,9 +11,11 @@ from typing import Any
 
 from broker.audit import DecisionLog
 from broker.client_auth import AuthenticatedClient
-from broker.errors import InvalidRequest, UnauthorizedClient
+from broker.errors import InvalidRequest, TemporarilyUnavailable, UnauthorizedClient
 from broker.oauth_request import OAuthForm
 from broker.policy import Policy
+from broker.revocation import Revocations, TokenRevoked
+from broker.state import StateUnavailable
 from broker.tokens import BrokerTokenVerifier
 from idp_adapters.base import TokenRejected
 
@@ -43,7 +45,9 @@ class Introspection:
         verifier: BrokerTokenVerifier,
         policy: Callable[[], Policy],
         decisions: DecisionLog,
+        revocations: Revocations,
     ) -> None:
+        self._revocations = revocations
         self._verifier = verifier
         self._policy = policy
         self._decisions = decisions
@@ -73,6 +77,23 @@ class Introspection:
                 request_id=request_id,
             )
             return INACTIVE
+        try:
+            await self._revocations.check(verified)
+        except TokenRevoked as exc:
+            self._decisions.record(
+                "token.introspect",
+                outcome="inactive",
+                reason=exc.reason,
+                jti=verified.jti,
+                client_id=client.client_id,
+                request_id=request_id,
+            )
+            return INACTIVE
+        except StateUnavailable:
+            raise TemporarilyUnavailable(
+                "revocation state cannot be checked right now; refusing (fail closed)",
+                reason="state_unavailable",
+            ) from None
         if not set(server.audiences).intersection(verified.audiences):
             self._decisions.record(
                 "token.introspect",

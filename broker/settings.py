@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -21,8 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from broker.urls import require_https_unless_loopback
-from secret_backends.config import SecretBackendConfig
+from broker.urls import is_loopback_url, require_https_unless_loopback
+from secret_backends.config import SecretBackendConfig, SecretReference
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 SUPPORTED_JWS_ALGORITHMS = frozenset(
@@ -128,6 +129,42 @@ class DevOpenBaoConfig(_Strict):
     port: int = Field(8200, ge=1, le=65535)
 
 
+class StateConfig(_Strict):
+    """Shared state (single-use ids, revocations, rate limits). `redis` when running replicas."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    kind: Literal["memory", "redis"] = "memory"
+    url: str | None = Field(
+        None, description="redis://host:port/db (loopback only) or rediss://; no password inline."
+    )
+    password_ref: SecretReference | None = Field(None, description="env:NAME or file:/path")
+    tls_ca_file: Path | None = Field(None, description="CA bundle for a rediss:// server.")
+    key_prefix: str = Field("broker:", pattern=r"^[A-Za-z0-9:_.{}-]{1,64}$")
+    socket_timeout_seconds: float = Field(0.5, gt=0.0, le=30.0)
+    connect_timeout_seconds: float = Field(0.5, gt=0.0, le=30.0)
+    max_connections: int = Field(50, ge=1, le=10000)
+
+    @model_validator(mode="after")
+    def _url(self) -> StateConfig:
+        if self.kind == "memory":
+            if self.url or self.password_ref or self.tls_ca_file:
+                raise ValueError("state: url, password_ref and tls_ca_file need kind: redis")
+            return self
+        if not self.url:
+            raise ValueError("state: kind redis needs a url")
+        parts = urlsplit(self.url)
+        if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
+            raise ValueError("state.url must be redis://host[:port][/db] or rediss://...")
+        if parts.scheme == "redis" and not is_loopback_url(self.url):
+            raise ValueError("state.url must use rediss:// (plain redis:// only on loopback)")
+        if parts.password is not None or parts.query or parts.fragment:
+            raise ValueError("state.url must not carry a password or options; use password_ref")
+        if self.tls_ca_file and parts.scheme != "rediss":
+            raise ValueError("state.tls_ca_file needs a rediss:// url")
+        return self
+
+
 class BrokerSettings(BaseSettings):
     """Everything `broker serve` needs. See README, "Configuration reference"."""
 
@@ -154,6 +191,7 @@ class BrokerSettings(BaseSettings):
     )
     dev_idp: DevIdpConfig = DevIdpConfig()
     dev_openbao: DevOpenBaoConfig = DevOpenBaoConfig()
+    state: StateConfig = StateConfig()
     expose_error_debug: bool = Field(False, description="Add private error detail to responses.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -234,6 +234,15 @@ def actor_chain_from_claim(act: object, *, max_depth: int = 16) -> tuple[str, ..
     return tuple(chain)
 
 
+def _lineage(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    lineage = claims.get("lineage", [])
+    if not isinstance(lineage, list) or not all(isinstance(j, str) for j in lineage):
+        raise ValueError("malformed lineage")
+    if lineage and lineage[-1] != claims.get("parent_jti"):
+        raise ValueError("lineage does not end with parent_jti")
+    return tuple(lineage)
+
+
 class TokenIssuer:
     """Signs RFC 9068 JWT access tokens for agents."""
 
@@ -253,6 +262,7 @@ class TokenIssuer:
         lifetime_seconds: int,
         policy_version: str,
         parent_jti: str | None,
+        lineage: tuple[str, ...] = (),
     ) -> IssuedToken:
         now = int(self._clock.now())
         jti = secrets.token_urlsafe(18)
@@ -274,6 +284,7 @@ class TokenIssuer:
             claims["auth_time"] = provenance.auth_time
         if parent_jti is not None:
             claims["parent_jti"] = parent_jti
+            claims["lineage"] = [*lineage, parent_jti]
         key = self._keyring.active
         token = jwt.encode(
             claims,
@@ -374,6 +385,7 @@ class BrokerTokenVerifier:
                 expires_at=int(claims["exp"]),
                 parent_jti=claims.get("parent_jti"),
                 claims=claims,
+                lineage=_lineage(claims),
             )
             return broker_token, str(verified.header["kid"])
         except (KeyError, ValueError, TypeError) as exc:

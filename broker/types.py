@@ -119,6 +119,8 @@ class BrokerToken:
     expires_at: int
     parent_jti: str | None
     claims: Mapping[str, object]
+    lineage: tuple[str, ...] = ()
+    """The ``jti`` of every ancestor token, root first (so revoking one reaches all below it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,111 @@
+"""Revocation that cascades down delegation chains, shared by every replica through the
+`StateStore`.
+
+- Revoking a token revokes everything exchanged from it, however deep: every token carries the
+  ``jti`` of all its ancestors (``lineage``), and a token is revoked when it or any ancestor is.
+  Entries live until the revoked token's expiry; descendants never outlive their parent, so that
+  is long enough.
+- Per-person and per-agent "not before" (everything issued before T), like AWS's session
+  revocation by issue time, revokes without listing tokens.
+
+Checks happen on every use (introspection, credential fetch, re-exchange), one state round trip
+each; when the state cannot be reached the caller fails closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from broker.audit import DecisionLog
+from broker.clock import Clock
+from broker.errors import OAuthError, TemporarilyUnavailable
+from broker.state import StateStore, StateUnavailable
+from broker.types import BrokerToken
+
+
+class TokenRevoked(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def person_key(person_id: str) -> str:
+    return f"person:{person_id}"
+
+
+def agent_key(agent: str) -> str:
+    return f"agent:{agent}"
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationRequest:
+    kind: Literal["token", "person", "agent"]
+    value: str
+    not_before: float | None = None
+    expires_at: float | None = None
+
+
+async def check_not_revoked(
+    revocations: Revocations, token: BrokerToken, error: type[OAuthError]
+) -> None:
+    """`Revocations.check` in the protocol's terms: `error` when revoked, 503 when unknowable."""
+    try:
+        await revocations.check(token)
+    except TokenRevoked as exc:
+        raise error(f"token revoked: {exc.reason}", reason="token_revoked") from None
+    except StateUnavailable:
+        raise TemporarilyUnavailable(
+            "revocation state cannot be checked right now; refusing (fail closed)",
+            reason="state_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+class Revocations:
+    def __init__(
+        self, state: StateStore, clock: Clock, decisions: DecisionLog, *, max_token_lifetime: int
+    ) -> None:
+        self._state = state
+        self._clock = clock
+        self._decisions = decisions
+        self._max_lifetime = max_token_lifetime
+
+    async def check(self, token: BrokerToken) -> None:
+        """Raise `TokenRevoked` when the token, an ancestor, its person or one of its agents is
+        revoked (raises `StateUnavailable` when that cannot be known)."""
+        token_ids = (token.jti, *token.lineage)
+        subjects = (person_key(token.subject), *(agent_key(a) for a in token.actor_chain))
+        status = await self._state.revocation_status(token_ids, subjects)
+        if not status.revoked_ids.isdisjoint(token_ids):
+            which = "this token" if token.jti in status.revoked_ids else "a token it derives from"
+            raise TokenRevoked(f"{which} has been revoked")
+        if status.revokes((), subjects, token.issued_at):
+            raise TokenRevoked("tokens of this person or agent issued before a revocation time")
+
+    async def revoke(self, request: RevocationRequest, *, by: str, request_id: str) -> dict:
+        now = self._clock.now()
+        if request.kind == "token":
+            expires_at = request.expires_at or now + self._max_lifetime
+            await self._state.revoke_tokens({request.value: expires_at})
+            result = {"revoked": "token", "jti": request.value, "cascades": True}
+        else:
+            not_before = request.not_before if request.not_before is not None else now
+            key = (
+                person_key(request.value) if request.kind == "person" else agent_key(request.value)
+            )
+            await self._state.revoke_before(key, not_before, self._max_lifetime + 60)
+            result = {
+                "revoked": request.kind,
+                request.kind: request.value,
+                "issued_before": not_before,
+            }
+        self._decisions.record(
+            "token.revoked",
+            outcome="revoked",
+            by=by,
+            request_id=request_id,
+            **{k: v for k, v in result.items() if k != "revoked"},
+            target=request.kind,
+        )
+        return result
