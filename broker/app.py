@@ -143,6 +143,7 @@ def build_services(
         clock=clock,
         max_lifetime_seconds=tokens.max_lifetime_seconds,
         revocations=revocations,
+        state=state,
     )
     introspection = Introspection(
         verifier=broker_tokens,
@@ -166,6 +167,7 @@ def build_services(
         decisions=decisions,
         clock=clock,
         revocations=revocations,
+        state=state,
     )
     return BrokerServices(
         settings=settings,

@@ -39,6 +39,7 @@ from broker.oauth_request import OAuthForm
 from broker.policy import Policy
 from broker.policy.model import Credential
 from broker.revocation import Revocations, check_not_revoked
+from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier
 from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
@@ -74,8 +75,10 @@ class CredentialService:
         decisions: DecisionLog,
         clock: Clock,
         revocations: Revocations,
+        state: StateStore,
     ) -> None:
         self._revocations = revocations
+        self._state = state
         self._verifier = verifier
         self._policy = policy
         self._cache = cache
@@ -155,6 +158,14 @@ class CredentialService:
                 reason="agent_token_rejected",
             ) from None
         await check_not_revoked(self._revocations, agent_token, InvalidToken)
+        agent = policy.agents.get(agent_token.client_id)
+        if agent is not None:
+            await enforce_rate_limit(
+                self._state,
+                f"fetch:{agent_token.client_id}",
+                agent.spec.rate_limits.credential_fetches_per_minute,
+                "credential fetch",
+            )
         record.update(
             person=agent_token.subject,
             agent_chain=list(agent_token.actor_chain),

@@ -21,6 +21,7 @@ Hierarchy::
         ├── InvalidToken                 401 invalid_token (RFC 6750, presented agent token)
         ├── InsufficientScope            403 insufficient_scope (RFC 6750)
         ├── NotFound                     404 not_found
+        ├── TooManyRequests              429 too_many_requests (+ Retry-After)
         ├── TemporarilyUnavailable       503 temporarily_unavailable
         └── ServerError                  500 server_error
 """
@@ -130,6 +131,11 @@ class InsufficientScope(OAuthError):
 class NotFound(OAuthError):
     error = "not_found"
     status_code = 404
+
+
+class TooManyRequests(OAuthError):
+    error = "too_many_requests"
+    status_code = 429
 
 
 class TemporarilyUnavailable(OAuthError):

@@ -28,6 +28,7 @@ from broker.errors import (
 from broker.oauth_request import OAuthForm
 from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
 from broker.revocation import Revocations, check_not_revoked
+from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer
 from broker.types import BrokerToken, Provenance, Sensitive, TokenType
 from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
@@ -167,8 +168,10 @@ class TokenExchangeGrant:
         clock: Clock,
         max_lifetime_seconds: int,
         revocations: Revocations,
+        state: StateStore,
     ) -> None:
         self._revocations = revocations
+        self._state = state
         self._subjects = subjects
         self._workload_actors = workload_actors
         self._policy = policy
@@ -238,6 +241,14 @@ class TokenExchangeGrant:
 
         actor = await self._actor(form, client)
         record.update(client_id=actor.client_id, client_auth=actor.method)
+        agent = policy.agents.get(actor.client_id)
+        if agent is not None:
+            await enforce_rate_limit(
+                self._state,
+                f"exchange:{actor.client_id}",
+                agent.spec.rate_limits.exchanges_per_minute,
+                "token exchange",
+            )
 
         subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
         provenance = subject.provenance

@@ -78,6 +78,30 @@ class StateStore(Protocol):
         ...
 
 
+async def enforce_rate_limit(state: StateStore, key: str, limit: int | None, what: str) -> None:
+    """Count one event; raise the protocol's 429 when over `limit` per minute, 503 when the
+    shared counter cannot be reached (fail closed)."""
+    if limit is None:
+        return
+    from broker.errors import TemporarilyUnavailable, TooManyRequests
+
+    try:
+        result = await state.rate_limit(key, limit, 60.0)
+    except StateUnavailable:
+        raise TemporarilyUnavailable(
+            "rate-limit state cannot be checked right now; refusing (fail closed)",
+            reason="state_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+    if not result.allowed:
+        retry_after = max(1, math.ceil(result.retry_after))
+        raise TooManyRequests(
+            f"{what} limit of {limit} per minute reached; retry after {retry_after} s",
+            reason="rate_limited",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class InMemoryStateStore:
     """For a single process. Entries expire as time passes, so memory stays bounded by what is
     live."""

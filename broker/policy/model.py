@@ -140,6 +140,13 @@ class WorkloadBinding(_Strict):
     subject: str = Field(min_length=1, description="Exact `sub`, e.g. spiffe://corp/agents/x.")
 
 
+class RateLimits(_Strict):
+    """Per-agent limits, enforced across every replica (sliding one-minute windows)."""
+
+    exchanges_per_minute: int | None = Field(None, ge=1)
+    credential_fetches_per_minute: int | None = Field(None, ge=1)
+
+
 class Agent(_Strict):
     description: str = ""
     authentication: ClientAuthentication | None = None
@@ -155,6 +162,7 @@ class Agent(_Strict):
     accepts_person_tokens: bool = Field(
         True, description="False for sub-agents reachable only through delegation."
     )
+    rate_limits: RateLimits = RateLimits()
 
     @model_validator(mode="after")
     def _authenticates_somehow(self) -> Agent:
