@@ -45,7 +45,8 @@ from broker.oauth_request import read_form, read_form_or_json
 from broker.policy.store import PolicyStore
 from broker.revocation import RevocationRequest, Revocations
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
-from broker.state import InMemoryStateStore, StateStore, StateUnavailable
+from broker.state import StateStore, StateUnavailable
+from broker.state_factory import build_state_store
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
 from idp_adapters.base import TokenRejected
 from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
@@ -104,7 +105,7 @@ def build_services(
         known_workload_issuers=[w.name for w in settings.workload_issuers],
         known_secret_backends=[b.name for b in settings.secret_backends],
     )
-    state = state or InMemoryStateStore(clock)
+    state = state or build_state_store(settings.state, clock)
     decisions = DecisionLog(
         decision_sinks if decision_sinks is not None else [StreamSink(sys.stdout)], clock
     )

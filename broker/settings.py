@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,6 +31,7 @@ SUPPORTED_JWS_ALGORITHMS = frozenset(
 )
 
 Preset = Literal["generic", "okta", "entra", "auth0", "keycloak", "google"]
+SamlPreset = Literal["generic", "adfs", "okta", "shibboleth"]
 
 
 class _Strict(BaseModel):
@@ -52,8 +53,10 @@ class IdentityProviderConfig(_Strict):
     """A trusted issuer of people's identity tokens (or, in `workload_issuers`, of agents')."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    kind: Literal["oidc", "dev", "kubernetes", "spiffe"] = "oidc"
-    issuer: str = Field(description="Exact `iss` value; compared byte for byte.")
+    kind: Literal["oidc", "dev", "kubernetes", "spiffe", "saml"] = "oidc"
+    issuer: str = Field(
+        description="Exact `iss` value (kind saml: the IdP entity id); compared byte for byte."
+    )
     discovery_url: str | None = Field(
         None, description="Defaults to <issuer>/.well-known/openid-configuration."
     )
@@ -72,6 +75,20 @@ class IdentityProviderConfig(_Strict):
     jwks_min_refresh_interval_seconds: float = Field(30.0, ge=0.0)
     jwks_max_age_seconds: float = Field(3600.0, gt=0.0)
     http_timeout_seconds: float = Field(5.0, gt=0.0)
+    # kind saml only (the IdP's `issuer` is its entity id; `claims.*` name SAML attributes):
+    sp_entity_id: str | None = Field(
+        None, description="kind saml: this broker's entity id, the only accepted Audience."
+    )
+    acs_url: str | None = Field(
+        None,
+        description="kind saml: the only accepted Recipient/Destination (the token endpoint "
+        "for RFC 7522 assertions, or the ACS URL of the web sign-in).",
+    )
+    idp_certificate_ref: str | None = Field(
+        None,
+        description="kind saml: file:/path to the IdP's PEM signing certificate(s), pinned.",
+    )
+    saml_preset: SamlPreset = "generic"
 
     @field_validator("algorithms")
     @classmethod
@@ -83,13 +100,33 @@ class IdentityProviderConfig(_Strict):
             raise ValueError(f"unsupported or insecure algorithms {unknown} (no 'none', no HMAC)")
         return value
 
-    @field_validator("issuer", "discovery_url", "jwks_uri")
+    @field_validator("issuer", "discovery_url", "jwks_uri", "acs_url")
     @classmethod
-    def _https(cls, value: str | None) -> str | None:
-        return None if value is None else require_https_unless_loopback(value)
+    def _https(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.field_name == "issuer" and info.data.get("kind") == "saml":
+            if not value.strip():
+                raise ValueError("issuer (the SAML entity id) must not be empty")
+            return value  # an entity id is a name, never fetched (often http: or urn:)
+        return require_https_unless_loopback(value)
 
     @model_validator(mode="after")
     def _audience_required(self) -> IdentityProviderConfig:
+        saml_fields = (self.sp_entity_id, self.acs_url, self.idp_certificate_ref)
+        if self.kind == "saml":
+            if any(not value for value in saml_fields):
+                raise ValueError(
+                    f"identity provider {self.name!r}: kind saml needs sp_entity_id, acs_url "
+                    "and idp_certificate_ref"
+                )
+            if not str(self.idp_certificate_ref).startswith("file:"):
+                raise ValueError(
+                    f"identity provider {self.name!r}: idp_certificate_ref must be file:/path"
+                )
+            return self  # the audience is sp_entity_id; client_ids/audiences may stay empty
+        if any(value is not None for value in saml_fields) or self.saml_preset != "generic":
+            raise ValueError(f"identity provider {self.name!r}: SAML settings need kind saml")
         if not self.client_ids and not self.audiences:
             raise ValueError(f"identity provider {self.name!r}: set client_ids and/or audiences")
         return self
@@ -154,6 +191,7 @@ class StateConfig(_Strict):
         if not self.url:
             raise ValueError("state: kind redis needs a url")
         parts = urlsplit(self.url)
+        _ = parts.port  # ValueError when the port is not a number in range
         if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
             raise ValueError("state.url must be redis://host[:port][/db] or rediss://...")
         if parts.scheme == "redis" and not is_loopback_url(self.url):

@@ -28,7 +28,7 @@ import asyncio
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -125,10 +125,13 @@ def _without_userinfo(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(netloc=host)), username
 
 
+_MAX_TTL_MS = 10 * 365 * 86400 * 1000  # "forever" (an infinite expiry) is capped at ten years
+
+
 def _ms(seconds: float) -> int:
-    if not math.isfinite(seconds):
-        raise ValueError("durations must be finite")
-    return math.ceil(seconds * 1000)
+    if math.isnan(seconds):
+        raise ValueError("durations must be numbers")
+    return min(math.ceil(seconds * 1000), _MAX_TTL_MS) if seconds < math.inf else _MAX_TTL_MS
 
 
 class RedisStateStore:
@@ -207,8 +210,8 @@ class RedisStateStore:
             await self._revoke_tokens(keys=keys, args=list(live.values()))
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
-        if not math.isfinite(not_before):
-            raise ValueError("not_before must be finite")
+        if math.isnan(not_before):
+            raise ValueError("not_before must be a number")
         args = [repr(float(not_before)), _ms(ttl_seconds)]
         async with self._guard("revoke_before"):
             await self._revoke_before(keys=[f"{self._prefix}nbf:{subject}"], args=args)
@@ -224,7 +227,9 @@ class RedisStateStore:
         keys += [f"{self._prefix}nbf:{s}" for s in subs]
         async with self._guard("revocation_status"):
             values = await self._redis.mget(keys)  # one command, one round trip
-        revoked = frozenset(t for t, v in zip(ids, values[: len(ids)], strict=True) if v is not None)
+        revoked = frozenset(
+            t for t, v in zip(ids, values[: len(ids)], strict=True) if v is not None
+        )
         not_before: dict[str, float] = {}
         for subject, value in zip(subs, values[len(ids) :], strict=True):
             if value is None:
@@ -232,7 +237,7 @@ class RedisStateStore:
             try:
                 not_before[subject] = float(value)
             except ValueError:
-                raise StateUnavailable("shared state (redis) holds a malformed not-before") from None
+                raise StateUnavailable("shared state (redis) holds a malformed value") from None
         return RevocationStatus(revoked, not_before)
 
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:
@@ -254,7 +259,5 @@ class RedisStateStore:
 
     async def close(self) -> None:
         """Close every pooled connection (the store is not used afterwards)."""
-        try:
+        with suppress(RedisError, OSError):
             await self._redis.aclose()
-        except (RedisError, OSError):
-            pass

@@ -16,4 +16,8 @@ def require_https_unless_loopback(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_url(url)):
         return url
-    raise ValueError(f"{url!r} must use https (plain http is allowed only on loopback)")
+    # Name the host only: a URL may carry credentials, which must not reach an error message.
+    raise ValueError(
+        f"the URL for host {parts.hostname or '?'!r} must use https "
+        "(plain http is allowed only on loopback)"
+    )

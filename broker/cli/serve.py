@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 from uvicorn.supervisors import Multiprocess
 
 from broker.policy import PolicyError
@@ -30,8 +31,16 @@ def _load(config: Path | None, **overrides: object) -> BrokerSettings:
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
-        typer.echo(f"error: invalid configuration:\n{exc}", err=True)
+    except ValidationError as exc:
+        # Never echo the input back: a mistaken inline secret must not reach the terminal.
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        typer.echo(f"error: invalid configuration:\n{problems}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        typer.echo(f"error: invalid configuration: {exc}", err=True)
         raise typer.Exit(1) from None
 
 
