@@ -9,11 +9,6 @@ and a password read from a reference.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,96 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from broker.clock import SystemClock
 from broker.settings import StateConfig
 from broker.state import StateStore, StateUnavailable
 from broker.state_factory import build_state_store
 from broker.state_redis import RedisStateStore
-from tests.support.servers import ServerStartError, free_loopback_port
+from tests.support.servers import RedisServer
 from tests.unit.test_state_contract import StateKit, StateStoreContract
 
 pytestmark = pytest.mark.anyio
 
 OUTAGE_BOUND_SECONDS = 2.0
-
-
-class RedisServer:
-    """One ``redis-server`` process without persistence; `stop()` / `start()` keep the port."""
-
-    def __init__(self, workdir: Path, *extra_args: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ServerStartError("redis-server is not on PATH")
-        self.port = free_loopback_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log_path = workdir / f"redis-{self.port}.log"
-        self._argv = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--logfile",
-            str(self.log_path),
-            *extra_args,
-        ]
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._process = subprocess.Popen(
-            self._argv, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while not self._answers():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                log = (
-                    self.log_path.read_text(errors="replace")[-3000:]
-                    if self.log_path.exists()
-                    else ""
-                )
-                raise ServerStartError(f"redis-server did not start on {self.port}; log:\n{log}")
-            time.sleep(0.02)
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                reply = sock.recv(64)
-        except OSError:
-            return False
-        return reply.startswith((b"+PONG", b"-NOAUTH"))
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)  # in case a test left it frozen
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
-    def freeze(self) -> None:
-        """SIGSTOP: the port still accepts connections, nothing answers (a hung server)."""
-        assert self._process is not None
-        os.kill(self._process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self._process is not None
-        os.kill(self._process.pid, signal.SIGCONT)
-
-    def client(self, **options: Any) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **options)
 
 
 @pytest.fixture(scope="module")

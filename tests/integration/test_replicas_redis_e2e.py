@@ -1,0 +1,253 @@
+"""Two broker processes sharing one Redis, as replicas behind a load balancer: revocation,
+single-use client assertions and rate limits hold across them; Redis stopped mid-run makes them
+fail closed with 503 and nothing crashes; Redis back, service resumes without a restart."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from broker.client_secrets import generate_client_secret, hash_client_secret
+from idp_adapters.dev import DevIdentityProvider
+from tests.support.harness import (
+    ACCESS_TOKEN,
+    EXAMPLE_POLICIES,
+    exchange_form,
+    oidc_provider_config,
+    serve_idp,
+)
+from tests.support.jose import public_jwk
+from tests.support.servers import RedisServer, free_loopback_port
+
+BROKER = str(Path(sys.executable).with_name("broker"))
+SECRETS = {n: generate_client_secret() for n in ("triage", "summariser", "tickets", "limited")}
+TRIAGE = ("triage-agent", SECRETS["triage"])
+TICKETS_API = ("tickets-api", SECRETS["tickets"])
+AGENT_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@dataclass
+class Replicas:
+    urls: tuple[str, str]
+    issuer: str
+    idp: DevIdentityProvider
+    redis: RedisServer
+
+
+def _policy_extra() -> dict:
+    return {
+        "agents": {
+            "pkjwt-agent": {
+                "authentication": {
+                    "method": "private_key_jwt",
+                    "jwks": {"keys": [public_jwk(AGENT_KEY, "k1")]},
+                    "algorithms": ["RS256"],
+                },
+                "ceiling": ["tickets:read"],
+                "default_scopes": ["tickets:read"],
+                "audiences": ["https://tickets.internal.example"],
+                "act_for": ["group:dev/support"],
+            },
+            "limited-agent": {
+                "authentication": {
+                    "method": "client_secret_basic",
+                    "secret_hash": hash_client_secret(SECRETS["limited"], method="sha256"),
+                },
+                "ceiling": ["tickets:read"],
+                "default_scopes": ["tickets:read"],
+                "audiences": ["https://tickets.internal.example"],
+                "act_for": ["group:dev/support"],
+                "rate_limits": {"exchanges_per_minute": 4},
+            },
+        }
+    }
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"broker exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"broker did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    workdir = tmp_path_factory.mktemp("replicas")
+    policy_dir = workdir / "policies"
+    shutil.copytree(EXAMPLE_POLICIES, policy_dir)
+    (policy_dir / "zz-replicas.yaml").write_text(yaml.safe_dump(_policy_extra()))
+    redis_server = RedisServer(workdir)
+    redis_server.start()
+    processes: list[subprocess.Popen[bytes]] = []
+    with serve_idp() as (idp, _):
+        ports = (free_loopback_port(), free_loopback_port())
+        issuer = f"http://127.0.0.1:{ports[0]}"  # one issuer, as behind a load balancer
+        env = os.environ | {
+            "TRIAGE_AGENT_SECRET": SECRETS["triage"],
+            "SUMMARISER_AGENT_SECRET": SECRETS["summariser"],
+            "TICKETS_API_SECRET": SECRETS["tickets"],
+        }
+        try:
+            for port in ports:
+                config = workdir / f"broker-{port}.yaml"
+                config.write_text(
+                    yaml.safe_dump(
+                        {
+                            "issuer": issuer,
+                            "policy_dir": str(policy_dir),
+                            "signing_keys": {"directory": str(workdir / "keys")},
+                            "identity_providers": [oidc_provider_config(idp)],
+                            "state": {
+                                "kind": "redis",
+                                "url": redis_server.url,
+                                "socket_timeout_seconds": 0.3,
+                                "connect_timeout_seconds": 0.3,
+                            },
+                            "http": {"port": port},
+                        }
+                    )
+                )
+                log = workdir / f"broker-{port}.log"
+                with log.open("wb") as out:
+                    process = subprocess.Popen(
+                        [BROKER, "serve", "--config", str(config)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                processes.append(process)
+                _wait_ready(f"http://127.0.0.1:{port}", process, log)
+            yield Replicas(tuple(f"http://127.0.0.1:{p}" for p in ports), issuer, idp, redis_server)  # type: ignore[arg-type]
+            for process in processes:
+                assert process.poll() is None, "a replica crashed during the tests"
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=10)
+            redis_server.stop()
+
+
+def _exchange(url: str, form: dict, auth: tuple[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/oauth2/token", data=form, auth=auth, timeout=10)
+
+
+def _active(url: str, token: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/oauth2/introspect", data={"token": token}, auth=TICKETS_API, timeout=10
+    )
+
+
+def _assertion(issuer: str) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": "pkjwt-agent",
+        "sub": "pkjwt-agent",
+        "aud": f"{issuer}/oauth2/token",
+        "iat": now,
+        "exp": now + 60,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, AGENT_KEY, algorithm="RS256", headers={"kid": "k1"})
+
+
+def test_revocation_at_one_replica_holds_at_the_other_within_a_second(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.urls
+    agent = _exchange(a, exchange_form(replicas.idp.mint("alice")), TRIAGE).json()["access_token"]
+    child = _exchange(
+        b, exchange_form(agent, ACCESS_TOKEN), ("summariser-agent", SECRETS["summariser"])
+    )
+    assert child.status_code == 200, child.text
+    assert _active(b, child.json()["access_token"]).json()["active"] is True
+    revoked_at = time.monotonic()
+    assert httpx.post(f"{a}/oauth2/revoke", data={"token": agent}, auth=TRIAGE).status_code == 200
+    while _active(b, child.json()["access_token"]).json()["active"]:
+        assert time.monotonic() - revoked_at < 1.0, "revocation did not reach the other replica"
+        time.sleep(0.05)
+    assert time.monotonic() - revoked_at < 1.0
+
+
+def test_a_client_assertion_used_at_one_replica_is_refused_at_the_other(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.urls
+    form = exchange_form(
+        replicas.idp.mint("alice"),
+        client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        client_assertion=_assertion(replicas.issuer),
+    )
+    assert _exchange(a, form).status_code == 200
+    replay = _exchange(b, form)
+    assert replay.status_code == 401 and "already been used" in replay.text
+
+
+def test_a_rate_limit_is_shared_by_the_replicas(replicas: Replicas) -> None:
+    a, b = replicas.urls
+    limited = ("limited-agent", SECRETS["limited"])
+    person = replicas.idp.mint("alice")
+    statuses = [
+        _exchange(url, exchange_form(person), limited).status_code for url in (a, b, a, b, a)
+    ]
+    assert statuses == [200, 200, 200, 200, 429]
+    assert _exchange(b, exchange_form(person), limited).status_code == 429
+
+
+def test_redis_down_fails_closed_and_recovers_without_restart(replicas: Replicas) -> None:
+    a, b = replicas.urls
+    agent = _exchange(a, exchange_form(replicas.idp.mint("alice")), TRIAGE).json()["access_token"]
+    replicas.redis.stop()
+    try:
+        for url in (a, b):
+            form = exchange_form(
+                replicas.idp.mint("alice"),
+                client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                client_assertion=_assertion(replicas.issuer),
+            )
+            down = _exchange(url, form)
+            assert down.status_code == 503, down.text
+            assert down.json()["error"] == "temporarily_unavailable"
+            introspect = _active(url, agent)
+            assert introspect.status_code == 503
+            reexchange = _exchange(
+                url, exchange_form(agent, ACCESS_TOKEN), ("summariser-agent", SECRETS["summariser"])
+            )
+            assert reexchange.status_code == 503
+            assert "fail closed" in reexchange.json()["error_description"]
+    finally:
+        replicas.redis.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _active(b, agent).status_code == 200:
+            break
+        time.sleep(0.2)
+    assert _active(b, agent).json()["active"] is True
+    recovered = _exchange(
+        a,
+        exchange_form(
+            replicas.idp.mint("alice"),
+            client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            client_assertion=_assertion(replicas.issuer),
+        ),
+    )
+    assert recovered.status_code == 200, recovered.text
