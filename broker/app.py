@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.audit import DecisionLog, DecisionSink, StreamSink
 from broker.cache import CredentialCache
-from broker.client_auth import ClientAuthenticator, WorkloadActorResolver
+from broker.client_auth import AuthenticatedClient, ClientAuthenticator, WorkloadActorResolver
 from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialService, record_cache_event
 from broker.errors import (
@@ -29,8 +29,6 @@ from broker.errors import (
     InvalidRequest,
     OAuthError,
     ServerError,
-    TemporarilyUnavailable,
-    UnauthorizedClient,
     UnsupportedGrantType,
     render_error,
 )
@@ -41,14 +39,13 @@ from broker.exchange import (
     TokenExchangeGrant,
 )
 from broker.introspection import Introspection
-from broker.oauth_request import read_form, read_form_or_json
+from broker.oauth_request import OAuthForm, read_form, read_form_or_json
 from broker.policy.store import PolicyStore
-from broker.revocation import RevocationRequest, Revocations
+from broker.revocation import RevocationEndpoints, Revocations
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
-from broker.state import StateStore, StateUnavailable
+from broker.state import StateStore
 from broker.state_factory import build_state_store
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
-from idp_adapters.base import TokenRejected
 from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
 from secret_backends.registry import build_secret_backends
 
@@ -269,35 +266,77 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         supplied = request.headers.get("x-request-id", "")
         return supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
 
+    Handler = Callable[[Request, OAuthForm, AuthenticatedClient | None, str], Awaitable[dict]]
+
+    def oauth_endpoint(
+        handler: Handler, *, json_body: bool = False, repeatable: frozenset[str] = frozenset()
+    ) -> Callable[[Request], Awaitable[JSONResponse]]:
+        """One shape for every authenticated POST: read the body (capped), authenticate the
+        caller, run the domain handler, render an error in one place, never cache."""
+
+        async def endpoint(request: Request) -> JSONResponse:
+            request_id = _request_id(request)
+            try:
+                if json_body:
+                    form = await read_form_or_json(request, max_bytes=max_body)
+                else:
+                    form = await read_form(request, max_bytes=max_body, repeatable=repeatable)
+                client = await services.clients.authenticate(request.headers, form)
+                body = await handler(request, form, client, request_id)
+            except OAuthError as err:
+                return _error_response(err, settings, request_id)
+            return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+
+        return endpoint
+
     # Endpoints are plain Starlette routes (Request -> Response): FastAPI's dependency solving
     # is not needed here and costs measurable time per request on the hot path.
-    async def token(request: Request) -> JSONResponse:
-        request_id = _request_id(request)
-        try:
-            form = await read_form(request, max_bytes=max_body, repeatable=REPEATABLE_PARAMETERS)
-            client = await services.clients.authenticate(request.headers, form)
-            grant_type = form.non_empty("grant_type")
-            if grant_type is None:
-                raise InvalidRequest("grant_type is required")
-            if grant_type != GRANT_TYPE:
-                raise UnsupportedGrantType(f"only {GRANT_TYPE} is supported")
-            body = await services.exchange.handle(form, client, request_id=request_id)
-        except OAuthError as err:
-            return _error_response(err, settings, request_id)
-        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+    async def token(
+        _: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        grant_type = form.non_empty("grant_type")
+        if grant_type is None:
+            raise InvalidRequest("grant_type is required")
+        if grant_type != GRANT_TYPE:
+            raise UnsupportedGrantType(f"only {GRANT_TYPE} is supported")
+        return await services.exchange.handle(form, client, request_id=request_id)
 
-    async def introspect(request: Request) -> JSONResponse:
-        request_id = _request_id(request)
-        try:
-            form = await read_form(request, max_bytes=max_body)
-            client = await services.clients.authenticate(request.headers, form)
-            if client is None:
-                raise InvalidClient("client authentication is required")
-            body = await services.introspection.handle(form, client, request_id=request_id)
-        except OAuthError as err:
-            return _error_response(err, settings, request_id)
-        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
+    async def introspect(
+        _: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        if client is None:
+            raise InvalidClient("client authentication is required")
+        return await services.introspection.handle(form, client, request_id=request_id)
 
+    async def revoke(
+        _: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        return await revocation.revoke_presented(form, client, request_id=request_id)
+
+    async def admin_revoke(
+        _: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        return await revocation.revoke_by_admin(form, client, request_id=request_id)
+
+    async def fetch_credential(
+        request: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        return await services.credentials.fetch(
+            request.path_params["name"],
+            form,
+            client,
+            version=request.query_params.get("version"),
+            request_id=request_id,
+        )
+
+    async def refresh_credential(
+        request: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        return await services.credentials.refresh(
+            request.path_params["name"], client, request_id=request_id
+        )
+
+    revocation = RevocationEndpoints(services.revocations, services.broker_tokens)
     metadata = authorization_server_metadata(settings)
 
     async def server_metadata(_: Request) -> JSONResponse:
@@ -317,100 +356,16 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    async def fetch_credential(request: Request) -> JSONResponse:
-        request_id = _request_id(request)
-        try:
-            form = await read_form_or_json(request, max_bytes=max_body)
-            client = await services.clients.authenticate(request.headers, form)
-            body = await services.credentials.fetch(
-                request.path_params["name"],
-                form,
-                client,
-                version=request.query_params.get("version"),
-                request_id=request_id,
-            )
-        except OAuthError as err:
-            return _error_response(err, settings, request_id)
-        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
-
-    async def refresh_credential(request: Request) -> JSONResponse:
-        request_id = _request_id(request)
-        try:
-            form = await read_form_or_json(request, max_bytes=max_body)
-            client = await services.clients.authenticate(request.headers, form)
-            body = await services.credentials.refresh(
-                request.path_params["name"], client, request_id=request_id
-            )
-        except OAuthError as err:
-            return _error_response(err, settings, request_id)
-        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
-
-    async def revoke(request: Request) -> JSONResponse:
-        """RFC 7009: the agent holding a token revokes it (and everything derived from it)."""
-        request_id = _request_id(request)
-        try:
-            form = await read_form(request, max_bytes=max_body)
-            client = await services.clients.authenticate(request.headers, form)
-            if client is None:
-                raise InvalidClient("client authentication is required")
-            token = form.non_empty("token")
-            if token is None:
-                raise InvalidRequest("token is required")
-            try:
-                presented = await services.broker_tokens.verify(token)
-            except TokenRejected:
-                # RFC 7009 §2.2: an invalid token is not an error; there is nothing to revoke.
-                return JSONResponse({}, headers={**_NO_STORE, "X-Request-Id": request_id})
-            if client.client_id not in presented.actor_chain:
-                raise UnauthorizedClient("the token was not issued to this client")
-            try:
-                await services.revocations.revoke(
-                    RevocationRequest("token", presented.jti, expires_at=presented.expires_at),
-                    by=client.client_id,
-                    request_id=request_id,
-                )
-            except StateUnavailable:
-                raise TemporarilyUnavailable("revocation cannot be recorded right now") from None
-        except OAuthError as err:
-            return _error_response(err, settings, request_id)
-        return JSONResponse({}, headers={**_NO_STORE, "X-Request-Id": request_id})
-
-    async def admin_revoke(request: Request) -> JSONResponse:
-        """Revoke by token id (and its lineage), by person, or by agent; admins only."""
-        request_id = _request_id(request)
-        try:
-            form = await read_form_or_json(request, max_bytes=max_body)
-            client = await services.clients.authenticate(request.headers, form)
-            if client is None or client.kind != "admin":
-                raise InvalidClient("admin authentication is required")
-            given = [k for k in ("jti", "person", "agent") if form.non_empty(k)]
-            if len(given) != 1:
-                raise InvalidRequest("give exactly one of jti, person or agent")
-            kind = given[0]
-            not_before = form.non_empty("not_before")
-            try:
-                before = float(not_before) if not_before is not None else None
-            except ValueError:
-                raise InvalidRequest("not_before must be seconds since the epoch") from None
-            target = "token" if kind == "jti" else kind
-            try:
-                body = await services.revocations.revoke(
-                    RevocationRequest(target, form[kind], not_before=before),  # type: ignore[arg-type]
-                    by=client.client_id,
-                    request_id=request_id,
-                )
-            except StateUnavailable:
-                raise TemporarilyUnavailable("revocation cannot be recorded right now") from None
-        except OAuthError as err:
-            return _error_response(err, settings, request_id)
-        return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
-
-    app.add_route("/oauth2/token", token, methods=["POST"])
-    app.add_route("/oauth2/revoke", revoke, methods=["POST"])
-    app.add_route("/v1/admin/revocations", admin_revoke, methods=["POST"])
-    app.add_route("/v1/credentials/{name}", fetch_credential, methods=["POST"])
-    app.add_route("/v1/admin/credentials/{name}/refresh", refresh_credential, methods=["POST"])
-    app.add_route("/oauth2/introspect", introspect, methods=["POST"])
+    routes: list[tuple[str, Handler, dict[str, Any]]] = [
+        ("/oauth2/token", token, {"repeatable": REPEATABLE_PARAMETERS}),
+        ("/oauth2/introspect", introspect, {}),
+        ("/oauth2/revoke", revoke, {}),
+        ("/v1/admin/revocations", admin_revoke, {"json_body": True}),
+        ("/v1/credentials/{name}", fetch_credential, {"json_body": True}),
+        ("/v1/admin/credentials/{name}/refresh", refresh_credential, {"json_body": True}),
+    ]
+    for path, handler, options in routes:
+        app.add_route(path, oauth_endpoint(handler, **options), methods=["POST"])
     app.add_route("/.well-known/oauth-authorization-server", server_metadata, methods=["GET"])
     app.add_route("/.well-known/jwks.json", jwks, methods=["GET"])
     app.add_route("/healthz", healthz, methods=["GET"])

@@ -15,13 +15,25 @@ each; when the state cannot be reached the caller fails closed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from broker.audit import DecisionLog
 from broker.clock import Clock
-from broker.errors import OAuthError, TemporarilyUnavailable
+from broker.errors import (
+    InvalidClient,
+    InvalidRequest,
+    OAuthError,
+    TemporarilyUnavailable,
+    UnauthorizedClient,
+)
+from broker.oauth_request import OAuthForm
 from broker.state import StateStore, StateUnavailable
 from broker.types import BrokerToken
+from idp_adapters.base import TokenRejected
+
+if TYPE_CHECKING:
+    from broker.client_auth import AuthenticatedClient
+    from broker.tokens import BrokerTokenVerifier
 
 
 class TokenRevoked(Exception):
@@ -83,7 +95,9 @@ class Revocations:
         if status.revokes((), subjects, token.issued_at):
             raise TokenRevoked("tokens of this person or agent issued before a revocation time")
 
-    async def revoke(self, request: RevocationRequest, *, by: str, request_id: str) -> dict:
+    async def revoke(
+        self, request: RevocationRequest, *, by: str, request_id: str
+    ) -> dict[str, Any]:
         now = self._clock.now()
         if request.kind == "token":
             expires_at = request.expires_at or now + self._max_lifetime
@@ -109,3 +123,66 @@ class Revocations:
             target=request.kind,
         )
         return result
+
+
+class RevocationEndpoints:
+    """The protocol side of revocation: RFC 7009 for token holders, and the admin API."""
+
+    def __init__(self, revocations: Revocations, verifier: BrokerTokenVerifier) -> None:
+        self._revocations = revocations
+        self._verifier = verifier
+
+    async def revoke_presented(
+        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+    ) -> dict[str, Any]:
+        """RFC 7009: an agent in the token's chain revokes it (and everything derived from it)."""
+        if client is None:
+            raise InvalidClient("client authentication is required")
+        token = form.non_empty("token")
+        if token is None:
+            raise InvalidRequest("token is required")
+        try:
+            presented = await self._verifier.verify(token)
+        except TokenRejected:
+            return {}  # RFC 7009 §2.2: an invalid token is not an error; nothing to revoke
+        if client.client_id not in presented.actor_chain:
+            raise UnauthorizedClient("the token was not issued to this client")
+        await self._record(
+            RevocationRequest("token", presented.jti, expires_at=presented.expires_at),
+            client,
+            request_id,
+        )
+        return {}
+
+    async def revoke_by_admin(
+        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+    ) -> dict[str, Any]:
+        """Revoke by ``jti`` (and its lineage), or everything of a ``person`` or ``agent``
+        issued before ``not_before`` (default: now)."""
+        if client is None or client.kind != "admin":
+            raise InvalidClient("admin authentication is required")
+        given = [k for k in ("jti", "person", "agent") if form.non_empty(k)]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of jti, person or agent")
+        kind = given[0]
+        raw_before = form.non_empty("not_before")
+        try:
+            not_before = float(raw_before) if raw_before is not None else None
+        except ValueError:
+            raise InvalidRequest("not_before must be seconds since the epoch") from None
+        target: Literal["token", "person", "agent"] = "token" if kind == "jti" else kind  # type: ignore[assignment]
+        return await self._record(
+            RevocationRequest(target, form[kind], not_before=not_before), client, request_id
+        )
+
+    async def _record(
+        self, request: RevocationRequest, client: AuthenticatedClient, request_id: str
+    ) -> dict[str, Any]:
+        try:
+            return await self._revocations.revoke(
+                request, by=client.client_id, request_id=request_id
+            )
+        except StateUnavailable:
+            raise TemporarilyUnavailable(
+                "the revocation cannot be recorded right now", reason="state_unavailable"
+            ) from None
