@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,17 @@ import pytest
 import yaml
 
 from idp_adapters._loopback import reserve_loopback_socket
-from tests.support.harness import ACCESS_TOKEN, ID_TOKEN, REPO, TICKETS, TOKEN_EXCHANGE
+from tests.support.harness import (
+    ACCESS_TOKEN,
+    BROKER_COMMAND,
+    ID_TOKEN,
+    REPO,
+    TICKETS,
+    TOKEN_EXCHANGE,
+    wait_until_serving,
+)
 
-BROKER = str(Path(sys.executable).with_name("broker"))
+BROKER = BROKER_COMMAND
 
 
 def _free_port() -> int:
@@ -28,20 +35,6 @@ def _free_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"broker exited early:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"broker did not become ready:\n{log.read_text()}")
 
 
 @pytest.fixture
@@ -71,7 +64,7 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, process, log)
+        wait_until_serving(url, process, log)
         yield url, f"http://127.0.0.1:{idp_port}", tmp_path / "state", log
     finally:
         process.terminate()
@@ -237,7 +230,7 @@ def test_serve_runs_with_environment_overrides(tmp_path: Path) -> None:
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, process, log)
+        wait_until_serving(url, process, log)
         metadata = httpx.get(f"{url}/.well-known/oauth-authorization-server").json()
         assert metadata["issuer"] == url
     finally:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import jwt
@@ -24,15 +22,17 @@ from broker.client_secrets import generate_client_secret, hash_client_secret
 from idp_adapters.dev import DevIdentityProvider
 from tests.support.harness import (
     ACCESS_TOKEN,
+    BROKER_COMMAND,
     EXAMPLE_POLICIES,
     exchange_form,
     oidc_provider_config,
     serve_idp,
+    wait_until_serving,
 )
 from tests.support.jose import public_jwk
 from tests.support.servers import RedisServer, free_loopback_port
 
-BROKER = str(Path(sys.executable).with_name("broker"))
+BROKER = BROKER_COMMAND
 SECRETS = {n: generate_client_secret() for n in ("triage", "summariser", "tickets", "limited")}
 TRIAGE = ("triage-agent", SECRETS["triage"])
 TICKETS_API = ("tickets-api", SECRETS["tickets"])
@@ -74,20 +74,6 @@ def _policy_extra() -> dict:
             },
         }
     }
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"broker exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"broker did not start:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +122,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                         env=env,
                     )
                 processes.append(process)
-                _wait_ready(f"http://127.0.0.1:{port}", process, log)
+                wait_until_serving(f"http://127.0.0.1:{port}", process, log)
             yield Replicas(tuple(f"http://127.0.0.1:{p}" for p in ports), issuer, idp, redis_server)  # type: ignore[arg-type]
             for process in processes:
                 assert process.poll() is None, "a replica crashed during the tests"

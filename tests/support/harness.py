@@ -8,12 +8,16 @@ example policies plus test-only agents, and decision records captured in memory.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from broker.app import BrokerServices, build_services, create_app
@@ -126,3 +130,21 @@ def exchange_form(subject_token: str, subject_token_type: str = ID_TOKEN, **extr
         "subject_token_type": subject_token_type,
         **extra,
     }
+
+
+BROKER_COMMAND = str(Path(sys.executable).with_name("broker"))
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for a `broker` process to answer /healthz; fail with its log if it exits or stalls."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"broker exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"broker did not start:\n{log.read_text()}")
