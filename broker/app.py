@@ -130,10 +130,16 @@ def build_services(
         http,
         clock,
         allow_development=settings.allow_development_components,
+        state=state,
     )
     workloads = build_workload_verifiers(settings.workload_issuers, http, clock)
     exchange = TokenExchangeGrant(
-        subjects=SubjectTokenVerifier(adapters, broker_tokens, settings.issuer),
+        subjects=SubjectTokenVerifier(
+            adapters,
+            broker_tokens,
+            settings.issuer,
+            max_bytes=max([p.max_token_bytes for p in settings.identity_providers], default=16384),
+        ),
         workload_actors=WorkloadActorResolver(workloads, policies.current),
         policy=policies.current,
         issuer=TokenIssuer(keyring, settings.issuer, clock),

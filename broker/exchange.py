@@ -33,12 +33,15 @@ from broker.tokens import BrokerTokenVerifier, TokenIssuer
 from broker.types import BrokerToken, Provenance, Sensitive, TokenType
 from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwt_verify import unverified_claims
+from idp_adapters.saml import ReplayCheckUnavailable, saml_issuer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 REPEATABLE_PARAMETERS = frozenset({"audience", "resource"})
-SUBJECT_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.ID_TOKEN, TokenType.JWT})
+SUBJECT_TOKEN_TYPES = frozenset(
+    {TokenType.ACCESS_TOKEN, TokenType.ID_TOKEN, TokenType.JWT, TokenType.SAML2}
+)
 ISSUABLE_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.JWT})
-MAX_SUBJECT_TOKEN_BYTES = 16384
+DEFAULT_MAX_SUBJECT_TOKEN_BYTES = 16384
 
 _ERRORS: Mapping[str, type[OAuthError]] = {
     "invalid_scope": InvalidScope,
@@ -57,55 +60,56 @@ class Subject:
 
 
 class SubjectTokenVerifier:
-    """Routes a subject token to the one verifier that may accept it, by exact issuer."""
+    """Routes a subject token to the one verifier that may accept it, by exact issuer: the
+    ``iss`` of a JWT, the ``Issuer`` of a SAML assertion (read unverified, for routing only)."""
 
     def __init__(
         self,
         adapters: Mapping[str, IdentityAdapter],
         broker_tokens: BrokerTokenVerifier,
         broker_issuer: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_SUBJECT_TOKEN_BYTES,
     ) -> None:
         self._adapters = adapters
         self._broker_tokens = broker_tokens
         self._broker_issuer = broker_issuer
+        self._max_bytes = max_bytes
 
     async def verify(self, token: Sensitive, token_type: TokenType) -> Subject:
         raw = token.reveal()
-        if len(raw) > MAX_SUBJECT_TOKEN_BYTES:
+        if len(raw) > self._max_bytes:
             raise InvalidGrant(
-                f"subject_token exceeds {MAX_SUBJECT_TOKEN_BYTES} bytes",
+                f"subject_token exceeds {self._max_bytes} bytes",
                 reason="subject_token_too_large",
             )
         try:
-            issuer = unverified_claims(raw, max_bytes=MAX_SUBJECT_TOKEN_BYTES).get("iss")
+            issuer = (
+                saml_issuer(raw, max_bytes=self._max_bytes)
+                if token_type is TokenType.SAML2
+                else unverified_claims(raw, max_bytes=self._max_bytes).get("iss")
+            )
         except TokenRejected as exc:
+            kind = "SAML assertion" if token_type is TokenType.SAML2 else "JWT"
             raise InvalidGrant(
-                f"subject_token is not a well-formed JWT: {exc.reason}",
+                f"subject_token is not a well-formed {kind}: {exc.reason}",
                 reason="subject_token_malformed",
             ) from None
+        if issuer == self._broker_issuer and token_type is not TokenType.SAML2:
+            return await self._verify_broker_token(raw, token_type)
+        adapter = self._adapters.get(issuer) if isinstance(issuer, str) else None
+        if adapter is None:
+            raise InvalidGrant(
+                "subject_token issuer is not a trusted identity provider",
+                reason="unknown_issuer",
+            )
+        if not adapter.accepts(token_type):
+            raise InvalidRequest(
+                f"identity provider {adapter.name!r} does not accept "
+                f"subject_token_type {token_type}"
+            )
         try:
-            if issuer == self._broker_issuer:
-                if token_type == TokenType.ID_TOKEN:
-                    raise InvalidGrant(
-                        "a token issued by this broker is not a person's ID token; present it "
-                        f"as {TokenType.ACCESS_TOKEN} to re-exchange it",
-                        reason="broker_token_as_id_token",
-                    )
-                parent = await self._broker_tokens.verify(raw)
-                return Subject(parent.provenance, parent)
-            adapter = self._adapters.get(issuer) if isinstance(issuer, str) else None
-            if adapter is None:
-                raise InvalidGrant(
-                    "subject_token issuer is not a trusted identity provider",
-                    reason="unknown_issuer",
-                )
-            if not adapter.accepts(token_type):
-                raise InvalidRequest(
-                    f"identity provider {adapter.name!r} does not accept "
-                    f"subject_token_type {token_type}"
-                )
             principal = await adapter.authenticate(raw, token_type)
-            return Subject(Provenance.from_principal(principal), None)
         except TokenRejected as exc:
             raise InvalidGrant(
                 f"subject_token rejected: {exc.reason}",
@@ -116,8 +120,29 @@ class SubjectTokenVerifier:
             raise TemporarilyUnavailable(
                 f"cannot verify subject_token: {exc.reason}",
                 debug=exc.debug,
-                reason="idp_unavailable",
+                reason="state_unavailable"
+                if isinstance(exc, ReplayCheckUnavailable)
+                else "idp_unavailable",
             ) from None
+        return Subject(Provenance.from_principal(principal), None)
+
+    async def _verify_broker_token(self, raw: str, token_type: TokenType) -> Subject:
+        """A re-exchange: a token this broker issued, presented by a sub-agent."""
+        if token_type == TokenType.ID_TOKEN:
+            raise InvalidGrant(
+                "a token issued by this broker is not a person's ID token; present it "
+                f"as {TokenType.ACCESS_TOKEN} to re-exchange it",
+                reason="broker_token_as_id_token",
+            )
+        try:
+            parent = await self._broker_tokens.verify(raw)
+        except TokenRejected as exc:
+            raise InvalidGrant(
+                f"subject_token rejected: {exc.reason}",
+                debug=exc.debug,
+                reason="subject_token_rejected",
+            ) from None
+        return Subject(parent.provenance, parent)
 
 
 def _parse_scope(value: str | None) -> tuple[str, ...] | None:

@@ -5,6 +5,8 @@ Kinds map to implementations:
 * ``oidc`` -> `OidcAdapter`;
 * ``dev``  -> `OidcAdapter` as well (the development IdP is a real OIDC issuer on loopback), but
   only when development components are explicitly allowed;
+* ``saml`` -> `SamlAdapter` (SAML 2.0 assertions; needs the shared `StateStore` for replay
+  protection);
 * ``kubernetes``, ``spiffe`` -> `WorkloadVerifier` (workload issuers only).
 """
 
@@ -16,8 +18,10 @@ import httpx
 
 from broker.clock import Clock
 from broker.settings import IdentityProviderConfig
+from broker.state import StateStore
 from idp_adapters.base import IdentityAdapter
 from idp_adapters.oidc import OidcAdapter
+from idp_adapters.saml import SamlAdapter
 from idp_adapters.workload import WORKLOAD_KINDS, WorkloadVerifier
 
 
@@ -27,11 +31,13 @@ def build_identity_adapters(
     clock: Clock,
     *,
     allow_development: bool,
+    state: StateStore | None = None,
 ) -> dict[str, IdentityAdapter]:
     """One adapter per configured identity provider, keyed by its exact issuer.
 
-    Raises ValueError for a ``dev`` provider without `allow_development`, a workload kind among
-    people's identity providers, or two providers sharing an issuer.
+    Raises ValueError for a ``dev`` provider without `allow_development`, a ``saml`` provider
+    without `state` (its assertion IDs must be single use), a workload kind among people's
+    identity providers, or two providers sharing an issuer.
     """
     adapters: dict[str, IdentityAdapter] = {}
     for config in configs:
@@ -47,6 +53,14 @@ def build_identity_adapters(
             )
         if config.issuer in adapters:
             raise ValueError(f"identity provider {config.name!r}: issuer configured twice")
+        if config.kind == "saml":
+            if state is None:
+                raise ValueError(
+                    f"identity provider {config.name!r}: kind saml needs the shared state store "
+                    "(assertion replay protection)"
+                )
+            adapters[config.issuer] = SamlAdapter(config, state, clock)
+            continue
         adapters[config.issuer] = OidcAdapter(config, http, clock)
     return adapters
 
