@@ -30,6 +30,14 @@ from tests.support.harness import (
     wait_until_serving,
 )
 from tests.support.jose import public_jwk
+from tests.support.saml_idp import (
+    ACS_URL,
+    IDP_ENTITY_ID,
+    SP_ENTITY_ID,
+    SamlTestIdp,
+    assertion_token,
+    make_key_pair,
+)
 from tests.support.servers import RedisServer, free_loopback_port
 
 BROKER = BROKER_COMMAND
@@ -45,11 +53,23 @@ class Replicas:
     issuer: str
     idp: DevIdentityProvider
     redis: RedisServer
+    saml_idp: SamlTestIdp
 
 
 def _policy_extra() -> dict:
     return {
+        "group_bindings": [{"idp": "corp-saml", "group": "support", "roles": ["support"]}],
         "agents": {
+            "saml-agent": {
+                "authentication": {
+                    "method": "client_secret_basic",
+                    "secret_hash": hash_client_secret(SECRETS["limited"], method="sha256"),
+                },
+                "ceiling": ["tickets:read"],
+                "default_scopes": ["tickets:read"],
+                "audiences": ["https://tickets.internal.example"],
+                "act_for": ["group:corp-saml/support"],
+            },
             "pkjwt-agent": {
                 "authentication": {
                     "method": "private_key_jwt",
@@ -72,7 +92,7 @@ def _policy_extra() -> dict:
                 "act_for": ["group:dev/support"],
                 "rate_limits": {"exchanges_per_minute": 4},
             },
-        }
+        },
     }
 
 
@@ -84,6 +104,15 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     (policy_dir / "zz-replicas.yaml").write_text(yaml.safe_dump(_policy_extra()))
     redis_server = RedisServer(workdir)
     redis_server.start()
+    saml_idp = SamlTestIdp(make_key_pair(workdir, "saml-idp"))
+    saml_config = {
+        "name": "corp-saml",
+        "kind": "saml",
+        "issuer": IDP_ENTITY_ID,
+        "sp_entity_id": SP_ENTITY_ID,
+        "acs_url": ACS_URL,
+        "idp_certificate_ref": f"file:{saml_idp.keys.cert_file}",
+    }
     processes: list[subprocess.Popen[bytes]] = []
     with serve_idp() as (idp, _):
         ports = (free_loopback_port(), free_loopback_port())
@@ -102,7 +131,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                             "issuer": issuer,
                             "policy_dir": str(policy_dir),
                             "signing_keys": {"directory": str(workdir / "keys")},
-                            "identity_providers": [oidc_provider_config(idp)],
+                            "identity_providers": [oidc_provider_config(idp), saml_config],
                             "state": {
                                 "kind": "redis",
                                 "url": redis_server.url,
@@ -123,7 +152,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                     )
                 processes.append(process)
                 wait_until_serving(f"http://127.0.0.1:{port}", process, log)
-            yield Replicas(tuple(f"http://127.0.0.1:{p}" for p in ports), issuer, idp, redis_server)  # type: ignore[arg-type]
+            urls = (f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+            yield Replicas(urls, issuer, idp, redis_server, saml_idp)
             for process in processes:
                 assert process.poll() is None, "a replica crashed during the tests"
         finally:
@@ -186,6 +216,19 @@ def test_a_client_assertion_used_at_one_replica_is_refused_at_the_other(
     assert _exchange(a, form).status_code == 200
     replay = _exchange(b, form)
     assert replay.status_code == 401 and "already been used" in replay.text
+
+
+def test_a_saml_assertion_used_at_one_replica_is_refused_at_the_other(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.urls
+    assertion = assertion_token(replicas.saml_idp.response("alice", {"groups": ["support"]}))
+    form = exchange_form(assertion, "urn:ietf:params:oauth:token-type:saml2")
+    agent = ("saml-agent", SECRETS["limited"])
+    first = _exchange(a, form, agent)
+    assert first.status_code == 200, first.text
+    replay = _exchange(b, form, agent)
+    assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant"
 
 
 def test_a_rate_limit_is_shared_by_the_replicas(replicas: Replicas) -> None:
