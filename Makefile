@@ -29,8 +29,12 @@ test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-## make bench: benchmarks with same-run baselines
-bench: install-test
+## make bench: benchmarks with same-run baselines (the test and bench extras)
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench
 
 lint: install-test

@@ -8,7 +8,10 @@ import signal
 import sys
 from types import FrameType
 
-from bench import exchange
+from bench import cache_hit, credentials, exchange
+
+SECTIONS = ("exchange", "credentials", "cache")
+"""What ``--only`` may name, in the order a full run measures them."""
 
 _NUMBERS: list[tuple[str, type, str | None, str]] = [
     # (option = exchange.Options field, type, environment variable or None, help)
@@ -21,12 +24,30 @@ _NUMBERS: list[tuple[str, type, str | None, str]] = [
 ]
 
 
-def _parse(argv: list[str] | None) -> exchange.Options:
+def _sections(text: str) -> tuple[str, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(SECTIONS)}; got {text!r}"
+        )
+    return tuple(name for name in SECTIONS if name in names)
+
+
+def _parse(argv: list[str] | None) -> tuple[exchange.Options, tuple[str, ...]]:
     defaults = exchange.Options()
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Token exchange throughput/latency beside same-run baselines "
-        "(broker /healthz, OpenBao JWT login).",
+        description="Token exchange and credential fetch throughput/latency beside same-run "
+        "baselines (broker /healthz, OpenBao JWT login, OpenBao KV read), and the in-process "
+        "cost of a credential cache hit (beside a dict lookup and AWS's SecretCache).",
+    )
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        default=SECTIONS,
+        metavar="|".join(SECTIONS),
+        help="run only these sections, comma-separated (default: all)",
     )
     for name, kind, env, text in _NUMBERS:
         default = getattr(defaults, name)
@@ -37,7 +58,9 @@ def _parse(argv: list[str] | None) -> exchange.Options:
             f"--{name}", type=kind, default=default, help=f"{text} ({where}default %(default)s)"
         )
     parser.add_argument(
-        "--no-bao-audit", action="store_true", help="skip the OpenBao row with a file audit device"
+        "--no-bao-audit",
+        action="store_true",
+        help="skip the OpenBao rows with a file audit device (the broker's store keeps one)",
     )
     parser.add_argument(
         "--keep",
@@ -47,7 +70,7 @@ def _parse(argv: list[str] | None) -> exchange.Options:
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.concurrency < 1 or args.processes < 1:
         parser.error("seconds must be > 0, warmup >= 0, concurrency and processes >= 1")
-    return exchange.Options(
+    options = exchange.Options(
         seconds=args.seconds,
         warmup=args.warmup,
         concurrency=args.concurrency,
@@ -57,6 +80,7 @@ def _parse(argv: list[str] | None) -> exchange.Options:
         bao_audit=not args.no_bao_audit,
         keep=args.keep,
     )
+    return options, args.only
 
 
 def _terminate(signum: int, _frame: FrameType | None) -> None:
@@ -64,11 +88,18 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = _parse(argv)
+    options, sections = _parse(argv)
     signal.signal(signal.SIGTERM, _terminate)  # stop everything as on Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     try:
-        exchange.run(options)
+        for section in sections:
+            if section == "exchange":
+                exchange.run(options)
+            elif section == "credentials":
+                credentials.run(options)
+            else:
+                cache_hit.main()
+            print("")
     except KeyboardInterrupt:
         print("interrupted; everything started has been stopped", file=sys.stderr)
         return 130

@@ -85,6 +85,18 @@ def cpu_seconds_by_pid(pids: list[int]) -> dict[int, float]:
     return used
 
 
+def wait_until_idle(pid: int, *, timeout: float = 15.0, interval: float = 0.5) -> None:
+    """Wait (at most `timeout` s) until `pid`'s process tree uses under 5% of a core: a
+    multi-worker server answers once one worker is up, while the others may still be importing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = process_tree(pid)
+        before = sum(cpu_seconds_by_pid(pids).values())
+        time.sleep(interval)
+        if sum(cpu_seconds_by_pid(pids).values()) - before < 0.05 * interval:
+            return
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all cores; Linux /proc/stat)."""
     try:
@@ -228,20 +240,31 @@ class Broker:
 
 
 @contextlib.contextmanager
-def broker_server(issuer: Issuer, workdir: Path, *, workers: int) -> Iterator[Broker]:
-    """``broker serve`` with `workers` uvicorn workers and `broker_config`. Its output (decision
-    records included) goes to a file."""
-    workdir = workdir / "broker"
+def broker_server(
+    issuer: Issuer,
+    workdir: Path,
+    *,
+    workers: int,
+    name: str = "broker",
+    extra_config: dict[str, Any] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Broker]:
+    """``broker serve`` with `workers` uvicorn workers and `broker_config` (plus `extra_config`
+    sections, e.g. ``secret_backends``; `extra_env` for the secrets they reference), in
+    ``workdir / name``. Its output (decision records included) goes to a file."""
+    workdir = workdir / name
     workdir.mkdir()
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     config = broker_config(issuer, url, workdir)
+    config.update(extra_config or {})
     config["http"] = {"host": LOOPBACK, "port": port, "workers": workers}
     config_file = workdir / "broker.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     secret = secrets.token_urlsafe(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env["TRIAGE_AGENT_SECRET"] = secret
+    env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
     script = _venv_script("broker")
     if script:
@@ -269,6 +292,24 @@ class OpenBao:
     role: str
     log: Path
     version: str
+    root_token: str
+    audit_log: Path | None
+    """The file audit device's output (None without one)."""
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One call with the root token (setup only); the JSON answer, {} when there is none."""
+        response = httpx.request(
+            method,
+            f"{self.url}{path}",
+            headers={"X-Vault-Token": self.root_token},
+            json=body,
+            timeout=10.0,
+        )
+        if response.status_code >= 300:
+            raise RuntimeError(
+                f"OpenBao {method} {path}: HTTP {response.status_code} {response.text}"
+            )
+        return response.json() if response.content else {}
 
 
 def _bao_binary() -> str:
@@ -287,9 +328,11 @@ def _bao_binary() -> str:
 
 
 @contextlib.contextmanager
-def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Iterator[OpenBao]:
-    """``bao server -dev`` (in memory) with JWT auth configured for `issuer` (``jwks_url``), a
-    role issuing batch tokens, and optionally a file audit device."""
+def openbao_server(
+    issuer: Issuer | None, workdir: Path, *, audit: bool = False
+) -> Iterator[OpenBao]:
+    """``bao server -dev`` (in memory) with JWT auth configured for `issuer` (``jwks_url``; none
+    without an issuer), a role issuing batch tokens, and optionally a file audit device."""
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     root_token = secrets.token_urlsafe(24)
@@ -303,6 +346,7 @@ def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Ite
     ).stdout.strip()
     suffix = "-audit" if audit else ""
     log = workdir / f"openbao{suffix}.log"
+    audit_log = workdir / f"openbao{suffix}-trail.log" if audit else None
     command = [
         binary,
         "server",
@@ -314,7 +358,7 @@ def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Ite
     if audit:
         # OpenBao refuses to enable audit devices through the API: declare one in a config file.
         audit_config = workdir / "openbao-audit.hcl"
-        audit_file = json.dumps(str(workdir / "openbao-audit-trail.log"))
+        audit_file = json.dumps(str(audit_log))
         audit_config.write_text(
             f'audit "file" "bench" {{\n  options {{\n    file_path = {audit_file}\n  }}\n}}\n'
         )
@@ -323,22 +367,15 @@ def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Ite
     try:
         _wait_http_ok(f"{url}/v1/sys/health", proc, log, "OpenBao")
         role = "bench-person"
-        with httpx.Client(base_url=url, headers={"X-Vault-Token": root_token}, timeout=10.0) as api:
-
-            def call(method: str, path: str, body: dict[str, Any] | None = None) -> None:
-                response = api.request(method, path, json=body)
-                if response.status_code >= 300:
-                    raise RuntimeError(
-                        f"OpenBao {method} {path}: HTTP {response.status_code} {response.text}"
-                    )
-
-            call("POST", "/v1/sys/auth/jwt", {"type": "jwt"})
-            call(
+        bao = OpenBao(url, port, proc.pid, role, log, version, root_token, audit_log)
+        if issuer is not None:
+            bao.api("POST", "/v1/sys/auth/jwt", {"type": "jwt"})
+            bao.api(
                 "POST",
                 "/v1/auth/jwt/config",
                 {"jwks_url": issuer.provider.jwks_uri, "bound_issuer": issuer.url},
             )
-            call(
+            bao.api(
                 "POST",
                 f"/v1/auth/jwt/role/{role}",
                 {
@@ -351,6 +388,6 @@ def openbao_server(issuer: Issuer, workdir: Path, *, audit: bool = False) -> Ite
                     "token_ttl": "15m",
                 },
             )
-        yield OpenBao(url, port, proc.pid, role, log, version)
+        yield bao
     finally:
         _stop_process(proc)

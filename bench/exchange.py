@@ -80,7 +80,12 @@ SERVE = "broker serve"
 
 
 def exchange_request(
-    client_id: str, client_secret: str, person_token: str
+    client_id: str,
+    client_secret: str,
+    person_token: str,
+    *,
+    scope: str = SCOPE,
+    audience: str = AUDIENCE,
 ) -> tuple[dict[str, str], bytes]:
     """Headers and form body of the benchmarked RFC 8693 exchange (HTTP Basic client auth)."""
     basic = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
@@ -93,8 +98,8 @@ def exchange_request(
             "grant_type": GRANT_TYPE,
             "subject_token": person_token,
             "subject_token_type": ID_TOKEN_TYPE,
-            "scope": SCOPE,
-            "audience": AUDIENCE,
+            "scope": scope,
+            "audience": audience,
         }
     ).encode()
     return headers, body
@@ -141,7 +146,27 @@ def keepalive_probe_ms(port: int, requests: int = 9) -> float:
     return statistics.median(timings[1:])
 
 
-def _measure(spec: LoadSpec, group: str, server_pid: int, options: Options) -> Row:
+def warn_if_busy(print_: Callable[[str], None]) -> None:
+    """Watch the machine for a second; warn when something else keeps a core busy."""
+    busy_before = machine_busy_seconds()
+    time.sleep(1.0)
+    idle_load = machine_busy_seconds() - busy_before
+    if idle_load > 0.25:
+        print_(
+            f"WARNING: before measuring, other processes kept {100 * idle_load:.0f}% of a core "
+            "busy; the figures below will be low and noisy (see 'other CPU %')"
+        )
+
+
+def _measure(
+    spec: LoadSpec,
+    group: str,
+    server_pid: int,
+    options: Options,
+    on_edge: Callable[[str], None] | None = None,
+) -> Row:
+    """Drive `spec` and sample the server's CPU at the measured window's edges (`on_edge`, if
+    given, is called there too, after the samples)."""
     samples: dict[str, dict[int, float]] = {}
     machine: dict[str, float] = {}
     pids: list[int] = []
@@ -151,6 +176,8 @@ def _measure(spec: LoadSpec, group: str, server_pid: int, options: Options) -> R
             pids.extend(process_tree(server_pid))
         samples[edge] = cpu_seconds_by_pid(pids)
         machine[edge] = machine_busy_seconds()
+        if on_edge is not None:
+            on_edge(edge)
 
     result = run_load(
         spec,
@@ -250,14 +277,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
             servers["OpenBao JWT login + audit"] = audited.pid
 
         print_(_header(options, bao, probe_ms))
-        busy_before = machine_busy_seconds()
-        time.sleep(1.0)
-        idle_load = machine_busy_seconds() - busy_before
-        if idle_load > 0.25:
-            print_(
-                f"WARNING: before measuring, other processes kept {100 * idle_load:.0f}% of a core "
-                "busy; the figures below will be low and noisy (see 'other CPU %')"
-            )
+        warn_if_busy(print_)
         records_before = {group: _count_decision_records(log) for group, log in logs.items()}
         for round_no in range(1, options.rounds + 1):
             for spec, group in targets:

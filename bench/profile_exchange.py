@@ -144,7 +144,7 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
 
     from broker.app import _NO_STORE
     from broker.clock import SystemClock
-    from broker.exchange import MAX_SUBJECT_TOKEN_BYTES
+    from broker.exchange import DEFAULT_MAX_SUBJECT_TOKEN_BYTES
     from broker.oauth_request import MAX_FIELDS
     from broker.tokens import ACCESS_TOKEN_TYP
     from idp_adapters.jwks import StaticJwks
@@ -159,7 +159,7 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
     header_b64, payload_b64, sig_b64 = person_token.split(".")
     signing_input = f"{header_b64}.{payload_b64}".encode()
     signature = _b64url_decode(sig_b64)
-    claims = unverified_claims(person_token, max_bytes=MAX_SUBJECT_TOKEN_BYTES)
+    claims = unverified_claims(person_token, max_bytes=DEFAULT_MAX_SUBJECT_TOKEN_BYTES)
     header = _decode_json_segment(header_b64, "header")
     keys = StaticJwks(issuer_jwks)  # the key a resolver hands verify_jwt (cached PyJWK)
     pyjwk = _run_sync(keys.get_signing_key(header.get("kid"), "RS256"))
@@ -189,7 +189,7 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
     rows = [
         _micro(
             "issuer peek (jwt_verify.unverified_claims)",
-            lambda: unverified_claims(person_token, max_bytes=MAX_SUBJECT_TOKEN_BYTES),
+            lambda: unverified_claims(person_token, max_bytes=DEFAULT_MAX_SUBJECT_TOKEN_BYTES),
             5000,
         ),
         _micro(
@@ -223,7 +223,7 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
                     algorithms=["RS256"],
                     clock=clock,
                     leeway=60,
-                    max_bytes=MAX_SUBJECT_TOKEN_BYTES,
+                    max_bytes=DEFAULT_MAX_SUBJECT_TOKEN_BYTES,
                     require=("exp", "iat", "iss"),
                 )
             ),

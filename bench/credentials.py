@@ -1,0 +1,599 @@
+"""Credential fetches per second and latency at N concurrent clients, beside same-run baselines:
+
+* ``GET /healthz`` on the same broker server: what HTTP + uvicorn + Starlette alone cost;
+* a direct KV v2 read of the same secret from OpenBao (``GET /v1/secret/data/llm/openai`` with a
+  token whose policy allows just that secret), with and without a file audit device: what a
+  gateway would pay reading the store itself.
+
+The broker runs as ``broker serve`` as shipped, with a ``vault`` secret backend pointing at an
+OpenBao dev server that has a file audit device: after the load, the audit trail tells how many
+data reads and version checks (KV metadata reads) the broker's cache made per 100,000 fetches.
+Every fetch is a cache hit after each worker's first load: the bench checks that too.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import platform
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import yaml
+
+from bench._loadgen import LoadSpec, build_request, cpu_count
+from bench._report import table
+from bench._servers import (
+    LOOPBACK,
+    REPO,
+    Broker,
+    Issuer,
+    OpenBao,
+    broker_server,
+    dev_issuer,
+    openbao_server,
+    wait_until_idle,
+)
+from bench.exchange import (
+    PERSON,
+    STALL_MS,
+    Options,
+    Row,
+    _cpu_ms,
+    _measure,
+    _median_row,
+    _results_table,
+    _stall_warning,
+    _uvicorn_stack,
+    exchange_request,
+    keepalive_probe_ms,
+    warn_if_busy,
+)
+from broker.credentials import cache_policy
+from broker.policy.model import Credential
+
+CREDENTIAL = "openai-api-key"
+GATEWAY = "llm-gateway"
+AGENT_SCOPE = "llm:openai:chat"
+AGENT_AUDIENCE = "llm-gateway"
+BACKEND = "vault"
+KV_MOUNT = "secret"
+TARGET_RATIO = 2.0
+TARGET_P99_MS = 20.0
+BROKER_TOKEN_NAME = "bench-broker"
+"""Display name of the broker's OpenBao token: its audit entries read ``token-bench-broker``."""
+DIRECT_TOKEN_NAME = "bench-direct"
+VAULT_TOKEN_ENV = "BENCH_VAULT_TOKEN"
+GATEWAY_SECRET_ENV = "LLM_GATEWAY_SECRET"
+
+SERVE = "broker serve"
+FETCH = f"{SERVE}: credential fetch"
+HEALTHZ = f"{SERVE}: GET /healthz"
+BAO_READ = "OpenBao KV read"
+BAO_READ_AUDIT = "OpenBao KV read + audit"
+
+
+def _credential() -> Credential:
+    """The example policy's declaration of `CREDENTIAL` (path, field, refresh interval)."""
+    document = yaml.safe_load((REPO / "policies" / "credentials.yaml").read_text())
+    return Credential.model_validate(document["credentials"][CREDENTIAL])
+
+
+def _reader_policy(path: str) -> str:
+    """An OpenBao ACL policy reading one KV v2 secret: data and metadata (the version check)."""
+    return (
+        f'path "{KV_MOUNT}/data/{path}" {{ capabilities = ["read"] }}\n'
+        f'path "{KV_MOUNT}/metadata/{path}" {{ capabilities = ["read"] }}\n'
+    )
+
+
+def _seed(bao: OpenBao, path: str, data: dict[str, str]) -> dict[str, str]:
+    """Write the secret, a reader policy and two tokens holding it (service tokens, 24 h): one
+    for the broker, one for direct reads. Returns {display name: token}."""
+    bao.api("POST", f"/v1/{KV_MOUNT}/data/{path}", {"data": data})
+    bao.api("PUT", "/v1/sys/policies/acl/bench-reader", {"policy": _reader_policy(path)})
+    tokens = {}
+    for name in (BROKER_TOKEN_NAME, DIRECT_TOKEN_NAME):
+        answer = bao.api(
+            "POST",
+            "/v1/auth/token/create",
+            {"policies": ["bench-reader"], "display_name": name, "ttl": "24h"},
+        )
+        tokens[name] = answer["auth"]["client_token"]
+    return tokens
+
+
+def _agent_token(broker: Broker, person_token: str) -> str:
+    """One exchange: triage-agent for the person, scope `AGENT_SCOPE`, audience the gateway."""
+    headers, body = exchange_request(
+        broker.client_id,
+        broker.client_secret,
+        person_token,
+        scope=AGENT_SCOPE,
+        audience=AGENT_AUDIENCE,
+    )
+    response = httpx.post(f"{broker.url}/oauth2/token", headers=headers, content=body, timeout=30)
+    token = response.json().get("access_token") if response.status_code == 200 else None
+    if not token:
+        raise RuntimeError(
+            f"agent token exchange failed: HTTP {response.status_code} {response.text}"
+        )
+    return str(token)
+
+
+def fetch_request(gateway_secret: str, agent_token: str) -> tuple[dict[str, str], bytes]:
+    """Headers and form body of the benchmarked fetch (gateway HTTP Basic, the agent token)."""
+    basic = base64.b64encode(f"{GATEWAY}:{gateway_secret}".encode()).decode()
+    headers = {
+        "Authorization": f"Basic {basic}",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    return headers, urlencode({"token": agent_token}).encode()
+
+
+def _preflight_fetch(
+    broker: Broker, headers: dict[str, str], body: bytes, expected: str
+) -> dict[str, Any]:
+    response = httpx.post(
+        f"{broker.url}/v1/credentials/{CREDENTIAL}", headers=headers, content=body, timeout=30
+    )
+    answer = response.json() if response.status_code == 200 else {}
+    if answer.get("value") != expected:
+        raise RuntimeError(
+            f"credential fetch preflight failed: HTTP {response.status_code} "
+            f"{response.text if response.status_code != 200 else '(200 but not the seeded value)'}"
+        )
+    return dict(answer)
+
+
+def _preflight_read(bao: OpenBao, path: str, token: str, field_name: str, expected: str) -> None:
+    response = httpx.get(
+        f"{bao.url}/v1/{KV_MOUNT}/data/{path}", headers={"X-Vault-Token": token}, timeout=30
+    )
+    data = response.json().get("data", {}).get("data", {}) if response.status_code == 200 else {}
+    if data.get(field_name) != expected:
+        raise RuntimeError(f"OpenBao read preflight failed: HTTP {response.status_code}")
+
+
+def _count_fetch_records(log: Path) -> int:
+    """Granted ``credential.fetch`` decision records in the broker's log."""
+    try:
+        with log.open("rb") as handle:
+            return sum(
+                1
+                for line in handle
+                if b'"event":"credential.fetch"' in line and b'"outcome":"granted"' in line
+            )
+    except OSError:
+        return 0
+
+
+@dataclass
+class BackendCalls:
+    """The broker token's requests in OpenBao's audit trail, in a period."""
+
+    data_reads: int = 0
+    version_checks: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+
+
+def _audit_times(audit_log: Path, display_name: str) -> list[tuple[float, str]]:
+    """(wall-clock time, API path) of every request the token named `display_name` made."""
+    needle = f'"display_name":"token-{display_name}"'.encode()
+    entries = []
+    with audit_log.open("rb") as handle:
+        for line in handle:
+            if needle not in line or b'"type":"request"' not in line:
+                continue
+            entry = json.loads(line)
+            stamp = datetime.fromisoformat(entry["time"]).timestamp()
+            entries.append((stamp, str(entry["request"]["path"])))
+    return entries
+
+
+def _calls_between(
+    entries: list[tuple[float, str]], path: str, start: float, end: float
+) -> BackendCalls:
+    calls = BackendCalls()
+    for stamp, api_path in entries:
+        if not start <= stamp < end:
+            continue
+        if api_path == f"{KV_MOUNT}/data/{path}":
+            calls.data_reads += 1
+        elif api_path == f"{KV_MOUNT}/metadata/{path}":
+            calls.version_checks += 1
+        else:
+            calls.other[api_path] = calls.other.get(api_path, 0) + 1
+    return calls
+
+
+@dataclass
+class _Target:
+    label: str
+    pid: int
+    spec: Callable[[], LoadSpec]
+    """Built right before each measurement (the fetch mints a fresh agent token)."""
+
+
+@dataclass
+class _Windows:
+    """Wall-clock edges of the fetch target's measured windows."""
+
+    edges: list[tuple[float, float]] = field(default_factory=list)
+    _start: float = 0.0
+
+    def on_edge(self, edge: str) -> None:
+        if edge == "start":
+            self._start = time.time()
+        else:
+            self.edges.append((self._start, time.time()))
+
+
+def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
+    """Start everything, measure every target, print the tables, stop everything."""
+    credential = _credential()
+    policy = cache_policy(credential)
+    field_name = credential.field or "value"
+    api_key = "sk-bench-" + secrets.token_urlsafe(32)
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack:
+        if options.keep:
+            workdir = Path(tempfile.mkdtemp(prefix="bench-credentials-"))
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        print_("starting the development issuer, OpenBao (x2) and the broker ...")
+        issuer: Issuer = stack.enter_context(dev_issuer())
+        person_token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
+
+        (workdir / "bao-store").mkdir()
+        store = stack.enter_context(openbao_server(None, workdir / "bao-store", audit=True))
+        store_tokens = _seed(store, credential.path, {field_name: api_key})
+        assert store.audit_log is not None
+        (workdir / "bao-plain").mkdir()
+        plain = stack.enter_context(openbao_server(None, workdir / "bao-plain"))
+        plain_tokens = _seed(plain, credential.path, {field_name: api_key})
+
+        gateway_secret = secrets.token_urlsafe(32)
+        backends = [
+            {
+                "name": BACKEND,
+                "kind": "vault",
+                "address": store.url,
+                "mount": KV_MOUNT,
+                "auth": {"method": "token", "token_ref": f"env:{VAULT_TOKEN_ENV}"},
+            }
+        ]
+        broker_started = time.time()
+        broker = stack.enter_context(
+            broker_server(
+                issuer,
+                workdir,
+                workers=options.workers,
+                name="broker-credentials",
+                extra_config={"secret_backends": backends},
+                extra_env={
+                    VAULT_TOKEN_ENV: store_tokens[BROKER_TOKEN_NAME],
+                    GATEWAY_SECRET_ENV: gateway_secret,
+                },
+            )
+        )
+        wait_until_idle(broker.pid)  # every worker up before anything is measured
+        first = _preflight_fetch(
+            broker, *fetch_request(gateway_secret, _agent_token(broker, person_token)), api_key
+        )
+        probe_ms = keepalive_probe_ms(broker.port)
+
+        def fetch_spec() -> LoadSpec:
+            headers, body = fetch_request(gateway_secret, _agent_token(broker, person_token))
+            _preflight_fetch(broker, headers, body, api_key)
+            path = f"/v1/credentials/{CREDENTIAL}"
+            request = build_request("POST", LOOPBACK, broker.port, path, headers=headers, body=body)
+            return LoadSpec(FETCH, LOOPBACK, broker.port, request)
+
+        def read_spec(label: str, bao: OpenBao, token: str) -> Callable[[], LoadSpec]:
+            _preflight_read(bao, credential.path, token, field_name, api_key)
+            request = build_request(
+                "GET",
+                LOOPBACK,
+                bao.port,
+                f"/v1/{KV_MOUNT}/data/{credential.path}",
+                headers={"X-Vault-Token": token},
+            )
+            spec = LoadSpec(label, LOOPBACK, bao.port, request)
+            return lambda: spec
+
+        healthz = LoadSpec(
+            HEALTHZ, LOOPBACK, broker.port, build_request("GET", LOOPBACK, broker.port, "/healthz")
+        )
+        targets = [
+            _Target(HEALTHZ, broker.pid, lambda: healthz),
+            _Target(FETCH, broker.pid, fetch_spec),
+            _Target(
+                BAO_READ, plain.pid, read_spec(BAO_READ, plain, plain_tokens[DIRECT_TOKEN_NAME])
+            ),
+        ]
+        if options.bao_audit:
+            direct = store_tokens[DIRECT_TOKEN_NAME]
+            targets.append(
+                _Target(BAO_READ_AUDIT, store.pid, read_spec(BAO_READ_AUDIT, store, direct))
+            )
+
+        print_(_header(options, store, probe_ms, credential, policy.jitter, first))
+        warn_if_busy(print_)
+        windows = _Windows()
+        for round_no in range(1, options.rounds + 1):
+            for target in targets:
+                label = target.label if options.rounds == 1 else f"{target.label} #{round_no}"
+                print_(f"  measuring {label} ...")
+                on_edge = windows.on_edge if target.label == FETCH else None
+                row = _measure(target.spec(), SERVE, target.pid, options, on_edge)
+                row.label = label
+                rows.append(row)
+        measured_until = windows.edges[-1][1]
+        fetched_total = _count_fetch_records(broker.log)
+        entries = _audit_times(store.audit_log, BROKER_TOKEN_NAME)
+
+        print_("")
+        print_(_results_table(rows, options))
+        print_("")
+        print_(_comparison(rows))
+        print_("")
+        window_calls = [_calls_between(entries, credential.path, a, b) for a, b in windows.edges]
+        whole = _calls_between(entries, credential.path, broker_started, measured_until)
+        print_(
+            _backend_table(
+                rows,
+                options,
+                credential.refresh_interval_seconds,
+                policy.jitter,
+                window_calls,
+                [b - a for a, b in windows.edges],
+                whole,
+                measured_until - broker_started,
+                fetched_total,
+            )
+        )
+        print_("")
+        print_(_notes(options, whole, workdir if options.keep else None))
+        if probe_ms > STALL_MS:
+            print_("")
+            print_(_stall_warning(probe_ms))
+    return rows
+
+
+def _header(
+    options: Options,
+    store: OpenBao,
+    probe_ms: float,
+    credential: Credential,
+    jitter: float,
+    first: dict[str, Any],
+) -> str:
+    cores = cpu_count()
+    bao_version = store.version.split(" (")[0] if store.version else "OpenBao"
+    lines = [
+        "",
+        "== Credential fetch: throughput and latency beside same-run baselines ==",
+        f"machine: {cores} cores, Python {platform.python_version()}, {_uvicorn_stack()}, "
+        f"{bao_version}",
+        f"broker: {options.workers} uvicorn workers (each with its own credential cache), the "
+        f"example policies; POST /v1/credentials/{CREDENTIAL} as gateway {GATEWAY} (HTTP "
+        f"Basic), form body token=<agent token> (ES256, from one exchange by triage-agent for "
+        f'{PERSON}, scope "{AGENT_SCOPE}", audience {AGENT_AUDIENCE}); every fetch verifies the '
+        "agent token, checks audience, scope and gateway, serves from the cache and writes a "
+        "decision record",
+        f"backend: kind vault -> OpenBao dev server with a file audit device, token auth (a "
+        f"token whose policy reads only {KV_MOUNT}/data|metadata/{credential.path}); "
+        f"refresh_interval_seconds {credential.refresh_interval_seconds:g} "
+        f"(+/- {100 * jitter:.0f}% jitter); preflight: HTTP 200, version {first.get('version')}, "
+        "the seeded value",
+        f"baseline: GET /v1/{KV_MOUNT}/data/{credential.path} with X-Vault-Token (a token with "
+        "the same policy) on OpenBao dev (in memory), without and with a file audit device",
+        f"load: closed loop, {options.concurrency} keep-alive connections spread over "
+        f"{options.processes} generator processes, {options.warmup:g} s warm-up + "
+        f"{options.seconds:g} s measured per target; the generator shares the {cores} cores "
+        "with the server under test (CPU shown below)",
+        f"keep-alive probe, {SERVE}: sequential GET /healthz on one connection takes "
+        f"{probe_ms:.1f} ms (median; a stall shows above {STALL_MS:g} ms)",
+    ]
+    if probe_ms > STALL_MS:
+        lines.append(_stall_warning(probe_ms))
+    return "\n".join(lines)
+
+
+def _comparison(rows: list[Row]) -> str:
+    fetch = _median_row(rows, FETCH)
+    bao = _median_row(rows, BAO_READ)
+    healthz = _median_row(rows, HEALTHZ)
+    audited = _median_row(rows, BAO_READ_AUDIT)
+    if fetch is None or bao is None:
+        return ""
+    fx, bl = fetch.result, bao.result
+    ratio = fx.rps / bl.rps if bl.rps else float("nan")
+    p99 = fx.percentile_ms(99)
+    body: list[list[object]] = [
+        [
+            "fetches/s vs OpenBao KV reads/s",
+            f"{fx.rps:,.0f} vs {bl.rps:,.0f}",
+            f"{ratio:.2f}x",
+            f">= {TARGET_RATIO:.2f}x",
+            "met" if ratio >= TARGET_RATIO else "NOT met",
+        ],
+        [
+            "fetch p99",
+            f"{p99:.1f} ms",
+            "",
+            f"< {TARGET_P99_MS:g} ms",
+            "met" if p99 < TARGET_P99_MS else "NOT met",
+        ],
+        [
+            "fetch p50 vs OpenBao KV read p50",
+            f"{fx.percentile_ms(50):.1f} vs {bl.percentile_ms(50):.1f} ms",
+            "",
+            "",
+            "",
+        ],
+    ]
+    if audited is not None and audited.result.rps:
+        body.append(
+            [
+                "fetches/s vs OpenBao KV reads + audit/s",
+                f"{fx.rps:,.0f} vs {audited.result.rps:,.0f}",
+                f"{fx.rps / audited.result.rps:.2f}x",
+                "",
+                "",
+            ]
+        )
+    if healthz is not None and healthz.result.rps:
+        body.append(
+            [
+                "fetches/s vs its /healthz req/s",
+                f"{fx.rps:,.0f} vs {healthz.result.rps:,.0f}",
+                f"{fx.rps / healthz.result.rps:.2f}x",
+                "",
+                "",
+            ]
+        )
+    body.append(
+        [
+            "server CPU per fetch vs per KV read",
+            f"{_cpu_ms(fetch):.3f} vs {_cpu_ms(bao):.3f} ms",
+            f"{_cpu_ms(fetch) / _cpu_ms(bao):.1f}x" if bl.ok else "-",
+            "",
+            "",
+        ]
+    )
+    if healthz is not None and healthz.result.ok:
+        body.append(
+            [
+                "server CPU per fetch vs per /healthz",
+                f"{_cpu_ms(fetch):.3f} vs {_cpu_ms(healthz):.3f} ms",
+                f"{_cpu_ms(fetch) / _cpu_ms(healthz):.1f}x",
+                "",
+                "",
+            ]
+        )
+    return (
+        f"Against the issue's targets (at least {TARGET_RATIO:g}x OpenBao's direct reads/s, p99 "
+        f"under {TARGET_P99_MS:g} ms):\n"
+        + table(["comparison", "measured", "ratio", "target", "verdict"], body)
+    )
+
+
+def _round_bound(workers: int, seconds: float, interval: float, jitter: float) -> int:
+    """Most backend rounds (a version check, or a read) the workers' caches may make in a period
+    of `seconds`: rounds of one cache start at least ``interval x (1 - jitter)`` apart."""
+    return workers * (int(seconds // (interval * (1.0 - jitter))) + 1)
+
+
+def _backend_table(
+    rows: list[Row],
+    options: Options,
+    interval: float,
+    jitter: float,
+    windows: list[BackendCalls],
+    window_seconds: list[float],
+    whole: BackendCalls,
+    whole_seconds: float,
+    whole_fetches: int,
+) -> str:
+    fetch_rows = [r for r in rows if r.label == FETCH or r.label.startswith(FETCH + " #")]
+    workers = options.workers
+
+    def per_100k(count: int, fetches: int) -> str:
+        return f"{1e5 * count / fetches:.3f}" if fetches else "-"
+
+    body: list[list[object]] = []
+    for index, (calls, seconds, row) in enumerate(
+        zip(windows, window_seconds, fetch_rows, strict=False)
+    ):
+        bound = _round_bound(workers, seconds, interval, jitter)
+        rounds = calls.data_reads + calls.version_checks
+        name = "measured window" if len(windows) == 1 else f"measured window #{index + 1}"
+        body.append(
+            [
+                name,
+                f"{seconds:.1f}",
+                f"{row.result.ok:,}",
+                calls.data_reads,
+                calls.version_checks,
+                per_100k(calls.data_reads, row.result.ok),
+                per_100k(calls.version_checks, row.result.ok),
+                bound,
+                "met" if rounds <= bound else "NOT met",
+            ]
+        )
+    bound = _round_bound(workers, whole_seconds, interval, jitter)
+    rounds = whole.data_reads + whole.version_checks
+    body.append(
+        [
+            "broker start to end of last window",
+            f"{whole_seconds:.1f}",
+            f"{whole_fetches:,}",
+            whole.data_reads,
+            whole.version_checks,
+            per_100k(whole.data_reads, whole_fetches),
+            per_100k(whole.version_checks, whole_fetches),
+            bound,
+            "met" if rounds <= bound else "NOT met",
+        ]
+    )
+    fetch = _median_row(rows, FETCH)
+    rate = fetch.result.rps if fetch is not None else 0.0
+    steady = 1e5 * workers / (interval * rate) if rate else float("nan")
+    return (
+        "Backend calls by the broker's cache (OpenBao audit trail, requests by the broker's "
+        "token):\n"
+        + table(
+            [
+                "period",
+                "s",
+                "fetches",
+                "data reads",
+                "version checks",
+                "reads/100k",
+                "checks/100k",
+                "bound (calls)",
+                "verdict",
+            ],
+            body,
+        )
+        + f"\nbound: one backend round (a version check, or a data read on the first load or "
+        f"after a change) per refresh interval per worker: {workers} x "
+        f"(floor(s / ({interval:g} s x {1 - jitter:g})) + 1); in steady state "
+        f"{workers} per {interval:g} s, i.e. {steady:.2f} per 100,000 fetches at the measured "
+        f"{rate:,.0f} fetches/s"
+    )
+
+
+def _notes(options: Options, whole: BackendCalls, kept: Path | None) -> str:
+    notes = [
+        "Notes:",
+        "- req/s, latency, errors and CPU columns as in the token exchange table; the fetch "
+        "requests all present the same agent token (one exchange per measured round).",
+        "- 'fetches' in the backend table: 2xx responses in the measured window, and for the "
+        "whole run the granted credential.fetch decision records in the broker's log (preflights "
+        "and warm-up included).",
+        "- data reads = requests to secret/data/<path>, version checks = secret/metadata/<path> "
+        "(the cache's cheap 'has it changed?' call) made with the broker's token.",
+    ]
+    if whole.other:
+        other = ", ".join(f"{path} x{count}" for path, count in sorted(whole.other.items()))
+        notes.append(f"- other requests by the broker's token: {other} (token adoption)")
+    if options.bao_audit:
+        notes.append(
+            f"- '{BAO_READ_AUDIT}' reads from the broker's own store (the one with the audit "
+            f"device); '{BAO_READ}' from a second dev server without one."
+        )
+    if kept is not None:
+        notes.append(f"- configurations and logs kept in {kept}")
+    return "\n".join(notes)
