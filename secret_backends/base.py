@@ -7,6 +7,7 @@ the errors below, whose messages never contain a secret value.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,16 @@ class SecretRef:
     """Pin a specific version id; None means the current one."""
     stage: str | None = None
     """AWS staging label (AWSCURRENT, AWSPREVIOUS, AWSPENDING); None means the current one."""
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The credential cache looks refs up on every fetch: hash once, not per lookup.
+        object.__setattr__(
+            self, "_hash", hash((self.backend, self.path, self.field, self.version, self.stage))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
