@@ -355,10 +355,15 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> JSONResponse:
-        checks = {
+        checks: dict[str, dict[str, Any]] = {
             "policy": {"ok": True, "version": services.policies.current().version},
             "signing_keys": {"ok": bool(services.keyring.published_kids())},
         }
+        try:
+            await services.state.ping()
+            checks["state"] = {"ok": True, "kind": settings.state.kind}
+        except StateUnavailable:
+            checks["state"] = {"ok": False, "kind": settings.state.kind, "error": "unreachable"}
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

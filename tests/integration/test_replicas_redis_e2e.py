@@ -258,6 +258,8 @@ def test_redis_down_fails_closed_and_recovers_without_restart(replicas: Replicas
             assert down.json()["error"] == "temporarily_unavailable"
             introspect = _active(url, agent)
             assert introspect.status_code == 503
+            ready = httpx.get(f"{url}/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["state"]["ok"] is False
             reexchange = _exchange(
                 url, exchange_form(agent, ACCESS_TOKEN), ("summariser-agent", SECRETS["summariser"])
             )
