@@ -43,7 +43,7 @@ from broker.oauth_request import OAuthForm, read_form, read_form_or_json
 from broker.policy.store import PolicyStore
 from broker.revocation import RevocationEndpoints, Revocations
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
-from broker.state import StateStore
+from broker.state import StateStore, StateUnavailable
 from broker.state_factory import build_state_store
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
 from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
