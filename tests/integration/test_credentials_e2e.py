@@ -39,6 +39,8 @@ CANARIES = {
         "fast-v3",
         "cold",
         "aws-v1",
+        "aws-load-v1",
+        "aws-load-v2",
         "aws-v2",
     )
 }
@@ -76,6 +78,13 @@ def _policy_extra() -> dict[str, Any]:
             ),
             "cold-key": credential("llm/cold"),
             "missing-key": credential("llm/does-not-exist"),
+            "aws-load-key": {
+                "backend": "aws",
+                "path": "prod/llm/load",
+                "field": "api_key",
+                "requires": "llm:openai:chat",
+                "refresh_interval_seconds": 60,
+            },
             "aws-anthropic-key": {
                 "backend": "aws",
                 "path": AWS_SECRET_NAME,
@@ -93,6 +102,7 @@ def _policy_extra() -> dict[str, Any]:
                 },
                 "audiences": ["llm-gateway"],
                 "credentials": [
+                    "aws-load-key",
                     "openai-api-key",
                     "fast-key",
                     "cold-key",
@@ -148,6 +158,9 @@ def moto() -> Iterator[MotoServer]:
         client = server.client()
         client.create_secret(
             Name=AWS_SECRET_NAME, SecretString=json.dumps({"api_key": CANARIES["aws-v1"]})
+        )
+        client.create_secret(
+            Name="prod/llm/load", SecretString=json.dumps({"api_key": CANARIES["aws-load-v1"]})
         )
         yield server
 
@@ -471,6 +484,67 @@ def test_rotation_under_load_loses_no_fetch(
     # and never the old one again once the new one was seen
     first_new = min(at for at, _, value in results if value == CANARIES["fast-v2"])
     assert all(value == CANARIES["fast-v2"] for at, _, value in results if at > first_new + 0.05)
+
+
+def test_aws_four_step_rotation_under_load_with_a_push(
+    broker: RunningBroker, moto: MotoServer, llm_token: str
+) -> None:
+    """The AWS rotation flow while 16 fetchers run: zero failures; after the push every fetch
+    returns the new version (the refresh interval is 60 s, so only the push can explain it)."""
+    first = _fetch(broker, "aws-load-key", llm_token).json()
+    results: list[tuple[float, int, str]] = []
+    pushed_at: list[float] = []
+
+    def rotate_in_aws() -> None:
+        client = moto.client()
+        pending = client.put_secret_value(
+            SecretId="prod/llm/load",
+            SecretString=json.dumps({"api_key": CANARIES["aws-load-v2"]}),
+            VersionStages=["AWSPENDING"],
+            ClientRequestToken="b" * 32 + "-rotation",
+        )["VersionId"]  # createSecret
+        client.get_secret_value(SecretId="prod/llm/load", VersionStage="AWSPENDING")  # test
+        client.update_secret_version_stage(  # finishSecret
+            SecretId="prod/llm/load",
+            VersionStage="AWSCURRENT",
+            MoveToVersionId=pending,
+            RemoveFromVersionId=first["version"],
+        )
+
+    async def fetcher(client: httpx.AsyncClient, stop: float) -> None:
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            response = await client.post(
+                f"{broker.url}/v1/credentials/aws-load-key",
+                data={"token": llm_token},
+                auth=("test-gateway", SECRETS["gateway"]),
+            )
+            value = response.json().get("value", "") if response.status_code == 200 else ""
+            results.append((started, response.status_code, value))
+
+    async def rotate_and_push(client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(rotate_in_aws)
+        pushed = await client.post(
+            f"{broker.url}/v1/admin/credentials/aws-load-key/refresh",
+            auth=("rotation-hook", SECRETS["hook"]),
+        )
+        assert pushed.status_code == 200, pushed.text
+        pushed_at.append(time.monotonic())
+
+    async def main() -> None:
+        stop = time.monotonic() + 2.5
+        async with httpx.AsyncClient(timeout=10) as client:
+            await asyncio.gather(
+                rotate_and_push(client), *(fetcher(client, stop) for _ in range(16))
+            )
+
+    asyncio.run(main())
+    assert results and all(status == 200 for _, status, _ in results)
+    # every fetch sent after the push answered returns the new version
+    after_push = [value for at, _, value in results if at > pushed_at[0]]
+    assert after_push and set(after_push) == {CANARIES["aws-load-v2"]}
+    assert any(value == CANARIES["aws-load-v1"] for _, _, value in results)
 
 
 def test_single_flight_one_backend_read_for_100_cold_fetches(
