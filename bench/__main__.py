@@ -8,9 +8,9 @@ import signal
 import sys
 from types import FrameType
 
-from bench import cache_hit, credentials, exchange
+from bench import cache_hit, credentials, exchange, state
 
-SECTIONS = ("exchange", "credentials", "cache")
+SECTIONS = ("exchange", "credentials", "cache", "state")
 """What ``--only`` may name, in the order a full run measures them."""
 
 _NUMBERS: list[tuple[str, type, str | None, str]] = [
@@ -40,7 +40,8 @@ def _parse(argv: list[str] | None) -> tuple[exchange.Options, tuple[str, ...]]:
         prog="python -m bench",
         description="Token exchange and credential fetch throughput/latency beside same-run "
         "baselines (broker /healthz, OpenBao JWT login, OpenBao KV read), and the in-process "
-        "cost of a credential cache hit (beside a dict lookup and AWS's SecretCache).",
+        "cost of a credential cache hit (beside a dict lookup and AWS's SecretCache), and the "
+        "Redis state store beside the in-memory one (fetch, exchange, re-exchange).",
     )
     parser.add_argument(
         "--only",
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 exchange.run(options)
             elif section == "credentials":
                 credentials.run(options)
+            elif section == "state":
+                state.run(options)
             else:
                 cache_hit.main()
             print("")

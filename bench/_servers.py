@@ -1,6 +1,7 @@
 """The processes a benchmark runs against, each stopped by its context manager (also on Ctrl-C or
 an error): the development OIDC issuer (a thread), the broker (``broker serve`` subprocess with
-several uvicorn workers) and OpenBao (``bao server -dev`` subprocess).
+several uvicorn workers), OpenBao (``bao server -dev`` subprocess) and Redis (``redis-server``
+subprocess, no persistence).
 """
 
 from __future__ import annotations
@@ -389,5 +390,68 @@ def openbao_server(
                 },
             )
         yield bao
+    finally:
+        _stop_process(proc)
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisProcess:
+    url: str
+    port: int
+    pid: int
+    log: Path
+    version: str
+
+    def command_calls(self) -> dict[str, int]:
+        """Calls per command so far (``INFO commandstats``; the INFO calls themselves left
+        out)."""
+        import redis
+
+        with redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=5.0) as client:
+            stats = client.info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(entry["calls"])
+            for name, entry in stats.items()
+            if name != "cmdstat_info"
+        }
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisProcess]:
+    """``redis-server`` on a free loopback port, without persistence (``--save "" --appendonly
+    no``), its output to ``workdir / redis.log``."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    port = free_port()
+    log = workdir / "redis.log"
+    command = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+    command += ["--dir", str(workdir)]
+    proc = _start(command, env=dict(os.environ), cwd=workdir, log=log)
+    try:
+        deadline = time.monotonic() + 15.0
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with {proc.returncode}; log:\n{_tail(log)}"
+                )
+            try:
+                with redis.Redis(host=LOOPBACK, port=port, socket_timeout=1.0) as client:
+                    if client.ping():
+                        break
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server not ready on port {port}; log:\n{_tail(log)}")
+            time.sleep(0.05)
+        yield RedisProcess(f"redis://{LOOPBACK}:{port}/0", port, proc.pid, log, version)
     finally:
         _stop_process(proc)
