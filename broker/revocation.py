@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from cachetools import LRUCache
+
 from broker.audit import DecisionLog
 from broker.clock import Clock
 from broker.errors import (
@@ -75,17 +77,39 @@ async def check_not_revoked(
 
 
 class Revocations:
+    """Revocation checks and writes.
+
+    A gateway presents the same agent token on many calls; a "not revoked" answer for a token is
+    remembered for `recheck_after` seconds (under a second), so a revocation made at another
+    replica reaches this one within that time while the shared store sees one query per token per
+    interval instead of one per call. A revocation made here clears what this process remembered,
+    so it holds here at once. "Revoked" and "cannot tell" are never remembered.
+    """
+
     def __init__(
-        self, state: StateStore, clock: Clock, decisions: DecisionLog, *, max_token_lifetime: int
+        self,
+        state: StateStore,
+        clock: Clock,
+        decisions: DecisionLog,
+        *,
+        max_token_lifetime: int,
+        recheck_after: float = 0.5,
     ) -> None:
+        if not 0 <= recheck_after < 1:
+            raise ValueError("recheck_after must be under one second")
         self._state = state
         self._clock = clock
         self._decisions = decisions
         self._max_lifetime = max_token_lifetime
+        self._recheck_after = recheck_after
+        self._not_revoked_until: LRUCache[str, float] = LRUCache(maxsize=10_000)
 
     async def check(self, token: BrokerToken) -> None:
         """Raise `TokenRevoked` when the token, an ancestor, its person or one of its agents is
         revoked (raises `StateUnavailable` when that cannot be known)."""
+        now = self._clock.monotonic()
+        if self._not_revoked_until.get(token.jti, 0.0) > now:
+            return
         token_ids = (token.jti, *token.lineage)
         subjects = (person_key(token.subject), *(agent_key(a) for a in token.actor_chain))
         status = await self._state.revocation_status(token_ids, subjects)
@@ -94,6 +118,8 @@ class Revocations:
             raise TokenRevoked(f"{which} has been revoked")
         if status.revokes((), subjects, token.issued_at):
             raise TokenRevoked("tokens of this person or agent issued before a revocation time")
+        if self._recheck_after:
+            self._not_revoked_until[token.jti] = now + self._recheck_after
 
     async def revoke(
         self, request: RevocationRequest, *, by: str, request_id: str
@@ -114,6 +140,7 @@ class Revocations:
                 request.kind: request.value,
                 "issued_before": not_before,
             }
+        self._not_revoked_until.clear()  # after the write: holds in this process at once
         self._decisions.record(
             "token.revoked",
             outcome="revoked",

@@ -1,0 +1,87 @@
+"""Revocation checks: lineage cascade, not-before, and the sub-second recheck window."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.audit import DecisionLog, MemorySink
+from broker.clock import FrozenClock
+from broker.revocation import RevocationRequest, Revocations, TokenRevoked
+from broker.state import InMemoryStateStore
+from broker.types import BrokerToken, Provenance, TokenType
+
+PROVENANCE = Provenance("dev", "alice", frozenset(), None, TokenType.ID_TOKEN, 1_800_003_600)
+
+
+def _token(jti: str, lineage: tuple[str, ...] = (), issued_at: int = 1_800_000_000) -> BrokerToken:
+    return BrokerToken(
+        jti=jti,
+        subject="dev/alice",
+        client_id="sub",
+        scopes=frozenset(),
+        audiences=(),
+        actor_chain=("sub", "triage"),
+        provenance=PROVENANCE,
+        policy_version="v",
+        issued_at=issued_at,
+        expires_at=issued_at + 600,
+        parent_jti=lineage[-1] if lineage else None,
+        claims={},
+        lineage=lineage,
+    )
+
+
+def _setup(recheck_after: float = 0.5) -> tuple[Revocations, InMemoryStateStore, FrozenClock]:
+    clock = FrozenClock()
+    state = InMemoryStateStore(clock)
+    revocations = Revocations(
+        state,
+        clock,
+        DecisionLog([MemorySink()], clock),
+        max_token_lifetime=3600,
+        recheck_after=recheck_after,
+    )
+    return revocations, state, clock
+
+
+def test_revoking_an_ancestor_revokes_descendants_only() -> None:
+    revocations, _, _ = _setup(recheck_after=0)
+    child, sibling = _token("child", ("root", "parent")), _token("other", ("root2",))
+    asyncio.run(revocations.revoke(RevocationRequest("token", "parent"), by="x", request_id="r"))
+    with pytest.raises(TokenRevoked, match="derives from"):
+        asyncio.run(revocations.check(child))
+    asyncio.run(revocations.check(sibling))
+
+
+def test_not_before_revokes_earlier_tokens_of_the_person_or_agent() -> None:
+    revocations, _, clock = _setup(recheck_after=0)
+    early = _token("early", issued_at=int(clock.now()) - 10)
+    later = _token("later", issued_at=int(clock.now()) + 10)
+    asyncio.run(revocations.revoke(RevocationRequest("agent", "triage"), by="x", request_id="r"))
+    with pytest.raises(TokenRevoked):
+        asyncio.run(revocations.check(early))
+    asyncio.run(revocations.check(later))
+
+
+def test_another_replicas_revocation_is_seen_within_the_recheck_window() -> None:
+    revocations, state, clock = _setup(recheck_after=0.5)
+    token = _token("t1")
+    asyncio.run(revocations.check(token))  # remembered as not revoked for 0.5 s
+    asyncio.run(state.revoke_tokens({"t1": clock.now() + 600}))  # written by another replica
+    asyncio.run(revocations.check(token))  # still inside the window
+    clock.advance(0.51)
+    with pytest.raises(TokenRevoked):
+        asyncio.run(revocations.check(token))
+
+
+def test_a_local_revocation_holds_at_once_and_the_window_is_under_a_second() -> None:
+    revocations, _, _ = _setup(recheck_after=0.5)
+    token = _token("t2")
+    asyncio.run(revocations.check(token))
+    asyncio.run(revocations.revoke(RevocationRequest("token", "t2"), by="x", request_id="r"))
+    with pytest.raises(TokenRevoked):
+        asyncio.run(revocations.check(token))
+    with pytest.raises(ValueError):
+        _setup(recheck_after=1.0)
