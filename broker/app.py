@@ -5,6 +5,7 @@ Routes translate HTTP to domain calls and domain errors to RFC 6749 §5.2 respon
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import uuid
@@ -19,13 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.audit import DecisionLog, DecisionSink, StreamSink
+from broker.audit import DecisionLog, DecisionSink, build_sinks
 from broker.cache import CredentialCache
 from broker.client_auth import AuthenticatedClient, ClientAuthenticator, WorkloadActorResolver
 from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialService, record_cache_event
 from broker.errors import (
     InvalidClient,
+    InvalidPolicy,
     InvalidRequest,
     OAuthError,
     ServerError,
@@ -40,7 +42,8 @@ from broker.exchange import (
 )
 from broker.introspection import Introspection
 from broker.oauth_request import OAuthForm, read_form, read_form_or_json
-from broker.policy.store import PolicyStore
+from broker.policy.store import PolicyRejected, PolicyStore
+from broker.policy.watch import PolicyWatcher
 from broker.revocation import RevocationEndpoints, Revocations
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
 from broker.state import StateStore, StateUnavailable
@@ -97,14 +100,16 @@ def build_services(
         publish_grace_seconds=tokens.max_lifetime_seconds + tokens.leeway_seconds,
         generate_if_missing=settings.signing_keys.generate_if_missing,
     )
+    state = state or build_state_store(settings.state, clock)
+    decisions = DecisionLog(
+        decision_sinks if decision_sinks is not None else build_sinks(settings.audit), clock
+    )
     policies = PolicyStore(
         settings.policy_dir,
         known_workload_issuers=[w.name for w in settings.workload_issuers],
         known_secret_backends=[b.name for b in settings.secret_backends],
-    )
-    state = state or build_state_store(settings.state, clock)
-    decisions = DecisionLog(
-        decision_sinks if decision_sinks is not None else [StreamSink(sys.stdout)], clock
+        decisions=decisions,
+        clock=clock,
     )
     clients = ClientAuthenticator(
         policy=policies.current,
@@ -229,12 +234,19 @@ def authorization_server_metadata(settings: BrokerSettings) -> dict[str, Any]:
 
 def create_app(settings: BrokerSettings, *, services: BrokerServices | None = None) -> FastAPI:
     services = services or build_services(settings)
+    policy_watcher = PolicyWatcher(
+        services.policies, interval=settings.policy_reload_interval_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        policy_watcher.start()
+        policy_watcher.install_sighup_handler()
         yield
+        await policy_watcher.stop()
         await services.cache.close()
         await services.http.aclose()
+        await asyncio.to_thread(services.decisions.close)  # flush audit sinks (S3 batches)
 
     app = FastAPI(
         title="Agent identity broker",
@@ -244,6 +256,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.policy_watcher = policy_watcher
     max_body = settings.http.max_body_bytes
 
     @app.exception_handler(OAuthError)
@@ -342,6 +355,25 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
             request.path_params["name"], client, request_id=request_id
         )
 
+    async def admin_policy_reload(
+        _: Request, __: OAuthForm, client: AuthenticatedClient | None, request_id: str
+    ) -> dict:
+        if client is None or client.kind != "admin":
+            raise InvalidClient("admin authentication is required")
+        try:
+            result = await policy_watcher.reload(trigger="admin", by=client.client_id)
+        except PolicyRejected as exc:
+            raise InvalidPolicy(
+                "policy rejected, previous version still serving: " + "; ".join(exc.problems),
+                reason="policy_rejected",
+            ) from None
+        return {
+            "version": result.version,
+            "previous_version": result.previous_version,
+            "changed": result.changed,
+            "warnings": len(result.warnings),
+        }
+
     revocation = RevocationEndpoints(services.revocations, services.broker_tokens)
     metadata = authorization_server_metadata(settings)
 
@@ -355,8 +387,16 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> JSONResponse:
+        # A rejected edit does not make the broker unready: the previous version keeps serving
+        # (ok stays true) and last_error reports the rejection. A policy that never loaded
+        # means the broker never started, so there is no "no policy" state to report here.
+        last_policy_error = services.policies.last_error
         checks: dict[str, dict[str, Any]] = {
-            "policy": {"ok": True, "version": services.policies.current().version},
+            "policy": {
+                "ok": True,
+                "version": services.policies.current().version,
+                "last_error": last_policy_error.as_dict() if last_policy_error else None,
+            },
             "signing_keys": {"ok": bool(services.keyring.published_kids())},
         }
         try:
@@ -372,6 +412,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         ("/oauth2/introspect", introspect, {}),
         ("/oauth2/revoke", revoke, {}),
         ("/v1/admin/revocations", admin_revoke, {"json_body": True}),
+        ("/v1/admin/policy/reload", admin_policy_reload, {"json_body": True}),
         ("/v1/credentials/{name}", fetch_credential, {"json_body": True}),
         ("/v1/admin/credentials/{name}/refresh", refresh_credential, {"json_body": True}),
     ]

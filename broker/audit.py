@@ -1,20 +1,64 @@
-"""Decision records: one structured JSON line per security-relevant decision.
+"""The audit trail: one hash-chained structured record per security-relevant decision.
 
 Records name the person, the agent chain, scopes, the policy version and the reason, and identify
-tokens only by ``jti``: a token or secret value never reaches a record. (Hash chaining and durable
-sinks come with the audit-trail work; the record shape is already the one they will carry.)
+tokens only by ``jti``: a token or secret value never reaches a record (keys such as ``token`` or
+``secret`` are refused outright).
+
+Hash chain
+    Every record carries ``chain`` (the id of the writing process: host, pid and a random part,
+    new at each start), ``seq`` (0, 1, 2, ... within the chain), ``prev`` (the ``hash`` of the
+    chain's previous record; `GENESIS` for seq 0) and ``hash``: the SHA-256, in hex, of the
+    canonical JSON (sorted keys, no spaces, ASCII) of the record without ``hash``. Editing,
+    deleting, inserting or reordering records therefore breaks the chain, and `verify_trail`
+    names the file, line and seq where it breaks. Several workers or replicas may append to one
+    file or to separate files: each chain verifies on its own.
+
+    The first record of every chain is ``audit.chain_started``. When the file sink appends to an
+    existing file it names that file's last record (``previous_chain``, ``previous_seq``,
+    ``previous_hash``), so cutting records off the end of the earlier chain is detected too
+    (``link_missing``). A hash chain alone cannot detect a rewrite of the whole tail by someone
+    who recomputes the hashes; the S3 sink's Object Lock copies are the external anchor for that.
+
+Sinks (several at once)
+    `FileSink` appends JSON lines and ``fdatasync``s before `DecisionLog.record` returns; callers
+    record a decision before the HTTP response is built, so a killed process never answered a
+    request it did not record. A failing sink makes `record` raise: the request fails closed.
+    `StreamSink` writes to stdout; `S3ObjectLockSink` uploads batches as objects under Object
+    Lock retention from a background thread (`lag()` counts records not yet uploaded).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import json
 import logging
+import os
+import re
+import secrets
+import socket
 import sys
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Any, Protocol, TextIO
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 from broker.clock import Clock
+
+if TYPE_CHECKING:
+    from broker.settings import AuditConfig
+
+logger = logging.getLogger("broker.audit")
+
+GENESIS = "0" * 64
+"""The ``prev`` of the first record of every chain."""
+
+CHAIN_STARTED = "audit.chain_started"
+_CHAIN_FIELDS = ("chain", "seq", "prev", "hash")
 
 _FORBIDDEN_KEYS = frozenset(
     {
@@ -29,6 +73,28 @@ _FORBIDDEN_KEYS = frozenset(
         "value",
     }
 )
+
+
+def canonical_json(record: Mapping[str, Any]) -> bytes:
+    """The bytes a record's hash is computed over (stable across a JSON round trip)."""
+    return json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
+    ).encode("ascii")
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of `record` without its ``hash`` field."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def new_chain_id() -> str:
+    """``<host>-<pid>-<random>``: unique per process start, safe in file and object names."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+# ---------------------------------------------------------------------------------------- sinks
 
 
 class DecisionSink(Protocol):
@@ -66,15 +132,304 @@ class MemorySink:
         self.records.append(dict(record))
 
 
+def _last_line(path: Path, limit: int = 1 << 20) -> tuple[bytes, bool]:
+    """The last complete line of `path` and whether the file ends mid-line."""
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - limit))
+        tail = handle.read()
+    if not tail:
+        return b"", False
+    partial = not tail.endswith(b"\n")
+    lines = tail.rstrip(b"\n").split(b"\n")
+    if partial:
+        return (lines[-2] if len(lines) > 1 else b""), True
+    return lines[-1], False
+
+
+class FileSink:
+    """Append-only JSON lines, each written with one ``write(2)`` on an ``O_APPEND`` descriptor
+    and made durable (``fdatasync``) before `write` returns.
+
+    One ``O_APPEND`` write per line keeps lines whole when several workers append to the same
+    file. A file left ending mid-line (a crash during a write, a disk filling up) gets a newline
+    first, so that damage stays one malformed line that `verify_trail` reports.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._previous: dict[str, Any] | None = None
+        partial = False
+        if self.path.exists():
+            line, partial = _last_line(self.path)
+            with contextlib.suppress(ValueError):
+                candidate = json.loads(line) if line else None
+                if isinstance(candidate, dict) and all(k in candidate for k in _CHAIN_FIELDS):
+                    self._previous = candidate
+        self._fd: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640
+        )
+        if partial:
+            self._write_all(b"\n")
+
+    def previous_record(self) -> dict[str, Any] | None:
+        """The last record already in the file when it was opened (for the chain link)."""
+        return self._previous
+
+    def _write_all(self, data: bytes) -> None:
+        if self._fd is None:
+            raise RuntimeError(f"audit file {self.path} is closed")
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        if self._fsync:
+            (getattr(os, "fdatasync", None) or os.fsync)(self._fd)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._write_all(canonical_json(record) + b"\n")
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclass
+class _Batch:
+    records: list[bytes] = field(default_factory=list)
+    first_seq: int = 0
+    last_seq: int = 0
+    chain: str = ""
+    started: float = 0.0
+
+
+class S3ObjectLockSink:
+    """Batches of records uploaded as S3 objects under Object Lock retention.
+
+    A batch is uploaded when it holds `batch_size` records or its oldest record is
+    `batch_age_seconds` old, and on `close`. Each object is
+    ``<prefix><chain>/<first seq>-<last seq>.jsonl`` (the same lines the file sink writes), put
+    with ``ObjectLockMode`` and ``ObjectLockRetainUntilDate`` = now + `retention_days`. Uploads run
+    on a background thread and are retried until they succeed; `lag()` is the number of records
+    not yet uploaded. The bucket must have Object Lock enabled (checked at start).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        prefix: str = "",
+        mode: Literal["COMPLIANCE", "GOVERNANCE"] = "COMPLIANCE",
+        retention_days: int = 365,
+        batch_size: int = 100,
+        batch_age_seconds: float = 5.0,
+        retry_seconds: float = 1.0,
+        check_bucket: bool = True,
+    ) -> None:
+        self._client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.mode = mode
+        self.retention_days = retention_days
+        self.batch_size = batch_size
+        self.batch_age_seconds = batch_age_seconds
+        self._retry_seconds = retry_seconds
+        self._lock = threading.Condition()
+        self._pending = _Batch()
+        self._ready: list[_Batch] = []
+        self._in_flight = 0
+        self._closing = False
+        self.uploaded_keys: list[str] = []
+        self.last_error: str | None = None
+        if check_bucket:
+            self._check_bucket()
+        self._thread = threading.Thread(target=self._run, name="audit-s3-sink", daemon=True)
+        self._thread.start()
+
+    def _check_bucket(self) -> None:
+        config = self._client.get_object_lock_configuration(Bucket=self.bucket)
+        enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+        if enabled != "Enabled":
+            raise RuntimeError(f"audit bucket {self.bucket!r} does not have Object Lock enabled")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        line = canonical_json(record) + b"\n"
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the S3 audit sink is closed")
+            batch = self._pending
+            chain, seq = str(record.get("chain", "")), int(record.get("seq", 0))
+            if batch.records and batch.chain != chain:  # one chain per object
+                self._seal()
+                batch = self._pending
+            if not batch.records:
+                batch.first_seq, batch.chain, batch.started = seq, chain, time.monotonic()
+            batch.records.append(line)
+            batch.last_seq = seq
+            if len(batch.records) >= self.batch_size:
+                self._seal()
+            self._lock.notify_all()
+
+    def _seal(self) -> None:
+        if self._pending.records:
+            self._ready.append(self._pending)
+            self._pending = _Batch()
+
+    def lag(self) -> int:
+        """Records accepted but not yet stored in S3."""
+        with self._lock:
+            return (
+                len(self._pending.records)
+                + sum(len(b.records) for b in self._ready)
+                + self._in_flight
+            )
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._pending.records and (
+                        self._closing
+                        or time.monotonic() - self._pending.started >= self.batch_age_seconds
+                    ):
+                        self._seal()
+                    if self._ready:
+                        batch = self._ready.pop(0)
+                        self._in_flight = len(batch.records)
+                        break
+                    if self._closing:
+                        return
+                    timeout = None
+                    if self._pending.records:
+                        age = time.monotonic() - self._pending.started
+                        timeout = max(0.0, self.batch_age_seconds - age)
+                    self._lock.wait(timeout)
+            self._upload_until_stored(batch)
+
+    def _upload_until_stored(self, batch: _Batch) -> None:
+        key = f"{self.prefix}{batch.chain}/{batch.first_seq:012d}-{batch.last_seq:012d}.jsonl"
+        body = b"".join(batch.records)
+        while True:
+            try:
+                retain_until = datetime.now(UTC) + timedelta(days=self.retention_days)
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/x-ndjson",
+                    ContentMD5=base64.b64encode(
+                        hashlib.md5(body, usedforsecurity=False).digest()
+                    ).decode(),
+                    ObjectLockMode=self.mode,
+                    ObjectLockRetainUntilDate=retain_until,
+                )
+            except Exception as exc:  # any failure: keep the batch and retry
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("audit upload of %s failed, retrying: %s", key, self.last_error)
+                with self._lock:
+                    self._lock.wait(self._retry_seconds)
+                continue
+            with self._lock:
+                self._in_flight = 0
+                self.uploaded_keys.append(key)
+                self.last_error = None
+                self._lock.notify_all()
+            return
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Upload everything pending (waits up to `timeout` seconds) and stop the thread."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("audit S3 sink: %d records not uploaded at close", self.lag())
+
+
+def build_sinks(config: AuditConfig) -> list[DecisionSink]:
+    """The sinks named by the ``audit:`` settings section."""
+    sinks: list[DecisionSink] = []
+    if config.file is not None:
+        sinks.append(FileSink(config.file, fsync=config.fsync))
+    if config.stdout:
+        sinks.append(StreamSink(sys.stdout))
+    if config.s3 is not None:
+        import boto3
+        import botocore.config
+
+        s3 = config.s3
+        client = boto3.session.Session(region_name=s3.region).client(
+            "s3",
+            endpoint_url=s3.endpoint_url,
+            config=botocore.config.Config(
+                s3={"addressing_style": "path" if s3.endpoint_url else "auto"},
+                retries={"mode": "standard", "max_attempts": 3},
+                connect_timeout=s3.timeout_seconds,
+                read_timeout=s3.timeout_seconds,
+            ),
+        )
+        sinks.append(
+            S3ObjectLockSink(
+                client,
+                s3.bucket,
+                prefix=s3.prefix,
+                mode=s3.object_lock_mode,
+                retention_days=s3.retention_days,
+                batch_size=s3.batch_size,
+                batch_age_seconds=s3.batch_age_seconds,
+            )
+        )
+    return sinks
+
+
+# ------------------------------------------------------------------------------- decision log
+
+
 class DecisionLog:
-    def __init__(self, sinks: list[DecisionSink], clock: Clock) -> None:
+    """Writes hash-chained records to every sink; `record` returns once all sinks accepted it
+    (for the file sink: once it is on disk)."""
+
+    def __init__(
+        self, sinks: list[DecisionSink], clock: Clock, *, chain: str | None = None
+    ) -> None:
         self._sinks = sinks
         self._clock = clock
+        self._lock = threading.Lock()
+        self.chain = chain or new_chain_id()
+        self._seq = 0
+        self._prev = GENESIS
+        self.record(
+            CHAIN_STARTED,
+            outcome="started",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            **self._link(),
+        )
+
+    def _link(self) -> dict[str, Any]:
+        for sink in self._sinks:
+            previous = getattr(sink, "previous_record", None)
+            record = previous() if callable(previous) else None
+            if record is not None:
+                return {
+                    "previous_chain": record.get("chain"),
+                    "previous_seq": record.get("seq"),
+                    "previous_hash": record.get("hash"),
+                }
+        return {}
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         leaked = _FORBIDDEN_KEYS.intersection(fields)
         if leaked:  # a programming error; refuse to write rather than leak
             raise ValueError(f"decision records may not carry {sorted(leaked)}")
+        reserved = set(_CHAIN_FIELDS).intersection(fields)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by the audit chain")
         record = {
             "time": datetime.fromtimestamp(self._clock.now(), UTC).isoformat(
                 timespec="milliseconds"
@@ -82,6 +437,281 @@ class DecisionLog:
             "event": event,
             **{k: v for k, v in fields.items() if v is not None},
         }
-        for sink in self._sinks:
-            sink.write(record)
+        with self._lock:  # one chain position per record, written in chain order
+            record.update(chain=self.chain, seq=self._seq, prev=self._prev)
+            record["hash"] = record_hash(record)
+            self._seq += 1
+            self._prev = record["hash"]
+            for sink in self._sinks:
+                sink.write(record)
         return record
+
+    def sink_lag(self) -> dict[str, int]:
+        """Records accepted but not yet stored, per sink that stores asynchronously."""
+        return {
+            type(sink).__name__: sink.lag()  # type: ignore[attr-defined]
+            for sink in self._sinks
+            if callable(getattr(sink, "lag", None))
+        }
+
+    def close(self) -> None:
+        """Flush and close every sink that holds resources (S3 batches are uploaded)."""
+        for sink in self._sinks:
+            closer = getattr(sink, "close", None)
+            if callable(closer):
+                closer()
+
+
+# ------------------------------------------------------------------------------- verification
+
+BreakKind = Literal[
+    "malformed",
+    "hash_mismatch",
+    "prev_mismatch",
+    "seq_gap",
+    "reorder",
+    "duplicate_seq",
+    "link_missing",
+    "link_mismatch",
+]
+
+
+@dataclass(frozen=True)
+class TrailBreak:
+    """One place where a trail does not verify."""
+
+    file: str
+    line: int
+    kind: BreakKind
+    detail: str
+    chain: str | None = None
+    seq: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        if self.seq is not None:
+            where += f" (chain {self.chain}, seq {self.seq})"
+        return f"{where}: {self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class ChainSummary:
+    chain: str
+    records: int
+    first_seq: int
+    last_seq: int
+    last_hash: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    files: tuple[str, ...]
+    records: int
+    chains: tuple[ChainSummary, ...]
+    breaks: tuple[TrailBreak, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+    def summary(self) -> str:
+        head = (
+            f"{self.records} records in {len(self.files)} file(s), {len(self.chains)} chain(s): "
+            + ("intact" if self.ok else f"{len(self.breaks)} break(s)")
+        )
+        return "\n".join([head, *(f"  {b}" for b in self.breaks)])
+
+
+@dataclass
+class _Entry:
+    file: str
+    line: int
+    record: dict[str, Any]
+    chain: str
+    seq: int
+    hash_ok: bool
+
+
+def read_trail(paths: Iterable[Path]) -> Iterable[tuple[str, int, dict[str, Any] | None, str]]:
+    """Every line of the files as ``(file, line number, record or None, raw text)``."""
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                try:
+                    record = json.loads(text)
+                except ValueError:
+                    record = None
+                yield str(path), number, record if isinstance(record, dict) else None, text
+
+
+def verify_trail(paths: Sequence[Path]) -> VerificationResult:
+    """Check every chain in the given files (in the order given): hashes, links and order.
+
+    Each record is checked on its own (``hash_mismatch``: edited), then against its chain:
+    ``seq_gap`` (records missing: deleted), ``reorder`` (out of order), ``duplicate_seq`` (a
+    seq seen twice: inserted or replayed), ``prev_mismatch`` (does not link to the record before
+    it: that record was edited and re-hashed, or this one inserted), and for
+    ``audit.chain_started`` records the link to the earlier chain of the same file.
+    """
+    breaks: list[TrailBreak] = []
+    chains: dict[str, list[_Entry]] = {}
+    total = 0
+    for file, line, record, text in read_trail(paths):
+        total += 1
+        if record is None or not all(k in record for k in _CHAIN_FIELDS):
+            what = "empty line" if not text.strip() else "not a chained JSON record"
+            breaks.append(TrailBreak(file, line, "malformed", what))
+            continue
+        chain, seq = str(record["chain"]), record["seq"]
+        if not isinstance(seq, int) or seq < 0:
+            breaks.append(TrailBreak(file, line, "malformed", f"bad seq {seq!r}", chain))
+            continue
+        ok = record_hash(record) == record["hash"]
+        chains.setdefault(chain, []).append(_Entry(file, line, record, chain, seq, ok))
+
+    summaries: list[ChainSummary] = []
+    for chain, entries in chains.items():
+        valid = [e for e in entries if e.hash_ok]
+        by_seq: dict[int, list[_Entry]] = {}
+        for entry in valid:
+            by_seq.setdefault(entry.seq, []).append(entry)
+        present = {e.seq for e in entries}  # an edited record still holds its place
+        highest = -1
+        for entry in entries:
+            where = (entry.file, entry.line)
+            if not entry.hash_ok:
+                highest = max(highest, entry.seq)
+                breaks.append(
+                    TrailBreak(
+                        *where,
+                        "hash_mismatch",
+                        "the record's content does not match its hash (edited)",
+                        chain,
+                        entry.seq,
+                    )
+                )
+                continue
+            twins = by_seq[entry.seq]
+            if len(twins) > 1 and twins[0] is not entry:
+                breaks.append(
+                    TrailBreak(
+                        *where,
+                        "duplicate_seq",
+                        f"seq {entry.seq} already at {twins[0].file}:{twins[0].line} "
+                        "(a record was inserted or replayed)",
+                        chain,
+                        entry.seq,
+                    )
+                )
+                continue
+            expected = highest + 1
+            if entry.seq > expected:
+                missing = [s for s in range(expected, entry.seq) if s not in present]
+                if missing:
+                    span = f"{missing[0]}" if len(missing) == 1 else f"{missing[0]}..{missing[-1]}"
+                    breaks.append(
+                        TrailBreak(
+                            *where,
+                            "seq_gap",
+                            f"seq {span} missing before this record (deleted)",
+                            chain,
+                            entry.seq,
+                        )
+                    )
+                else:
+                    breaks.append(
+                        TrailBreak(
+                            *where,
+                            "reorder",
+                            f"seq {entry.seq} comes before seq {expected}",
+                            chain,
+                            entry.seq,
+                        )
+                    )
+            elif entry.seq < expected:
+                breaks.append(
+                    TrailBreak(
+                        *where,
+                        "reorder",
+                        f"seq {entry.seq} comes after seq {highest}",
+                        chain,
+                        entry.seq,
+                    )
+                )
+            highest = max(highest, entry.seq)
+            prev = entry.record["prev"]
+            if entry.seq == 0:
+                if prev != GENESIS:
+                    breaks.append(
+                        TrailBreak(
+                            *where,
+                            "prev_mismatch",
+                            "the first record of a chain must have the genesis prev",
+                            chain,
+                            0,
+                        )
+                    )
+            elif entry.seq - 1 in by_seq:
+                before = by_seq[entry.seq - 1]
+                if all(prev != b.record["hash"] for b in before):
+                    breaks.append(
+                        TrailBreak(
+                            *where,
+                            "prev_mismatch",
+                            f"prev is not the hash of seq {entry.seq - 1} at "
+                            f"{before[0].file}:{before[0].line} (that record was edited and "
+                            "re-hashed, or this one forged)",
+                            chain,
+                            entry.seq,
+                        )
+                    )
+            if entry.record.get("event") == CHAIN_STARTED and "previous_chain" in entry.record:
+                link = _check_link(entry, chains)
+                if link is not None:
+                    breaks.append(link)
+        if valid:
+            last = max(valid, key=lambda e: e.seq)
+            summaries.append(
+                ChainSummary(
+                    chain,
+                    len(entries),
+                    min(e.seq for e in valid),
+                    last.seq,
+                    str(last.record["hash"]),
+                    tuple(dict.fromkeys(e.file for e in entries)),
+                )
+            )
+    breaks.sort(key=lambda b: (list(map(str, paths)).index(b.file), b.line))
+    return VerificationResult(tuple(map(str, paths)), total, tuple(summaries), tuple(breaks))
+
+
+def _check_link(entry: _Entry, chains: Mapping[str, list[_Entry]]) -> TrailBreak | None:
+    record = entry.record
+    chain, seq, digest = (
+        record.get("previous_chain"),
+        record.get("previous_seq"),
+        record.get("previous_hash"),
+    )
+    candidates = [e for e in chains.get(str(chain), []) if e.seq == seq and e.hash_ok]
+    if not candidates:
+        return TrailBreak(
+            entry.file,
+            entry.line,
+            "link_missing",
+            f"the earlier chain's last record (chain {chain}, seq {seq}) is not in the trail "
+            "(cut off the end?)",
+            entry.chain,
+            entry.seq,
+        )
+    if all(c.record["hash"] != digest for c in candidates):
+        return TrailBreak(
+            entry.file,
+            entry.line,
+            "link_mismatch",
+            f"chain {chain} seq {seq} does not have the hash this chain started after",
+            entry.chain,
+            entry.seq,
+        )
+    return None

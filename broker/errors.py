@@ -21,6 +21,7 @@ Hierarchy::
         ├── InvalidToken                 401 invalid_token (RFC 6750, presented agent token)
         ├── InsufficientScope            403 insufficient_scope (RFC 6750)
         ├── NotFound                     404 not_found
+        ├── InvalidPolicy                422 invalid_policy (admin policy reload refused)
         ├── TooManyRequests              429 too_many_requests (+ Retry-After)
         ├── TemporarilyUnavailable       503 temporarily_unavailable
         └── ServerError                  500 server_error
@@ -131,6 +132,13 @@ class InsufficientScope(OAuthError):
 class NotFound(OAuthError):
     error = "not_found"
     status_code = 404
+
+
+class InvalidPolicy(OAuthError):
+    """An admin-requested policy reload was refused; the previous version keeps serving."""
+
+    error = "invalid_policy"
+    status_code = 422
 
 
 class TooManyRequests(OAuthError):

@@ -203,6 +203,34 @@ class StateConfig(_Strict):
         return self
 
 
+class AuditS3Config(_Strict):
+    """Batches of audit records as S3 objects under Object Lock (credentials: the AWS chain)."""
+
+    bucket: str = Field(min_length=3, max_length=63, description="Created with Object Lock on.")
+    prefix: str = Field("audit/", description="Key prefix; objects are <prefix><chain>/<seqs>.")
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="For S3-compatible stores and tests.")
+    object_lock_mode: Literal["COMPLIANCE", "GOVERNANCE"] = "COMPLIANCE"
+    retention_days: int = Field(365, ge=1, le=36500)
+    batch_size: int = Field(100, ge=1, le=100000, description="Upload at this many records...")
+    batch_age_seconds: float = Field(5.0, gt=0.0, description="...or when the oldest is this old.")
+    timeout_seconds: float = Field(10.0, gt=0.0)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        return None if value is None else require_https_unless_loopback(value)
+
+
+class AuditConfig(_Strict):
+    """Where decision records go (several at once). See README, "The audit trail"."""
+
+    stdout: bool = Field(True, description="JSON lines on standard output.")
+    file: Path | None = Field(None, description="Append-only JSON-lines file, fsync'd per record.")
+    fsync: bool = Field(True, description="fdatasync each record before the response is sent.")
+    s3: AuditS3Config | None = None
+
+
 class BrokerSettings(BaseSettings):
     """Everything `broker serve` needs. See README, "Configuration reference"."""
 
@@ -215,6 +243,7 @@ class BrokerSettings(BaseSettings):
 
     issuer: str = Field("http://127.0.0.1:8080", description="This broker's issuer URL.")
     policy_dir: Path = Path("policies")
+    policy_reload_interval_seconds: float = Field(2.0, ge=0.0, description="0 stops polling.")
     signing_keys: SigningKeysConfig = SigningKeysConfig()
     tokens: TokenLifetimes = TokenLifetimes()
     identity_providers: list[IdentityProviderConfig] = Field(default_factory=list)
@@ -230,6 +259,7 @@ class BrokerSettings(BaseSettings):
     dev_idp: DevIdpConfig = DevIdpConfig()
     dev_openbao: DevOpenBaoConfig = DevOpenBaoConfig()
     state: StateConfig = StateConfig()
+    audit: AuditConfig = AuditConfig()
     expose_error_debug: bool = Field(False, description="Add private error detail to responses.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Literal
 
 import uvicorn
 
@@ -82,6 +83,7 @@ def serve_in_thread(
     *,
     sock: socket.socket | None = None,
     startup_timeout: float = 10.0,
+    lifespan: Literal["on", "off", "auto"] = "off",
 ) -> RunningServer:
     """Serve the ASGI `app` on loopback in a daemon thread; return once it accepts connections.
 
@@ -103,7 +105,7 @@ def serve_in_thread(
         log_config=None,
         log_level="warning",
         access_log=False,
-        lifespan="off",
+        lifespan=lifespan,
         timeout_graceful_shutdown=1,
     )
     server = uvicorn.Server(config)

@@ -1,9 +1,11 @@
-"""The `broker` command: `serve`, `dev`, `policy ...`, `keys ...`, `token decode`."""
+"""The `broker` command: `serve`, `dev`, `policy ...`, `keys ...`, `token decode`, `audit ...`,
+`usage report`."""
 
 from __future__ import annotations
 
 import typer
 
+from broker.cli.audit import audit_app, usage_app
 from broker.cli.keys import keys_app
 from broker.cli.policy import policy_app
 from broker.cli.serve import dev, serve
@@ -20,6 +22,8 @@ app.command()(serve)
 app.command()(dev)
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+app.add_typer(usage_app, name="usage")
 token_app = typer.Typer(help="Inspect tokens.", no_args_is_help=True)
 token_app.command("decode")(decode)
 app.add_typer(token_app, name="token")

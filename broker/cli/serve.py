@@ -49,12 +49,22 @@ def _check_buildable(settings: BrokerSettings) -> None:
     from broker.app import build_services
 
     try:
-        build_services(settings)
+        build_services(settings, decision_sinks=[])  # a dry build starts no audit chain
     except PolicyError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    from broker.audit import build_sinks
+
+    try:  # the audit file is writable and the audit bucket has Object Lock
+        for sink in build_sinks(settings.audit):
+            close = getattr(sink, "close", None)
+            if callable(close):
+                close()
+    except Exception as exc:  # OSError, botocore errors, a bucket without Object Lock
+        typer.echo(f"error: audit sink: {exc}", err=True)
         raise typer.Exit(1) from None
 
 

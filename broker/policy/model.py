@@ -163,6 +163,11 @@ class Agent(_Strict):
         True, description="False for sub-agents reachable only through delegation."
     )
     rate_limits: RateLimits = RateLimits()
+    cost_centre: str | None = Field(
+        None,
+        max_length=128,
+        description="Who pays for the credential fetches this agent starts (broker usage report).",
+    )
 
     @model_validator(mode="after")
     def _authenticates_somehow(self) -> Agent:

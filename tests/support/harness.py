@@ -89,8 +89,10 @@ def run_broker(
     *,
     policy_extra: dict[str, Any] | None = None,
     workload_issuers: list[dict[str, Any]] | None = None,
+    lifespan: bool = False,
     **overrides: Any,
 ) -> Iterator[RunningBroker]:
+    """Serve the broker; `lifespan=True` also runs its startup/shutdown (policy watcher)."""
     sock = reserve_loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     policy_dir = write_policy_dir(tmp_path, policy_extra)
@@ -104,7 +106,9 @@ def run_broker(
     )
     sink = MemorySink()
     services = build_services(settings, decision_sinks=[sink])
-    server = serve_in_thread(create_app(settings, services=services), sock=sock)
+    server = serve_in_thread(
+        create_app(settings, services=services), sock=sock, lifespan="on" if lifespan else "off"
+    )
     try:
         yield RunningBroker(url, settings, services, sink, server, policy_dir)
     finally:

@@ -1,0 +1,217 @@
+"""`broker audit verify | query` and `broker usage report`: reading the audit trail.
+
+`verify` exits 0 when every chain in the files is intact and 1 naming each break (file, line,
+chain, seq and what is wrong). `query` prints the records that match every filter given.
+`usage report` sums granted ``credential.fetch`` records; the agent that pays for a fetch is the
+one the person invoked: the last entry of ``agent_chain`` (the chain lists the newest agent
+first), and its ``cost_centre`` comes from the policy directory given (the current policy, not
+the one in force at the time of the fetch).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
+
+import typer
+
+from broker.audit import read_trail, verify_trail
+
+audit_app = typer.Typer(
+    help="Verify and query the audit trail.", no_args_is_help=True, add_completion=False
+)
+usage_app = typer.Typer(
+    help="Credential usage for cost attribution.", no_args_is_help=True, add_completion=False
+)
+
+FilesArgument = Annotated[
+    list[Path],
+    typer.Argument(help="Audit trail files (JSON lines).", exists=True, dir_okay=False),
+]
+UNASSIGNED = "(unassigned)"
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _parse_time(value: str, option: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{option}: {value!r} is not an ISO 8601 date or time")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _record_time(record: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(record["time"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _records(files: list[Path]) -> Iterator[dict[str, Any]]:
+    for _, _, record, _ in read_trail(files):
+        if record is not None:
+            yield record
+
+
+def _agents(record: dict[str, Any]) -> list[str]:
+    chain = record.get("agent_chain") or []
+    agents = [str(a) for a in chain] if isinstance(chain, list) else []
+    if record.get("client_id"):
+        agents.append(str(record["client_id"]))
+    return agents
+
+
+@audit_app.command("verify")
+def verify(files: FilesArgument) -> None:
+    """Check the hash chains: exit 0 if intact, 1 naming every break."""
+    result = verify_trail(files)
+    typer.echo(result.summary(), err=not result.ok)
+    if result.ok:
+        for chain in result.chains:
+            typer.echo(
+                f"  chain {chain.chain}: seq {chain.first_seq}..{chain.last_seq}, "
+                f"last hash {chain.last_hash}"
+            )
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@audit_app.command("query")
+def query(
+    files: FilesArgument,
+    person: Annotated[str | None, typer.Option(help="Person id, e.g. dev/alice.")] = None,
+    agent: Annotated[str | None, typer.Option(help="Anywhere in agent_chain or client_id.")] = None,
+    credential: Annotated[str | None, typer.Option(help="Credential name.")] = None,
+    decision: Annotated[
+        Literal["granted", "denied"] | None, typer.Option(help="The outcome.")
+    ] = None,
+    event: Annotated[str | None, typer.Option(help="e.g. token.exchange.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time, inclusive (UTC if no zone).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time, exclusive.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print matching records as JSON lines.")
+    ] = False,
+) -> None:
+    """Print the records that match every filter given."""
+    start = _parse_time(since, "--since") if since else None
+    end = _parse_time(until, "--until") if until else None
+    matched = 0
+    for record in _records(files):
+        if person is not None and record.get("person") != person:
+            continue
+        if agent is not None and agent not in _agents(record):
+            continue
+        if credential is not None and record.get("credential") != credential:
+            continue
+        if decision is not None and record.get("outcome") != decision:
+            continue
+        if event is not None and record.get("event") != event:
+            continue
+        if start is not None or end is not None:
+            at = _record_time(record)
+            if at is None or (start and at < start) or (end and at >= end):
+                continue
+        matched += 1
+        if as_json:
+            typer.echo(json.dumps(record, separators=(",", ":"), sort_keys=True))
+        else:
+            chain = " <- ".join(str(a) for a in record.get("agent_chain") or [])
+            typer.echo(
+                "  ".join(
+                    str(part)
+                    for part in (
+                        record.get("time"),
+                        record.get("event"),
+                        record.get("outcome", "-"),
+                        record.get("person", "-"),
+                        chain or record.get("client_id", "-"),
+                        record.get("credential", ""),
+                        record.get("reason", ""),
+                        f"request_id={record.get('request_id', '-')}",
+                    )
+                    if part != ""
+                )
+            )
+    if not as_json:
+        typer.echo(f"{matched} record(s)", err=True)
+
+
+def _cost_centres(policy_dir: Path) -> dict[str, str]:
+    from broker.policy.loader import PolicyError, load_policy
+
+    try:
+        policy = load_policy(policy_dir).policy
+    except (PolicyError, OSError) as exc:
+        _fail(f"cannot load the policy in {policy_dir}: {exc}")
+    return {
+        name: agent.spec.cost_centre
+        for name, agent in policy.agents.items()
+        if agent.spec.cost_centre
+    }
+
+
+def _paying_agent(record: dict[str, Any]) -> str:
+    chain = record.get("agent_chain") or []
+    return str(chain[-1]) if isinstance(chain, list) and chain else UNASSIGNED
+
+
+@usage_app.command("report")
+def report(
+    files: FilesArgument,
+    by: Annotated[
+        Literal["person", "agent", "credential", "cost_centre"],
+        typer.Option(help="Group by; agent and cost_centre use the agent the person invoked."),
+    ] = "credential",
+    period: Annotated[Literal["day", "month"], typer.Option(help="Time bucket.")] = "day",
+    output_format: Annotated[
+        Literal["table", "csv"], typer.Option("--format", help="Output format.")
+    ] = "table",
+    policy_dir: Annotated[
+        Path,
+        typer.Option(help="Policy directory mapping agents to cost centres.", file_okay=False),
+    ] = Path("policies"),
+) -> None:
+    """Sum granted credential fetches per period and person, agent, credential or cost centre."""
+    centres = _cost_centres(policy_dir) if by == "cost_centre" else {}
+    counts: Counter[tuple[str, str]] = Counter()
+    for record in _records(files):
+        if record.get("event") != "credential.fetch" or record.get("outcome") != "granted":
+            continue
+        at = _record_time(record)
+        if at is None:
+            continue
+        bucket = at.astimezone(UTC).strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+        if by == "person":
+            key = str(record.get("person") or UNASSIGNED)
+        elif by == "credential":
+            key = str(record.get("credential") or UNASSIGNED)
+        elif by == "agent":
+            key = _paying_agent(record)
+        else:
+            key = centres.get(_paying_agent(record), UNASSIGNED)
+        counts[(bucket, key)] += 1
+    rows = [(bucket, key, count) for (bucket, key), count in sorted(counts.items())]
+    header = (period, by, "fetches")
+    if output_format == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        typer.echo(out.getvalue(), nl=False)
+        return
+    table = [header, *((b, k, str(c)) for b, k, c in rows)]
+    widths = [max(len(str(row[i])) for row in table) for i in range(3)]
+    for row in table:
+        typer.echo(
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]!s:>{widths[2]}}".rstrip()
+        )
+    typer.echo(f"{'total':<{widths[0]}}  {'':<{widths[1]}}  {sum(counts.values()):>{widths[2]}}")

@@ -1,0 +1,188 @@
+"""Audit sinks for real: the file sink is on disk (fdatasync'd) before `record` returns, and the
+S3 sink writes batches as Object Lock objects to a moto server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+
+from broker.audit import DecisionLog, S3ObjectLockSink, build_sinks, verify_trail
+from broker.clock import SystemClock
+from broker.settings import AuditConfig, AuditS3Config
+from tests.support.servers import MotoServer, run_moto
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with run_moto() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def aws_env(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in moto.credentials_env.items():
+        monkeypatch.setenv(name, value)
+
+
+def _s3(moto: MotoServer) -> Any:
+    return boto3.session.Session(region_name=moto.region).client(
+        "s3", endpoint_url=moto.endpoint_url
+    )
+
+
+def _locked_bucket(moto: MotoServer) -> str:
+    bucket = f"audit-{uuid.uuid4().hex[:12]}"
+    _s3(moto).create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    return bucket
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def _record_fetches(log: DecisionLog, count: int) -> None:
+    for i in range(count):
+        log.record(
+            "credential.fetch",
+            outcome="granted",
+            person="dev/alice",
+            agent_chain=["triage-agent"],
+            credential="openai",
+            request_id=f"req-{i}",
+        )
+
+
+def test_each_record_is_on_disk_and_readable_before_record_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[int] = []
+    real_sync = os.fdatasync
+
+    def counting_sync(fd: int) -> None:
+        syncs.append(fd)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_sync)
+    path = tmp_path / "audit" / "trail.jsonl"
+    log = DecisionLog(
+        build_sinks(AuditConfig(stdout=False, file=path)), SystemClock()
+    )  # the settings wiring
+    assert len(syncs) == 1  # the chain start record
+    for i in range(5):
+        returned = log.record("token.exchange", outcome="granted", request_id=f"r{i}")
+        with path.open() as reader:  # a separate reader, while the writer is still open
+            lines = reader.read().splitlines()
+        assert json.loads(lines[-1]) == returned
+        assert len(lines) == i + 2
+        assert len(syncs) == i + 2  # synced once per record, before record returned
+    assert verify_trail([path]).ok
+    log.close()
+
+
+def test_the_s3_sink_writes_locked_batches_and_flushes_on_close(
+    moto: MotoServer, tmp_path: Path
+) -> None:
+    bucket = _locked_bucket(moto)
+    config = AuditConfig(
+        stdout=False,
+        file=tmp_path / "trail.jsonl",
+        s3=AuditS3Config(
+            bucket=bucket,
+            prefix="broker/",
+            region=moto.region,
+            endpoint_url=moto.endpoint_url,
+            object_lock_mode="COMPLIANCE",
+            retention_days=30,
+            batch_size=5,
+            batch_age_seconds=3600,
+        ),
+    )
+    log = DecisionLog(build_sinks(config), SystemClock())
+    _record_fetches(log, 11)  # 12 records with the chain start: two full batches, 2 left
+    _wait_for(lambda: log.sink_lag()["S3ObjectLockSink"] == 2)
+    s3 = _s3(moto)
+    assert len(s3.list_objects_v2(Bucket=bucket).get("Contents", [])) == 2
+    log.close()  # flushes the partial batch
+    assert log.sink_lag()["S3ObjectLockSink"] == 0
+
+    lock = s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
+    assert lock["ObjectLockEnabled"] == "Enabled"
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == [
+        f"broker/{log.chain}/000000000000-000000000004.jsonl",
+        f"broker/{log.chain}/000000000005-000000000009.jsonl",
+        f"broker/{log.chain}/000000000010-000000000011.jsonl",
+    ]
+    downloaded = tmp_path / "from-s3.jsonl"
+    with downloaded.open("wb") as out:
+        for key in keys:
+            # the object's retention, as S3 reports it (moto 5 has no GetObjectRetention; HEAD
+            # returns the same ObjectLockMode / ObjectLockRetainUntilDate)
+            head = s3.head_object(Bucket=bucket, Key=key)
+            assert head["ObjectLockMode"] == "COMPLIANCE"
+            assert head["ObjectLockRetainUntilDate"] > datetime.now(UTC) + timedelta(days=29)
+            assert head["ObjectLockRetainUntilDate"] < datetime.now(UTC) + timedelta(days=31)
+            out.write(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    # the S3 copy is the same trail, byte for byte, as the local file, and verifies on its own
+    assert downloaded.read_bytes() == (tmp_path / "trail.jsonl").read_bytes()
+    assert verify_trail([downloaded]).ok
+
+    version = s3.head_object(Bucket=bucket, Key=keys[0])["VersionId"]
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.delete_object(Bucket=bucket, Key=keys[0], VersionId=version)
+
+
+def test_a_batch_is_uploaded_when_it_is_old_enough(moto: MotoServer) -> None:
+    bucket = _locked_bucket(moto)
+    sink = S3ObjectLockSink(
+        _s3(moto),
+        bucket,
+        mode="GOVERNANCE",
+        retention_days=1,
+        batch_size=1000,
+        batch_age_seconds=0.3,
+    )
+    log = DecisionLog([sink], SystemClock())
+    _record_fetches(log, 3)
+    assert sink.lag() > 0
+    _wait_for(lambda: sink.lag() == 0)
+    [obj] = _s3(moto).list_objects_v2(Bucket=bucket)["Contents"]
+    assert _s3(moto).head_object(Bucket=bucket, Key=obj["Key"])["ObjectLockMode"] == "GOVERNANCE"
+    sink.close()
+
+
+def test_failed_uploads_are_retried_and_counted_as_lag(moto: MotoServer) -> None:
+    bucket = f"audit-later-{uuid.uuid4().hex[:8]}"  # does not exist yet: uploads fail
+    sink = S3ObjectLockSink(_s3(moto), bucket, batch_size=2, retry_seconds=0.1, check_bucket=False)
+    log = DecisionLog([sink], SystemClock())
+    _record_fetches(log, 3)
+    _wait_for(lambda: sink.last_error is not None)
+    assert sink.lag() == 4
+    _s3(moto).create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    _wait_for(lambda: sink.lag() == 0)
+    assert sink.last_error is None and len(sink.uploaded_keys) == 2
+    sink.close()
+
+
+def test_a_bucket_without_object_lock_is_refused(moto: MotoServer) -> None:
+    bucket = f"plain-{uuid.uuid4().hex[:8]}"
+    _s3(moto).create_bucket(Bucket=bucket)
+    config = AuditConfig(
+        stdout=False,
+        s3=AuditS3Config(bucket=bucket, region=moto.region, endpoint_url=moto.endpoint_url),
+    )
+    with pytest.raises((RuntimeError, botocore.exceptions.ClientError)):
+        build_sinks(config)
