@@ -85,6 +85,14 @@ def serve(
         )
         raise typer.Exit(1)
     _check_buildable(settings)
+    if (workers or settings.http.workers) > 1 and settings.state.kind == "memory":
+        typer.echo(
+            "warning: several workers with state.kind memory: each worker keeps its own "
+            "single-use ids, revocations and rate counters (a client assertion could be replayed "
+            "at another worker, a revocation reaches only the worker that made it). Use "
+            "state.kind: redis for more than one worker or replica.",
+            err=True,
+        )
     if config is not None:
         os.environ["BROKER_CONFIG_FILE"] = str(config.resolve())
     server_config = uvicorn.Config(

@@ -128,8 +128,8 @@ class PolicyStore:
         self.reloads = 0
         self.reload_failures = 0
         self._attempted_signature = self.signature()
-        # raises PolicyError: no policy, no service
-        self._loaded: LoadedPolicy = self._load()
+        # raises PolicyError: no policy (or one whose own tests fail), no service
+        self._loaded: LoadedPolicy = self._validate()
         self._log_warnings(self._loaded)
         self._record(
             "policy.loaded",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -236,3 +237,25 @@ def test_serve_runs_with_environment_overrides(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_serve_refuses_a_policy_whose_own_tests_fail(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    tests_file = policies / "tests" / "example.yaml"
+    tests_file.write_text(
+        tests_file.read_text().replace(
+            "expect_granted: [tickets:write]", "expect_error: invalid_scope", 1
+        )
+    )
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"policy_dir": str(policies), "signing_keys": {"directory": str(tmp_path / "keys")}}
+        )
+    )
+    result = subprocess.run(
+        [BROKER, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "policy test failed" in result.stderr and "Traceback" not in result.stderr
