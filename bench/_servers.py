@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,14 @@ from idp_adapters.dev import DevIdentityProvider, load_dev_people
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
+
+
+def work_directory(stack: contextlib.ExitStack, *, keep: bool, name: str) -> Path:
+    """A temporary directory for one section's configs and logs: removed when `stack` closes,
+    or, with `keep`, left in place (``bench-<name>-*``) for inspection."""
+    if keep:
+        return Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
 
 
 def free_port() -> int:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import platform
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +40,10 @@ from bench._servers import (
     dev_issuer,
     openbao_server,
     wait_until_idle,
+    work_directory,
 )
 from bench.exchange import (
+    COMPARISON_HEADERS,
     PERSON,
     STALL_MS,
     Options,
@@ -53,9 +53,11 @@ from bench.exchange import (
     _median_row,
     _results_table,
     _stall_warning,
-    _uvicorn_stack,
+    bao_version,
     exchange_request,
     keepalive_probe_ms,
+    machine_line,
+    target_rows,
     warn_if_busy,
 )
 from broker.credentials import cache_policy
@@ -138,6 +140,20 @@ def fetch_request(gateway_secret: str, agent_token: str) -> tuple[dict[str, str]
         "Content-Type": "application/x-www-form-urlencoded",
     }
     return headers, urlencode({"token": agent_token}).encode()
+
+
+def vault_backends(address: str) -> list[dict[str, Any]]:
+    """The broker's ``secret_backends``: one ``vault`` backend at `address`, token auth with the
+    token in ``$VAULT_TOKEN_ENV``."""
+    return [
+        {
+            "name": BACKEND,
+            "kind": "vault",
+            "address": address,
+            "mount": KV_MOUNT,
+            "auth": {"method": "token", "token_ref": f"env:{VAULT_TOKEN_ENV}"},
+        }
+    ]
 
 
 def _preflight_fetch(
@@ -246,10 +262,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
     api_key = "sk-bench-" + secrets.token_urlsafe(32)
     rows: list[Row] = []
     with contextlib.ExitStack() as stack:
-        if options.keep:
-            workdir = Path(tempfile.mkdtemp(prefix="bench-credentials-"))
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        workdir = work_directory(stack, keep=options.keep, name="credentials")
         print_("starting the development issuer, OpenBao (x2) and the broker ...")
         issuer: Issuer = stack.enter_context(dev_issuer())
         person_token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
@@ -263,15 +276,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         plain_tokens = _seed(plain, credential.path, {field_name: api_key})
 
         gateway_secret = secrets.token_urlsafe(32)
-        backends = [
-            {
-                "name": BACKEND,
-                "kind": "vault",
-                "address": store.url,
-                "mount": KV_MOUNT,
-                "auth": {"method": "token", "token_ref": f"env:{VAULT_TOKEN_ENV}"},
-            }
-        ]
+        backends = vault_backends(store.url)
         broker_started = time.time()
         broker = stack.enter_context(
             broker_server(
@@ -379,12 +384,10 @@ def _header(
     first: dict[str, Any],
 ) -> str:
     cores = cpu_count()
-    bao_version = store.version.split(" (")[0] if store.version else "OpenBao"
     lines = [
         "",
         "== Credential fetch: throughput and latency beside same-run baselines ==",
-        f"machine: {cores} cores, Python {platform.python_version()}, {_uvicorn_stack()}, "
-        f"{bao_version}",
+        machine_line(bao_version(store)),
         f"broker: {options.workers} uvicorn workers (each with its own credential cache), the "
         f"example policies; POST /v1/credentials/{CREDENTIAL} as gateway {GATEWAY} (HTTP "
         f"Basic), form body token=<agent token> (ES256, from one exchange by triage-agent for "
@@ -420,21 +423,15 @@ def _comparison(rows: list[Row]) -> str:
     fx, bl = fetch.result, bao.result
     ratio = fx.rps / bl.rps if bl.rps else float("nan")
     p99 = fx.percentile_ms(99)
-    body: list[list[object]] = [
-        [
-            "fetches/s vs OpenBao KV reads/s",
-            f"{fx.rps:,.0f} vs {bl.rps:,.0f}",
-            f"{ratio:.2f}x",
-            f">= {TARGET_RATIO:.2f}x",
-            "met" if ratio >= TARGET_RATIO else "NOT met",
-        ],
-        [
-            "fetch p99",
-            f"{p99:.1f} ms",
-            "",
-            f"< {TARGET_P99_MS:g} ms",
-            "met" if p99 < TARGET_P99_MS else "NOT met",
-        ],
+    body = target_rows(
+        ("fetches/s vs OpenBao KV reads/s", f"{fx.rps:,.0f} vs {bl.rps:,.0f}"),
+        ratio,
+        TARGET_RATIO,
+        ("fetch p99", f"{p99:.1f} ms"),
+        p99,
+        TARGET_P99_MS,
+    )
+    body += [
         [
             "fetch p50 vs OpenBao KV read p50",
             f"{fx.percentile_ms(50):.1f} vs {bl.percentile_ms(50):.1f} ms",
@@ -484,8 +481,7 @@ def _comparison(rows: list[Row]) -> str:
         )
     return (
         f"Against the issue's targets (at least {TARGET_RATIO:g}x OpenBao's direct reads/s, p99 "
-        f"under {TARGET_P99_MS:g} ms):\n"
-        + table(["comparison", "measured", "ratio", "target", "verdict"], body)
+        f"under {TARGET_P99_MS:g} ms):\n" + table(COMPARISON_HEADERS, body)
     )
 
 

@@ -24,65 +24,26 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import logging
-import os
 import pstats
 import secrets
 import tempfile
-import time
-import timeit
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from bench._inprocess import (
+    as_asgi,
+    asgi_call,
+    decision_records_to,
+    environment,
+    micro,
+    profile_tables,
+    time_beside_healthz,
+)
 from bench._report import table
 from bench._servers import broker_config, dev_issuer
 from bench.exchange import AUDIENCE, PERSON, SCOPE, exchange_request
-
-Asgi = Callable[..., Awaitable[None]]
-
-
-async def asgi_call(
-    app: Asgi, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""
-) -> tuple[int, bytes]:
-    """One request straight into an ASGI app; returns (status, body)."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8080),
-        "state": {},
-    }
-    sent = False
-    status = 0
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            await asyncio.sleep(3600)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
-
 
 STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-exchange cumulative table
@@ -105,25 +66,6 @@ STEPS: list[tuple[str, str, str]] = [
     ("  JSONResponse render", "starlette/responses.py", "render"),
     ("  response send path (Response.__call__)", "starlette/responses.py", "__call__"),
 ]
-
-
-def _cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
-    """Cumulative seconds of functions matching (file suffix, name), outermost calls only."""
-    total = 0.0
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    for (filename, _line, func), (_cc, _nc, _tt, ct, _callers) in raw.items():
-        if func == name and filename.replace(os.sep, "/").endswith(suffix):
-            total += ct
-    return total
-
-
-def _micro(label: str, fn: Callable[[], object], number: int) -> list[object]:
-    try:
-        fn()
-        best = min(timeit.repeat(fn, number=number, repeat=5)) / number
-        return [label, best * 1e6]
-    except Exception as exc:  # a primitive moved while others edit the broker: say so, go on
-        return [label, f"n/a ({type(exc).__name__})"]
 
 
 def _run_sync(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -187,12 +129,12 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
     response_headers = {**_NO_STORE, "X-Request-Id": secrets.token_hex(16)}
     form_body = exchange_request("triage-agent", "secret", person_token)[1].decode()
     rows = [
-        _micro(
+        micro(
             "issuer peek (jwt_verify.unverified_claims)",
             lambda: unverified_claims(person_token, max_bytes=DEFAULT_MAX_SUBJECT_TOKEN_BYTES),
             5000,
         ),
-        _micro(
+        micro(
             "strict JSON parse of header + payload (jwt_verify)",
             lambda: (
                 _decode_json_segment(header_b64, "header"),
@@ -200,19 +142,19 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
             ),
             5000,
         ),
-        _micro(
+        micro(
             "RS256 verify, cryptography directly",
             lambda: rsa_public.verify(
                 signature, signing_input, padding.PKCS1v15(), hashes.SHA256()
             ),
             2000,
         ),
-        _micro(
+        micro(
             "RS256 verify as verify_jwt does (jwt_verify._verify_signature)",
             lambda: _verify_signature(signing_input, signature, pyjwk, "RS256"),
             2000,
         ),
-        _micro(
+        micro(
             "verify_jwt whole (parse + signature + claims; in-memory key)",
             lambda: _run_sync(
                 verify_jwt(
@@ -229,24 +171,24 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
             ),
             2000,
         ),
-        _micro(
+        micro(
             "PyJWT jwt.decode with RS256 verify, for comparison",
             lambda: jwt.decode(
                 person_token, key=pyjwk, algorithms=["RS256"], options={"verify_aud": False}
             ),
             2000,
         ),
-        _micro(
+        micro(
             "PyJWT jwt.decode unverified, for comparison",
             lambda: jwt.decode(person_token, options={"verify_signature": False}),
             5000,
         ),
-        _micro(
+        micro(
             "ES256 sign, cryptography directly",
             lambda: ec_private.sign(signing_input, ec.ECDSA(hashes.SHA256())),
             2000,
         ),
-        _micro(
+        micro(
             "ES256 sign via jwt.encode (PyJWT, as TokenIssuer.issue)",
             lambda: jwt.encode(
                 claims,
@@ -256,17 +198,17 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
             ),
             2000,
         ),
-        _micro(
+        micro(
             "decision record (the app's DecisionLog.record, to its file)",
             lambda: services.decisions.record("token.exchange", **record),
             20000,
         ),
-        _micro(
+        micro(
             "JSONResponse(body, headers) construction",
             lambda: JSONResponse(response_body, headers=response_headers),
             20000,
         ),
-        _micro(
+        micro(
             "parse_qsl of the exchange form (as read_form)",
             lambda: parse_qsl(
                 form_body, keep_blank_values=True, strict_parsing=True, max_num_fields=MAX_FIELDS
@@ -290,28 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-prof-")))
         issuer = stack.enter_context(dev_issuer())
         secret = secrets.token_urlsafe(32)
-        saved = os.environ.get("TRIAGE_AGENT_SECRET")
-        os.environ["TRIAGE_AGENT_SECRET"] = secret
-        stack.callback(
-            lambda: (
-                os.environ.__setitem__("TRIAGE_AGENT_SECRET", saved)
-                if saved is not None
-                else os.environ.pop("TRIAGE_AGENT_SECRET", None)
-            )
-        )
+        stack.enter_context(environment({"TRIAGE_AGENT_SECRET": secret}))
         settings = load_settings(None, **broker_config(issuer, "http://127.0.0.1:8080", workdir))
         # Decision records go to a file, flushed per record, as under `broker serve` (whose
         # stdout/stderr the benchmark sends to a file), whichever sink the broker uses.
-        records = stack.enter_context((workdir / "decisions.jsonl").open("w"))
-        audit_logger = logging.getLogger("broker.audit")
-        audit_logger.addHandler(logging.StreamHandler(records))
-        audit_logger.setLevel(logging.INFO)
-        audit_logger.propagate = False
+        records = stack.enter_context(decision_records_to(workdir / "decisions.jsonl"))
         with contextlib.redirect_stdout(records):
             app = create_app(settings)
         token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
         http_headers, body = exchange_request("triage-agent", secret, token)
-        headers = [(k.lower().encode(), v.encode()) for k, v in http_headers.items()]
+        headers = as_asgi(http_headers)
         n = args.requests
 
         async def exchanges(count: int) -> None:
@@ -320,21 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 if status != 200:
                     raise RuntimeError(f"exchange failed: {status} {payload[:300]!r}")
 
-        async def healthz(count: int) -> None:
-            for _ in range(count):
-                await asgi_call(app, "GET", "/healthz", [])
-
-        async def timed() -> tuple[float, float]:
-            await exchanges(50)  # warm: discovery + JWKS fetched once, caches filled
-            await healthz(50)
-            start = time.perf_counter()
-            await exchanges(n)
-            ex = (time.perf_counter() - start) / n
-            start = time.perf_counter()
-            await healthz(n)
-            return ex, (time.perf_counter() - start) / n
-
-        ex_s, hz_s = asyncio.run(timed())
+        # warm: discovery + JWKS fetched once, caches filled
+        ex_s, hz_s = asyncio.run(time_beside_healthz(app, exchanges, n))
         print(
             f"In-process, sequential, {n} requests each (no sockets, no uvicorn/h11):\n"
             + table(
@@ -351,32 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler.enable()
         asyncio.run(exchanges(n))
         profiler.disable()
-        stats = pstats.Stats(profiler)
-        whole = _cumulative(stats, *STEPS[0][1:])
-        rows: list[list[object]] = []
-        for label, suffix, name in STEPS:
-            cum = _cumulative(stats, suffix, name)
-            rows.append([label, cum / n * 1e6, f"{100 * cum / whole:.0f}%" if whole else "-"])
-        print(
-            "\nUnder cProfile: cumulative time per exchange (inflated by the profiler):\n"
-            + table(["step", "us/exchange", "of app"], rows)
-        )
-        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-        own = sorted(raw.items(), key=lambda item: item[1][2], reverse=True)[: args.top]
-        total_tt = sum(v[2] for v in raw.values())
-        own_rows = [
-            [
-                f"{Path(fn).parent.name}/{Path(fn).name}:{line} {func}",
-                tt / n * 1e6,
-                f"{100 * tt / total_tt:.1f}%",
-                nc // n if nc >= n else f"{nc / n:.2f}",
-            ]
-            for (fn, line, func), (_cc, nc, tt, _ct, _callers) in own
-        ]
-        print(
-            f"\nTop {args.top} functions by own time (per exchange, under cProfile):\n"
-            + table(["function", "us/exchange", "share", "calls/exchange"], own_rows)
-        )
+        print(profile_tables(pstats.Stats(profiler), STEPS, n, args.top, "exchange"))
         print("\n" + _primitives(token, app, issuer.provider.jwks()))
     return 0
 

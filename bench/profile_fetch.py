@@ -8,7 +8,7 @@ then:
 
 1. times N sequential ``POST /v1/credentials/openai-api-key`` (gateway llm-gateway, HTTP Basic,
    the same agent token: cache hits) and N ``GET /healthz`` made straight into the ASGI app (a
-   minimal ASGI driver, as in ``bench.profile_exchange``), so the difference is the fetch's cost;
+   minimal ASGI driver, ``bench._inprocess``), so the difference is the fetch's cost;
 2. runs the N fetches under cProfile: the cumulative time of the fetch's steps and the functions
    with the most own time, per fetch;
 3. times the primitives a fetch is made of, with no profiler.
@@ -25,34 +25,38 @@ import contextlib
 import cProfile
 import hashlib
 import json
-import logging
-import os
 import pstats
 import secrets
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from bench._inprocess import (
+    as_asgi,
+    asgi_call,
+    decision_records_to,
+    environment,
+    micro,
+    profile_tables,
+    time_beside_healthz,
+)
 from bench._report import table
 from bench._servers import broker_config, dev_issuer, openbao_server
 from bench.credentials import (
     AGENT_AUDIENCE,
     AGENT_SCOPE,
-    BACKEND,
     BROKER_TOKEN_NAME,
     CREDENTIAL,
     GATEWAY_SECRET_ENV,
-    KV_MOUNT,
     VAULT_TOKEN_ENV,
     _credential,
     _seed,
     fetch_request,
+    vault_backends,
 )
 from bench.exchange import PERSON, exchange_request
-from bench.profile_exchange import _cumulative, _micro, asgi_call
 
 STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-fetch cumulative table
@@ -92,26 +96,26 @@ def _primitives(app: Any, agent_token: str, form_body: bytes, record: dict[str, 
     headers = {**_NO_STORE, "X-Request-Id": uuid.uuid4().hex}
     text = form_body.decode()
     rows = [
-        _micro("uuid.uuid4().hex (request id)", lambda: uuid.uuid4().hex, 20000),
-        _micro(
+        micro("uuid.uuid4().hex (request id)", lambda: uuid.uuid4().hex, 20000),
+        micro(
             "parse_qsl of the fetch form",
             lambda: parse_qsl(
                 text, keep_blank_values=True, strict_parsing=True, max_num_fields=MAX_FIELDS
             ),
             20000,
         ),
-        _micro("HTTP Basic parse (client_auth._parse_basic)", lambda: _parse_basic(basic), 20000),
-        _micro(
+        micro("HTTP Basic parse (client_auth._parse_basic)", lambda: _parse_basic(basic), 20000),
+        micro(
             "sha256 of the agent token (verdict cache key)",
             lambda: hashlib.sha256(agent_token.encode()).digest(),
             20000,
         ),
-        _micro(
+        micro(
             "decision record (the app's DecisionLog.record, to its file)",
             lambda: services.decisions.record("credential.fetch", **record),
             20000,
         ),
-        _micro(
+        micro(
             "JSONResponse(body, headers) construction",
             lambda: JSONResponse(body, headers=headers),
             20000,
@@ -143,41 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             GATEWAY_SECRET_ENV: gateway_secret,
             VAULT_TOKEN_ENV: tokens[BROKER_TOKEN_NAME],
         }
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-
-        def restore() -> None:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-        stack.callback(restore)
+        stack.enter_context(environment(env))
         config = broker_config(issuer, "http://127.0.0.1:8080", workdir)
-        config["secret_backends"] = [
-            {
-                "name": BACKEND,
-                "kind": "vault",
-                "address": store.url,
-                "mount": KV_MOUNT,
-                "auth": {"method": "token", "token_ref": f"env:{VAULT_TOKEN_ENV}"},
-            }
-        ]
+        config["secret_backends"] = vault_backends(store.url)
         settings = load_settings(None, **config)
         # Decision records go to a file, flushed per record, as under `broker serve`.
-        records = stack.enter_context((workdir / "decisions.jsonl").open("w"))
-        audit_logger = logging.getLogger("broker.audit")
-        audit_logger.addHandler(logging.StreamHandler(records))
-        audit_logger.setLevel(logging.INFO)
-        audit_logger.propagate = False
+        records = stack.enter_context(decision_records_to(workdir / "decisions.jsonl"))
         with contextlib.redirect_stdout(records):
             app = create_app(settings)
         person_token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
         n = args.requests
-
-        def as_asgi(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-            return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
         async def agent_token() -> str:
             headers, body = exchange_request(
@@ -203,21 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 if status != 200 or api_key.encode() not in payload:
                     raise RuntimeError(f"fetch failed: {status} {payload[:300]!r}")
 
-        async def healthz(count: int) -> None:
-            for _ in range(count):
-                await asgi_call(app, "GET", "/healthz", [])
-
-        async def timed() -> tuple[float, float]:
-            await fetches(50)  # warm: the first load from OpenBao, the verdict cache filled
-            await healthz(50)
-            start = time.perf_counter()
-            await fetches(n)
-            fx = (time.perf_counter() - start) / n
-            start = time.perf_counter()
-            await healthz(n)
-            return fx, (time.perf_counter() - start) / n
-
-        fx_s, hz_s = asyncio.run(timed())
+        # warm: the first load from OpenBao, the verdict cache filled
+        fx_s, hz_s = asyncio.run(time_beside_healthz(app, fetches, n))
         print(
             f"In-process, sequential, {n} requests each (no sockets, no uvicorn/httptools):\n"
             + table(
@@ -241,32 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
         stats_holder: list[pstats.Stats] = []
         asyncio.run(profiled())
-        stats = stats_holder[0]
-        whole = _cumulative(stats, *STEPS[0][1:])
-        rows: list[list[object]] = []
-        for label, suffix, name in STEPS:
-            cum = _cumulative(stats, suffix, name)
-            rows.append([label, cum / n * 1e6, f"{100 * cum / whole:.0f}%" if whole else "-"])
-        print(
-            "\nUnder cProfile: cumulative time per fetch (inflated by the profiler):\n"
-            + table(["step", "us/fetch", "of app"], rows)
-        )
-        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-        own = sorted(raw.items(), key=lambda item: item[1][2], reverse=True)[: args.top]
-        total_tt = sum(v[2] for v in raw.values())
-        own_rows = [
-            [
-                f"{Path(fn).parent.name}/{Path(fn).name}:{line} {func}",
-                tt / n * 1e6,
-                f"{100 * tt / total_tt:.1f}%",
-                nc // n if nc >= n else f"{nc / n:.2f}",
-            ]
-            for (fn, line, func), (_cc, nc, tt, _ct, _callers) in own
-        ]
-        print(
-            f"\nTop {args.top} functions by own time (per fetch, under cProfile):\n"
-            + table(["function", "us/fetch", "share", "calls/fetch"], own_rows)
-        )
+        print(profile_tables(stats_holder[0], STEPS, n, args.top, "fetch"))
         record = {
             "request_id": uuid.uuid4().hex,
             "credential": CREDENTIAL,

@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import botocore.config
@@ -132,15 +132,19 @@ class _Process:
 
     def terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        if process is not None:
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a running process; SIGKILL it if it has not exited 5 s later."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -150,12 +154,52 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class OpenBaoServer:
+class _LoopbackServer:
+    """A server process on a loopback port (a free one unless given), logging to `log_name`."""
+
+    def __init__(self, workdir: Path, name: str, log_name: str, port: int | None) -> None:
+        self.port = port or free_loopback_port()
+        self._process = _Process(f"{name} on port {self.port}", workdir / log_name)
+
+    @property
+    def _url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def start(self, timeout: float = 20.0) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the server (all its data is lost)."""
+        self._process.terminate()
+
+
+_Server = TypeVar("_Server", bound=_LoopbackServer)
+
+
+@contextlib.contextmanager
+def _running(
+    server_class: Callable[..., _Server], prefix: str, port: int | None
+) -> Iterator[_Server]:
+    """A server in a temporary directory, started, for the duration of the block."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        server = server_class(Path(workdir), port=port)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+class OpenBaoServer(_LoopbackServer):
     """``bao server -dev`` on a loopback port; see the module docstring."""
 
     def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        super().__init__(workdir, "openbao", "server.log", port)
         self.workdir = workdir
-        self.port = port or free_loopback_port()
         self.root_token = "root-" + secrets.token_hex(16)
         self.audit_log_path = workdir / "audit.log"
         self._config_path = workdir / "server.hcl"
@@ -165,16 +209,11 @@ class OpenBaoServer:
             "}\n"
         )
         (workdir / "home").mkdir(exist_ok=True)
-        self._process = _Process(f"openbao on port {self.port}", workdir / "server.log")
         self._seeders: list[Callable[[OpenBaoServer], None]] = []
 
     @property
     def address(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
+        return self._url
 
     def client(self, token: str | None = None) -> hvac.Client:
         """An hvac client for this server (root token by default)."""
@@ -202,10 +241,6 @@ class OpenBaoServer:
         for seed in self._seeders:
             seed(self)
 
-    def stop(self) -> None:
-        """Stop the server (all its data is lost)."""
-        self._process.terminate()
-
     def add_seeder(self, seed: Callable[[OpenBaoServer], None]) -> None:
         """Run `seed(self)` now (when running) and after every later `start()`."""
         self._seeders.append(seed)
@@ -226,16 +261,9 @@ class OpenBaoServer:
         return [e["request"]["path"] for e in self.audit_entries("request")]
 
 
-@contextlib.contextmanager
-def run_openbao(*, port: int | None = None) -> Iterator[OpenBaoServer]:
+def run_openbao(*, port: int | None = None) -> contextlib.AbstractContextManager[OpenBaoServer]:
     """An OpenBao dev server for the duration of the block (raises if it cannot start)."""
-    with tempfile.TemporaryDirectory(prefix="openbao-") as workdir:
-        server = OpenBaoServer(Path(workdir), port=port)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    return _running(OpenBaoServer, "openbao-", port)
 
 
 def enable_postgres_database_engine(
@@ -282,7 +310,7 @@ def revoke_leases(client: hvac.Client, prefix: str) -> None:
     client.sys.revoke_prefix(prefix)
 
 
-class MotoServer:
+class MotoServer(_LoopbackServer):
     """``moto_server`` on a loopback port; see the module docstring."""
 
     region = "us-east-1"
@@ -290,16 +318,11 @@ class MotoServer:
     secret_access_key = "testing"
 
     def __init__(self, workdir: Path, *, port: int | None = None) -> None:
-        self.port = port or free_loopback_port()
-        self._process = _Process(f"moto on port {self.port}", workdir / "moto.log")
+        super().__init__(workdir, "moto", "moto.log", port)
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
+        return self._url
 
     @property
     def credentials_env(self) -> dict[str, str]:
@@ -335,9 +358,6 @@ class MotoServer:
             lambda: _http_status(f"{self.endpoint_url}/moto-api/") == 200, timeout
         )
 
-    def stop(self) -> None:
-        self._process.terminate()
-
     def reset(self) -> None:
         """Forget every resource (moto's reset API)."""
         status = _http_status(f"{self.endpoint_url}/moto-api/reset", method="POST")
@@ -345,16 +365,9 @@ class MotoServer:
             raise RuntimeError(f"moto reset answered {status}")
 
 
-@contextlib.contextmanager
-def run_moto(*, port: int | None = None) -> Iterator[MotoServer]:
+def run_moto(*, port: int | None = None) -> contextlib.AbstractContextManager[MotoServer]:
     """A moto server for the duration of the block (raises if it cannot start)."""
-    with tempfile.TemporaryDirectory(prefix="moto-") as workdir:
-        server = MotoServer(Path(workdir), port=port)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    return _running(MotoServer, "moto-", port)
 
 
 class RedisServer:
@@ -414,12 +427,7 @@ class RedisServer:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             os.kill(process.pid, signal.SIGCONT)  # in case a test left it frozen
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            _stop(process)
 
     def freeze(self) -> None:
         """SIGSTOP: the port still accepts connections, nothing answers (a hung server)."""
