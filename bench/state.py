@@ -444,7 +444,8 @@ def _header(options: Options, redis: RedisProcess, probes: dict[str, float]) -> 
             "policies, a vault backend (OpenBao dev); identical but for `state:` "
             f"(kind memory | kind redis, url {redis.url}, default timeouts and pool)",
             f"operations: {FETCH} (POST /v1/credentials/{CREDENTIAL}, gateway llm-gateway, an "
-            "agent token of triage-agent: a revocation_status round trip at most every 0.5 s per token and worker); "
+            "agent token of triage-agent: a revocation_status round trip at most every 0.5 s "
+            "per token and worker); "
             f"{EXCHANGE} (triage-agent, client_secret_basic, an ID token of {PERSON}: no state "
             f"store call); {REEXCHANGE} ({SUB_AGENT}, client_secret_basic, subject = one "
             f'triage-agent agent token, scope "{PARENT_SCOPE}", re-exchanged over and over: '
