@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +18,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.audit import DecisionLog, DecisionSink, build_sinks
@@ -41,6 +43,7 @@ from broker.exchange import (
     TokenExchangeGrant,
 )
 from broker.introspection import Introspection
+from broker.metrics import BrokerMetrics
 from broker.oauth_request import OAuthForm, read_form, read_form_or_json
 from broker.policy.store import PolicyRejected, PolicyStore
 from broker.policy.watch import PolicyWatcher
@@ -74,6 +77,7 @@ class BrokerServices:
     revocations: Revocations
     broker_tokens: BrokerTokenVerifier
     state: StateStore
+    metrics: BrokerMetrics
 
 
 def build_services(
@@ -101,9 +105,9 @@ def build_services(
         generate_if_missing=settings.signing_keys.generate_if_missing,
     )
     state = state or build_state_store(settings.state, clock)
-    decisions = DecisionLog(
-        decision_sinks if decision_sinks is not None else build_sinks(settings.audit), clock
-    )
+    metrics = BrokerMetrics()
+    sinks = decision_sinks if decision_sinks is not None else build_sinks(settings.audit)
+    decisions = DecisionLog([*sinks, metrics], clock)
     policies = PolicyStore(
         settings.policy_dir,
         known_workload_issuers=[w.name for w in settings.workload_issuers],
@@ -178,6 +182,7 @@ def build_services(
         revocations=revocations,
         state=state,
     )
+    metrics.bind(policies=policies, cache=cache, decisions=decisions)
     return BrokerServices(
         settings=settings,
         clock=clock,
@@ -193,6 +198,7 @@ def build_services(
         revocations=revocations,
         broker_tokens=broker_tokens,
         state=state,
+        metrics=metrics,
     )
 
 
@@ -288,12 +294,27 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     Handler = Callable[[Request, OAuthForm, AuthenticatedClient | None, str], Awaitable[dict]]
 
     def oauth_endpoint(
-        handler: Handler, *, json_body: bool = False, repeatable: frozenset[str] = frozenset()
+        handler: Handler,
+        *,
+        route: str,
+        json_body: bool = False,
+        repeatable: frozenset[str] = frozenset(),
     ) -> Callable[[Request], Awaitable[JSONResponse]]:
         """One shape for every authenticated POST: read the body (capped), authenticate the
-        caller, run the domain handler, render an error in one place, never cache."""
+        caller, run the domain handler, render an error in one place, never cache. Timed per
+        route template (`route`, never the filled path) and status class."""
 
         async def endpoint(request: Request) -> JSONResponse:
+            started = time.perf_counter()
+            status = 500  # an unexpected exception is rendered as 500 by the app handler
+            try:
+                response = await handle(request)
+                status = response.status_code
+                return response
+            finally:
+                services.metrics.observe_request(route, status, time.perf_counter() - started)
+
+        async def handle(request: Request) -> JSONResponse:
             request_id = _request_id(request)
             try:
                 if json_body:
@@ -407,6 +428,11 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    async def metrics(_: Request) -> Response:
+        # Unauthenticated, like /healthz: serve it on an internal network only (see README).
+        # Labels carry fixed codes, route templates and credential names; no tokens or people.
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     routes: list[tuple[str, Handler, dict[str, Any]]] = [
         ("/oauth2/token", token, {"repeatable": REPEATABLE_PARAMETERS}),
         ("/oauth2/introspect", introspect, {}),
@@ -417,11 +443,12 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         ("/v1/admin/credentials/{name}/refresh", refresh_credential, {"json_body": True}),
     ]
     for path, handler, options in routes:
-        app.add_route(path, oauth_endpoint(handler, **options), methods=["POST"])
+        app.add_route(path, oauth_endpoint(handler, route=path, **options), methods=["POST"])
     app.add_route("/.well-known/oauth-authorization-server", server_metadata, methods=["GET"])
     app.add_route("/.well-known/jwks.json", jwks, methods=["GET"])
     app.add_route("/healthz", healthz, methods=["GET"])
     app.add_route("/readyz", readyz, methods=["GET"])
+    app.add_route("/metrics", metrics, methods=["GET"])
     return app
 
 

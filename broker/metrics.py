@@ -1,0 +1,163 @@
+"""Prometheus metrics, served at ``GET /metrics``.
+
+Each `BrokerMetrics` owns its own `CollectorRegistry` (never the process-wide default one), so
+several apps in one process do not collide. Three sources:
+
+- decisions: `BrokerMetrics` is a `DecisionSink`; every audit record counts once in
+  ``broker_decisions_total{event, outcome, reason}``. Label values are fixed codes; anything not
+  matching ``[a-z0-9_.]{1,64}`` is counted as ``other``, so user input can neither leak into a
+  label nor grow the label set without bound.
+- request latency: ``broker_request_duration_seconds{route, status}`` for the authenticated POST
+  routes, labelled with the route *template* (``/v1/credentials/{name}``) and status class.
+- read on scrape: credential cache counters per credential name of the current policy, the
+  policy version, reload counters and audit sink lag.
+
+Labels never carry tokens, secrets or person identifiers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+
+    from broker.audit import DecisionLog
+    from broker.cache import CredentialCache
+    from broker.policy.store import PolicyStore
+
+_LABEL_VALUE = re.compile(r"[a-z0-9_.]{1,64}")
+_CACHE_STATS = (
+    ("hits", "Credential gets answered from memory (stale ones included)."),
+    ("misses", "Credential gets that had to wait for (or were refused by) the backend."),
+    ("refreshes", "Successful backend refresh rounds (first loads included)."),
+    ("refresh_errors", "Failed backend refresh rounds."),
+    ("stale_served", "Gets answered with a value past its refresh interval."),
+    ("backend_reads", "Backend read calls."),
+    ("version_checks", "Backend current-version calls."),
+)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def label_value(value: Any) -> str:
+    """`value` if it is a short fixed code, else ``other`` (``none`` when absent)."""
+    if value is None:
+        return "none"
+    text = str(value)
+    return text if _LABEL_VALUE.fullmatch(text) else "other"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+class BrokerMetrics:
+    """The broker's metrics in a private registry; also a `DecisionSink` (see module doc)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter(
+            "broker_decisions",
+            "Audit decisions by event, outcome and reason.",
+            ("event", "outcome", "reason"),
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "broker_request_duration_seconds",
+            "Latency of authenticated POST requests by route template and status class.",
+            ("route", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._bound = False
+
+    # DecisionSink
+    def write(self, record: Mapping[str, Any]) -> None:
+        # Only fixed-format labels, so this cannot raise (a raising sink fails the request).
+        self.decisions.labels(
+            label_value(record.get("event")),
+            label_value(record.get("outcome")),
+            label_value(record.get("reason") or record.get("error")),
+        ).inc()
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.request_duration.labels(route, status_class(status)).observe(seconds)
+
+    def bind(
+        self, *, policies: PolicyStore, cache: CredentialCache, decisions: DecisionLog
+    ) -> None:
+        """Register the scrape-time collector over the broker's live objects (once)."""
+        if self._bound:
+            return
+        self.registry.register(_StateCollector(policies, cache, decisions))
+        self._bound = True
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self, policies: PolicyStore, cache: CredentialCache, decisions: DecisionLog
+    ) -> None:
+        self._policies = policies
+        self._cache = cache
+        self._decisions = decisions
+
+    def collect(self) -> Iterator[Metric]:
+        from broker.credentials import secret_ref
+
+        policy = self._policies.current()
+        names: dict[tuple[Any, ...], str] = {}
+        for name, credential in policy.credentials.items():
+            ref = secret_ref(credential)
+            names[(ref.backend, ref.path, ref.field, ref.stage)] = name
+        totals: dict[str, dict[str, int]] = {}
+        for ref, stats in self._cache.stats().items():
+            name = names.get((ref.backend, ref.path, ref.field, ref.stage))
+            if name is None:  # a credential no longer in the policy
+                continue
+            per = totals.setdefault(name, dict.fromkeys((s for s, _ in _CACHE_STATS), 0))
+            for stat, _ in _CACHE_STATS:
+                per[stat] += getattr(stats, stat)
+        for stat, doc in _CACHE_STATS:
+            family = CounterMetricFamily(
+                f"broker_credential_cache_{stat}", doc, labels=("credential",)
+            )
+            for name in sorted(totals):
+                family.add_metric((name,), totals[name][stat])
+            yield family
+
+        info = GaugeMetricFamily(
+            "broker_policy_version_info",
+            "The policy version in force (value 1).",
+            labels=("version",),
+        )
+        info.add_metric((policy.version[:80],), 1)
+        yield info
+        yield CounterMetricFamily(
+            "broker_policy_reloads",
+            "Policy reloads that swapped a version in.",
+            value=self._policies.reloads,
+        )
+        yield CounterMetricFamily(
+            "broker_policy_reload_failures",
+            "Policy reloads rejected (previous version kept).",
+            value=self._policies.reload_failures,
+        )
+        yield GaugeMetricFamily(
+            "broker_policy_last_reload_failed",
+            "1 while the last policy reload was rejected, else 0.",
+            value=1 if self._policies.last_error is not None else 0,
+        )
+        lag = GaugeMetricFamily(
+            "broker_audit_sink_lag_records",
+            "Audit records accepted but not yet stored, per asynchronous sink.",
+            labels=("sink",),
+        )
+        for sink, pending in sorted(self._decisions.sink_lag().items()):
+            lag.add_metric((sink,), pending)
+        yield lag
