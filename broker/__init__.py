@@ -1,0 +1,5 @@
+"""Agent identity broker. The Python client for agents and gateways is `broker.client`."""
+
+from broker.client import AgentClient, BrokerClientError, GatewayClient
+
+__all__ = ["AgentClient", "BrokerClientError", "GatewayClient"]

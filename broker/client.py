@@ -1,0 +1,357 @@
+"""A small synchronous client for the broker's two kinds of callers (httpx only).
+
+- `AgentClient`: an agent exchanges a person's token (or a broker token it holds) for a
+  down-scoped agent token at ``POST /oauth2/token`` (RFC 8693), keeps it until shortly before
+  it expires, and re-exchanges it for a sub-agent (`AgentClient.delegate`, run as the sub-agent).
+- `GatewayClient`: a gateway fetches a provider credential per call at
+  ``POST /v1/credentials/{name}``, unlocked by the agent token it received, and can hand httpx
+  an `httpx.Auth` that sets the current provider key on each outgoing provider request.
+
+Errors are `BrokerClientError`, built from the broker's RFC 6749 JSON error body. No message or
+``repr`` ever contains a token, a client secret or a credential value. Transport failures
+(`httpx.TransportError`) propagate unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import httpx
+
+__all__ = [
+    "ACCESS_TOKEN",
+    "ID_TOKEN",
+    "JWT",
+    "AgentClient",
+    "AgentToken",
+    "BrokerClientError",
+    "Credential",
+    "CredentialAuth",
+    "GatewayClient",
+]
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+JWT = "urn:ietf:params:oauth:token-type:jwt"
+DEFAULT_TIMEOUT = 10.0
+
+
+class BrokerClientError(Exception):
+    """The broker refused a request: `error` is the RFC 6749 / RFC 6750 error code."""
+
+    def __init__(self, error: str, description: str | None, status: int) -> None:
+        self.error = error
+        self.description = description
+        self.status = status
+        super().__init__(f"{status} {error}" + (f": {description}" if description else ""))
+
+    def __repr__(self) -> str:
+        return (
+            f"BrokerClientError(error={self.error!r}, description={self.description!r}, "
+            f"status={self.status})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentToken:
+    """An issued agent token. `expires_at` is seconds since the epoch (conservative)."""
+
+    access_token: str = field(repr=False)
+    scope: str
+    expires_at: float
+    issued_token_type: str
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return tuple(self.scope.split())
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A provider credential as served to a gateway. `value` is None for a structured secret
+    (then `fields` holds it); neither appears in the ``repr``."""
+
+    name: str
+    value: str | None = field(repr=False)
+    version: str
+    refresh_in: float | None
+    served_for: Mapping[str, Any]
+    stage: str | None = None
+    stale: bool = False
+    fields: Mapping[str, str] | None = field(default=None, repr=False)
+
+
+def _space_list(value: str | Iterable[str] | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return " ".join(value.split()) or None
+    return " ".join(value) or None
+
+
+def _audiences(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    error, description = "server_error", None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        error = body["error"]
+        if isinstance(body.get("error_description"), str):
+            description = body["error_description"]
+    else:
+        description = f"unexpected response from the broker (HTTP {response.status_code})"
+    raise BrokerClientError(error, description, response.status_code)
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise BrokerClientError(
+            "invalid_response", "the broker's response is not a JSON object", response.status_code
+        )
+    return body
+
+
+class _HttpOwner:
+    """Holds an `httpx.Client`: the caller's (left open) or our own (closed by `close`)."""
+
+    def __init__(self, broker_url: str, http: httpx.Client | None) -> None:
+        self.broker_url = broker_url.rstrip("/")
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.Client(timeout=DEFAULT_TIMEOUT)
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AgentClient(_HttpOwner):
+    """Token exchange for one agent (an OAuth client with ``client_secret_basic``).
+
+    Tokens are cached per (subject token, scope, audience) and reused until
+    `refresh_margin_seconds` before they expire; the cache keys on a SHA-256 of the subject
+    token, never the token itself. Thread-safe. Pass `http` to share a configured
+    `httpx.Client` (TLS, proxies, event hooks); it is then left open by `close`.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        http: httpx.Client | None = None,
+        refresh_margin_seconds: float = 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(broker_url, http)
+        self.client_id = client_id
+        self._auth = httpx.BasicAuth(client_id, client_secret)
+        self.refresh_margin_seconds = refresh_margin_seconds
+        self._clock = clock
+        self._cache: dict[tuple[str, str, str | None, tuple[str, ...]], AgentToken] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"AgentClient(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
+
+    def exchange(
+        self,
+        subject_token: str,
+        subject_token_type: str = ID_TOKEN,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+    ) -> AgentToken:
+        """An agent token for `subject_token`, from the cache while it has more than
+        `refresh_margin_seconds` left, otherwise from the broker."""
+        scope_text = _space_list(scope)
+        audiences = _audiences(audience)
+        digest = hashlib.sha256(subject_token.encode()).hexdigest()
+        key = (digest, subject_token_type, scope_text, audiences)
+        with self._lock:
+            cached = self._cache.get(key)
+            fresh_until = cached.expires_at - self.refresh_margin_seconds if cached else 0.0
+            if cached is not None and fresh_until > self._clock():
+                return cached
+        token = self._exchange(subject_token, subject_token_type, scope_text, audiences)
+        with self._lock:
+            now = self._clock()
+            for stale_key in [k for k, t in self._cache.items() if t.expires_at <= now]:
+                del self._cache[stale_key]
+            self._cache[key] = token
+        return token
+
+    def delegate(
+        self,
+        agent_token: AgentToken | str,
+        *,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+    ) -> AgentToken:
+        """Re-exchange a parent agent's token as this (sub-)agent: the result carries a nested
+        ``act`` and can only narrow the parent's scope and audience."""
+        parent = agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
+        return self.exchange(parent, ACCESS_TOKEN, scope=scope, audience=audience)
+
+    def forget(self) -> None:
+        """Drop every cached token (for example after a revocation)."""
+        with self._lock:
+            self._cache.clear()
+
+    def _exchange(
+        self,
+        subject_token: str,
+        subject_token_type: str,
+        scope: str | None,
+        audiences: tuple[str, ...],
+    ) -> AgentToken:
+        form: dict[str, str | list[str]] = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": subject_token_type,
+        }
+        if scope is not None:
+            form["scope"] = scope
+        if audiences:
+            form["audience"] = list(audiences)  # repeated parameter
+        started = self._clock()
+        response = self._http.post(f"{self.broker_url}/oauth2/token", data=form, auth=self._auth)
+        _raise_for_error(response)
+        body = _json_object(response)
+        try:
+            return AgentToken(
+                access_token=str(body["access_token"]),
+                scope=str(body.get("scope") or scope or ""),
+                expires_at=started + float(body["expires_in"]),
+                issued_token_type=str(body.get("issued_token_type") or ACCESS_TOKEN),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise BrokerClientError(
+                "invalid_response", "the token response lacks access_token or expires_in", 200
+            ) from None
+
+
+class GatewayClient(_HttpOwner):
+    """Credential fetches for one gateway (``client_secret_basic``). Fetch on every provider
+    call: the broker serves from its in-memory cache and picks up rotations for you."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        gateway_id: str,
+        gateway_secret: str,
+        *,
+        http: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(broker_url, http)
+        self.gateway_id = gateway_id
+        self._auth = httpx.BasicAuth(gateway_id, gateway_secret)
+
+    def __repr__(self) -> str:
+        return f"GatewayClient(broker_url={self.broker_url!r}, gateway_id={self.gateway_id!r})"
+
+    def fetch(
+        self, credential: str, agent_token: AgentToken | str, *, version: str | None = None
+    ) -> Credential:
+        """The credential `credential` for the agent call authorised by `agent_token`;
+        `version="previous"` asks for the version before the last rotation (grace period)."""
+        token = agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
+        response = self._http.post(
+            f"{self.broker_url}/v1/credentials/{credential}",
+            params={"version": version} if version else None,
+            data={"token": token},
+            auth=self._auth,
+        )
+        _raise_for_error(response)
+        body = _json_object(response)
+        try:
+            refresh_in = body.get("refresh_in")
+            fields = body.get("fields")
+            return Credential(
+                name=str(body.get("credential") or credential),
+                value=body.get("value"),
+                version=str(body["version"]),
+                refresh_in=float(refresh_in) if refresh_in is not None else None,
+                served_for=dict(body.get("served_for") or {}),
+                stage=body.get("stage"),
+                stale=bool(body.get("stale")),
+                fields=dict(fields) if isinstance(fields, dict) else None,
+            )
+        except (KeyError, TypeError, ValueError):
+            raise BrokerClientError(
+                "invalid_response", "the credential response lacks a version", 200
+            ) from None
+
+    def auth(
+        self,
+        credential: str,
+        agent_token: AgentToken | str,
+        *,
+        header: str = "Authorization",
+        scheme: str | None = "Bearer",
+    ) -> CredentialAuth:
+        """An `httpx.Auth` for provider requests made with an `httpx.Client`: each request
+        fetches `credential` (per call) and carries it as ``header: scheme value``."""
+        return CredentialAuth(self, credential, agent_token, header=header, scheme=scheme)
+
+
+class CredentialAuth(httpx.Auth):
+    """Sets a freshly fetched provider credential on each outgoing request (sync clients)."""
+
+    def __init__(
+        self,
+        gateway: GatewayClient,
+        credential: str,
+        agent_token: AgentToken | str,
+        *,
+        header: str = "Authorization",
+        scheme: str | None = "Bearer",
+    ) -> None:
+        self._gateway = gateway
+        self._credential = credential
+        self._agent_token = agent_token
+        self._header = header
+        self._scheme = scheme
+
+    def __repr__(self) -> str:
+        return f"CredentialAuth(credential={self._credential!r}, header={self._header!r})"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        fetched = self._gateway.fetch(self._credential, self._agent_token)
+        if fetched.value is None:
+            raise BrokerClientError(
+                "invalid_request",
+                f"credential {self._credential!r} is structured; it has no single value",
+                200,
+            )
+        request.headers[self._header] = (
+            f"{self._scheme} {fetched.value}" if self._scheme else fetched.value
+        )
+        yield request
