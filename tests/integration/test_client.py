@@ -16,25 +16,18 @@ import yaml
 
 from broker import AgentClient, BrokerClientError, GatewayClient
 from broker.client import ACCESS_TOKEN, AgentToken
-from broker.client_secrets import generate_client_secret
 from idp_adapters._loopback import serve_in_thread
 from idp_adapters.dev import DevIdentityProvider
 from tests.support.harness import (
     TICKETS,
     RunningBroker,
+    example_client_secrets,
     oidc_provider_config,
     run_broker,
     serve_idp,
 )
 
-SECRETS = {
-    "TRIAGE_AGENT_SECRET": generate_client_secret(),
-    "SUMMARISER_AGENT_SECRET": generate_client_secret(),
-    "CODING_AGENT_SECRET": generate_client_secret(),
-    "LLM_GATEWAY_SECRET": generate_client_secret(),
-    "ROTATION_HOOK_SECRET": generate_client_secret(),
-    "TICKETS_API_SECRET": generate_client_secret(),
-}
+SECRETS = example_client_secrets()
 FIRST_KEY = "sk-first-" + uuid.uuid4().hex
 SECOND_KEY = "sk-second-" + uuid.uuid4().hex
 

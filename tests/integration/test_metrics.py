@@ -12,24 +12,17 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.client_secrets import generate_client_secret
 from broker.metrics import BrokerMetrics, label_value
 from tests.support.harness import (
     RunningBroker,
+    example_client_secrets,
     exchange_form,
     oidc_provider_config,
     run_broker,
     serve_idp,
 )
 
-SECRETS = {
-    "TRIAGE_AGENT_SECRET": generate_client_secret(),
-    "SUMMARISER_AGENT_SECRET": generate_client_secret(),
-    "CODING_AGENT_SECRET": generate_client_secret(),
-    "LLM_GATEWAY_SECRET": generate_client_secret(),
-    "ROTATION_HOOK_SECRET": generate_client_secret(),
-    "TICKETS_API_SECRET": generate_client_secret(),
-}
+SECRETS = example_client_secrets()
 TRIAGE = ("triage-agent", SECRETS["TRIAGE_AGENT_SECRET"])
 GATEWAY = ("llm-gateway", SECRETS["LLM_GATEWAY_SECRET"])
 CANARY = "sk-canary-" + uuid.uuid4().hex

@@ -22,6 +22,7 @@ import yaml
 
 from broker.app import BrokerServices, build_services, create_app
 from broker.audit import MemorySink
+from broker.client_secrets import generate_client_secret
 from broker.settings import BrokerSettings
 from idp_adapters._loopback import RunningServer, reserve_loopback_socket, serve_in_thread
 from idp_adapters.dev import DevIdentityProvider, DevPerson
@@ -33,6 +34,22 @@ ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 TICKETS = "https://tickets.internal.example"
+
+# The environment variables the example policy's clients reference (secret_ref: env:...).
+EXAMPLE_SECRET_VARIABLES = (
+    "TRIAGE_AGENT_SECRET",
+    "SUMMARISER_AGENT_SECRET",
+    "CODING_AGENT_SECRET",
+    "LLM_GATEWAY_SECRET",
+    "ROTATION_HOOK_SECRET",
+    "TICKETS_API_SECRET",
+)
+
+
+def example_client_secrets() -> dict[str, str]:
+    """A fresh secret for every client of the example policy, keyed by its variable."""
+    return {name: generate_client_secret() for name in EXAMPLE_SECRET_VARIABLES}
+
 
 # The example organisation's people, as the test IdP signs them in (match policies/bindings.yaml).
 EXAMPLE_PEOPLE = {
