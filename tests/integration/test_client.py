@@ -22,9 +22,7 @@ from tests.support.harness import (
     TICKETS,
     RunningBroker,
     example_client_secrets,
-    oidc_provider_config,
-    run_broker,
-    serve_idp,
+    run_example_stack,
 )
 
 SECRETS = example_client_secrets()
@@ -47,22 +45,8 @@ def env(
     tmp = tmp_path_factory.mktemp("client")
     secrets_file = tmp / "dev-secrets.yaml"
     _write_secrets(secrets_file, FIRST_KEY)
-    mp = pytest.MonkeyPatch()
-    for key, value in SECRETS.items():
-        mp.setenv(key, value)
-    try:
-        with (
-            serve_idp() as (idp, _),
-            run_broker(
-                tmp,
-                [oidc_provider_config(idp)],
-                secret_backends=[{"name": "vault", "kind": "file", "path": str(secrets_file)}],
-                allow_development_components=True,
-            ) as running,
-        ):
-            yield running, idp, secrets_file
-    finally:
-        mp.undo()
+    with run_example_stack(tmp, SECRETS, secrets_file) as (running, idp):
+        yield running, idp, secrets_file
 
 
 class _Counter:

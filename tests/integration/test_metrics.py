@@ -17,9 +17,7 @@ from tests.support.harness import (
     RunningBroker,
     example_client_secrets,
     exchange_form,
-    oidc_provider_config,
-    run_broker,
-    serve_idp,
+    run_example_stack,
 )
 
 SECRETS = example_client_secrets()
@@ -51,22 +49,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningBr
     secrets_file.write_text(
         yaml.safe_dump({"llm/openai": {"api_key": CANARY}, "llm/anthropic": {"api_key": CANARY}})
     )
-    mp = pytest.MonkeyPatch()
-    for key, value in SECRETS.items():
-        mp.setenv(key, value)
-    try:
-        with (
-            serve_idp() as (idp, _),
-            run_broker(
-                tmp,
-                [oidc_provider_config(idp)],
-                secret_backends=[{"name": "vault", "kind": "file", "path": str(secrets_file)}],
-                allow_development_components=True,
-            ) as running,
-        ):
-            yield running, idp
-    finally:
-        mp.undo()
+    with run_example_stack(tmp, SECRETS, secrets_file) as (running, idp):
+        yield running, idp
 
 
 def _scrape(running: RunningBroker) -> str:

@@ -169,3 +169,29 @@ def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) ->
             pass
         time.sleep(0.1)
     raise AssertionError(f"broker did not start:\n{log.read_text()}")
+
+
+@contextmanager
+def run_example_stack(
+    tmp_path: Path, client_secrets: dict[str, str], secrets_file: Path
+) -> Iterator[tuple[RunningBroker, DevIdentityProvider]]:
+    """The example policy's broker with its client secrets in the environment, a test IdP, and
+    a development `file` secret backend named ``vault`` (as the example credentials expect)."""
+    import pytest  # test support only
+
+    patch = pytest.MonkeyPatch()
+    for key, value in client_secrets.items():
+        patch.setenv(key, value)
+    try:
+        with (
+            serve_idp() as (idp, _),
+            run_broker(
+                tmp_path,
+                [oidc_provider_config(idp)],
+                secret_backends=[{"name": "vault", "kind": "file", "path": str(secrets_file)}],
+                allow_development_components=True,
+            ) as running,
+        ):
+            yield running, idp
+    finally:
+        patch.undo()
