@@ -34,6 +34,18 @@ Slow path
 Next refresh times are ``interval x (1 +/- jitter)`` drawn from the injected `random.Random`, on
 the monotonic clock. All bookkeeping happens on the event loop; worker threads only run the
 backend calls.
+
+Rejected-version hints
+    A gateway whose provider refused the key it was served (the provider revoked it at once on
+    rotation) says so: `refresh_rejected(ref, policy, version)`. Only a hint naming the version
+    the cache holds right now can cause a backend round (a hint naming any other version is
+    answered from memory: the cache has already moved on, or the hint is wrong); concurrent
+    hints share that round (single flight, joining any round already in flight), and at most one
+    round per credential starts from hints every `rejection_refresh_interval` seconds. A hint
+    refused by that limit brings the next scheduled check forward to the end of the interval,
+    so a rotation that lands just after a hint round is still picked up within it. Hints never
+    override a failing backend's backoff. So a caller can make the cache talk to the backend at
+    most once a second per credential, however many hints it sends.
 """
 
 from __future__ import annotations
@@ -60,6 +72,11 @@ log = logging.getLogger("broker.cache")
 _T = TypeVar("_T")
 
 EventKind = Literal["credential.rotated", "credential.refresh_failed", "credential.recovered"]
+HintOutcome = Literal["refreshed", "joined", "rate_limited", "backing_off", "not_current"]
+"""What a rejected-version hint did: started a backend round (``refreshed``), waited for one
+already in flight (``joined``), was refused by the per-credential limit (``rate_limited``) or by
+a failing backend's backoff (``backing_off``), or named a version other than the one held
+(``not_current``: answered from memory)."""
 
 MAX_KNOWN_VERSIONS = 4
 """Versions remembered per credential (by version id) so a flip back to one needs no read."""
@@ -171,6 +188,18 @@ class CredentialStats:
     stale_served: int = 0
     backend_reads: int = 0
     version_checks: int = 0
+    rejection_hints: int = 0
+    """Rejected-version hints that named the version held (the only ones that may refresh)."""
+    hint_refreshes: int = 0
+    """Backend rounds started by those hints (at most one per `rejection_refresh_interval`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HintResult:
+    """The answer to a rejected-version hint: what to serve now, and what the hint did."""
+
+    cached: CachedSecret
+    outcome: HintOutcome
 
 
 class CredentialUnavailable(BrokerError):
@@ -243,10 +272,12 @@ class _Counters:
 
     __slots__ = (
         "backend_reads",
+        "hint_refreshes",
         "hits",
         "misses",
         "refresh_errors",
         "refreshes",
+        "rejection_hints",
         "stale_served",
         "version_checks",
     )
@@ -259,6 +290,8 @@ class _Counters:
         self.stale_served = 0
         self.backend_reads = 0
         self.version_checks = 0
+        self.rejection_hints = 0
+        self.hint_refreshes = 0
 
     def snapshot(self) -> CredentialStats:
         return CredentialStats(
@@ -269,6 +302,8 @@ class _Counters:
             stale_served=self.stale_served,
             backend_reads=self.backend_reads,
             version_checks=self.version_checks,
+            rejection_hints=self.rejection_hints,
+            hint_refreshes=self.hint_refreshes,
         )
 
 
@@ -292,6 +327,7 @@ class _Entry:
         "failure",
         "failures",
         "hard_deadline",
+        "hint_not_before",
         "policy",
         "ref",
         "refresh_at",
@@ -310,6 +346,8 @@ class _Entry:
         """Monotonic: from then on a refresh (or a retry after failures) may start."""
         self.hard_deadline = -math.inf
         """Monotonic: `current` is never served from then on (lease end, end of stale window)."""
+        self.hint_not_before = -math.inf
+        """Monotonic: before it, a rejected-version hint starts no backend round."""
         self.failures = 0
         self.failure: _Failure | None = None
         self.task: asyncio.Task[_Outcome] | None = None
@@ -341,7 +379,9 @@ class CredentialCache:
     Bounded to `max_entries` credentials (least recently used evicted; an evicted credential's
     refresh task is cancelled). `on_event` receives `CacheEvent`s on the loop (its exceptions are
     logged and swallowed). `rng` spreads refresh and retry times (seed it in tests). `executor`
-    runs backend calls (default: ``asyncio.to_thread``). The backends are not closed by `close`.
+    runs backend calls (default: ``asyncio.to_thread``). `rejection_refresh_interval` is the
+    least time between two backend rounds started by rejected-version hints for one credential.
+    The backends are not closed by `close`.
     """
 
     def __init__(
@@ -354,11 +394,15 @@ class CredentialCache:
         rng: random.Random | None = None,
         executor: Executor | None = None,
         backoff_base: float = 1.0,
+        rejection_refresh_interval: float = 1.0,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         if not backoff_base > 0:
             raise ValueError("backoff_base must be > 0")
+        if not rejection_refresh_interval > 0:
+            raise ValueError("rejection_refresh_interval must be > 0")
+        self._rejection_interval = rejection_refresh_interval
         self._backends = dict(backends)
         self._clock = clock
         self._mono = clock.monotonic
@@ -471,6 +515,59 @@ class CredentialCache:
         if current is not None and self._mono() < entry.hard_deadline:
             return current
         raise self._unavailable(ref, outcome)
+
+    async def refresh_rejected(
+        self, ref: SecretRef, policy: CachePolicy, rejected_version: str
+    ) -> HintResult:
+        """The current value, after a caller reported that version `rejected_version` was
+        refused where it was used (a provider that revoked the key at once on rotation).
+
+        Only when `rejected_version` is the version held now may this start a backend round
+        (a version check, and a read if the version changed), shared by every concurrent hint
+        and at most one per `rejection_refresh_interval`; see the module docstring. Any other
+        version (older, unknown) is answered like `get`. Raises `CredentialUnavailable` like
+        `get`.
+        """
+        outcome: HintOutcome | None = None
+        entry = self._entries.get(ref)
+        counted = False
+        while True:
+            if entry is None or self._entries.get(ref) is not entry:
+                return HintResult(await self.get(ref, policy), outcome or "not_current")
+            current = entry.current
+            if current is None or current.secret.version_id != rejected_version:
+                return HintResult(await self.get(ref, policy), outcome or "not_current")
+            if not counted:
+                entry.counters.rejection_hints += 1
+                counted = True
+            if entry.task is not None:
+                # A round is in flight (another hint's, a push, or the schedule's): wait for it,
+                # then look again; it may have begun before the rotation.
+                outcome = outcome or "joined"
+                await self._join(entry.task)
+                continue
+            if outcome == "refreshed":  # our round is done and still found this version
+                break
+            now = self._mono()
+            if now < entry.hint_not_before:
+                self._bring_forward(entry, entry.hint_not_before)
+                outcome = "rate_limited"
+                break
+            if entry.failure is not None and now < entry.refresh_at:
+                outcome = "backing_off"
+                break
+            entry.hint_not_before = now + self._rejection_interval
+            entry.policy = policy
+            entry.counters.hint_refreshes += 1
+            self._start(entry)
+            outcome = "refreshed"
+        return HintResult(await self.get(ref, policy), outcome)
+
+    def _bring_forward(self, entry: _Entry, at: float) -> None:
+        """Check the backend no later than monotonic `at` (on the next `get` from then on)."""
+        if at < entry.refresh_at:
+            entry.refresh_at = at
+            entry.due = min(entry.due, at)
 
     # -- introspection and lifecycle ------------------------------------------------------
 

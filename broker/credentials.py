@@ -8,6 +8,14 @@ credential cache. Every fetch, granted or denied, is one decision record without
 Status codes: 401 for a bad gateway or agent token, 403 with the missing permission named (or a
 credential this gateway may not receive: the same answer whether or not it exists), 404 only for a
 credential the gateway may know exists, 503 when the backend cannot serve it.
+
+Rejected-version hint: a gateway whose provider refused the key it was just served (the provider
+revoked it at once on rotation) fetches again with ``rejected_version=<the version it was
+served>``. The hint is considered only after every check above passed, and it goes to the cache
+(`CredentialCache.refresh_rejected`), which re-reads the backend only when the hint names the
+version it holds, once for all concurrent hints and at most once a second per credential, so a
+gateway cannot make the broker hammer the store. The answer is whatever is current then; the
+decision record carries ``refresh_hint``, the ``rejected_version`` and the ``hint_outcome``.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
 
 VersionChoice = Literal["current", "previous"]
+MAX_VERSION_ID_LENGTH = 128
+"""Longer ``rejected_version`` values are refused (version ids are short: KV numbers, UUIDs)."""
 
 
 def secret_ref(credential: Credential) -> SecretRef:
@@ -146,6 +156,14 @@ class CredentialService:
                 raise InvalidRequest("version must be 'current' or 'previous'")
             which = "previous"
 
+        rejected_version = form.non_empty("rejected_version")
+        if rejected_version is not None:
+            if len(rejected_version) > MAX_VERSION_ID_LENGTH or not rejected_version.isprintable():
+                raise InvalidRequest("rejected_version is not a version id")
+            if which == "previous":
+                raise InvalidRequest("rejected_version applies to the current version only")
+            record.update(refresh_hint=True, rejected_version=rejected_version)
+
         token = form.non_empty("token")
         if token is None:
             raise InvalidRequest("token (the agent token) is required")
@@ -197,7 +215,12 @@ class CredentialService:
 
         ref, plan = self._plan(policy, name, credential)
         try:
-            cached = await self._cache.get_version(ref, plan, which)
+            if rejected_version is None:
+                cached = await self._cache.get_version(ref, plan, which)
+            else:
+                hinted = await self._cache.refresh_rejected(ref, plan, rejected_version)
+                record["hint_outcome"] = hinted.outcome
+                cached = hinted.cached
         except CredentialUnavailable as exc:
             if exc.condition == "not_found" or isinstance(exc, VersionUnavailable):
                 raise NotFound(
