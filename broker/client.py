@@ -7,9 +7,18 @@
   ``POST /v1/credentials/{name}``, unlocked by the agent token it received, and can hand httpx
   an `httpx.Auth` that sets the current provider key on each outgoing provider request.
 
+Rotation with a provider that revokes the old key at once: when the provider answers 401 to a
+key, `CredentialAuth` fetches again telling the broker which version was rejected
+(``rejected_version``), and if the broker now serves a newer version it retries the provider
+call once with it (as AWS SDKs refresh expired credentials and retry). The broker re-reads its
+store for such a hint only when it names the version it holds, at most once a second per
+credential, so the retry never turns into a storm against the store.
+
 Errors are `BrokerClientError`, built from the broker's RFC 6749 JSON error body. No message or
 ``repr`` ever contains a token, a client secret or a credential value. Transport failures
-(`httpx.TransportError`) propagate unchanged.
+(`httpx.TransportError`) propagate unchanged, except inside `CredentialAuth`: there the caller
+of a provider request could not tell the broker's failure from the provider's, so a broker that
+cannot be reached raises `BrokerUnavailable`.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -30,6 +39,7 @@ __all__ = [
     "AgentClient",
     "AgentToken",
     "BrokerClientError",
+    "BrokerUnavailable",
     "Credential",
     "CredentialAuth",
     "GatewayClient",
@@ -43,19 +53,41 @@ DEFAULT_TIMEOUT = 10.0
 
 
 class BrokerClientError(Exception):
-    """The broker refused a request: `error` is the RFC 6749 / RFC 6750 error code."""
+    """The broker refused a request: `error` is the RFC 6749 / RFC 6750 error code.
 
-    def __init__(self, error: str, description: str | None, status: int) -> None:
+    `retry_after` is the broker's ``Retry-After`` in seconds (429 and 503 answers), if any.
+    """
+
+    def __init__(
+        self,
+        error: str,
+        description: str | None,
+        status: int,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         self.error = error
         self.description = description
         self.status = status
+        self.retry_after = retry_after
         super().__init__(f"{status} {error}" + (f": {description}" if description else ""))
 
     def __repr__(self) -> str:
         return (
-            f"BrokerClientError(error={self.error!r}, description={self.description!r}, "
+            f"{type(self).__name__}(error={self.error!r}, description={self.description!r}, "
             f"status={self.status})"
         )
+
+
+class BrokerUnavailable(BrokerClientError):
+    """`CredentialAuth` could not reach the broker (connection refused, timeout, ...).
+
+    Its ``error`` is ``temporarily_unavailable`` and its ``status`` 503, as if the broker had
+    said so; ``__cause__`` is the `httpx.TransportError`.
+    """
+
+    def __init__(self, description: str) -> None:
+        super().__init__("temporarily_unavailable", description, 503, retry_after=1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +149,19 @@ def _raise_for_error(response: httpx.Response) -> None:
             description = body["error_description"]
     else:
         description = f"unexpected response from the broker (HTTP {response.status_code})"
-    raise BrokerClientError(error, description, response.status_code)
+    raise BrokerClientError(
+        error, description, response.status_code, retry_after=_retry_after(response)
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` as delta-seconds (the broker sends no HTTP dates)."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -278,15 +322,29 @@ class GatewayClient(_HttpOwner):
         return f"GatewayClient(broker_url={self.broker_url!r}, gateway_id={self.gateway_id!r})"
 
     def fetch(
-        self, credential: str, agent_token: AgentToken | str, *, version: str | None = None
+        self,
+        credential: str,
+        agent_token: AgentToken | str,
+        *,
+        version: str | None = None,
+        rejected_version: str | None = None,
     ) -> Credential:
         """The credential `credential` for the agent call authorised by `agent_token`;
-        `version="previous"` asks for the version before the last rotation (grace period)."""
+        `version="previous"` asks for the version before the last rotation (grace period).
+
+        `rejected_version`: the version the provider just refused. The broker then checks its
+        store for a newer one (only if that is the version it holds, at most once a second per
+        credential) and answers with whatever is current; a result with the same version means
+        there is nothing newer, so the refusal is not a rotation.
+        """
         token = agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
+        form = {"token": token}
+        if rejected_version is not None:
+            form["rejected_version"] = rejected_version
         response = self._http.post(
             f"{self.broker_url}/v1/credentials/{credential}",
             params={"version": version} if version else None,
-            data={"token": token},
+            data=form,
             auth=self._auth,
         )
         _raise_for_error(response)
@@ -316,14 +374,35 @@ class GatewayClient(_HttpOwner):
         *,
         header: str = "Authorization",
         scheme: str | None = "Bearer",
+        retry_statuses: Collection[int] = (401,),
     ) -> CredentialAuth:
         """An `httpx.Auth` for provider requests made with an `httpx.Client`: each request
-        fetches `credential` (per call) and carries it as ``header: scheme value``."""
-        return CredentialAuth(self, credential, agent_token, header=header, scheme=scheme)
+        fetches `credential` (per call) and carries it as ``header: scheme value``; a provider
+        answer in `retry_statuses` is reported to the broker and retried once with a newer
+        version, if there is one (pass ``()`` to turn that off)."""
+        return CredentialAuth(
+            self,
+            credential,
+            agent_token,
+            header=header,
+            scheme=scheme,
+            retry_statuses=retry_statuses,
+        )
 
 
 class CredentialAuth(httpx.Auth):
-    """Sets a freshly fetched provider credential on each outgoing request (sync clients)."""
+    """Sets a freshly fetched provider credential on each outgoing request (sync clients).
+
+    When the provider answers with a status in `retry_statuses` (401: the key was refused, as a
+    provider does at once for a revoked key), the broker is asked again with
+    ``rejected_version`` set to the version just used; if it serves a newer version, the
+    request is sent once more with it, otherwise the provider's answer is returned as it is.
+    The request body is buffered so it can be sent twice. `retries` counts the retried
+    requests and `last_version` is the version carried by the latest request (both for logs
+    and metrics; neither is secret).
+    """
+
+    requires_request_body = True
 
     def __init__(
         self,
@@ -333,25 +412,55 @@ class CredentialAuth(httpx.Auth):
         *,
         header: str = "Authorization",
         scheme: str | None = "Bearer",
+        retry_statuses: Collection[int] = (401,),
     ) -> None:
         self._gateway = gateway
         self._credential = credential
         self._agent_token = agent_token
         self._header = header
         self._scheme = scheme
+        self._retry_statuses = frozenset(retry_statuses)
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.last_version: str | None = None
 
     def __repr__(self) -> str:
         return f"CredentialAuth(credential={self._credential!r}, header={self._header!r})"
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        fetched = self._gateway.fetch(self._credential, self._agent_token)
+        fetched = self._fetch(None)
+        self._set(request, fetched)
+        response = yield request
+        if response.status_code not in self._retry_statuses:
+            return
+        newer = self._fetch(fetched.version)
+        if newer.version == fetched.version:
+            return  # nothing newer: the refusal is not a rotation, the caller gets it as is
+        with self._lock:
+            self.retries += 1
+        self._set(request, newer)
+        yield request
+
+    def _fetch(self, rejected_version: str | None) -> Credential:
+        try:
+            fetched = self._gateway.fetch(
+                self._credential, self._agent_token, rejected_version=rejected_version
+            )
+        except httpx.TransportError as exc:
+            raise BrokerUnavailable(
+                f"the broker could not be reached ({type(exc).__name__})"
+            ) from exc
         if fetched.value is None:
             raise BrokerClientError(
                 "invalid_request",
                 f"credential {self._credential!r} is structured; it has no single value",
                 200,
             )
+        return fetched
+
+    def _set(self, request: httpx.Request, fetched: Credential) -> None:
+        assert fetched.value is not None
         request.headers[self._header] = (
             f"{self._scheme} {fetched.value}" if self._scheme else fetched.value
         )
-        yield request
+        self.last_version = fetched.version
