@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.audit import DecisionLog, DecisionSink, build_sinks
+from broker.audit import DecisionLog, DecisionSink, build_sinks, recorded_request_var
 from broker.cache import CredentialCache
 from broker.client_auth import AuthenticatedClient, ClientAuthenticator, WorkloadActorResolver
 from broker.clock import Clock, SystemClock
@@ -43,15 +42,18 @@ from broker.exchange import (
     TokenExchangeGrant,
 )
 from broker.introspection import Introspection
+from broker.logs import configure_logging, request_id_var
 from broker.metrics import BrokerMetrics
 from broker.oauth_request import OAuthForm, read_form, read_form_or_json
 from broker.policy.store import PolicyRejected, PolicyStore
 from broker.policy.watch import PolicyWatcher
+from broker.readiness import Readiness
 from broker.revocation import RevocationEndpoints, Revocations
 from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
-from broker.state import StateStore, StateUnavailable
+from broker.state import StateStore
 from broker.state_factory import build_state_store
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
+from broker.tracing import SpanKind, StatusCode, Tracing, build_tracing, incoming_context
 from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
 from secret_backends.registry import build_secret_backends
 
@@ -78,6 +80,8 @@ class BrokerServices:
     broker_tokens: BrokerTokenVerifier
     state: StateStore
     metrics: BrokerMetrics
+    tracing: Tracing
+    readiness: Readiness
 
 
 def build_services(
@@ -87,6 +91,7 @@ def build_services(
     decision_sinks: list[DecisionSink] | None = None,
     state: StateStore | None = None,
     http: httpx.AsyncClient | None = None,
+    tracing: Tracing | None = None,
 ) -> BrokerServices:
     clock = clock or SystemClock()
     if settings.uses_development_components and not settings.allow_development_components:
@@ -183,6 +188,15 @@ def build_services(
         state=state,
     )
     metrics.bind(policies=policies, cache=cache, decisions=decisions)
+    keyring.on_active_key_change(
+        lambda previous, active, published: decisions.record(
+            "signing_key.rotated",
+            outcome="observed",
+            previous_kid=previous,
+            kid=active,
+            published_kids=published,
+        )
+    )
     return BrokerServices(
         settings=settings,
         clock=clock,
@@ -199,6 +213,16 @@ def build_services(
         broker_tokens=broker_tokens,
         state=state,
         metrics=metrics,
+        tracing=tracing or build_tracing(settings.tracing),
+        readiness=Readiness(
+            policies=policies,
+            keyring=keyring,
+            backends=backends,
+            state=state,
+            state_kind=settings.state.kind,
+            clock=clock,
+            backend_check_interval=settings.readyz_backend_check_interval_seconds,
+        ),
     )
 
 
@@ -253,6 +277,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         await services.cache.close()
         await services.http.aclose()
         await asyncio.to_thread(services.decisions.close)  # flush audit sinks (S3 batches)
+        await asyncio.to_thread(services.tracing.shutdown)  # export buffered spans
 
     app = FastAPI(
         title="Agent identity broker",
@@ -264,6 +289,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     app.state.services = services
     app.state.policy_watcher = policy_watcher
     max_body = settings.http.max_body_bytes
+    tracer = services.tracing.tracer
 
     @app.exception_handler(OAuthError)
     async def _oauth_error(request: Request, err: OAuthError) -> JSONResponse:
@@ -291,6 +317,24 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         supplied = request.headers.get("x-request-id", "")
         return supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
 
+    def record_refusal(
+        route: str, err: OAuthError, client: AuthenticatedClient | None, request_id: str
+    ) -> None:
+        """A refusal no domain handler recorded (failed client authentication, a malformed
+        body, an admin call by a non-admin...): one ``request.denied`` record."""
+        services.decisions.record(
+            "request.denied",
+            outcome="denied",
+            route=route,
+            client_id=client.client_id if client else None,
+            client_kind=client.kind if client else None,
+            error=err.error,
+            reason=err.reason,
+            description=err.description,
+            request_id=request_id,
+            policy_version=services.policies.current().version,
+        )
+
     Handler = Callable[[Request, OAuthForm, AuthenticatedClient | None, str], Awaitable[dict]]
 
     def oauth_endpoint(
@@ -304,26 +348,43 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         caller, run the domain handler, render an error in one place, never cache. Timed per
         route template (`route`, never the filled path) and status class."""
 
+        span_name = f"POST {route}"
+
         async def endpoint(request: Request) -> JSONResponse:
             started = time.perf_counter()
             status = 500  # an unexpected exception is rendered as 500 by the app handler
-            try:
-                response = await handle(request)
-                status = response.status_code
-                return response
-            finally:
-                services.metrics.observe_request(route, status, time.perf_counter() - started)
-
-        async def handle(request: Request) -> JSONResponse:
             request_id = _request_id(request)
+            request_id_token = request_id_var.set(request_id)  # every log line names it
+            with tracer.start_as_current_span(
+                span_name,
+                context=incoming_context(request.headers),
+                kind=SpanKind.SERVER,
+                attributes={"http.route": route, "broker.request_id": request_id},
+            ) as span:
+                try:
+                    response = await handle(request, request_id)
+                    status = response.status_code
+                    return response
+                finally:
+                    services.metrics.observe_request(route, status, time.perf_counter() - started)
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(StatusCode.ERROR)
+                    request_id_var.reset(request_id_token)
+
+        async def handle(request: Request, request_id: str) -> JSONResponse:
+            client: AuthenticatedClient | None = None
             try:
                 if json_body:
                     form = await read_form_or_json(request, max_bytes=max_body)
                 else:
                     form = await read_form(request, max_bytes=max_body, repeatable=repeatable)
-                client = await services.clients.authenticate(request.headers, form)
+                with tracer.start_as_current_span("client authentication"):
+                    client = await services.clients.authenticate(request.headers, form)
                 body = await handler(request, form, client, request_id)
             except OAuthError as err:
+                if recorded_request_var.get() != request_id:
+                    record_refusal(route, err, client, request_id)
                 return _error_response(err, settings, request_id)
             return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
 
@@ -408,25 +469,12 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> JSONResponse:
-        # A rejected edit does not make the broker unready: the previous version keeps serving
-        # (ok stays true) and last_error reports the rejection. A policy that never loaded
-        # means the broker never started, so there is no "no policy" state to report here.
-        last_policy_error = services.policies.last_error
-        checks: dict[str, dict[str, Any]] = {
-            "policy": {
-                "ok": True,
-                "version": services.policies.current().version,
-                "last_error": last_policy_error.as_dict() if last_policy_error else None,
-            },
-            "signing_keys": {"ok": bool(services.keyring.published_kids())},
-        }
-        try:
-            await services.state.ping()
-            checks["state"] = {"ok": True, "kind": settings.state.kind}
-        except StateUnavailable:
-            checks["state"] = {"ok": False, "kind": settings.state.kind, "error": "unreachable"}
-        ready = all(c["ok"] for c in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        ready, checks = await services.readiness.report()
+        return JSONResponse(
+            {"ready": ready, "checks": checks},
+            status_code=200 if ready else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def metrics(_: Request) -> Response:
         # Unauthenticated, like /healthz: serve it on an internal network only (see README).
@@ -461,5 +509,5 @@ def create_app_from_environment() -> FastAPI:
 
     config = os.environ.get("BROKER_CONFIG_FILE")
     settings = load_settings(Path(config) if config else None)
-    logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)

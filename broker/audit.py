@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +59,11 @@ GENESIS = "0" * 64
 """The ``prev`` of the first record of every chain."""
 
 CHAIN_STARTED = "audit.chain_started"
+
+recorded_request_var: ContextVar[str | None] = ContextVar("broker_recorded_request", default=None)
+"""The request id of the last record written in this context: the HTTP edge uses it to write a
+``request.denied`` record for a refusal that no domain handler recorded (so every refused request
+leaves exactly one decision record, or more, never none)."""
 _CHAIN_FIELDS = ("chain", "seq", "prev", "hash")
 
 _FORBIDDEN_KEYS = frozenset(
@@ -444,6 +450,9 @@ class DecisionLog:
             self._prev = record["hash"]
             for sink in self._sinks:
                 sink.write(record)
+        request_id = fields.get("request_id")
+        if request_id is not None:
+            recorded_request_var.set(request_id)
         return record
 
     def sink_lag(self) -> dict[str, int]:

@@ -231,6 +231,30 @@ class AuditConfig(_Strict):
     s3: AuditS3Config | None = None
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry tracing (off by default). See README, "Logs and traces"."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = Field(
+        "otlp", description="otlp: OTLP/HTTP protobuf to `endpoint`; console: print spans."
+    )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL (e.g. https://collector:4318/v1/traces); "
+        "defaults to OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or http://localhost:4318/v1/traces.",
+    )
+    ca_file: Path | None = Field(None, description="CA bundle for an https collector.")
+    service_name: str = Field("agent-identity-broker", min_length=1, max_length=128)
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Of traces the broker starts.")
+    export_interval_seconds: float = Field(2.0, gt=0.0, le=60.0)
+    timeout_seconds: float = Field(5.0, gt=0.0, le=60.0)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        return None if value is None else require_https_unless_loopback(value)
+
+
 class BrokerSettings(BaseSettings):
     """Everything `broker serve` needs. See README, "Configuration reference"."""
 
@@ -252,6 +276,9 @@ class BrokerSettings(BaseSettings):
         default_factory=list, description="Where provider credentials are read from."
     )
     credential_cache_max_entries: int = Field(1024, ge=1)
+    readyz_backend_check_interval_seconds: float = Field(
+        5.0, ge=0.0, description="/readyz remembers each secret backend's answer this long."
+    )
     http: HttpConfig = HttpConfig()
     allow_development_components: bool = Field(
         False, description="Permit the development IdP (kind: dev). Never in production."
@@ -262,6 +289,10 @@ class BrokerSettings(BaseSettings):
     audit: AuditConfig = AuditConfig()
     expose_error_debug: bool = Field(False, description="Add private error detail to responses.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Operational logs on stderr: JSON lines (with request ids) or text."
+    )
+    tracing: TracingConfig = TracingConfig()
 
     @field_validator("issuer")
     @classmethod

@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ class Keyring:
         self._keys: dict[str, SigningKey] = {}
         self._active: SigningKey | None = None
         self._jwks: dict[str, Any] = {"keys": []}
+        self._on_change: list[Callable[[str | None, str | None, list[str]], None]] = []
         if generate_if_missing and not self._key_files():
             self.rotate()
         self._load()
@@ -131,10 +132,23 @@ class Keyring:
         candidates = [k for k in published.values() if k.retired_at is None]
         active = max(candidates, key=lambda k: k.created_at) if candidates else None
         with self._lock:
+            previous = self._active
             self._keys = published
             self._active = active
             self._jwks = {"keys": [dict(k.public_jwk) for k in published.values()]}
             self._signature = self._dir_signature()
+        previous_kid = previous.kid if previous else None
+        active_kid = active.kid if active else None
+        if previous is not None and previous_kid != active_kid:
+            for callback in self._on_change:
+                callback(previous_kid, active_kid, sorted(published))
+
+    def on_active_key_change(
+        self, callback: Callable[[str | None, str | None, list[str]], None]
+    ) -> None:
+        """Call ``callback(previous kid, new kid, published kids)`` whenever the active signing
+        key changes after start (a rotation in this process or by `broker keys rotate`)."""
+        self._on_change.append(callback)
 
     def refresh(self, *, force: bool = False) -> None:
         now = self._clock.monotonic()

@@ -100,6 +100,7 @@ def serve(
         factory=True,
         workers=workers or settings.http.workers,
         log_level="warning",
+        log_config=None,  # the app configures logging (JSON lines with request ids)
         access_log=False,
         server_header=False,
     )
@@ -299,13 +300,13 @@ def _run_dev_broker(
     client_secrets: dict[str, str],
     secrets_file: Path,
 ) -> None:
-    import logging
     import sys
 
     from broker.app import build_services, create_app
     from broker.audit import StreamSink
+    from broker.logs import configure_logging
 
-    logging.basicConfig(level=settings.log_level, format="%(message)s", stream=sys.stderr)
+    configure_logging(settings.log_level, settings.log_format)
     services = build_services(settings, decision_sinks=[StreamSink(sys.stdout)])
     typer.echo(
         WALKTHROUGH.format(
@@ -330,6 +331,7 @@ def _run_dev_broker(
         host=settings.http.host,
         port=settings.http.port,
         log_level="warning",
+        log_config=None,
         access_log=False,
         server_header=False,
     )

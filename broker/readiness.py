@@ -1,0 +1,128 @@
+"""``GET /readyz``: can this replica serve? Policy, signing keys, secret backends, state store.
+
+- policy: loaded (a broker never starts without one); ``last_error`` reports a rejected edit,
+  which does not make the replica unready: the previous version keeps serving.
+- signing keys: at least one published key.
+- secret backends: each configured backend answers a metadata read (``current_version``) for one
+  credential of the current policy that uses it, with the broker's own permissions (no extra IAM
+  or Vault policy needed). A backend no credential uses is reported as unchecked, not failed.
+  Results are remembered for `backend_check_interval` seconds so that a probe storm never
+  becomes a backend storm; calls run off the event loop with a timeout.
+- state store: a ping.
+
+Details carry backend names, credential names and fixed condition words; never a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.clock import Clock
+from broker.credentials import secret_ref
+from broker.policy.store import PolicyStore
+from broker.state import StateStore, StateUnavailable
+from broker.tokens import Keyring
+from secret_backends.base import SecretBackend, SecretBackendError, SecretRef
+from secret_backends.vault import DYNAMIC_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class _BackendResult:
+    checked_at: float
+    detail: dict[str, Any]
+
+
+class Readiness:
+    def __init__(
+        self,
+        *,
+        policies: PolicyStore,
+        keyring: Keyring,
+        backends: Mapping[str, SecretBackend],
+        state: StateStore,
+        state_kind: str,
+        clock: Clock,
+        backend_check_interval: float = 5.0,
+        backend_timeout: float = 2.0,
+    ) -> None:
+        self._policies = policies
+        self._keyring = keyring
+        self._backends = backends
+        self._state = state
+        self._state_kind = state_kind
+        self._clock = clock
+        self._interval = backend_check_interval
+        self._timeout = backend_timeout
+        self._results: dict[str, _BackendResult] = {}
+        self._in_flight: dict[str, asyncio.Task[dict[str, Any]]] = {}
+
+    async def report(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, checks) for the response body."""
+        last_policy_error = self._policies.last_error
+        checks: dict[str, Any] = {
+            "policy": {
+                "ok": True,
+                "version": self._policies.current().version,
+                "last_error": last_policy_error.as_dict() if last_policy_error else None,
+            },
+            "signing_keys": {"ok": bool(self._keyring.published_kids())},
+        }
+        names = sorted(self._backends)
+        details = await asyncio.gather(*(self._backend(name) for name in names))
+        checks["secret_backends"] = {
+            "ok": all(d["ok"] for d in details),
+            "backends": dict(zip(names, details, strict=True)),
+        }
+        try:
+            await self._state.ping()
+            checks["state"] = {"ok": True, "kind": self._state_kind}
+        except StateUnavailable:
+            checks["state"] = {"ok": False, "kind": self._state_kind, "error": "unreachable"}
+        return all(c["ok"] for c in checks.values()), checks
+
+    async def _backend(self, name: str) -> dict[str, Any]:
+        remembered = self._results.get(name)
+        now = self._clock.monotonic()
+        if remembered is not None and now - remembered.checked_at < self._interval:
+            return remembered.detail
+        task = self._in_flight.get(name)
+        if task is None:  # one check per backend at a time, however many probes arrive
+            task = self._in_flight[name] = asyncio.ensure_future(self._check(name))
+            task.add_done_callback(lambda _: self._in_flight.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _check(self, name: str) -> dict[str, Any]:
+        ref, credential = self._probe_ref(name)
+        if ref is None:
+            detail: dict[str, Any] = {"ok": True, "checked": False, "why": "no credential uses it"}
+        else:
+            detail = {"ok": True, "checked": True, "credential": credential}
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(self._backends[name].current_version, ref), self._timeout
+                )
+            except TimeoutError:
+                detail.update(ok=False, error="timeout")
+            except SecretBackendError as exc:
+                # A credential missing from the store is a policy/content problem, not an
+                # unreachable backend: the backend answered.
+                if exc.condition != "not_found":
+                    detail.update(ok=False, error=exc.condition)
+                else:
+                    detail["note"] = "credential not found in the store"
+        self._results[name] = _BackendResult(self._clock.monotonic(), detail)
+        return detail
+
+    def _probe_ref(self, backend: str) -> tuple[SecretRef | None, str | None]:
+        candidates = sorted(
+            (name, credential)
+            for name, credential in self._policies.current().credentials.items()
+            if credential.backend == backend and not credential.path.startswith(DYNAMIC_PREFIX)
+        )
+        if not candidates:
+            return None, None
+        name, credential = candidates[0]
+        return secret_ref(credential), name
