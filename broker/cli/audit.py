@@ -4,8 +4,10 @@
 chain, seq and what is wrong). `query` prints the records that match every filter given.
 `usage report` sums granted ``credential.fetch`` records; the agent that pays for a fetch is the
 one the person invoked: the last entry of ``agent_chain`` (the chain lists the newest agent
-first), and its ``cost_centre`` comes from the policy directory given (the current policy, not
-the one in force at the time of the fetch).
+first). A fetch's cost centre is the one its record carries (chosen at fetch time under the
+policy then in force: the agent's ``cost_centre``, else that of the person's first group binding
+with one); records written before cost centres were recorded fall back to the agent's
+``cost_centre`` in the policy directory given.
 """
 
 from __future__ import annotations
@@ -196,8 +198,8 @@ def report(
             key = str(record.get("credential") or UNASSIGNED)
         elif by == "agent":
             key = _paying_agent(record)
-        else:
-            key = centres.get(_paying_agent(record), UNASSIGNED)
+        else:  # recorded at fetch time under the policy then in force; else today's policy
+            key = str(record.get("cost_centre") or centres.get(_paying_agent(record), UNASSIGNED))
         counts[(bucket, key)] += 1
     rows = [(bucket, key, count) for (bucket, key), count in sorted(counts.items())]
     header = (period, by, "fetches")

@@ -12,7 +12,7 @@ by the parent token's scopes.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from broker.policy.model import Admin, Agent, Credential, Gateway, ResourceServer
@@ -90,6 +90,21 @@ class Policy:
     max_token_lifetime_seconds: int
     max_delegation_depth: int
     files: tuple[str, ...] = ()
+    group_cost_centres: tuple[tuple[tuple[str, str], str], ...] = ()
+    """((idp, group), cost centre) in policy order."""
+
+    def cost_centre_of(self, agent: str, idp: str, groups: Iterable[str]) -> str | None:
+        """Who pays for a fetch made by `agent` (the agent the person invoked) for a person of
+        `idp` in `groups`: the agent's own cost centre, else that of the person's first group
+        (in policy order) that has one, else None."""
+        compiled = self.agents.get(agent)
+        if compiled is not None and compiled.spec.cost_centre:
+            return compiled.spec.cost_centre
+        member_of = {group.lstrip("/") for group in groups}
+        for (group_idp, group), centre in self.group_cost_centres:
+            if group_idp == idp and group in member_of:
+                return centre
+        return None
 
     def roles_of(self, person: Person) -> frozenset[str]:
         roles: set[str] = set(self.person_roles.get((person.idp, person.subject), ()))

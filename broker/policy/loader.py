@@ -205,10 +205,18 @@ def _compile(
                 problems.append(f"{origin}: {where}: unknown role {role!r}")
 
     group_roles: dict[tuple[str, str], set[str]] = {}
+    group_cost_centres: dict[tuple[str, str], str] = {}
     for index, (origin, binding) in enumerate(merged.group_bindings):
         check_roles(origin, f"group_bindings[{index}]", binding.roles)
         group = binding.group.lstrip("/")
         group_roles.setdefault((binding.idp, group), set()).update(binding.roles)
+        if binding.cost_centre is not None:
+            known = group_cost_centres.setdefault((binding.idp, group), binding.cost_centre)
+            if known != binding.cost_centre:
+                problems.append(
+                    f"{origin}: group_bindings[{index}]: group {binding.idp}/{group} already "
+                    f"has cost_centre {known!r}"
+                )
     person_roles: dict[tuple[str, str], set[str]] = {}
     for index, (origin, binding) in enumerate(merged.person_bindings):
         check_roles(origin, f"person_bindings[{index}]", binding.roles)
@@ -311,6 +319,7 @@ def _compile(
         max_token_lifetime_seconds=limits.max_token_lifetime_seconds,  # type: ignore[attr-defined]
         max_delegation_depth=limits.max_delegation_depth,  # type: ignore[attr-defined]
         files=tuple(merged.files),
+        group_cost_centres=tuple(group_cost_centres.items()),
     )
     return policy, warnings
 

@@ -71,6 +71,12 @@ class GroupBinding(_Strict):
     idp: Name
     group: str = Field(min_length=1)
     roles: list[RoleName] = Field(min_length=1)
+    cost_centre: str | None = Field(
+        None,
+        max_length=128,
+        description="Who pays for credential fetches made for members of this group, when the "
+        "agent has no cost_centre of its own (broker usage report).",
+    )
 
 
 class PersonBinding(_Strict):

@@ -398,3 +398,37 @@ def test_load_policy_tests(tmp_path: Path) -> None:
         p.startswith("tests/b.yaml:") and "exactly one of expect_granted or expect_error" in p
         for p in info.value.problems
     )
+
+
+def test_cost_centres_come_from_the_agent_else_the_persons_first_group(tmp_path: Path) -> None:
+    bindings = """
+    group_bindings:
+      - {idp: corp, group: readers, roles: [reader, llm], cost_centre: reading-room}
+      - {idp: corp, group: writers, roles: [reader], cost_centre: newsroom}
+      - {idp: corp, group: guests, roles: [reader]}
+    """
+    policy = load(tmp_path, good_files(**{"bindings.yaml": bindings})).policy
+    # No agent cost centre: the person's first group (in policy order) that has one.
+    assert policy.cost_centre_of("main", "corp", ["writers", "readers"]) == "reading-room"
+    assert policy.cost_centre_of("main", "corp", ["/writers"]) == "newsroom"
+    assert policy.cost_centre_of("main", "corp", ["guests"]) is None
+    assert policy.cost_centre_of("main", "other-idp", ["readers"]) is None
+    assert policy.cost_centre_of("unknown-agent", "corp", ["readers"]) == "reading-room"
+    with_agent_centre = AGENTS.replace(
+        "    may_delegate_to: [sub]\n", "    may_delegate_to: [sub]\n    cost_centre: platform\n"
+    )
+    policy = load(
+        tmp_path / "2", good_files(**{"bindings.yaml": bindings, "agents.yaml": with_agent_centre})
+    ).policy
+    assert policy.cost_centre_of("main", "corp", ["readers"]) == "platform"  # the agent wins
+    assert policy.cost_centre_of("sub", "corp", ["readers"]) == "reading-room"
+
+
+def test_one_group_cannot_have_two_cost_centres(tmp_path: Path) -> None:
+    bindings = """
+    group_bindings:
+      - {idp: corp, group: readers, roles: [reader], cost_centre: a}
+      - {idp: corp, group: readers, roles: [llm], cost_centre: b}
+    """
+    found = problems(tmp_path, good_files(**{"bindings.yaml": bindings}))
+    assert any("corp/readers already has cost_centre 'a'" in p for p in found)
