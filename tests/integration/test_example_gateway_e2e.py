@@ -449,6 +449,38 @@ def test_refusal_mapping_covers_every_broker_answer() -> None:
             assert refusal.retry_after == 1.0
 
 
+def test_the_broker_checks_the_hint_itself(stack: Stack) -> None:
+    """The hint is a form member of the ordinary fetch: considered only once the gateway and the
+    agent token passed every check, refused when malformed, recorded when used."""
+    token = stack.agent_token()
+    url = f"{stack.broker.url}/v1/credentials/openai-api-key"
+    gateway = ("llm-gateway", SECRETS["LLM_GATEWAY_SECRET"])
+
+    def fetch(form: dict[str, str], **kwargs: Any) -> httpx.Response:
+        return httpx.post(url, data=form, auth=gateway, timeout=10, **kwargs)
+
+    current = fetch({"token": token}).json()["version"]
+    reads_before = stack.openbao_reads()
+    stale = fetch({"token": token, "rejected_version": "1"})  # long replaced: from memory
+    assert stale.status_code == 200 and stale.json()["version"] == current
+    assert stack.openbao_reads() == reads_before
+    record = stack.broker.decisions.records[-1]
+    assert (record["refresh_hint"], record["rejected_version"], record["hint_outcome"]) == (
+        True,
+        "1",
+        "not_current",
+    )
+    too_long = fetch({"token": token, "rejected_version": "9" * 200})
+    assert too_long.status_code == 400 and too_long.json()["error"] == "invalid_request"
+    previous = fetch({"token": token, "rejected_version": current}, params={"version": "previous"})
+    assert previous.status_code == 400
+    unauthenticated = httpx.post(
+        url, data={"token": "not-a-token", "rejected_version": current}, auth=gateway, timeout=10
+    )
+    assert unauthenticated.status_code == 401
+    assert stack.openbao_reads() == reads_before
+
+
 # -- canaries (runs last) ----------------------------------------------------------------------
 
 
