@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: dev test bench lint install install-test clean
+.PHONY: dev test bench lint install install-test compose clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,39 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test compose
+
+## make compose: a docker compose v2 binary for the tests of docker-compose.yml, where the
+## machine has neither `docker compose` nor `docker-compose`: Debian's docker-compose package
+## (a static Go binary; its only dependency is libc6), unpacked into $(BIN)/docker-compose.
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+DEBIAN_SUITE  ?= trixie
+
+compose:
+	@if docker compose version >/dev/null 2>&1 || docker-compose version >/dev/null 2>&1 \
+	    || $(BIN)/docker-compose version >/dev/null 2>&1; then :; \
+	else $(MAKE) --no-print-directory $(BIN)/docker-compose; fi
+
+$(BIN)/docker-compose:
+	@set -eu; \
+	case "$$(uname -m)" in \
+	  x86_64|amd64) arch=amd64 ;; \
+	  aarch64|arm64) arch=arm64 ;; \
+	  *) echo "make compose: no Debian docker-compose build for $$(uname -m)" >&2; exit 1 ;; \
+	esac; \
+	tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; \
+	index="$(DEBIAN_MIRROR)/dists/$(DEBIAN_SUITE)/main/binary-$$arch/Packages.xz"; \
+	curl -fsSL "$$index" | xz -d > "$$tmp/Packages"; \
+	field() { awk -v f="$$1:" '/^Package: /{p=($$2=="docker-compose")} p&&$$1==f{print $$2; exit}' "$$tmp/Packages"; }; \
+	file="$$(field Filename)"; sha="$$(field SHA256)"; \
+	test -n "$$file" && test -n "$$sha" || { echo "make compose: docker-compose not in $$index" >&2; exit 1; }; \
+	echo "make compose: $(DEBIAN_MIRROR)/$$file"; \
+	curl -fsSL -o "$$tmp/compose.deb" "$(DEBIAN_MIRROR)/$$file"; \
+	echo "$$sha  $$tmp/compose.deb" | sha256sum -c --quiet -; \
+	dpkg-deb -x "$$tmp/compose.deb" "$$tmp/root"; \
+	mkdir -p "$(@D)"; \
+	install -m 0755 "$$tmp/root/usr/libexec/docker/cli-plugins/docker-compose" "$@"; \
+	"$@" version
 
 ## make dev: run the broker with embedded development defaults and print a walkthrough
 dev: install
