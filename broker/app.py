@@ -21,7 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.audit import DecisionLog, DecisionSink, build_sinks, recorded_request_var
+from broker.audit import (
+    AuditUnavailable,
+    DecisionLog,
+    DecisionSink,
+    build_sinks,
+    recorded_request_var,
+)
 from broker.cache import CredentialCache
 from broker.client_auth import AuthenticatedClient, ClientAuthenticator, WorkloadActorResolver
 from broker.clock import Clock, SystemClock
@@ -363,6 +369,14 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
             ) as span:
                 try:
                     response = await handle(request, request_id)
+                    try:  # answer nothing whose record is not yet durable (group commit)
+                        await services.decisions.wait_durable()
+                    except AuditUnavailable:
+                        response = _error_response(
+                            ServerError("the audit trail cannot be written; refusing"),
+                            settings,
+                            request_id,
+                        )
                     status = response.status_code
                     return response
                 finally:

@@ -227,7 +227,12 @@ class AuditConfig(_Strict):
 
     stdout: bool = Field(True, description="JSON lines on standard output.")
     file: Path | None = Field(None, description="Append-only JSON-lines file, fsync'd per record.")
-    fsync: bool = Field(True, description="fdatasync each record before the response is sent.")
+    fsync: bool = Field(True, description="fdatasync records before the response is sent.")
+    group_commit: bool = Field(
+        True,
+        description="One fdatasync (off the event loop) covers every record written meanwhile; "
+        "responses still wait for their records to be durable.",
+    )
     s3: AuditS3Config | None = None
 
 

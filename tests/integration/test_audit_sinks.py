@@ -3,6 +3,7 @@ S3 sink writes batches as Object Lock objects to a moto server over HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,7 +17,13 @@ import boto3
 import botocore.exceptions
 import pytest
 
-from broker.audit import DecisionLog, S3ObjectLockSink, build_sinks, verify_trail
+from broker.audit import (
+    AuditUnavailable,
+    DecisionLog,
+    S3ObjectLockSink,
+    build_sinks,
+    verify_trail,
+)
 from broker.clock import SystemClock
 from broker.settings import AuditConfig, AuditS3Config
 from tests.support.servers import MotoServer, run_moto
@@ -78,7 +85,7 @@ def test_each_record_is_on_disk_and_readable_before_record_returns(
     monkeypatch.setattr(os, "fdatasync", counting_sync)
     path = tmp_path / "audit" / "trail.jsonl"
     log = DecisionLog(
-        build_sinks(AuditConfig(stdout=False, file=path)), SystemClock()
+        build_sinks(AuditConfig(stdout=False, file=path, group_commit=False)), SystemClock()
     )  # the settings wiring
     assert len(syncs) == 1  # the chain start record
     for i in range(5):
@@ -89,6 +96,69 @@ def test_each_record_is_on_disk_and_readable_before_record_returns(
         assert len(lines) == i + 2
         assert len(syncs) == i + 2  # synced once per record, before record returned
     assert verify_trail([path]).ok
+    log.close()
+
+
+def test_group_commit_makes_every_awaited_record_durable_with_few_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    covered: list[int] = []  # file size each completed sync is known to cover
+    real_sync = os.fdatasync
+
+    def slow_counting_sync(fd: int) -> None:
+        size = os.fstat(fd).st_size  # bytes appended before the sync starts are covered by it
+        time.sleep(0.005)  # a slow disk: many records arrive during one sync
+        real_sync(fd)
+        covered.append(size)
+
+    monkeypatch.setattr(os, "fdatasync", slow_counting_sync)
+    path = tmp_path / "audit" / "trail.jsonl"
+    log = DecisionLog(build_sinks(AuditConfig(stdout=False, file=path)), SystemClock())
+    assert covered == []  # appending does not sync: the committer does, when asked
+
+    async def request(i: int) -> int:
+        log.record("credential.fetch", outcome="granted", request_id=f"r{i}")
+        await log.wait_durable()
+        return covered[-1]  # what was durable when this request could be answered
+
+    async def many() -> list[int]:
+        return await asyncio.gather(*(request(i) for i in range(200)))
+
+    durable_at_answer = asyncio.run(many())
+    lines = path.read_text().splitlines()
+    assert len(lines) == 201
+    line_end: dict[str, int] = {}
+    position = len(lines[0]) + 1
+    for line in lines[1:]:
+        position += len(line) + 1
+        line_end[json.loads(line)["request_id"]] = position
+    # Each request's own line was inside a completed sync before it was answered.
+    for i, durable in enumerate(durable_at_answer):
+        assert line_end[f"r{i}"] <= durable, f"r{i} answered before its record was synced"
+    assert 1 <= log.group_commits < 50  # far fewer syncs than records
+    log.close()
+    assert verify_trail([path]).ok
+
+
+def test_a_failing_group_sync_fails_the_waiting_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "trail.jsonl"
+    log = DecisionLog(build_sinks(AuditConfig(stdout=False, file=path)), SystemClock())
+
+    def broken_sync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken_sync)
+
+    async def request() -> None:
+        log.record("token.exchange", outcome="granted", request_id="r1")
+        await log.wait_durable()
+
+    with pytest.raises(AuditUnavailable):
+        asyncio.run(request())
+    monkeypatch.undo()  # the disk recovers: the next request is answered
+    asyncio.run(request())
     log.close()
 
 
