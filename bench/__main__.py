@@ -8,9 +8,9 @@ import signal
 import sys
 from types import FrameType
 
-from bench import cache_hit, credentials, exchange, state
+from bench import audit_sink, cache_hit, credentials, exchange, state
 
-SECTIONS = ("exchange", "credentials", "cache", "state")
+SECTIONS = ("exchange", "credentials", "cache", "state", "audit")
 """What ``--only`` may name, in the order a full run measures them."""
 
 _NUMBERS: list[tuple[str, type, str | None, str]] = [
@@ -41,7 +41,8 @@ def _parse(argv: list[str] | None) -> tuple[exchange.Options, tuple[str, ...]]:
         description="Token exchange and credential fetch throughput/latency beside same-run "
         "baselines (broker /healthz, OpenBao JWT login, OpenBao KV read), and the in-process "
         "cost of a credential cache hit (beside a dict lookup and AWS's SecretCache), and the "
-        "Redis state store beside the in-memory one (fetch, exchange, re-exchange).",
+        "Redis state store beside the in-memory one (fetch, exchange, re-exchange), and the audit "
+        "file sink's group commit beside per-record fdatasync.",
     )
     parser.add_argument(
         "--only",
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 credentials.run(options)
             elif section == "state":
                 state.run(options)
+            elif section == "audit":
+                audit_sink.main(min(options.seconds, 3.0))
             else:
                 cache_hit.main()
             print("")
