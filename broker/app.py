@@ -116,6 +116,7 @@ def build_services(
         generate_if_missing=settings.signing_keys.generate_if_missing,
     )
     state = state or build_state_store(settings.state, clock)
+    tracing = tracing or build_tracing(settings.tracing)
     metrics = BrokerMetrics()
     sinks = decision_sinks if decision_sinks is not None else build_sinks(settings.audit)
     decisions = DecisionLog([*sinks, metrics], clock)
@@ -168,6 +169,7 @@ def build_services(
         max_lifetime_seconds=tokens.max_lifetime_seconds,
         revocations=revocations,
         state=state,
+        tracer=tracing.tracer,
     )
     introspection = Introspection(
         verifier=broker_tokens,
@@ -219,7 +221,7 @@ def build_services(
         broker_tokens=broker_tokens,
         state=state,
         metrics=metrics,
-        tracing=tracing or build_tracing(settings.tracing),
+        tracing=tracing,
         readiness=Readiness(
             policies=policies,
             keyring=keyring,

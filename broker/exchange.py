@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from broker.audit import DecisionLog
 from broker.client_auth import AuthenticatedClient, WorkloadActorResolver
 from broker.clock import Clock
@@ -194,7 +197,9 @@ class TokenExchangeGrant:
         max_lifetime_seconds: int,
         revocations: Revocations,
         state: StateStore,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.NoOpTracer()
         self._revocations = revocations
         self._state = state
         self._subjects = subjects
@@ -275,7 +280,9 @@ class TokenExchangeGrant:
                 "token exchange",
             )
 
-        subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
+        with self._tracer.start_as_current_span("verify subject token") as span:
+            span.set_attribute("broker.subject_token_type", str(subject_type))
+            subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
         provenance = subject.provenance
         parent = subject.parent
         if parent is not None:
@@ -286,18 +293,21 @@ class TokenExchangeGrant:
             parent_jti=parent.jti if parent else None,
         )
 
-        decision = decide(
-            policy,
-            ExchangeRequest(
-                person=Person(provenance.idp, provenance.subject, provenance.groups),
-                agent=actor.client_id,
-                scopes=scopes,
-                audiences=targets,
-                parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
-                if parent
-                else None,
-            ),
-        )
+        with self._tracer.start_as_current_span("policy decision") as span:
+            decision = decide(
+                policy,
+                ExchangeRequest(
+                    person=Person(provenance.idp, provenance.subject, provenance.groups),
+                    agent=actor.client_id,
+                    scopes=scopes,
+                    audiences=targets,
+                    parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
+                    if parent
+                    else None,
+                ),
+            )
+            span.set_attribute("broker.decision", "allowed" if decision.allowed else "denied")
+            span.set_attribute("broker.policy_version", decision.policy_version)
         record["agent_chain"] = list(decision.actor_chain)
         if not decision.allowed:
             raise _ERRORS[decision.error or "invalid_grant"](
@@ -305,17 +315,18 @@ class TokenExchangeGrant:
             )
 
         lifetime = self._lifetime(decision, provenance, parent)
-        issued = self._issuer.issue(
-            provenance=provenance,
-            client_id=actor.client_id,
-            actor_chain=decision.actor_chain,
-            scopes=decision.scopes,
-            audiences=decision.audiences,
-            lifetime_seconds=lifetime,
-            policy_version=decision.policy_version,
-            parent_jti=parent.jti if parent else None,
-            lineage=parent.lineage if parent else (),
-        )
+        with self._tracer.start_as_current_span("issue token"):
+            issued = self._issuer.issue(
+                provenance=provenance,
+                client_id=actor.client_id,
+                actor_chain=decision.actor_chain,
+                scopes=decision.scopes,
+                audiences=decision.audiences,
+                lifetime_seconds=lifetime,
+                policy_version=decision.policy_version,
+                parent_jti=parent.jti if parent else None,
+                lineage=parent.lineage if parent else (),
+            )
         self._decisions.record(
             "token.exchange",
             outcome="granted",

@@ -258,9 +258,12 @@ def test_spans_reach_a_real_otlp_collector_continuing_the_callers_trace(
             break
         time.sleep(0.1)
     names = {s.name for _, s in mine}
-    assert "POST /oauth2/token" in names and "client authentication" in names
+    steps = {"client authentication", "verify subject token", "policy decision", "issue token"}
+    assert "POST /oauth2/token" in names and steps <= names
     server_span = next(s for _, s in mine if s.name == "POST /oauth2/token")
     assert server_span.parent_span_id.hex() == parent_span
+    for step in (s for _, s in mine if s.name in steps):  # children of the request's span
+        assert step.parent_span_id == server_span.span_id
     attributes = {a.key: a.value for a in server_span.attributes}
     assert attributes["http.route"].string_value == "/oauth2/token"
     assert attributes["broker.request_id"].string_value == request_id
