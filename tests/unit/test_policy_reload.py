@@ -164,7 +164,7 @@ def test_invalid_edit_is_rejected_and_previous_version_keeps_serving(
 
 
 def test_failing_policy_test_names_the_test(store: PolicyStore, policy_dir: Path) -> None:
-    _edit(policy_dir / "bindings.yaml", "- {idp: dev, subject: bob, roles: [support]}", "[]")
+    _edit(policy_dir / "bindings.yaml", "  - {idp: dev, subject: bob, roles: [support]}\n", "")
     with pytest.raises(PolicyRejected) as caught:
         store.reload()
     assert any(
