@@ -1,5 +1,5 @@
 """Agent identity broker. The Python client for agents and gateways is `broker.client`."""
 
-from broker.client import AgentClient, BrokerClientError, GatewayClient
+from broker.client import AgentClient, BrokerClientError, BrokerUnavailable, GatewayClient
 
-__all__ = ["AgentClient", "BrokerClientError", "GatewayClient"]
+__all__ = ["AgentClient", "BrokerClientError", "BrokerUnavailable", "GatewayClient"]

@@ -189,6 +189,13 @@ class CredentialService:
             agent_chain=list(agent_token.actor_chain),
             jti=agent_token.jti,
             token_policy_version=agent_token.policy_version,
+            # Who pays, decided now under the policy in force (the invoked agent is the last
+            # of the chain): what `broker usage report --by cost_centre` sums.
+            cost_centre=policy.cost_centre_of(
+                agent_token.actor_chain[-1] if agent_token.actor_chain else "",
+                agent_token.provenance.idp,
+                agent_token.provenance.groups,
+            ),
         )
         if not set(gateway.audiences).intersection(agent_token.audiences):
             raise InvalidToken(

@@ -18,6 +18,7 @@ Labels never carry tokens, secrets or person identifiers.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,8 @@ _CACHE_STATS = (
     ("stale_served", "Gets answered with a value past its refresh interval."),
     ("backend_reads", "Backend read calls."),
     ("version_checks", "Backend current-version calls."),
+    ("rejection_hints", "Rejected-version hints from gateways naming the version held."),
+    ("hint_refreshes", "Backend rounds started by rejected-version hints."),
 )
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -130,6 +133,26 @@ class _StateCollector(Collector):
             for name in sorted(totals):
                 family.add_metric((name,), totals[name][stat])
             yield family
+
+        age = GaugeMetricFamily(
+            "broker_credential_age_seconds",
+            "Seconds since the store last confirmed the version served (read or version check).",
+            labels=("credential",),
+        )
+        stale = GaugeMetricFamily(
+            "broker_credential_stale",
+            "1 while the value served is the last good one after a failed refresh.",
+            labels=("credential",),
+        )
+        now = time.time()
+        for name, credential in sorted(policy.credentials.items()):
+            cached = self._cache.peek(secret_ref(credential))
+            if cached is None:
+                continue
+            age.add_metric((name,), max(0.0, now - cached.loaded_at))
+            stale.add_metric((name,), 1 if cached.stale else 0)
+        yield age
+        yield stale
 
         info = GaugeMetricFamily(
             "broker_policy_version_info",

@@ -70,9 +70,14 @@ def _broker_serve(workdir: Path, idp: DevIdentityProvider) -> Iterator[Broker]:
     shutil.copytree(EXAMPLE_POLICIES, policy_dir)
     agents_file = policy_dir / "agents.yaml"
     agents = yaml.safe_load(agents_file.read_text())
-    agents["agents"]["triage-agent"]["cost_centre"] = "support-ops"
-    agents["agents"]["coding-agent"]["cost_centre"] = "engineering"
+    agents["agents"]["triage-agent"]["cost_centre"] = "support-ops"  # an agent's own centre
     agents_file.write_text(yaml.safe_dump(agents))
+    bindings_file = policy_dir / "bindings.yaml"
+    bindings = yaml.safe_load(bindings_file.read_text())
+    for binding in bindings["group_bindings"]:  # the coding agent's fetches: the person's group
+        if binding["group"] == "engineering":
+            binding["cost_centre"] = "engineering"
+    bindings_file.write_text(yaml.safe_dump(bindings))
     secrets_file = workdir / "dev-secrets.yaml"
     secrets_file.write_text(
         yaml.safe_dump(
@@ -257,6 +262,15 @@ def test_usage_report_by_cost_centre_as_csv(trail: Trail) -> None:
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    fetches = [
+        json.loads(line)
+        for line in trail.file.read_text().splitlines()
+        if '"credential.fetch"' in line and '"granted"' in line
+    ]
+    assert {(r["agent_chain"][-1], r["cost_centre"]) for r in fetches} == {
+        ("triage-agent", "support-ops"),
+        ("coding-agent", "engineering"),
+    }  # chosen at fetch time and recorded
     month = datetime.now(UTC).strftime("%Y-%m")
     rows = list(csv.reader(io.StringIO(result.output)))
     assert rows == [

@@ -138,6 +138,13 @@ def test_metrics_count_decisions_latency_and_cache_without_leaking(
     assert _value(text, "broker_credential_cache_hits_total", credential="openai-api-key") >= 2
     assert _value(text, "broker_credential_cache_misses_total", credential="openai-api-key") >= 1
     assert _value(text, "broker_credential_cache_refreshes_total", credential="openai-api-key") >= 1
+    age = _value(text, "broker_credential_age_seconds", credential="openai-api-key")
+    assert 0 <= age < 60  # just loaded; refresh_interval is 60 s in the example policy
+    assert _value(text, "broker_credential_stale", credential="openai-api-key") == 0
+    assert not any(  # a credential never fetched has no age
+        n == "broker_credential_age_seconds" and lab.get("credential") == "anthropic-api-key"
+        for n, lab, _ in _samples(text)
+    )
     version = running.services.policies.current().version
     assert _value(text, "broker_policy_version_info", version=version[:80]) == 1
     assert _value(text, "broker_policy_reload_failures_total") == 0
