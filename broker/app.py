@@ -184,7 +184,7 @@ def build_services(
         backends,
         clock,
         max_entries=settings.credential_cache_max_entries,
-        on_event=lambda event: record_cache_event(decisions, event),
+        on_event=lambda event: record_cache_event(decisions, event, policies.current()),
     )
     credentials = CredentialService(
         verifier=broker_tokens,

@@ -305,10 +305,24 @@ class CredentialService:
         }
 
 
-def record_cache_event(decisions: DecisionLog, event: CacheEvent) -> None:
-    """Cache observations (rotations, failed refreshes) become decision records."""
+def credential_names(policy: Policy, ref: SecretRef) -> list[str]:
+    """The names under which the policy serves the secret `ref` points at."""
+    key = (ref.backend, ref.path, ref.field, ref.stage)
+    return sorted(
+        name
+        for name, credential in policy.credentials.items()
+        if (credential.backend, credential.path, credential.field, credential.stage) == key
+    )
+
+
+def record_cache_event(
+    decisions: DecisionLog, event: CacheEvent, policy: Policy | None = None
+) -> None:
+    """Cache observations (rotations, failed refreshes) become decision records, naming the
+    credential(s) of the current policy the secret is served as."""
     decisions.record(
         event.kind,
+        credentials=credential_names(policy, event.ref) if policy is not None else None,
         backend=event.ref.backend,
         path=event.ref.path,
         old_version=event.old_version,

@@ -442,6 +442,7 @@ def test_push_refresh_serves_the_new_version_at_once_and_previous_within_grace(
         if r["event"] == "credential.rotated" and r.get("path") == "llm/openai"
     ]
     assert rotated and rotated[-1]["old_version"] == "1" and rotated[-1]["new_version"] == "2"
+    assert "openai-api-key" in rotated[-1]["credentials"]  # named as the policy serves it
 
 
 def test_rotation_under_load_loses_no_fetch(
