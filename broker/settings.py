@@ -151,6 +151,16 @@ class HttpConfig(_Strict):
     port: int = Field(8080, ge=1, le=65535)
     max_body_bytes: int = Field(65536, ge=1024)
     workers: int = Field(1, ge=1)
+    tls_cert_file: Path | None = Field(
+        None, description="Serve HTTPS with this PEM certificate (chain) and tls_key_file."
+    )
+    tls_key_file: Path | None = Field(None, description="The certificate's PEM private key.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("http.tls_cert_file and http.tls_key_file go together")
+        return self
 
 
 class DevIdpConfig(_Strict):

@@ -95,6 +95,7 @@ def serve(
         )
     if config is not None:
         os.environ["BROKER_CONFIG_FILE"] = str(config.resolve())
+    tls = _tls_files(settings)
     server_config = uvicorn.Config(
         "broker.app:create_app_from_environment",
         factory=True,
@@ -103,12 +104,31 @@ def serve(
         log_config=None,  # the app configures logging (JSON lines with request ids)
         access_log=False,
         server_header=False,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     sock = _listening_socket(host or settings.http.host, port or settings.http.port)
     if server_config.workers > 1:
         Multiprocess(server_config, sockets=[sock]).run()
     else:
         uvicorn.Server(server_config).run(sockets=[sock])
+
+
+def _tls_files(settings: BrokerSettings) -> tuple[str, str] | None:
+    """The HTTPS certificate and key, checked loadable now (a clear error, not a worker crash)."""
+    cert, key = settings.http.tls_cert_file, settings.http.tls_key_file
+    if cert is None or key is None:
+        return None
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        # Name the files and the failure, never their content.
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or "unreadable"
+        typer.echo(f"error: http.tls_cert_file/tls_key_file ({cert}, {key}): {reason}", err=True)
+        raise typer.Exit(1) from None
+    return str(cert), str(key)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -71,6 +71,8 @@ LEAVES: tuple[Leaf, ...] = (
     Leaf("openbao", ("openbao",)),
     Leaf("localstack", ("localstack", "localhost.localstack.cloud")),
     Leaf("lb", ("lb", "broker")),  # `broker` is the LB's network alias: the issuer's host
+    # The replicas share one certificate; nginx verifies it under the name `broker-replica`.
+    Leaf("broker", ("broker-replica", "broker-1", "broker-2")),
 )
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_IPS = ("127.0.0.1",)

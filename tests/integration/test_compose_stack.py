@@ -237,7 +237,8 @@ def test_every_long_running_service_has_a_healthcheck(services: dict[str, Any]) 
         test = service.get("healthcheck", {}).get("test")
         assert test and test[0] in {"CMD", "CMD-SHELL"}, f"{name} has no healthcheck"
     broker_check = " ".join(services["broker-1"]["healthcheck"]["test"])
-    assert "http://127.0.0.1:8080/readyz" in broker_check
+    assert "https://localhost:8080/readyz" in broker_check  # the replicas serve TLS only
+    assert "cafile='/etc/broker/pki/ca.crt'" in broker_check
 
 
 def test_start_order_waits_for_what_each_service_needs(services: dict[str, Any]) -> None:
@@ -327,7 +328,8 @@ def test_service_users_match_the_owners_the_init_script_gives_their_files(
     for leaf in prepare.LEAVES:
         volume = f"tls-{leaf.service}"
         users = [n for n, s in services.items() if volume in volume_mounts(s) and n != "init"]
-        assert users == [leaf.service], (volume, users)
+        expected = sorted(REPLICAS) if leaf.service == "broker" else [leaf.service]
+        assert sorted(users) == expected, (volume, users)
         assert volume_mounts(services["init"])[volume] == f"/out/tls/{leaf.service}"
 
 
@@ -352,6 +354,8 @@ def test_broker_config_loads_under_each_replicas_environment(
             str(settings.signing_keys.directory),
             str(settings.state.tls_ca_file),
             str(settings.audit.file),
+            str(settings.http.tls_cert_file),
+            str(settings.http.tls_key_file),
         ]
         refs = [settings.state.password_ref]
         for backend in settings.secret_backends:
@@ -424,7 +428,16 @@ def test_load_balancer_routes_to_both_replicas(
     conf = NGINX_CONF.read_text(encoding="utf-8")
     port = replica_settings["broker-1"].http.port
     assert sorted(upstream_servers(conf, "brokers")) == [f"{r}:{port}" for r in REPLICAS]
-    assert re.search(r"proxy_pass\s+http://brokers;", conf)
+    assert re.search(r"proxy_pass\s+https://brokers;", conf)  # TLS to the replicas too
+    assert re.search(r"proxy_ssl_verify\s+on;", conf)
+    assert re.search(r"proxy_ssl_trusted_certificate\s+/etc/nginx/tls/ca.crt;", conf)
+    name = re.search(r"proxy_ssl_name\s+(\S+);", conf)
+    assert name and name.group(1) == "broker-replica"
+    settings = replica_settings["broker-1"]
+    assert settings.http.tls_cert_file and settings.http.tls_key_file
+    assert volume_mounts(services["broker-1"])["tls-broker"] == str(
+        settings.http.tls_cert_file.parent
+    )
     assert re.search(r"location\s*=\s*/metrics\s*\{\s*return 404;", conf)
     assert re.search(r"listen\s+8443\s+ssl;", conf)
     lb_mounts = {m["target"]: Path(m["source"]) for m in bind_mounts(services["lb"])}
