@@ -36,8 +36,9 @@ RUN groupadd --system --gid 10001 broker \
 USER broker
 WORKDIR /var/lib/broker
 EXPOSE 8080
-# Liveness on the broker's own port (http.port, 8080 unless BROKER_HTTP__PORT says otherwise).
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('BROKER_HTTP__PORT', '8080'), timeout=2)"]
+# Liveness: `broker healthcheck` reads the same configuration as `broker serve` (port, and HTTPS
+# with the broker's own certificate pinned when http.tls_cert_file is set) and probes /healthz.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["broker", "healthcheck", "--config", "/etc/broker/broker.yaml"]
 ENTRYPOINT ["broker"]
 CMD ["serve", "--config", "/etc/broker/broker.yaml"]

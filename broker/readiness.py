@@ -3,9 +3,12 @@
 - policy: loaded (a broker never starts without one); ``last_error`` reports a rejected edit,
   which does not make the replica unready: the previous version keeps serving.
 - signing keys: at least one published key.
-- secret backends: each configured backend answers a metadata read (``current_version``) for one
-  credential of the current policy that uses it, with the broker's own permissions (no extra IAM
-  or Vault policy needed). A backend no credential uses is reported as unchecked, not failed.
+- secret backends: each configured backend answers a metadata read (``current_version``) for the
+  credentials of the current policy that use it (up to `MAX_PROBES`), with the broker's own
+  permissions (no extra IAM or Vault policy needed). The backend is ready when any of them
+  answers (a credential missing from the store counts: the store answered); those the broker may
+  not read are listed under ``unreadable``. A backend no credential uses is reported as
+  unchecked, not failed.
   Results are remembered for `backend_check_interval` seconds so that a probe storm never
   becomes a backend storm; calls run off the event loop with a timeout.
 - state store: a ping.
@@ -27,6 +30,9 @@ from broker.state import StateStore, StateUnavailable
 from broker.tokens import Keyring
 from secret_backends.base import SecretBackend, SecretBackendError, SecretRef
 from secret_backends.vault import DYNAMIC_PREFIX
+
+MAX_PROBES = 5
+"""Credentials checked per backend and interval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,34 +101,41 @@ class Readiness:
         return await asyncio.shield(task)
 
     async def _check(self, name: str) -> dict[str, Any]:
-        ref, credential = self._probe_ref(name)
-        if ref is None:
+        probes = self._probe_refs(name)
+        if not probes:
             detail: dict[str, Any] = {"ok": True, "checked": False, "why": "no credential uses it"}
         else:
-            detail = {"ok": True, "checked": True, "credential": credential}
-            try:
-                await asyncio.wait_for(
-                    asyncio.to_thread(self._backends[name].current_version, ref), self._timeout
-                )
-            except TimeoutError:
-                detail.update(ok=False, error="timeout")
-            except SecretBackendError as exc:
-                # A credential missing from the store is a policy/content problem, not an
-                # unreachable backend: the backend answered.
-                if exc.condition != "not_found":
-                    detail.update(ok=False, error=exc.condition)
-                else:
-                    detail["note"] = "credential not found in the store"
+            outcomes = await asyncio.gather(*(self._probe(name, ref) for _, ref in probes))
+            answered = [c for (c, _), error in zip(probes, outcomes, strict=True) if error is None]
+            failed = {c: e for (c, _), e in zip(probes, outcomes, strict=True) if e is not None}
+            # Reachable and authenticated when any credential answers (found or not found): a
+            # credential the broker may not read is reported, but is the policy's problem.
+            detail = {"ok": bool(answered), "checked": True, "credentials": answered}
+            if failed:
+                detail["unreadable"] = failed
+            if not answered:
+                detail["error"] = next(iter(failed.values()))
         self._results[name] = _BackendResult(self._clock.monotonic(), detail)
         return detail
 
-    def _probe_ref(self, backend: str) -> tuple[SecretRef | None, str | None]:
-        candidates = sorted(
-            (name, credential)
+    async def _probe(self, backend: str, ref: SecretRef) -> str | None:
+        """None when the store answered for `ref` (found or not found), else a condition."""
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self._backends[backend].current_version, ref), self._timeout
+            )
+        except TimeoutError:
+            return "timeout"
+        except SecretBackendError as exc:
+            return None if exc.condition == "not_found" else exc.condition
+        return None
+
+    def _probe_refs(self, backend: str) -> list[tuple[str, SecretRef]]:
+        """Up to `MAX_PROBES` credentials of the current policy on `backend` (by name)."""
+        names = sorted(
+            name
             for name, credential in self._policies.current().credentials.items()
             if credential.backend == backend and not credential.path.startswith(DYNAMIC_PREFIX)
-        )
-        if not candidates:
-            return None, None
-        name, credential = candidates[0]
-        return secret_ref(credential), name
+        )[:MAX_PROBES]
+        credentials = self._policies.current().credentials
+        return [(name, secret_ref(credentials[name])) for name in names]

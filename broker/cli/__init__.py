@@ -1,11 +1,12 @@
-"""The `broker` command: `serve`, `dev`, `policy ...`, `keys ...`, `token decode`, `audit ...`,
-`usage report`."""
+"""The `broker` command: `serve`, `dev`, `healthcheck`, `policy ...`, `keys ...`, `token decode`,
+`audit ...`, `usage report`."""
 
 from __future__ import annotations
 
 import typer
 
 from broker.cli.audit import audit_app, usage_app
+from broker.cli.healthcheck import healthcheck
 from broker.cli.keys import keys_app
 from broker.cli.policy import policy_app
 from broker.cli.serve import dev, serve
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.command()(serve)
 app.command()(dev)
+app.command()(healthcheck)
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")

@@ -32,8 +32,8 @@ from broker.client_secrets import generate_client_secret
 from idp_adapters.dev import DevIdentityProvider
 from tests.support.harness import (
     ACCESS_TOKEN,
-    BROKER_COMMAND,
     EXAMPLE_POLICIES,
+    broker_process,
     exchange_form,
     oidc_provider_config,
     serve_idp,
@@ -103,20 +103,9 @@ def _broker_serve(workdir: Path, idp: DevIdentityProvider) -> Iterator[Broker]:
         )
     )
     log = workdir / "broker.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [BROKER_COMMAND, "serve", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ | SECRETS,
-        )
-    try:
+    with broker_process(["serve", "--config", str(config)], log, os.environ | SECRETS) as process:
         wait_until_serving(url, process, log)
         yield Broker(url, process, audit_file, policy_dir)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=10)
 
 
 def _exchange(broker: Broker, form: dict[str, str], auth: tuple[str, str]) -> httpx.Response:

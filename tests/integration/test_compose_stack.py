@@ -236,9 +236,11 @@ def test_every_long_running_service_has_a_healthcheck(services: dict[str, Any]) 
             continue
         test = service.get("healthcheck", {}).get("test")
         assert test and test[0] in {"CMD", "CMD-SHELL"}, f"{name} has no healthcheck"
-    broker_check = " ".join(services["broker-1"]["healthcheck"]["test"])
-    assert "https://localhost:8080/readyz" in broker_check  # the replicas serve TLS only
-    assert "cafile='/etc/broker/pki/ca.crt'" in broker_check
+    broker_check = services["broker-1"]["healthcheck"]["test"]
+    # `broker healthcheck` reads the replica's own configuration (HTTPS, its port): readiness.
+    assert broker_check == [
+        "CMD", "broker", "healthcheck", "--config", "/etc/broker/broker.yaml", "--ready",
+    ]  # fmt: skip
 
 
 def test_start_order_waits_for_what_each_service_needs(services: dict[str, Any]) -> None:
@@ -451,7 +453,7 @@ def test_dockerfile_runs_broker_serve_as_a_non_root_user_without_secrets() -> No
     assert froms and all(f.startswith("python:3.11-slim") for f in froms)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in {"root", "0"}
-    assert re.search(r"^HEALTHCHECK .*?/healthz", text, re.M | re.S)
+    assert re.search(r'^HEALTHCHECK .*?\["broker", "healthcheck", "--config"', text, re.M | re.S)
     assert "libxmlsec1" in text and "pip install" in text
     assert re.search(r'^ENTRYPOINT \["broker"\]', text, re.M)
     assert re.search(r'^CMD \["serve"', text, re.M)

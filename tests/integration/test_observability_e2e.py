@@ -156,8 +156,12 @@ def test_readyz_reports_a_real_backend_going_away_and_coming_back(
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
     vault = checks["secret_backends"]["backends"]["vault"]
-    # The first credential (by name) using the backend is the probe.
-    assert vault == {"ok": True, "checked": True, "credential": "anthropic-api-key"}
+    # Every credential using the backend is probed (with the broker's own permissions).
+    assert vault == {
+        "ok": True,
+        "checked": True,
+        "credentials": ["anthropic-api-key", "openai-api-key"],
+    }
     assert checks["signing_keys"]["ok"] and checks["state"]["ok"]
     reads_before = bao.request_paths().count("secret/metadata/llm/anthropic")
     assert reads_before >= 1  # the check is a real metadata read at the store

@@ -8,8 +8,7 @@ import datetime as dt
 import ipaddress
 import os
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from tests.support.harness import (
     BROKER_COMMAND,
     EXAMPLE_POLICIES,
+    broker_process,
     example_client_secrets,
     exchange_form,
     oidc_provider_config,
@@ -122,21 +122,8 @@ def _config(tmp_path: Path, port: int, cert: Path, key: Path, idp: dict[str, obj
     return config
 
 
-@contextmanager
-def _serve(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [BROKER_COMMAND, "serve", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ | SECRETS,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=10)
+def _serve(config: Path, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return broker_process(["serve", "--config", str(config)], log, os.environ | SECRETS)
 
 
 def test_serves_https_only_and_exchanges_over_it(tmp_path: Path) -> None:
@@ -160,11 +147,56 @@ def test_serves_https_only_and_exchanges_over_it(tmp_path: Path) -> None:
                 assert exchanged.status_code == 200, exchanged.text
                 metadata = client.get(f"{url}/.well-known/oauth-authorization-server").json()
                 assert metadata["token_endpoint"] == f"{url}/oauth2/token"
+            # `broker healthcheck` (the container healthcheck) finds HTTPS and the port in the
+            # same configuration and pins the broker's own certificate: no CA bundle needed.
+            for extra in ([], ["--ready"]):
+                probe = _healthcheck(config, *extra)
+                assert probe.returncode == 0, probe.stderr
+                assert probe.stdout.startswith(f"ok: https://127.0.0.1:{port}/")
             # The system CAs do not know ours; and nothing is served in clear text.
             with httpx.Client(timeout=5) as untrusting, pytest.raises(httpx.ConnectError):
                 untrusting.get(f"{url}/healthz")
             with httpx.Client(timeout=5) as plain, pytest.raises(httpx.TransportError):
                 plain.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def _healthcheck(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BROKER_COMMAND, "healthcheck", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_healthcheck_fails_when_nothing_answers_or_another_certificate_does(
+    tmp_path: Path,
+) -> None:
+    _, cert, key = _make_pki(tmp_path)
+    port = free_loopback_port()
+    with serve_idp() as (idp, _):
+        config = _config(tmp_path, port, cert, key, oidc_provider_config(idp))
+        down = _healthcheck(config)
+        assert down.returncode == 1 and down.stderr.startswith("unhealthy: ")
+        log = tmp_path / "broker.log"
+        with _serve(config, log) as process:
+            ca = tmp_path / "ca.crt"
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("SSL_CERT_FILE", str(ca))
+                wait_until_serving(f"https://127.0.0.1:{port}", process, log)
+            assert _healthcheck(config).returncode == 0
+            # A configuration naming a different certificate: the pin does not match.
+            other = tmp_path / "other"
+            other.mkdir()
+            _, other_cert, other_key = _make_pki(other)
+            impostor = other / "broker.yaml"
+            impostor.write_text(
+                config.read_text()
+                .replace(str(cert), str(other_cert))
+                .replace(str(key), str(other_key))
+            )
+            refused = _healthcheck(impostor)
+            assert refused.returncode == 1 and "ConnectError" in refused.stderr
 
 
 def test_a_broken_key_pair_stops_the_broker_at_start(tmp_path: Path) -> None:

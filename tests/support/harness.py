@@ -156,6 +156,23 @@ def exchange_form(subject_token: str, subject_token_type: str = ID_TOKEN, **extr
 BROKER_COMMAND = str(Path(sys.executable).with_name("broker"))
 
 
+@contextmanager
+def broker_process(
+    args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`broker <args>` in a subprocess writing to `log`; terminated and waited for at exit."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [BROKER_COMMAND, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
+
+
 def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     """Wait for a `broker` process to answer /healthz; fail with its log if it exits or stalls."""
     deadline = time.monotonic() + 30
