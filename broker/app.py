@@ -298,6 +298,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     app.state.policy_watcher = policy_watcher
     max_body = settings.http.max_body_bytes
     tracer = services.tracing.tracer
+    traced = services.tracing.enabled
 
     @app.exception_handler(OAuthError)
     async def _oauth_error(request: Request, err: OAuthError) -> JSONResponse:
@@ -365,7 +366,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
             request_id_token = request_id_var.set(request_id)  # every log line names it
             with tracer.start_as_current_span(
                 span_name,
-                context=incoming_context(request.headers),
+                context=incoming_context(request.headers) if traced else None,
                 kind=SpanKind.SERVER,
                 attributes={"http.route": route, "broker.request_id": request_id},
             ) as span:

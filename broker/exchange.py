@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from broker.audit import DecisionLog
@@ -33,6 +32,7 @@ from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy
 from broker.revocation import Revocations, check_not_revoked
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer
+from broker.tracing import SilentTracer
 from broker.types import BrokerToken, Provenance, Sensitive, TokenType
 from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwt_verify import unverified_claims
@@ -197,9 +197,9 @@ class TokenExchangeGrant:
         max_lifetime_seconds: int,
         revocations: Revocations,
         state: StateStore,
-        tracer: Tracer | None = None,
+        tracer: Tracer | SilentTracer | None = None,
     ) -> None:
-        self._tracer = tracer or trace.NoOpTracer()
+        self._tracer = tracer or SilentTracer()
         self._revocations = revocations
         self._state = state
         self._subjects = subjects
