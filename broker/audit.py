@@ -94,6 +94,17 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+def chained_line(record: Mapping[str, Any]) -> tuple[str, bytes]:
+    """(hash, line) for a record without ``hash``: the line is the record's canonical JSON with
+    ``"hash"`` appended as its last member, serialized once for every sink. (Verification parses
+    each line and recomputes the hash over the other members, so member order does not matter.)
+    """
+    body = canonical_json(record)
+    digest = hashlib.sha256(body).hexdigest()
+    separator = b"," if len(body) > 2 else b""
+    return digest, body[:-1] + separator + b'"hash":"' + digest.encode("ascii") + b'"}\n'
+
+
 def new_chain_id() -> str:
     """``<host>-<pid>-<random>``: unique per process start, safe in file and object names."""
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
@@ -104,6 +115,9 @@ def new_chain_id() -> str:
 
 
 class DecisionSink(Protocol):
+    """Takes each chained record. A sink that stores the serialized form may also define
+    ``write_line(record, line)``: `DecisionLog` then hands it the one line it serialized."""
+
     def write(self, record: Mapping[str, Any]) -> None: ...
 
 
@@ -115,6 +129,10 @@ class StreamSink:
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self._stream.flush()
+
+    def write_line(self, record: Mapping[str, Any], line: bytes) -> None:
+        self._stream.write(line.decode("ascii"))
         self._stream.flush()
 
 
@@ -206,6 +224,9 @@ class FileSink:
     def write(self, record: Mapping[str, Any]) -> None:
         self._write_all(canonical_json(record) + b"\n")
 
+    def write_line(self, record: Mapping[str, Any], line: bytes) -> None:
+        self._write_all(line)
+
     def sync(self) -> None:
         """Make every line written so far durable (group commit)."""
         fd = self._fd
@@ -285,7 +306,9 @@ class S3ObjectLockSink:
             raise RuntimeError(f"audit bucket {self.bucket!r} does not have Object Lock enabled")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        line = canonical_json(record) + b"\n"
+        self.write_line(record, canonical_json(record) + b"\n")
+
+    def write_line(self, record: Mapping[str, Any], line: bytes) -> None:
         with self._lock:
             if self._closing:
                 raise RuntimeError("the S3 audit sink is closed")
@@ -510,6 +533,13 @@ class AuditUnavailable(Exception):
     """A record could not be made durable: the request it belongs to must not be answered."""
 
 
+def _line_writer(sink: DecisionSink) -> Any:
+    write_line = getattr(sink, "write_line", None)
+    if callable(write_line):
+        return write_line
+    return lambda record, _line: sink.write(record)
+
+
 class DecisionLog:
     """Writes hash-chained records to every sink. `record` returns once every sink accepted the
     record (for a file sink without group commit: once it is on disk); with group commit, the
@@ -519,6 +549,7 @@ class DecisionLog:
         self, sinks: list[DecisionSink], clock: Clock, *, chain: str | None = None
     ) -> None:
         self._sinks = sinks
+        self._writers = [_line_writer(sink) for sink in sinks]
         self._clock = clock
         self._lock = threading.Lock()
         self.chain = chain or new_chain_id()
@@ -562,11 +593,11 @@ class DecisionLog:
         }
         with self._lock:  # one chain position per record, written in chain order
             record.update(chain=self.chain, seq=self._seq, prev=self._prev)
-            record["hash"] = record_hash(record)
+            record["hash"], line = chained_line(record)
             self._seq += 1
             self._prev = record["hash"]
-            for sink in self._sinks:
-                sink.write(record)
+            for write in self._writers:
+                write(record, line)
         request_id = fields.get("request_id")
         if request_id is not None:
             recorded_request_var.set(request_id)

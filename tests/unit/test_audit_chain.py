@@ -204,3 +204,16 @@ def test_chain_fields_cannot_be_supplied(field: str) -> None:
     log = DecisionLog([MemorySink()], FrozenClock())
     with pytest.raises(ValueError, match="audit chain"):
         log.record("token.exchange", **{field: 1})
+
+
+def test_the_line_every_sink_gets_is_the_record_and_verifies() -> None:
+    from broker.audit import chained_line
+
+    record = {"event": "credential.fetch", "person": "okta/Zoë", "seq": 3, "prev": "0" * 64}
+    digest, line = chained_line(record)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    parsed = json.loads(line)
+    assert parsed == {**record, "hash": digest}
+    assert record_hash(parsed) == digest  # what verify_trail recomputes
+    assert line.isascii()  # non-ASCII is escaped: one byte encoding for every sink
+    assert chained_line({})[1] == b'{"hash":"' + chained_line({})[0].encode() + b'"}\n'
