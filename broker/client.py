@@ -1,11 +1,16 @@
-"""A small synchronous client for the broker's two kinds of callers (httpx only).
+"""A small client for the broker's two kinds of callers (httpx only), synchronous and asyncio.
 
-- `AgentClient`: an agent exchanges a person's token (or a broker token it holds) for a
-  down-scoped agent token at ``POST /oauth2/token`` (RFC 8693), keeps it until shortly before
-  it expires, and re-exchanges it for a sub-agent (`AgentClient.delegate`, run as the sub-agent).
-- `GatewayClient`: a gateway fetches a provider credential per call at
+- `AgentClient` / `AsyncAgentClient`: an agent exchanges a person's token (or a broker token it
+  holds) for a down-scoped agent token at ``POST /oauth2/token`` (RFC 8693), keeps it until
+  shortly before it expires, and re-exchanges it for a sub-agent (`delegate`, run as the
+  sub-agent).
+- `GatewayClient` / `AsyncGatewayClient`: a gateway fetches a provider credential per call at
   ``POST /v1/credentials/{name}``, unlocked by the agent token it received, and can hand httpx
-  an `httpx.Auth` that sets the current provider key on each outgoing provider request.
+  an `httpx.Auth` that sets the current provider key on each outgoing provider request
+  (`CredentialAuth` for an `httpx.Client`, `AsyncCredentialAuth` for an `httpx.AsyncClient`).
+
+The sync and async classes share every request they build and every response they parse; they
+differ only in how the bytes travel.
 
 Rotation with a provider that revokes the old key at once: when the provider answers 401 to a
 key, `CredentialAuth` fetches again telling the broker which version was rejected
@@ -23,10 +28,11 @@ cannot be reached raises `BrokerUnavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -38,6 +44,9 @@ __all__ = [
     "JWT",
     "AgentClient",
     "AgentToken",
+    "AsyncAgentClient",
+    "AsyncCredentialAuth",
+    "AsyncGatewayClient",
     "BrokerClientError",
     "BrokerUnavailable",
     "Credential",
@@ -176,6 +185,169 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+# ------------------------------------------------------------------ requests and responses
+# Shared by the sync and async clients: what is sent and how an answer is read.
+
+CacheKey = tuple[str, str, str | None, tuple[str, ...]]
+
+
+def _exchange_form(
+    subject_token: str, subject_token_type: str, scope: str | None, audiences: tuple[str, ...]
+) -> dict[str, str | list[str]]:
+    form: dict[str, str | list[str]] = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": subject_token_type,
+    }
+    if scope is not None:
+        form["scope"] = scope
+    if audiences:
+        form["audience"] = list(audiences)  # repeated parameter
+    return form
+
+
+def _agent_token(response: httpx.Response, started: float, scope: str | None) -> AgentToken:
+    _raise_for_error(response)
+    body = _json_object(response)
+    try:
+        return AgentToken(
+            access_token=str(body["access_token"]),
+            scope=str(body.get("scope") or scope or ""),
+            expires_at=started + float(body["expires_in"]),
+            issued_token_type=str(body.get("issued_token_type") or ACCESS_TOKEN),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BrokerClientError(
+            "invalid_response", "the token response lacks access_token or expires_in", 200
+        ) from None
+
+
+def _token_text(agent_token: AgentToken | str) -> str:
+    return agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
+
+
+def _credential_form(agent_token: AgentToken | str, rejected_version: str | None) -> dict:
+    form = {"token": _token_text(agent_token)}
+    if rejected_version is not None:
+        form["rejected_version"] = rejected_version
+    return form
+
+
+def _credential(response: httpx.Response, credential: str) -> Credential:
+    _raise_for_error(response)
+    body = _json_object(response)
+    try:
+        refresh_in = body.get("refresh_in")
+        fields = body.get("fields")
+        return Credential(
+            name=str(body.get("credential") or credential),
+            value=body.get("value"),
+            version=str(body["version"]),
+            refresh_in=float(refresh_in) if refresh_in is not None else None,
+            served_for=dict(body.get("served_for") or {}),
+            stage=body.get("stage"),
+            stale=bool(body.get("stale")),
+            fields=dict(fields) if isinstance(fields, dict) else None,
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BrokerClientError(
+            "invalid_response", "the credential response lacks a version", 200
+        ) from None
+
+
+class _TokenCache:
+    """Agent tokens by (SHA-256 of the subject token, its type, scope, audiences), served while
+    they have more than `margin` seconds left. Thread-safe; no I/O under the lock."""
+
+    def __init__(self, margin: float, clock: Callable[[], float]) -> None:
+        self.margin = margin
+        self._clock = clock
+        self._tokens: dict[CacheKey, AgentToken] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(
+        subject_token: str, subject_token_type: str, scope: str | None, audiences: tuple[str, ...]
+    ) -> CacheKey:
+        digest = hashlib.sha256(subject_token.encode()).hexdigest()
+        return (digest, subject_token_type, scope, audiences)
+
+    def fresh(self, key: CacheKey) -> AgentToken | None:
+        with self._lock:
+            cached = self._tokens.get(key)
+        if cached is not None and cached.expires_at - self.margin > self._clock():
+            return cached
+        return None
+
+    def put(self, key: CacheKey, token: AgentToken) -> None:
+        with self._lock:
+            now = self._clock()
+            for stale_key in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+                del self._tokens[stale_key]
+            self._tokens[key] = token
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tokens.clear()
+
+
+class _ProviderHeader:
+    """What both `httpx.Auth` flavours do besides I/O: set the header, count, refuse
+    structured secrets, translate an unreachable broker."""
+
+    def __init__(
+        self,
+        credential: str,
+        agent_token: AgentToken | str,
+        header: str,
+        scheme: str | None,
+        retry_statuses: Collection[int],
+    ) -> None:
+        self._credential = credential
+        self._agent_token = agent_token
+        self._header = header
+        self._scheme = scheme
+        self._retry_statuses = frozenset(retry_statuses)
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.last_version: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(credential={self._credential!r}, header={self._header!r})"
+        )
+
+    def _usable(self, fetched: Credential) -> Credential:
+        if fetched.value is None:
+            raise BrokerClientError(
+                "invalid_request",
+                f"credential {self._credential!r} is structured; it has no single value",
+                200,
+            )
+        return fetched
+
+    @staticmethod
+    def _unreachable(exc: httpx.TransportError) -> BrokerUnavailable:
+        return BrokerUnavailable(f"the broker could not be reached ({type(exc).__name__})")
+
+    def _should_retry(self, response: httpx.Response) -> bool:
+        return response.status_code in self._retry_statuses
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def _set(self, request: httpx.Request, fetched: Credential) -> None:
+        assert fetched.value is not None
+        request.headers[self._header] = (
+            f"{self._scheme} {fetched.value}" if self._scheme else fetched.value
+        )
+        self.last_version = fetched.version
+
+
+# ------------------------------------------------------------------------------- sync clients
+
+
 class _HttpOwner:
     """Holds an `httpx.Client`: the caller's (left open) or our own (closed by `close`)."""
 
@@ -218,13 +390,17 @@ class AgentClient(_HttpOwner):
         super().__init__(broker_url, http)
         self.client_id = client_id
         self._auth = httpx.BasicAuth(client_id, client_secret)
-        self.refresh_margin_seconds = refresh_margin_seconds
         self._clock = clock
-        self._cache: dict[tuple[str, str, str | None, tuple[str, ...]], AgentToken] = {}
-        self._lock = threading.Lock()
+        self._tokens = _TokenCache(refresh_margin_seconds, clock)
+
+    @property
+    def refresh_margin_seconds(self) -> float:
+        return self._tokens.margin
 
     def __repr__(self) -> str:
-        return f"AgentClient(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
+        return (
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
+        )
 
     def exchange(
         self,
@@ -235,21 +411,19 @@ class AgentClient(_HttpOwner):
     ) -> AgentToken:
         """An agent token for `subject_token`, from the cache while it has more than
         `refresh_margin_seconds` left, otherwise from the broker."""
-        scope_text = _space_list(scope)
-        audiences = _audiences(audience)
-        digest = hashlib.sha256(subject_token.encode()).hexdigest()
-        key = (digest, subject_token_type, scope_text, audiences)
-        with self._lock:
-            cached = self._cache.get(key)
-            fresh_until = cached.expires_at - self.refresh_margin_seconds if cached else 0.0
-            if cached is not None and fresh_until > self._clock():
-                return cached
-        token = self._exchange(subject_token, subject_token_type, scope_text, audiences)
-        with self._lock:
-            now = self._clock()
-            for stale_key in [k for k, t in self._cache.items() if t.expires_at <= now]:
-                del self._cache[stale_key]
-            self._cache[key] = token
+        scope_text, audiences = _space_list(scope), _audiences(audience)
+        key = _TokenCache.key(subject_token, subject_token_type, scope_text, audiences)
+        cached = self._tokens.fresh(key)
+        if cached is not None:
+            return cached
+        started = self._clock()
+        response = self._http.post(
+            f"{self.broker_url}/oauth2/token",
+            data=_exchange_form(subject_token, subject_token_type, scope_text, audiences),
+            auth=self._auth,
+        )
+        token = _agent_token(response, started, scope_text)
+        self._tokens.put(key, token)
         return token
 
     def delegate(
@@ -261,45 +435,11 @@ class AgentClient(_HttpOwner):
     ) -> AgentToken:
         """Re-exchange a parent agent's token as this (sub-)agent: the result carries a nested
         ``act`` and can only narrow the parent's scope and audience."""
-        parent = agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
-        return self.exchange(parent, ACCESS_TOKEN, scope=scope, audience=audience)
+        return self.exchange(_token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience)
 
     def forget(self) -> None:
         """Drop every cached token (for example after a revocation)."""
-        with self._lock:
-            self._cache.clear()
-
-    def _exchange(
-        self,
-        subject_token: str,
-        subject_token_type: str,
-        scope: str | None,
-        audiences: tuple[str, ...],
-    ) -> AgentToken:
-        form: dict[str, str | list[str]] = {
-            "grant_type": TOKEN_EXCHANGE,
-            "subject_token": subject_token,
-            "subject_token_type": subject_token_type,
-        }
-        if scope is not None:
-            form["scope"] = scope
-        if audiences:
-            form["audience"] = list(audiences)  # repeated parameter
-        started = self._clock()
-        response = self._http.post(f"{self.broker_url}/oauth2/token", data=form, auth=self._auth)
-        _raise_for_error(response)
-        body = _json_object(response)
-        try:
-            return AgentToken(
-                access_token=str(body["access_token"]),
-                scope=str(body.get("scope") or scope or ""),
-                expires_at=started + float(body["expires_in"]),
-                issued_token_type=str(body.get("issued_token_type") or ACCESS_TOKEN),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise BrokerClientError(
-                "invalid_response", "the token response lacks access_token or expires_in", 200
-            ) from None
+        self._tokens.clear()
 
 
 class GatewayClient(_HttpOwner):
@@ -319,7 +459,10 @@ class GatewayClient(_HttpOwner):
         self._auth = httpx.BasicAuth(gateway_id, gateway_secret)
 
     def __repr__(self) -> str:
-        return f"GatewayClient(broker_url={self.broker_url!r}, gateway_id={self.gateway_id!r})"
+        return (
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, "
+            f"gateway_id={self.gateway_id!r})"
+        )
 
     def fetch(
         self,
@@ -337,35 +480,13 @@ class GatewayClient(_HttpOwner):
         credential) and answers with whatever is current; a result with the same version means
         there is nothing newer, so the refusal is not a rotation.
         """
-        token = agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
-        form = {"token": token}
-        if rejected_version is not None:
-            form["rejected_version"] = rejected_version
         response = self._http.post(
             f"{self.broker_url}/v1/credentials/{credential}",
             params={"version": version} if version else None,
-            data=form,
+            data=_credential_form(agent_token, rejected_version),
             auth=self._auth,
         )
-        _raise_for_error(response)
-        body = _json_object(response)
-        try:
-            refresh_in = body.get("refresh_in")
-            fields = body.get("fields")
-            return Credential(
-                name=str(body.get("credential") or credential),
-                value=body.get("value"),
-                version=str(body["version"]),
-                refresh_in=float(refresh_in) if refresh_in is not None else None,
-                served_for=dict(body.get("served_for") or {}),
-                stage=body.get("stage"),
-                stale=bool(body.get("stale")),
-                fields=dict(fields) if isinstance(fields, dict) else None,
-            )
-        except (KeyError, TypeError, ValueError):
-            raise BrokerClientError(
-                "invalid_response", "the credential response lacks a version", 200
-            ) from None
+        return _credential(response, credential)
 
     def auth(
         self,
@@ -390,7 +511,7 @@ class GatewayClient(_HttpOwner):
         )
 
 
-class CredentialAuth(httpx.Auth):
+class CredentialAuth(_ProviderHeader, httpx.Auth):
     """Sets a freshly fetched provider credential on each outgoing request (sync clients).
 
     When the provider answers with a status in `retry_statuses` (401: the key was refused, as a
@@ -414,30 +535,19 @@ class CredentialAuth(httpx.Auth):
         scheme: str | None = "Bearer",
         retry_statuses: Collection[int] = (401,),
     ) -> None:
+        super().__init__(credential, agent_token, header, scheme, retry_statuses)
         self._gateway = gateway
-        self._credential = credential
-        self._agent_token = agent_token
-        self._header = header
-        self._scheme = scheme
-        self._retry_statuses = frozenset(retry_statuses)
-        self._lock = threading.Lock()
-        self.retries = 0
-        self.last_version: str | None = None
-
-    def __repr__(self) -> str:
-        return f"CredentialAuth(credential={self._credential!r}, header={self._header!r})"
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         fetched = self._fetch(None)
         self._set(request, fetched)
         response = yield request
-        if response.status_code not in self._retry_statuses:
+        if not self._should_retry(response):
             return
         newer = self._fetch(fetched.version)
         if newer.version == fetched.version:
             return  # nothing newer: the refusal is not a rotation, the caller gets it as is
-        with self._lock:
-            self.retries += 1
+        self._count_retry()
         self._set(request, newer)
         yield request
 
@@ -447,20 +557,226 @@ class CredentialAuth(httpx.Auth):
                 self._credential, self._agent_token, rejected_version=rejected_version
             )
         except httpx.TransportError as exc:
-            raise BrokerUnavailable(
-                f"the broker could not be reached ({type(exc).__name__})"
-            ) from exc
-        if fetched.value is None:
-            raise BrokerClientError(
-                "invalid_request",
-                f"credential {self._credential!r} is structured; it has no single value",
-                200,
-            )
-        return fetched
+            raise self._unreachable(exc) from exc
+        return self._usable(fetched)
 
-    def _set(self, request: httpx.Request, fetched: Credential) -> None:
-        assert fetched.value is not None
-        request.headers[self._header] = (
-            f"{self._scheme} {fetched.value}" if self._scheme else fetched.value
+
+# ------------------------------------------------------------------------------ async clients
+
+
+class _AsyncHttpOwner:
+    """Holds an `httpx.AsyncClient`: the caller's (left open) or our own (closed by `aclose`)."""
+
+    def __init__(self, broker_url: str, http: httpx.AsyncClient | None) -> None:
+        self.broker_url = broker_url.rstrip("/")
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncAgentClient(_AsyncHttpOwner):
+    """`AgentClient` for asyncio agents: the same cache, requests and errors, awaited.
+
+    Concurrent `exchange` calls for the same (subject token, scope, audience) share one request
+    to the broker.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        refresh_margin_seconds: float = 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(broker_url, http)
+        self.client_id = client_id
+        self._auth = httpx.BasicAuth(client_id, client_secret)
+        self._clock = clock
+        self._tokens = _TokenCache(refresh_margin_seconds, clock)
+        self._in_flight: dict[CacheKey, asyncio.Future[AgentToken]] = {}
+
+    @property
+    def refresh_margin_seconds(self) -> float:
+        return self._tokens.margin
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
         )
-        self.last_version = fetched.version
+
+    async def exchange(
+        self,
+        subject_token: str,
+        subject_token_type: str = ID_TOKEN,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+    ) -> AgentToken:
+        """An agent token for `subject_token` (see `AgentClient.exchange`)."""
+        scope_text, audiences = _space_list(scope), _audiences(audience)
+        key = _TokenCache.key(subject_token, subject_token_type, scope_text, audiences)
+        cached = self._tokens.fresh(key)
+        if cached is not None:
+            return cached
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[AgentToken] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            started = self._clock()
+            response = await self._http.post(
+                f"{self.broker_url}/oauth2/token",
+                data=_exchange_form(subject_token, subject_token_type, scope_text, audiences),
+                auth=self._auth,
+            )
+            token = _agent_token(response, started, scope_text)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning if nobody waited
+            raise
+        finally:
+            del self._in_flight[key]
+        self._tokens.put(key, token)
+        future.set_result(token)
+        return token
+
+    async def delegate(
+        self,
+        agent_token: AgentToken | str,
+        *,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+    ) -> AgentToken:
+        """Re-exchange a parent agent's token as this (sub-)agent (see `AgentClient.delegate`)."""
+        return await self.exchange(
+            _token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience
+        )
+
+    def forget(self) -> None:
+        """Drop every cached token (for example after a revocation)."""
+        self._tokens.clear()
+
+
+class AsyncGatewayClient(_AsyncHttpOwner):
+    """`GatewayClient` for asyncio gateways (FastAPI, aiohttp): the same requests, awaited."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        gateway_id: str,
+        gateway_secret: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(broker_url, http)
+        self.gateway_id = gateway_id
+        self._auth = httpx.BasicAuth(gateway_id, gateway_secret)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, "
+            f"gateway_id={self.gateway_id!r})"
+        )
+
+    async def fetch(
+        self,
+        credential: str,
+        agent_token: AgentToken | str,
+        *,
+        version: str | None = None,
+        rejected_version: str | None = None,
+    ) -> Credential:
+        """The credential for the agent call authorised by `agent_token` (see
+        `GatewayClient.fetch`)."""
+        response = await self._http.post(
+            f"{self.broker_url}/v1/credentials/{credential}",
+            params={"version": version} if version else None,
+            data=_credential_form(agent_token, rejected_version),
+            auth=self._auth,
+        )
+        return _credential(response, credential)
+
+    def auth(
+        self,
+        credential: str,
+        agent_token: AgentToken | str,
+        *,
+        header: str = "Authorization",
+        scheme: str | None = "Bearer",
+        retry_statuses: Collection[int] = (401,),
+    ) -> AsyncCredentialAuth:
+        """An `httpx.Auth` for provider requests made with an `httpx.AsyncClient` (see
+        `GatewayClient.auth`)."""
+        return AsyncCredentialAuth(
+            self,
+            credential,
+            agent_token,
+            header=header,
+            scheme=scheme,
+            retry_statuses=retry_statuses,
+        )
+
+
+class AsyncCredentialAuth(_ProviderHeader, httpx.Auth):
+    """`CredentialAuth` for an `httpx.AsyncClient`: the same fetch per request and the same
+    single retry after a refused key, awaited. Not usable with a sync `httpx.Client`."""
+
+    requires_request_body = True
+
+    def __init__(
+        self,
+        gateway: AsyncGatewayClient,
+        credential: str,
+        agent_token: AgentToken | str,
+        *,
+        header: str = "Authorization",
+        scheme: str | None = "Bearer",
+        retry_statuses: Collection[int] = (401,),
+    ) -> None:
+        super().__init__(credential, agent_token, header, scheme, retry_statuses)
+        self._gateway = gateway
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        raise RuntimeError("AsyncCredentialAuth needs an httpx.AsyncClient; use CredentialAuth")
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        if self.requires_request_body:
+            await request.aread()
+        fetched = await self._fetch(None)
+        self._set(request, fetched)
+        response = yield request
+        if not self._should_retry(response):
+            return
+        await response.aread()
+        newer = await self._fetch(fetched.version)
+        if newer.version == fetched.version:
+            return
+        self._count_retry()
+        self._set(request, newer)
+        yield request
+
+    async def _fetch(self, rejected_version: str | None) -> Credential:
+        try:
+            fetched = await self._gateway.fetch(
+                self._credential, self._agent_token, rejected_version=rejected_version
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        return self._usable(fetched)
