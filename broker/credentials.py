@@ -186,6 +186,7 @@ class CredentialService:
             )
         record.update(
             person=agent_token.subject,
+            idp=agent_token.provenance.idp,
             agent_chain=list(agent_token.actor_chain),
             jti=agent_token.jti,
             token_policy_version=agent_token.policy_version,

@@ -290,6 +290,9 @@ class TokenExchangeGrant:
         record.update(
             person=provenance.person_id,
             idp=provenance.idp,
+            # Where the person's identity came from: the IdP, the kind of token, the groups
+            # it asserted and when the person signed in (immutable through every hop).
+            provenance=provenance.to_claim(),
             parent_jti=parent.jti if parent else None,
         )
 

@@ -715,6 +715,10 @@ def test_decision_records_never_contain_tokens_or_secrets(
         "request_id",
     ):
         assert key in granted or key == "requested_scopes"
+    provenance = granted["provenance"]
+    assert (provenance["idp"], provenance["sub"]) == ("dev", "alice")
+    assert provenance["token_type"] == "urn:ietf:params:oauth:token-type:id_token"
+    assert provenance["groups"] == ["support"] and provenance["auth_time"] is not None
 
 
 def test_unknown_issuer_and_unexpected_tokens_fail_closed(
