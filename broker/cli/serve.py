@@ -109,9 +109,26 @@ def serve(
     )
     sock = _listening_socket(host or settings.http.host, port or settings.http.port)
     if server_config.workers > 1:
-        Multiprocess(server_config, sockets=[sock]).run()
+        _Supervisor(server_config, sockets=[sock]).run()
     else:
         uvicorn.Server(server_config).run(sockets=[sock])
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, but SIGHUP means "reload the policy", as with one worker.
+
+    uvicorn restarts every worker on SIGHUP: new processes, new audit chains, cold credential
+    caches and verdict caches, for what is only a policy change. Here SIGHUP is passed on to each
+    worker, whose policy watcher validates, tests and swaps the new version in place (or keeps
+    the old one). Restart the service to restart workers.
+    """
+
+    def handle_hup(self) -> None:
+        for worker in self.processes:
+            pid = worker.process.pid
+            if pid is not None and worker.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
 
 
 def _tls_files(settings: BrokerSettings) -> tuple[str, str] | None:
