@@ -34,8 +34,9 @@ from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer
 from broker.tracing import SilentTracer
 from broker.types import BrokerToken, Provenance, Sensitive, TokenType
-from idp_adapters.base import IdentityAdapter, IdentityProviderUnavailable, TokenRejected
+from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwt_verify import unverified_claims
+from idp_adapters.registry import IdentityRoutes
 from idp_adapters.saml import ReplayCheckUnavailable, saml_issuer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -68,7 +69,7 @@ class SubjectTokenVerifier:
 
     def __init__(
         self,
-        adapters: Mapping[str, IdentityAdapter],
+        adapters: IdentityRoutes,
         broker_tokens: BrokerTokenVerifier,
         broker_issuer: str,
         *,
@@ -100,7 +101,8 @@ class SubjectTokenVerifier:
             ) from None
         if issuer == self._broker_issuer and token_type is not TokenType.SAML2:
             return await self._verify_broker_token(raw, token_type)
-        adapter = self._adapters.get(issuer) if isinstance(issuer, str) else None
+        routes = self._adapters.saml if token_type is TokenType.SAML2 else self._adapters.jwt
+        adapter = routes.get(issuer) if isinstance(issuer, str) else None
         if adapter is None:
             raise InvalidGrant(
                 "subject_token issuer is not a trusted identity provider",

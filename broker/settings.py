@@ -323,10 +323,15 @@ class BrokerSettings(BaseSettings):
         backends = [b.name for b in self.secret_backends]
         if len(backends) != len(set(backends)):
             raise ValueError("secret backend names must be unique")
-        issuers = [p.issuer for p in self.identity_providers]
-        if len(issuers) != len(set(issuers)):
-            raise ValueError("two identity providers share an issuer")
-        if self.issuer in issuers or self.issuer in {w.issuer for w in self.workload_issuers}:
+        # JWT issuers and SAML entity ids are routed apart (one IdP may use one name for both).
+        for family in (
+            [p.issuer for p in self.identity_providers if p.kind != "saml"],
+            [p.issuer for p in self.identity_providers if p.kind == "saml"],
+        ):
+            if len(family) != len(set(family)):
+                raise ValueError("two identity providers of the same protocol share an issuer")
+        jwt_issuers = {p.issuer for p in self.identity_providers if p.kind != "saml"}
+        if self.issuer in jwt_issuers or self.issuer in {w.issuer for w in self.workload_issuers}:
             raise ValueError("the broker's own issuer cannot also be a trusted identity provider")
         for idp in self.identity_providers:
             if idp.kind in {"kubernetes", "spiffe"}:

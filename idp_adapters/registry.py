@@ -1,5 +1,10 @@
 """Building the configured identity adapters and workload verifiers, keyed by exact issuer.
 
+People's identity providers are routed in two families, because one IdP often speaks both
+protocols under one name (a Keycloak realm's OIDC ``iss`` is also its SAML entity id): JWT
+subject tokens by ``iss`` among the ``oidc``/``dev`` providers, SAML assertions by ``Issuer``
+among the ``saml`` ones. An issuer is unique within its family.
+
 Kinds map to implementations:
 
 * ``oidc`` -> `OidcAdapter`;
@@ -12,7 +17,8 @@ Kinds map to implementations:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -25,6 +31,15 @@ from idp_adapters.saml import SamlAdapter
 from idp_adapters.workload import WORKLOAD_KINDS, WorkloadVerifier
 
 
+@dataclass(frozen=True)
+class IdentityRoutes:
+    """The adapters for people's subject tokens: `jwt` by exact ``iss``, `saml` by exact
+    ``Issuer`` (entity id)."""
+
+    jwt: Mapping[str, IdentityAdapter] = field(default_factory=dict)
+    saml: Mapping[str, IdentityAdapter] = field(default_factory=dict)
+
+
 def build_identity_adapters(
     configs: Iterable[IdentityProviderConfig],
     http: httpx.AsyncClient,
@@ -32,14 +47,15 @@ def build_identity_adapters(
     *,
     allow_development: bool,
     state: StateStore | None = None,
-) -> dict[str, IdentityAdapter]:
-    """One adapter per configured identity provider, keyed by its exact issuer.
+) -> IdentityRoutes:
+    """One adapter per configured identity provider, routed by family and exact issuer.
 
     Raises ValueError for a ``dev`` provider without `allow_development`, a ``saml`` provider
     without `state` (its assertion IDs must be single use), a workload kind among people's
-    identity providers, or two providers sharing an issuer.
+    identity providers, or two providers of one family sharing an issuer.
     """
-    adapters: dict[str, IdentityAdapter] = {}
+    jwt: dict[str, IdentityAdapter] = {}
+    saml: dict[str, IdentityAdapter] = {}
     for config in configs:
         if config.kind == "dev" and not allow_development:
             raise ValueError(
@@ -51,7 +67,8 @@ def build_identity_adapters(
                 f"identity provider {config.name!r}: kind {config.kind!r} belongs in "
                 "workload_issuers"
             )
-        if config.issuer in adapters:
+        family = saml if config.kind == "saml" else jwt
+        if config.issuer in family:
             raise ValueError(f"identity provider {config.name!r}: issuer configured twice")
         if config.kind == "saml":
             if state is None:
@@ -59,10 +76,10 @@ def build_identity_adapters(
                     f"identity provider {config.name!r}: kind saml needs the shared state store "
                     "(assertion replay protection)"
                 )
-            adapters[config.issuer] = SamlAdapter(config, state, clock)
+            saml[config.issuer] = SamlAdapter(config, state, clock)
             continue
-        adapters[config.issuer] = OidcAdapter(config, http, clock)
-    return adapters
+        jwt[config.issuer] = OidcAdapter(config, http, clock)
+    return IdentityRoutes(jwt=jwt, saml=saml)
 
 
 def build_workload_verifiers(

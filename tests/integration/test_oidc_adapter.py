@@ -303,7 +303,9 @@ async def test_registry_refuses_dev_unless_allowed(dev_idp: Any) -> None:
         configs = [dev_idp.config()]
         with pytest.raises(ValueError, match="development"):
             build_identity_adapters(configs, http, dev_idp.clock, allow_development=False)
-        adapters = build_identity_adapters(configs, http, dev_idp.clock, allow_development=True)
+        adapters = build_identity_adapters(
+            configs, http, dev_idp.clock, allow_development=True
+        ).jwt
         assert list(adapters) == [dev_idp.issuer]
         principal = await adapters[dev_idp.issuer].authenticate(
             dev_idp.provider.mint("alice"), TokenType.ID_TOKEN

@@ -34,8 +34,9 @@ def test_adapters_keyed_by_exact_issuer(http: httpx.AsyncClient) -> None:
         idp("okta", "https://example.okta.com/oauth2/default", preset="okta"),
         idp("entra", "https://login.microsoftonline.com/tid/v2.0", preset="entra"),
     ]
-    adapters = build_identity_adapters(configs, http, FrozenClock(), allow_development=False)
-    assert list(adapters) == [c.issuer for c in configs]
+    routes = build_identity_adapters(configs, http, FrozenClock(), allow_development=False)
+    adapters = routes.jwt
+    assert list(adapters) == [c.issuer for c in configs] and not routes.saml
     for config, adapter in zip(configs, adapters.values(), strict=True):
         assert isinstance(adapter, OidcAdapter)
         assert isinstance(adapter, IdentityAdapter)
@@ -47,7 +48,7 @@ def test_dev_kind_needs_explicit_permission(http: httpx.AsyncClient) -> None:
     dev = [idp("dev", "http://127.0.0.1:8081", kind="dev")]
     with pytest.raises(ValueError, match="development"):
         build_identity_adapters(dev, http, FrozenClock(), allow_development=False)
-    adapters = build_identity_adapters(dev, http, FrozenClock(), allow_development=True)
+    adapters = build_identity_adapters(dev, http, FrozenClock(), allow_development=True).jwt
     assert isinstance(adapters["http://127.0.0.1:8081"], OidcAdapter)
 
 

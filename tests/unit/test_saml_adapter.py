@@ -25,7 +25,7 @@ from broker.settings import BrokerSettings, ClaimMapping, IdentityProviderConfig
 from broker.state import InMemoryStateStore, RateLimitResult, RevocationStatus, StateUnavailable
 from broker.types import Sensitive, TokenType
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
-from idp_adapters.registry import build_identity_adapters
+from idp_adapters.registry import IdentityRoutes, build_identity_adapters
 from idp_adapters.saml import (
     NAMEID_SUBJECT,
     OID_EPPN,
@@ -36,6 +36,7 @@ from idp_adapters.saml import (
     resolve_saml_mapping,
     saml_issuer,
 )
+from tests.support.jose import compact
 from tests.support.saml_idp import (
     ACS_URL,
     ASSERTION,
@@ -131,7 +132,8 @@ def test_registry_builds_saml_adapters_only_with_a_state_store(idp: SamlTestIdp)
     adapters = build_identity_adapters(
         configs, http, clock, allow_development=False, state=InMemoryStateStore(clock)
     )
-    built = adapters[IDP_ENTITY_ID]
+    assert not adapters.jwt
+    built = adapters.saml[IDP_ENTITY_ID]
     assert isinstance(built, SamlAdapter)
     assert built.accepts(TokenType.SAML2) and not built.accepts(TokenType.ID_TOKEN)
 
@@ -323,7 +325,8 @@ async def test_state_outage_fails_closed(idp: SamlTestIdp) -> None:
 async def test_exchange_routing_of_saml_subject_tokens(idp: SamlTestIdp) -> None:
     def verifier(state: Any) -> SubjectTokenVerifier:
         saml = adapter(idp, state=state)
-        return SubjectTokenVerifier({IDP_ENTITY_ID: saml}, None, "http://127.0.0.1:1")  # type: ignore[arg-type]
+        routes = IdentityRoutes(saml={IDP_ENTITY_ID: saml})
+        return SubjectTokenVerifier(routes, None, "http://127.0.0.1:1")  # type: ignore[arg-type]
 
     live = verifier(InMemoryStateStore(SystemClock()))
     subject = await live.verify(Sensitive(assertion_token(idp.signed())), TokenType.SAML2)
@@ -342,6 +345,11 @@ async def test_exchange_routing_of_saml_subject_tokens(idp: SamlTestIdp) -> None
         with pytest.raises(InvalidGrant) as caught:
             await live.verify(Sensitive(token), TokenType.SAML2)
         assert caught.value.reason == reason
+    # A JWT naming the SAML IdP's entity id as `iss` is not routed to the SAML adapter.
+    jwt_like = compact({"alg": "RS256", "typ": "JWT"}, {"iss": IDP_ENTITY_ID, "sub": "alice"})
+    with pytest.raises(InvalidGrant) as caught:
+        await live.verify(Sensitive(jwt_like), TokenType.ID_TOKEN)
+    assert caught.value.reason == "unknown_issuer"
     with pytest.raises(TemporarilyUnavailable) as unavailable:
         await verifier(_DeadState()).verify(
             Sensitive(assertion_token(idp.signed())), TokenType.SAML2
@@ -553,3 +561,29 @@ async def test_conditions_element_is_required(idp: SamlTestIdp) -> None:
 
     with pytest.raises(TokenRejected, match="Conditions"):
         await adapter(idp).authenticate(assertion_token(idp.signed(edit=drop)), TokenType.SAML2)
+
+
+def test_one_idp_may_speak_oidc_and_saml_under_one_name(idp: SamlTestIdp) -> None:
+    """A Keycloak realm's OIDC `iss` is also its SAML entity id: both are routed, apart."""
+    from broker.settings import BrokerSettings, IdentityProviderConfig
+    from idp_adapters.oidc import OidcAdapter
+
+    oidc = IdentityProviderConfig(
+        name="realm-oidc", issuer=IDP_ENTITY_ID, client_ids=["portal"], preset="keycloak"
+    )
+    saml = config(idp.keys.cert_file)
+    clock = FrozenClock()
+    routes = build_identity_adapters(
+        [oidc, saml], httpx.AsyncClient(), clock, allow_development=False,
+        state=InMemoryStateStore(clock),
+    )  # fmt: skip
+    assert isinstance(routes.jwt[IDP_ENTITY_ID], OidcAdapter)
+    assert isinstance(routes.saml[IDP_ENTITY_ID], SamlAdapter)
+    BrokerSettings(identity_providers=[oidc, saml])  # accepted by the settings too
+    with pytest.raises(ValueError, match="share an issuer"):
+        BrokerSettings(identity_providers=[oidc, oidc.model_copy(update={"name": "again"})])
+    with pytest.raises(ValueError, match="twice"):
+        build_identity_adapters(
+            [saml, saml.model_copy(update={"name": "again"})], httpx.AsyncClient(), clock,
+            allow_development=False, state=InMemoryStateStore(clock),
+        )  # fmt: skip
