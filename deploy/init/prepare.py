@@ -3,11 +3,11 @@
 The `init` service runs this as root in the broker image (which has `cryptography` and the broker
 package). Every step keeps what already exists, so `docker compose up` can run it again:
 
-  <out>/ca/                   the private CA key and the SAML realm's signing key (init only)
-  <out>/public/               ca.crt and the SAML realm's signing certificate (everyone, read-only)
+  <out>/ca/                   the private CA key and the realm's signing key (init only)
+  <out>/public/               ca.crt and the realm's signing certificate (everyone, read-only)
   <out>/tls/<service>/        tls.crt, tls.key and ca.crt for one service (server.pem for
                               LocalStack), owned by the uid that service runs as
-  <out>/keycloak-import/      the realm files Keycloak imports at start
+  <out>/keycloak-import/      the realm file Keycloak imports at start (with the signing key)
   <out>/secrets/<consumer>/   generated secrets: the policy's client secrets (one file per
                               `env:` name), the Redis password, OpenBao's dev root token
   <out>/keys/                 the broker's first signing key (the replicas never generate one)
@@ -83,7 +83,6 @@ LEAF_DAYS = 397
 RENEW_WITHIN = dt.timedelta(days=30)
 
 PEOPLE_REALM = "realm-agents.json"
-SAML_REALM = "realm-agents-saml.json"
 SAML_SIGNING_CERT = "keycloak-saml-signing.crt"
 
 
@@ -279,8 +278,8 @@ def ensure_leaves(
 # ---------------------------------------------------------------------------------- Keycloak
 
 
-def ensure_saml_signing_key(ca_dir: Path, public_dir: Path) -> tuple[str, str]:
-    """The SAML realm's signing key pair: (base64 PKCS#8 DER key, base64 DER certificate).
+def ensure_realm_signing_key(ca_dir: Path, public_dir: Path) -> tuple[str, str]:
+    """The realm's signing key pair: (base64 PKCS#8 DER key, base64 DER certificate).
 
     Generated here rather than by Keycloak so that the broker can pin the certificate
     (idp_certificate_ref) from a file that exists before either of them starts: nothing is
@@ -292,7 +291,7 @@ def ensure_saml_signing_key(ca_dir: Path, public_dir: Path) -> tuple[str, str]:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     else:
         key = _new_key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agents-saml")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agents")])
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -323,28 +322,17 @@ def ensure_saml_signing_key(ca_dir: Path, public_dir: Path) -> tuple[str, str]:
     )
 
 
-def _without_ids(value: object) -> object:
-    """A deep copy without `id` keys: Keycloak ids are unique across realms."""
-    if isinstance(value, dict):
-        return {k: _without_ids(v) for k, v in value.items() if k != "id"}
-    if isinstance(value, list):
-        return [_without_ids(v) for v in value]
-    return value
-
-
-def render_saml_realm(people: dict, template: dict, signing_key: str, signing_cert: str) -> dict:
-    """The SAML realm: its own settings and client, the people realm's groups and users (copied,
-    so the two realms cannot drift apart), and the pinned signing key.
-
-    Two realms because the broker refuses two identity providers with one issuer (settings.py),
-    and Keycloak names a realm's OIDC issuer and its SAML entity id identically.
+def render_realm(people: dict, signing_key: str, signing_cert: str) -> dict:
+    """The realm as Keycloak imports it: people, groups, the OIDC and the SAML client, and the
+    signing key generated here as its highest-priority RSA key (it signs the OIDC tokens, whose
+    keys the broker reads from the realm's JWKS, and the SAML assertions, whose certificate the
+    broker pins). One realm, one set of people: the broker routes JWTs by ``iss`` and SAML
+    assertions by ``Issuer`` apart, so the realm's one name serves both protocols.
     """
-    realm = copy.deepcopy(template)
-    realm["groups"] = _without_ids(people.get("groups", []))
-    realm["users"] = _without_ids(people.get("users", []))
+    realm = copy.deepcopy(people)
     providers = [
         {
-            "name": "demo-saml-signing",
+            "name": "demo-realm-signing",
             "providerId": "rsa",
             "subComponents": {},
             "config": {
@@ -369,13 +357,10 @@ def ensure_realms(
     realms_dir: Path, import_dir: Path, ca_dir: Path, public_dir: Path, *, chown: bool
 ) -> None:
     people = json.loads((realms_dir / PEOPLE_REALM).read_text(encoding="utf-8"))
-    template = json.loads((realms_dir / SAML_REALM).read_text(encoding="utf-8"))
-    key, cert = ensure_saml_signing_key(ca_dir, public_dir)
+    key, cert = ensure_realm_signing_key(ca_dir, public_dir)
     owner = OWNERS["keycloak"] if chown else None
-    saml = render_saml_realm(people, template, key, cert)
-    for name, realm in ((PEOPLE_REALM, people), (SAML_REALM, saml)):
-        data = json.dumps(realm, indent=2).encode()
-        _write(import_dir / name, data, mode=0o400, owner=owner)
+    data = json.dumps(render_realm(people, key, cert), indent=2).encode()
+    _write(import_dir / PEOPLE_REALM, data, mode=0o400, owner=owner)
     _own_tree(import_dir, owner)
 
 

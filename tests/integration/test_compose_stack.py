@@ -41,7 +41,6 @@ DEPLOY = ROOT / "deploy"
 BROKER_CONFIG = DEPLOY / "broker.yaml"
 NGINX_CONF = DEPLOY / "nginx.conf"
 PEOPLE_REALM = DEPLOY / "keycloak" / "realm-agents.json"
-SAML_REALM = DEPLOY / "keycloak" / "realm-agents-saml.json"
 PREPARE = DEPLOY / "init" / "prepare.py"
 POLICIES = ROOT / "policies"
 
@@ -506,14 +505,16 @@ def test_realm_people_are_demo_only_and_in_groups_that_exist() -> None:
     assert {g for u in people["users"] for g in u["groups"]} == paths
 
 
-def test_saml_realm_matches_the_broker(
+def test_the_same_realm_serves_saml_to_the_broker(
     replica_settings: dict[str, BrokerSettings], services: dict[str, Any]
 ) -> None:
-    template = realm(SAML_REALM)
+    people = realm(PEOPLE_REALM)
     provider = idp(replica_settings["broker-1"], SAML_IDP)
     assert provider.kind == "saml"
-    assert provider.issuer == realm_issuer(services, template["realm"])
-    (client,) = [c for c in template["clients"] if c["protocol"] == "saml"]
+    # One realm: its SAML entity id is its OIDC issuer (the broker routes the two apart).
+    assert provider.issuer == realm_issuer(services, people["realm"])
+    assert provider.issuer == idp(replica_settings["broker-1"], OIDC_IDP).issuer
+    (client,) = [c for c in people["clients"] if c["protocol"] == "saml"]
     assert client["clientId"] == provider.sp_entity_id
     attributes = client["attributes"]
     assert attributes["saml_assertion_consumer_url_post"] == provider.acs_url
@@ -573,17 +574,19 @@ def test_init_issues_certificates_that_verify_for_the_compose_hostnames(
         )
         assert stat.S_IMODE((prepared / "tls" / service / "tls.key").stat().st_mode) == 0o400
         assert cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=300)
+    # The replicas' shared certificate, verified by nginx under `broker-replica`.
+    replica = x509.load_pem_x509_certificate((prepared / "tls" / "broker" / "tls.crt").read_bytes())
+    for name in ("broker-replica", *REPLICAS):
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName(name)).verify(replica, [])
     server_pem = (prepared / "tls" / "localstack" / "server.pem").read_bytes()
     assert b"PRIVATE KEY" in server_pem and b"CERTIFICATE" in server_pem
 
 
-def test_init_renders_the_saml_realm_with_the_people_and_the_pinned_key(prepared: Path) -> None:
+def test_init_renders_the_realm_with_the_pinned_signing_key(prepared: Path) -> None:
     people = realm(PEOPLE_REALM)
-    rendered = realm(prepared / "keycloak-import" / SAML_REALM.name)
-    assert realm(prepared / "keycloak-import" / PEOPLE_REALM.name) == people
-    assert [u["username"] for u in rendered["users"]] == [u["username"] for u in people["users"]]
-    assert [g["name"] for g in rendered["groups"]] == [g["name"] for g in people["groups"]]
-    assert all("id" not in u for u in rendered["users"])  # ids are unique across realms
+    (imported,) = (prepared / "keycloak-import").iterdir()  # one realm file
+    rendered = realm(imported)
+    assert {k: v for k, v in rendered.items() if k != "components"} == people
     bindings = load_bindings()
     saml_groups = {b.group for b in bindings["group_bindings"] if b.idp == SAML_IDP}
     assert saml_groups and saml_groups <= {g["name"] for g in rendered["groups"]}
@@ -602,7 +605,7 @@ def test_init_renders_the_saml_realm_with_the_people_and_the_pinned_key(prepared
     )
     assert cert == pinned and key.public_key() == pinned.public_key()
     priorities = {p["name"]: int(p["config"].get("priority", ["0"])[0]) for p in providers}
-    assert priorities["demo-saml-signing"] == max(priorities.values())
+    assert priorities["demo-realm-signing"] == max(priorities.values())
     # The private key stays out of what everyone can read.
     assert b"PRIVATE" not in b"".join(p.read_bytes() for p in (prepared / "public").iterdir())
 
