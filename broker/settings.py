@@ -236,7 +236,9 @@ class AuditConfig(_Strict):
     """Where decision records go (several at once). See README, "The audit trail"."""
 
     stdout: bool = Field(True, description="JSON lines on standard output.")
-    file: Path | None = Field(None, description="Append-only JSON-lines file, durable before each answer.")
+    file: Path | None = Field(
+        None, description="Append-only JSON-lines file, durable before each answer."
+    )
     fsync: bool = Field(True, description="fdatasync records before the response is sent.")
     group_commit: bool = Field(
         True,
