@@ -345,6 +345,53 @@ class _ProviderHeader:
         self.last_version = fetched.version
 
 
+class _AgentIdentity:
+    """What both agent clients hold besides their HTTP client: who the agent is, its cache."""
+
+    broker_url: str
+
+    def _init_agent(
+        self,
+        client_id: str,
+        client_secret: str,
+        refresh_margin_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.client_id = client_id
+        self._auth = httpx.BasicAuth(client_id, client_secret)
+        self._clock = clock
+        self._tokens = _TokenCache(refresh_margin_seconds, clock)
+
+    @property
+    def refresh_margin_seconds(self) -> float:
+        return self._tokens.margin
+
+    def forget(self) -> None:
+        """Drop every cached token (for example after a revocation)."""
+        self._tokens.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
+        )
+
+
+class _GatewayIdentity:
+    """What both gateway clients hold besides their HTTP client: who the gateway is."""
+
+    broker_url: str
+
+    def _init_gateway(self, gateway_id: str, gateway_secret: str) -> None:
+        self.gateway_id = gateway_id
+        self._auth = httpx.BasicAuth(gateway_id, gateway_secret)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, "
+            f"gateway_id={self.gateway_id!r})"
+        )
+
+
 # ------------------------------------------------------------------------------- sync clients
 
 
@@ -368,7 +415,7 @@ class _HttpOwner:
         self.close()
 
 
-class AgentClient(_HttpOwner):
+class AgentClient(_AgentIdentity, _HttpOwner):
     """Token exchange for one agent (an OAuth client with ``client_secret_basic``).
 
     Tokens are cached per (subject token, scope, audience) and reused until
@@ -388,19 +435,7 @@ class AgentClient(_HttpOwner):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(broker_url, http)
-        self.client_id = client_id
-        self._auth = httpx.BasicAuth(client_id, client_secret)
-        self._clock = clock
-        self._tokens = _TokenCache(refresh_margin_seconds, clock)
-
-    @property
-    def refresh_margin_seconds(self) -> float:
-        return self._tokens.margin
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
-        )
+        self._init_agent(client_id, client_secret, refresh_margin_seconds, clock)
 
     def exchange(
         self,
@@ -437,12 +472,8 @@ class AgentClient(_HttpOwner):
         ``act`` and can only narrow the parent's scope and audience."""
         return self.exchange(_token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience)
 
-    def forget(self) -> None:
-        """Drop every cached token (for example after a revocation)."""
-        self._tokens.clear()
 
-
-class GatewayClient(_HttpOwner):
+class GatewayClient(_GatewayIdentity, _HttpOwner):
     """Credential fetches for one gateway (``client_secret_basic``). Fetch on every provider
     call: the broker serves from its in-memory cache and picks up rotations for you."""
 
@@ -455,14 +486,7 @@ class GatewayClient(_HttpOwner):
         http: httpx.Client | None = None,
     ) -> None:
         super().__init__(broker_url, http)
-        self.gateway_id = gateway_id
-        self._auth = httpx.BasicAuth(gateway_id, gateway_secret)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(broker_url={self.broker_url!r}, "
-            f"gateway_id={self.gateway_id!r})"
-        )
+        self._init_gateway(gateway_id, gateway_secret)
 
     def fetch(
         self,
@@ -584,7 +608,7 @@ class _AsyncHttpOwner:
         await self.aclose()
 
 
-class AsyncAgentClient(_AsyncHttpOwner):
+class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
     """`AgentClient` for asyncio agents: the same cache, requests and errors, awaited.
 
     Concurrent `exchange` calls for the same (subject token, scope, audience) share one request
@@ -602,20 +626,8 @@ class AsyncAgentClient(_AsyncHttpOwner):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(broker_url, http)
-        self.client_id = client_id
-        self._auth = httpx.BasicAuth(client_id, client_secret)
-        self._clock = clock
-        self._tokens = _TokenCache(refresh_margin_seconds, clock)
+        self._init_agent(client_id, client_secret, refresh_margin_seconds, clock)
         self._in_flight: dict[CacheKey, asyncio.Future[AgentToken]] = {}
-
-    @property
-    def refresh_margin_seconds(self) -> float:
-        return self._tokens.margin
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(broker_url={self.broker_url!r}, client_id={self.client_id!r})"
-        )
 
     async def exchange(
         self,
@@ -665,12 +677,8 @@ class AsyncAgentClient(_AsyncHttpOwner):
             _token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience
         )
 
-    def forget(self) -> None:
-        """Drop every cached token (for example after a revocation)."""
-        self._tokens.clear()
 
-
-class AsyncGatewayClient(_AsyncHttpOwner):
+class AsyncGatewayClient(_GatewayIdentity, _AsyncHttpOwner):
     """`GatewayClient` for asyncio gateways (FastAPI, aiohttp): the same requests, awaited."""
 
     def __init__(
@@ -682,14 +690,7 @@ class AsyncGatewayClient(_AsyncHttpOwner):
         http: httpx.AsyncClient | None = None,
     ) -> None:
         super().__init__(broker_url, http)
-        self.gateway_id = gateway_id
-        self._auth = httpx.BasicAuth(gateway_id, gateway_secret)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(broker_url={self.broker_url!r}, "
-            f"gateway_id={self.gateway_id!r})"
-        )
+        self._init_gateway(gateway_id, gateway_secret)
 
     async def fetch(
         self,

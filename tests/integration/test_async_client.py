@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import yaml
 
 from broker import AsyncAgentClient, AsyncGatewayClient, BrokerClientError
 from broker.client import AsyncCredentialAuth
@@ -25,7 +24,8 @@ from tests.support.harness import (
     TICKETS,
     RunningBroker,
     example_client_secrets,
-    run_example_stack,
+    run_example_stack_with_key,
+    write_provider_keys,
 )
 
 SECRETS = example_client_secrets()
@@ -33,23 +33,13 @@ FIRST_KEY = "sk-async-first-" + uuid.uuid4().hex
 SECOND_KEY = "sk-async-second-" + uuid.uuid4().hex
 
 
-def _write_secrets(path: Path, openai_key: str) -> None:
-    path.write_text(
-        yaml.safe_dump(
-            {"llm/openai": {"api_key": openai_key}, "llm/anthropic": {"api_key": "sk-unused"}}
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningBroker, DevIdentityProvider, Path]]:
     tmp = tmp_path_factory.mktemp("async-client")
-    secrets_file = tmp / "dev-secrets.yaml"
-    _write_secrets(secrets_file, FIRST_KEY)
-    with run_example_stack(tmp, SECRETS, secrets_file) as (running, idp):
-        yield running, idp, secrets_file
+    with run_example_stack_with_key(tmp, SECRETS, FIRST_KEY) as stack:
+        yield stack
 
 
 def _counting_client(sent: list[httpx.Request]) -> httpx.AsyncClient:
@@ -126,7 +116,7 @@ def test_delegation_and_errors(env: Any) -> None:
 def test_async_auth_carries_the_current_key_across_a_rotation_without_a_push(env: Any) -> None:
     running, idp, secrets_file = env
     provider = StandInProvider(FIRST_KEY)
-    _write_secrets(secrets_file, FIRST_KEY)
+    write_provider_keys(secrets_file, FIRST_KEY)
 
     async def scenario(provider_url: str) -> tuple[list[int], AsyncCredentialAuth, Any]:
         async with (
@@ -146,7 +136,7 @@ def test_async_auth_carries_the_current_key_across_a_rotation_without_a_push(env
                 for _ in range(3):
                     statuses.append((await http.post("/v1/chat/completions", json={})).status_code)
                 # Rotate: the store has the new key and the provider accepts only it, at once.
-                _write_secrets(secrets_file, SECOND_KEY)
+                write_provider_keys(secrets_file, SECOND_KEY)
                 provider.rotate(SECOND_KEY)
                 replies = await asyncio.gather(
                     *(http.post("/v1/chat/completions", json={"messages": []}) for _ in range(8))

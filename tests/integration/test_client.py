@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import yaml
 
 from broker import AgentClient, BrokerClientError, GatewayClient
 from broker.client import ACCESS_TOKEN, AgentToken
@@ -22,7 +21,8 @@ from tests.support.harness import (
     TICKETS,
     RunningBroker,
     example_client_secrets,
-    run_example_stack,
+    run_example_stack_with_key,
+    write_provider_keys,
 )
 
 SECRETS = example_client_secrets()
@@ -30,23 +30,13 @@ FIRST_KEY = "sk-first-" + uuid.uuid4().hex
 SECOND_KEY = "sk-second-" + uuid.uuid4().hex
 
 
-def _write_secrets(path: Path, openai_key: str) -> None:
-    path.write_text(
-        yaml.safe_dump(
-            {"llm/openai": {"api_key": openai_key}, "llm/anthropic": {"api_key": "sk-unused"}}
-        )
-    )
-
-
 @pytest.fixture(scope="module")
 def env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningBroker, DevIdentityProvider, Path]]:
     tmp = tmp_path_factory.mktemp("client")
-    secrets_file = tmp / "dev-secrets.yaml"
-    _write_secrets(secrets_file, FIRST_KEY)
-    with run_example_stack(tmp, SECRETS, secrets_file) as (running, idp):
-        yield running, idp, secrets_file
+    with run_example_stack_with_key(tmp, SECRETS, FIRST_KEY) as stack:
+        yield stack
 
 
 class _Counter:
@@ -187,7 +177,7 @@ def test_gateway_fetch_and_auth_follow_a_rotation(env: Any) -> None:
 
             # Rotate: the store gets a new value, the provider accepts only the new key, and a
             # rotation hook pushes a refresh to the broker.
-            _write_secrets(secrets_file, SECOND_KEY)
+            write_provider_keys(secrets_file, SECOND_KEY)
             refreshed = httpx.post(
                 f"{running.url}/v1/admin/credentials/openai-api-key/refresh",
                 auth=("rotation-hook", SECRETS["ROTATION_HOOK_SECRET"]),

@@ -188,6 +188,27 @@ def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) ->
     raise AssertionError(f"broker did not start:\n{log.read_text()}")
 
 
+def write_provider_keys(path: Path, openai_key: str) -> None:
+    """The development secrets file the example credentials read: `openai_key` as the current
+    OpenAI key (rewrite it to rotate), a placeholder for Anthropic."""
+    path.write_text(
+        yaml.safe_dump(
+            {"llm/openai": {"api_key": openai_key}, "llm/anthropic": {"api_key": "sk-unused"}}
+        )
+    )
+
+
+@contextmanager
+def run_example_stack_with_key(
+    tmp_path: Path, client_secrets: dict[str, str], openai_key: str
+) -> Iterator[tuple[RunningBroker, DevIdentityProvider, Path]]:
+    """`run_example_stack` over a secrets file holding `openai_key`; yields the file too."""
+    secrets_file = tmp_path / "dev-secrets.yaml"
+    write_provider_keys(secrets_file, openai_key)
+    with run_example_stack(tmp_path, client_secrets, secrets_file) as (running, idp):
+        yield running, idp, secrets_file
+
+
 @contextmanager
 def run_example_stack(
     tmp_path: Path, client_secrets: dict[str, str], secrets_file: Path
