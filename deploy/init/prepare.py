@@ -116,6 +116,22 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _self_signed(key: rsa.RSAPrivateKey, common_name: str) -> x509.CertificateBuilder:
+    """A builder for a certificate `key` issues to itself, valid `CA_DAYS` (a little earlier
+    than now, for clock skew); callers add extensions and sign."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+    )
+
+
 def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -147,16 +163,8 @@ def ensure_ca(ca_dir: Path, public_dir: Path) -> tuple[rsa.RSAPrivateKey, x509.C
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     else:
         key = _new_key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
-        now = _now()
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            _self_signed(key, CA_NAME)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -291,18 +299,7 @@ def ensure_realm_signing_key(ca_dir: Path, public_dir: Path) -> tuple[str, str]:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     else:
         key = _new_key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agents")])
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-            .sign(key, hashes.SHA256())
-        )
+        cert = _self_signed(key, "agents").sign(key, hashes.SHA256())
         _write(key_path, _key_pem(key), mode=0o400, owner=None)
         _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o444, owner=None)
     _write(
