@@ -132,10 +132,10 @@ class Readiness:
 
     def _probe_refs(self, backend: str) -> list[tuple[str, SecretRef]]:
         """Up to `MAX_PROBES` credentials of the current policy on `backend` (by name)."""
+        credentials = self._policies.current().credentials  # one policy version throughout
         names = sorted(
             name
-            for name, credential in self._policies.current().credentials.items()
+            for name, credential in credentials.items()
             if credential.backend == backend and not credential.path.startswith(DYNAMIC_PREFIX)
         )[:MAX_PROBES]
-        credentials = self._policies.current().credentials
         return [(name, secret_ref(credentials[name])) for name in names]
