@@ -90,6 +90,20 @@ class BrokerServices:
     readiness: Readiness
 
 
+def acceptance_window(settings: BrokerSettings) -> int:
+    """How long after a time T something issued before T can still be accepted: a broker
+    token or a client assertion issued just before T, plus the largest clock leeway the broker
+    grants anyone (person and agent revocation entries live this long after their not-before)."""
+    tokens = settings.tokens
+    leeways = [
+        tokens.leeway_seconds,
+        *(p.leeway_seconds for p in settings.identity_providers),
+        *(w.leeway_seconds for w in settings.workload_issuers),
+    ]
+    lifetime = max(tokens.max_lifetime_seconds, tokens.client_assertion_max_lifetime_seconds)
+    return lifetime + max(leeways)
+
+
 def build_services(
     settings: BrokerSettings,
     *,
@@ -137,13 +151,17 @@ def build_services(
         leeway=tokens.leeway_seconds,
     )
     revocations = Revocations(
-        state, clock, decisions, max_token_lifetime=tokens.max_lifetime_seconds
+        state,
+        clock,
+        decisions,
+        max_token_lifetime=tokens.max_lifetime_seconds,
+        acceptance_window=acceptance_window(settings),
     )
-    broker_tokens = BrokerTokenVerifier(
+    broker_tokens = BrokerTokenVerifier(  # no leeway on expiry: its own tokens, its own clock
         keyring,
         settings.issuer,
         clock,
-        leeway=tokens.leeway_seconds,
+        skew=tokens.leeway_seconds,
         algorithms=tuple(sorted(SUPPORTED_JWS_ALGORITHMS)),
     )
     adapters = build_identity_adapters(

@@ -3,10 +3,13 @@
 
 - Revoking a token revokes everything exchanged from it, however deep: every token carries the
   ``jti`` of all its ancestors (``lineage``), and a token is revoked when it or any ancestor is.
-  Entries live until the revoked token's expiry; descendants never outlive their parent, so that
-  is long enough.
+  Entries live until the revoked token's expiry; descendants never outlive their parent, and the
+  broker accepts its own tokens only while ``now < exp`` (no leeway), so that is long enough.
 - Per-person and per-agent "not before" (everything issued before T), like AWS's session
-  revocation by issue time, revokes without listing tokens.
+  revocation by issue time, revokes without listing tokens. Such an entry lives for
+  `acceptance_window` after T (after ``max(T, now)``): the longest anything issued before T
+  (a broker token, a client assertion, with the largest configured clock leeway) can still be
+  accepted.
 
 Checks happen on every use (introspection, credential fetch, re-exchange), one state round trip
 each; when the state cannot be reached the caller fails closed.
@@ -14,6 +17,7 @@ each; when the state cannot be reached the caller fails closed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,7 +30,6 @@ from broker.errors import (
     InvalidRequest,
     OAuthError,
     TemporarilyUnavailable,
-    UnauthorizedClient,
 )
 from broker.oauth_request import OAuthForm
 from broker.state import StateStore, StateUnavailable
@@ -42,6 +45,11 @@ class TokenRevoked(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+ENTRY_MARGIN_SECONDS = 1.0
+"""Entries outlive what they revoke by this much (rounding to milliseconds, a store's own
+expiry clock)."""
 
 
 def person_key(person_id: str) -> str:
@@ -93,14 +101,21 @@ class Revocations:
         decisions: DecisionLog,
         *,
         max_token_lifetime: int,
+        acceptance_window: float | None = None,
         recheck_after: float = 0.5,
     ) -> None:
+        """`acceptance_window`: the longest, after a time T, that anything issued before T can
+        still be accepted (default: `max_token_lifetime`); person and agent entries live that
+        long after their not-before."""
         if not 0 <= recheck_after < 1:
             raise ValueError("recheck_after must be under one second")
         self._state = state
         self._clock = clock
         self._decisions = decisions
         self._max_lifetime = max_token_lifetime
+        self._window = max(
+            acceptance_window if acceptance_window is not None else 0, max_token_lifetime
+        )
         self._recheck_after = recheck_after
         self._not_revoked_until: LRUCache[str, float] = LRUCache(maxsize=10_000)
 
@@ -121,20 +136,43 @@ class Revocations:
         if self._recheck_after:
             self._not_revoked_until[token.jti] = now + self._recheck_after
 
+    def valid_not_before(self, value: float | None) -> float:
+        """An admin's not-before, or now. Refused (`InvalidRequest`, before anything changes)
+        unless finite, not negative, and at most the maximum token lifetime ahead: a NaN would
+        silently lift an earlier revocation, an infinity would outlive every entry."""
+        now = self._clock.now()
+        if value is None:
+            return now
+        if not math.isfinite(value) or value < 0:
+            raise InvalidRequest(
+                "not_before must be a finite, non-negative number of seconds since the epoch",
+                reason="invalid_not_before",
+            )
+        if value > now + self._max_lifetime:
+            raise InvalidRequest(
+                f"not_before may be at most {self._max_lifetime} seconds (the maximum token "
+                "lifetime) in the future",
+                reason="invalid_not_before",
+            )
+        return value
+
     async def revoke(
         self, request: RevocationRequest, *, by: str, request_id: str
     ) -> dict[str, Any]:
         now = self._clock.now()
         if request.kind == "token":
             expires_at = request.expires_at or now + self._max_lifetime
-            await self._state.revoke_tokens({request.value: expires_at})
+            await self._state.revoke_tokens({request.value: expires_at + ENTRY_MARGIN_SECONDS})
             result = {"revoked": "token", "jti": request.value, "cascades": True}
         else:
-            not_before = request.not_before if request.not_before is not None else now
+            not_before = self.valid_not_before(request.not_before)
             key = (
                 person_key(request.value) if request.kind == "person" else agent_key(request.value)
             )
-            await self._state.revoke_before(key, not_before, self._max_lifetime + 60)
+            # Everything issued before not_before (even a not_before still ahead) can be
+            # accepted for up to the window after it, so the entry lives that long.
+            ttl = max(not_before - now, 0.0) + self._window + ENTRY_MARGIN_SECONDS
+            await self._state.revoke_before(key, not_before, ttl)
             result = {
                 "revoked": request.kind,
                 request.kind: request.value,
@@ -150,6 +188,17 @@ class Revocations:
             target=request.kind,
         )
         return result
+
+    def record_not_revoked(self, reason: str, *, by: str, request_id: str, **fields: Any) -> None:
+        """A revocation request that revoked nothing (RFC 7009 answers it 200 all the same)."""
+        self._decisions.record(
+            "token.revoke",
+            outcome="not_revoked",
+            reason=reason,
+            by=by,
+            request_id=request_id,
+            **fields,
+        )
 
 
 class RevocationEndpoints:
@@ -168,12 +217,24 @@ class RevocationEndpoints:
         token = form.non_empty("token")
         if token is None:
             raise InvalidRequest("token is required")
+        # The same empty 200 whether the token is garbage, expired, or valid but another
+        # client's (which it does not revoke): the answer tells nothing about the token
+        # (RFC 7009 §2.2). Both are recorded, with the reason, never the token.
         try:
             presented = await self._verifier.verify(token)
-        except TokenRejected:
-            return {}  # RFC 7009 §2.2: an invalid token is not an error; nothing to revoke
+        except TokenRejected as exc:
+            self._revocations.record_not_revoked(
+                "token_not_valid", by=client.client_id, request_id=request_id, detail=exc.reason
+            )
+            return {}
         if client.client_id not in presented.actor_chain:
-            raise UnauthorizedClient("the token was not issued to this client")
+            self._revocations.record_not_revoked(
+                "not_token_holder",
+                by=client.client_id,
+                request_id=request_id,
+                jti=presented.jti,
+            )
+            return {}
         await self._record(
             RevocationRequest("token", presented.jti, expires_at=presented.expires_at),
             client,
@@ -196,8 +257,15 @@ class RevocationEndpoints:
         try:
             not_before = float(raw_before) if raw_before is not None else None
         except ValueError:
-            raise InvalidRequest("not_before must be seconds since the epoch") from None
+            raise InvalidRequest(
+                "not_before must be seconds since the epoch", reason="invalid_not_before"
+            ) from None
         target: Literal["token", "person", "agent"] = "token" if kind == "jti" else kind  # type: ignore[assignment]
+        if target == "token":
+            if not_before is not None:
+                raise InvalidRequest("not_before applies to a person or an agent, not a jti")
+        else:
+            not_before = self._revocations.valid_not_before(not_before)
         return await self._record(
             RevocationRequest(target, form[kind], not_before=not_before), client, request_id
         )

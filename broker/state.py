@@ -47,6 +47,13 @@ class RateLimitResult:
     """Seconds until a request would be allowed again (0 when allowed)."""
 
 
+def require_finite(values: Iterable[float], what: str) -> None:
+    """Refuse NaN and infinities before they reach a store: ``max(nan, x)`` is ``nan``, and a
+    NaN compares false with everything, so one would silently lift a revocation."""
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be finite numbers")
+
+
 class StateStore(Protocol):
     async def use_once(self, key: str, ttl_seconds: float) -> bool:
         """Record `key` as used for `ttl_seconds`. True the first time, False on every reuse
@@ -55,12 +62,13 @@ class StateStore(Protocol):
 
     async def revoke_tokens(self, expiries: Mapping[str, float]) -> None:
         """Revoke token ids; each entry lives until its wall-clock expiry (then the token is
-        invalid anyway, so the store never grows without bound)."""
+        invalid anyway, so the store never grows without bound). Raises ValueError for a
+        non-finite expiry."""
         ...
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
         """Revoke every token of `subject` issued before `not_before` (a later call with an
-        earlier time never lowers it)."""
+        earlier time never lowers it). Raises ValueError for a non-finite time or TTL."""
         ...
 
     async def revocation_status(
@@ -137,6 +145,7 @@ class InMemoryStateStore:
             return True
 
     async def revoke_tokens(self, expiries: Mapping[str, float]) -> None:
+        require_finite(expiries.values(), "token expiries")
         now = self._clock.now()
         self._revoked = {k: v for k, v in self._revoked.items() if v > now}
         for token_id, expires_at in expiries.items():
@@ -144,6 +153,7 @@ class InMemoryStateStore:
                 self._revoked[token_id] = max(expires_at, self._revoked.get(token_id, 0.0))
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
+        require_finite((not_before, ttl_seconds), "not_before and its lifetime")
         expires = self._clock.now() + ttl_seconds
         current = self._not_before.get(subject)
         if current is None or current[0] < not_before or current[1] < expires:

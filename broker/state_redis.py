@@ -39,7 +39,7 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.clock import Clock
-from broker.state import RateLimitResult, RevocationStatus, StateUnavailable
+from broker.state import RateLimitResult, RevocationStatus, StateUnavailable, require_finite
 
 # KEYS[i]: a revoked-token key; ARGV[i]: its TTL in ms. Creates missing keys, raises the expiry
 # of existing ones, never lowers it (a key without expiry is left alone).
@@ -201,6 +201,7 @@ class RedisStateStore:
         return bool(created)
 
     async def revoke_tokens(self, expiries: Mapping[str, float]) -> None:
+        require_finite(expiries.values(), "token expiries")
         now = self._clock.now()
         live = {t: _ms(exp - now) for t, exp in expiries.items() if exp > now}
         if not live:
@@ -210,8 +211,7 @@ class RedisStateStore:
             await self._revoke_tokens(keys=keys, args=list(live.values()))
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
-        if math.isnan(not_before):
-            raise ValueError("not_before must be a number")
+        require_finite((not_before, ttl_seconds), "not_before and its lifetime")
         args = [repr(float(not_before)), _ms(ttl_seconds)]
         async with self._guard("revoke_before"):
             await self._revoke_before(keys=[f"{self._prefix}nbf:{subject}"], args=args)
@@ -235,9 +235,12 @@ class RedisStateStore:
             if value is None:
                 continue
             try:
-                not_before[subject] = float(value)
+                parsed = float(value)
             except ValueError:
-                raise StateUnavailable("shared state (redis) holds a malformed value") from None
+                parsed = math.nan
+            if not math.isfinite(parsed):  # fail closed: never read a NaN as "not revoked"
+                raise StateUnavailable("shared state (redis) holds a malformed value")
+            not_before[subject] = parsed
         return RevocationStatus(revoked, not_before)
 
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:

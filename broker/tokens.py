@@ -319,6 +319,11 @@ class TokenIssuer:
 class BrokerTokenVerifier:
     """Verifies a token this broker issued: signature by a published key, issuer, expiry, type.
 
+    No leeway on expiry: the broker judges its own tokens by the clock that set their ``exp``,
+    so a token is accepted exactly while ``now < exp``, which is as long as its revocation entry
+    lives (a leeway here would make a revoked token valid again after its ``exp``). `skew`
+    tolerates replicas' clocks for ``iat``/``nbf`` only (a token another replica just issued).
+
     Gateways present the same agent token on many calls, so a verdict is remembered (bounded LRU,
     keyed by the SHA-256 of the token, never the token itself) until the token expires or its
     signing key stops being published; expiry and key publication are re-checked on every hit.
@@ -331,15 +336,15 @@ class BrokerTokenVerifier:
         issuer: str,
         clock: Clock,
         *,
-        leeway: int,
         algorithms: tuple[str, ...],
+        skew: int = 0,
         max_bytes: int = 16384,
         verdict_cache_size: int = 10_000,
     ) -> None:
         self._keyring = keyring
         self._issuer = issuer
         self._clock = clock
-        self._leeway = leeway
+        self._skew = skew
         self._algorithms = algorithms
         self._max_bytes = max_bytes
         self._verdicts: LRUCache[bytes, tuple[BrokerToken, str]] = LRUCache(
@@ -353,9 +358,7 @@ class BrokerTokenVerifier:
         remembered = self._verdicts.get(digest)
         if remembered is not None:
             verified_token, kid = remembered
-            if self._clock.now() < verified_token.expires_at + self._leeway and (
-                self._keyring.is_published(kid)
-            ):
+            if self._clock.now() < verified_token.expires_at and self._keyring.is_published(kid):
                 return verified_token
             self._verdicts.pop(digest, None)
         verified_token, kid = await self._verify(token)
@@ -370,12 +373,14 @@ class BrokerTokenVerifier:
             audiences=None,
             algorithms=self._algorithms,
             clock=self._clock,
-            leeway=self._leeway,
+            leeway=self._skew,
             max_bytes=self._max_bytes,
             require=("exp", "iat", "iss", "sub", "jti", "client_id", "act", "provenance"),
             allowed_typ=(ACCESS_TOKEN_TYP,),
         )
         claims = verified.claims
+        if self._clock.now() >= claims["exp"]:  # the skew above never extends expiry
+            raise TokenRejected("token has expired")
         try:
             chain = actor_chain_from_claim(claims["act"])
             provenance = Provenance.from_claim(claims["provenance"])

@@ -154,7 +154,7 @@ def test_only_an_agent_in_the_chain_may_revoke_and_invalid_tokens_are_not_an_err
         data={"token": agent},
         auth=("coding-agent", SECRETS["coding"]),
     )
-    assert stranger.status_code == 400 and stranger.json()["error"] == "unauthorized_client"
+    assert stranger.status_code == 200  # as for garbage (RFC 7009): no oracle, no revocation
     assert _active(broker, agent)
     garbage = httpx.post(f"{broker.url}/oauth2/revoke", data={"token": "garbage"}, auth=TRIAGE)
     assert garbage.status_code == 200

@@ -23,7 +23,9 @@ import yaml
 from broker.app import BrokerServices, build_services, create_app
 from broker.audit import MemorySink
 from broker.client_secrets import generate_client_secret
+from broker.clock import Clock
 from broker.settings import BrokerSettings
+from broker.state import StateStore
 from idp_adapters._loopback import RunningServer, reserve_loopback_socket, serve_in_thread
 from idp_adapters.dev import DevIdentityProvider, DevPerson
 
@@ -107,9 +109,12 @@ def run_broker(
     policy_extra: dict[str, Any] | None = None,
     workload_issuers: list[dict[str, Any]] | None = None,
     lifespan: bool = False,
+    clock: Clock | None = None,
+    state_store: StateStore | None = None,
     **overrides: Any,
 ) -> Iterator[RunningBroker]:
-    """Serve the broker; `lifespan=True` also runs its startup/shutdown (policy watcher)."""
+    """Serve the broker; `lifespan=True` also runs its startup/shutdown (policy watcher).
+    `clock` (one tests move) and `state_store` replace the defaults."""
     sock = reserve_loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     policy_dir = write_policy_dir(tmp_path, policy_extra)
@@ -122,7 +127,7 @@ def run_broker(
         **overrides,
     )
     sink = MemorySink()
-    services = build_services(settings, decision_sinks=[sink])
+    services = build_services(settings, decision_sinks=[sink], clock=clock, state=state_store)
     server = serve_in_thread(
         create_app(settings, services=services), sock=sock, lifespan="on" if lifespan else "off"
     )

@@ -8,6 +8,7 @@ import pytest
 
 from broker.audit import DecisionLog, MemorySink
 from broker.clock import FrozenClock
+from broker.errors import InvalidRequest
 from broker.revocation import RevocationRequest, Revocations, TokenRevoked
 from broker.state import InMemoryStateStore
 from broker.types import BrokerToken, Provenance, TokenType
@@ -85,3 +86,45 @@ def test_a_local_revocation_holds_at_once_and_the_window_is_under_a_second() -> 
         asyncio.run(revocations.check(token))
     with pytest.raises(ValueError):
         _setup(recheck_after=1.0)
+
+
+def test_person_and_agent_entries_live_for_the_whole_acceptance_window() -> None:
+    clock = FrozenClock()
+    state = InMemoryStateStore(clock)
+    revocations = Revocations(
+        state,
+        clock,
+        DecisionLog([MemorySink()], clock),
+        max_token_lifetime=60,
+        acceptance_window=400,  # e.g. a 60 s token + a 300 s leeway + ...
+        recheck_after=0,
+    )
+    start = clock.now()
+    asyncio.run(
+        revocations.revoke(RevocationRequest("person", "dev/alice"), by="x", request_id="r")
+    )
+    ahead = RevocationRequest("agent", "triage", not_before=start + 30)  # a time still ahead
+    asyncio.run(revocations.revoke(ahead, by="x", request_id="r"))
+    keys = ["person:dev/alice", "agent:triage"]
+    clock.advance(400)
+    assert set(asyncio.run(state.revocation_status([], keys)).not_before) == set(keys)
+    clock.advance(30)
+    assert set(asyncio.run(state.revocation_status([], keys)).not_before) == {"agent:triage"}
+    clock.advance(2)
+    assert dict(asyncio.run(state.revocation_status([], keys)).not_before) == {}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1_800_000_000.0 + 3601])
+def test_an_unreasonable_not_before_is_refused_before_anything_changes(bad: float) -> None:
+    revocations, state, _ = _setup(recheck_after=0)
+    asyncio.run(
+        revocations.revoke(RevocationRequest("person", "dev/alice"), by="x", request_id="r")
+    )
+    with pytest.raises(InvalidRequest, match="not_before"):
+        asyncio.run(
+            revocations.revoke(
+                RevocationRequest("person", "dev/alice", not_before=bad), by="x", request_id="r"
+            )
+        )
+    status = asyncio.run(state.revocation_status([], ["person:dev/alice"]))
+    assert dict(status.not_before) == {"person:dev/alice": 1_800_000_000.0}

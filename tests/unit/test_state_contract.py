@@ -9,6 +9,7 @@ durations below are kept short (and the margins generous).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,20 @@ class StateStoreContract:
         status = await kit.store.revocation_status(["tok", "tok", "other"], ["agent:b", "x"])
         assert status.revoked_ids == {"tok"}
         assert dict(status.not_before) == {"agent:b": now}
+
+    async def test_non_finite_times_are_refused_and_change_nothing(self, kit: StateKit) -> None:
+        subject = "person:dev/nan"
+        await kit.store.revoke_before(subject, 1_700_000_100.0, 60)
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError):
+                await kit.store.revoke_before(subject, bad, 60)
+            with pytest.raises(ValueError):
+                await kit.store.revoke_before(subject, 1_700_000_200.0, bad)
+            with pytest.raises(ValueError):
+                await kit.store.revoke_tokens({"nan-token": bad})
+        status = await kit.store.revocation_status(["nan-token"], [subject])
+        assert dict(status.not_before) == {subject: 1_700_000_100.0}
+        assert status.revoked_ids == frozenset()
 
     # -- rate limits -----------------------------------------------------------------------
 

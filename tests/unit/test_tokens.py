@@ -96,7 +96,7 @@ def test_issued_token_shape_and_round_trip(tmp_path: Path) -> None:
     assert claims["aud"] == ["a", "b"]
     assert claims["sub"] == "okta/00u1"
     assert claims["exp"] - claims["iat"] == 600
-    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, leeway=0, algorithms=("ES256",))
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, algorithms=("ES256",))
     verified = asyncio.run(verifier.verify(token))
     assert verified.actor_chain == ("summariser", "triage")
     assert verified.parent_jti == "parent-1"
@@ -106,7 +106,7 @@ def test_issued_token_shape_and_round_trip(tmp_path: Path) -> None:
 def test_verifier_rejects_expired_foreign_and_tampered_tokens(tmp_path: Path) -> None:
     clock = FrozenClock()
     keyring = _keyring(tmp_path, clock)
-    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, leeway=5, algorithms=("ES256",))
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, algorithms=("ES256",))
     token = _issue(TokenIssuer(keyring, ISSUER, clock))
     other = _keyring(tmp_path / "other", clock)
     foreign = _issue(TokenIssuer(other, ISSUER, clock))
@@ -137,7 +137,7 @@ def test_act_nesting_round_trips_and_rejects_malformed() -> None:
 def test_remembered_verdicts_still_expire_and_follow_key_publication(tmp_path: Path) -> None:
     clock = FrozenClock()
     keyring = _keyring(tmp_path, clock, grace=100)
-    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, leeway=0, algorithms=("ES256",))
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, algorithms=("ES256",))
     token = _issue(TokenIssuer(keyring, ISSUER, clock), lifetime_seconds=50)
     first = asyncio.run(verifier.verify(token))
     assert asyncio.run(verifier.verify(token)) is first  # remembered, not re-verified
@@ -157,3 +157,20 @@ def test_remembered_verdicts_still_expire_and_follow_key_publication(tmp_path: P
     forged = f"{header}.{payload}.{signature[:-4]}AAAA"
     with pytest.raises(TokenRejected):
         asyncio.run(verifier.verify(forged))
+
+
+def test_the_broker_accepts_its_own_tokens_until_exp_only_whatever_the_skew(
+    tmp_path: Path,
+) -> None:
+    clock = FrozenClock()
+    keyring = _keyring(tmp_path, clock)
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, skew=300, algorithms=("ES256",))
+    cached = _issue(TokenIssuer(keyring, ISSUER, clock), lifetime_seconds=6)
+    fresh = _issue(TokenIssuer(keyring, ISSUER, clock), lifetime_seconds=6)
+    asyncio.run(verifier.verify(cached))  # remembered
+    clock.advance(5.9)
+    asyncio.run(verifier.verify(cached))
+    clock.advance(0.1)
+    for token in (cached, fresh):  # at exp, from the verdict cache or verified anew
+        with pytest.raises(TokenRejected, match="expired"):
+            asyncio.run(verifier.verify(token))
