@@ -51,6 +51,7 @@ from broker.introspection import Introspection
 from broker.logs import configure_logging, request_id_var
 from broker.metrics import BrokerMetrics
 from broker.oauth_request import OAuthForm, read_form, read_form_or_json
+from broker.openapi import OPENAPI_PATH, openapi_document
 from broker.policy.store import PolicyRejected, PolicyStore
 from broker.policy.watch import PolicyWatcher
 from broker.readiness import Readiness
@@ -285,6 +286,7 @@ def authorization_server_metadata(settings: BrokerSettings) -> dict[str, Any]:
             "EdDSA",
         ],
         "service_documentation": "https://github.com/example/agent-identity-broker#readme",
+        "openapi_uri": f"{issuer}{OPENAPI_PATH}",  # extension: the OpenAPI 3.1 description
     }
 
 
@@ -497,6 +499,11 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     async def server_metadata(_: Request) -> JSONResponse:
         return JSONResponse(metadata)
 
+    api_description = openapi_document(settings.issuer)
+
+    async def openapi(_: Request) -> JSONResponse:
+        return JSONResponse(api_description, headers={"Cache-Control": "max-age=300"})
+
     async def jwks(_: Request) -> JSONResponse:
         return JSONResponse(services.keyring.jwks(), headers={"Cache-Control": "max-age=300"})
 
@@ -529,6 +536,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         app.add_route(path, oauth_endpoint(handler, route=path, **options), methods=["POST"])
     app.add_route("/.well-known/oauth-authorization-server", server_metadata, methods=["GET"])
     app.add_route("/.well-known/jwks.json", jwks, methods=["GET"])
+    app.add_route(OPENAPI_PATH, openapi, methods=["GET"])
     app.add_route("/healthz", healthz, methods=["GET"])
     app.add_route("/readyz", readyz, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])

@@ -1,0 +1,631 @@
+"""The broker's HTTP API described for others: an OpenAPI 3.1 document, built from one table.
+
+`OPERATIONS` lists every route the app serves (method, path, who may call it, what it reads and
+what it answers); `openapi_document(issuer)` turns the table into the document served at
+``GET /openapi.json``. A test keeps the table and the app's routes in step, and `make test`
+fuzzes every operation from this document (schemathesis), so what it says is what the broker does.
+
+Errors are RFC 6749 §5.2 JSON bodies everywhere (``error``, ``error_description``, optionally
+``error_uri``), with ``WWW-Authenticate`` on 401 and ``Retry-After`` on 429 and on a 503 that
+will clear by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from broker.client_auth import CLIENT_ASSERTION_TYPE
+from broker.exchange import GRANT_TYPE, ISSUABLE_TOKEN_TYPES, SUBJECT_TOKEN_TYPES
+from broker.types import TokenType
+
+OPENAPI_PATH = "/openapi.json"
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+Body = Literal["form", "form_or_json", "none"]
+Caller = Literal["agent", "gateway", "resource_server", "admin", "anyone"]
+
+_ERROR_TEXT: Mapping[int, str] = {
+    400: "Malformed request or refused grant (`invalid_request`, `invalid_grant`, "
+    "`unauthorized_client`, `unsupported_grant_type`, `invalid_scope`, `invalid_target`).",
+    401: "Client authentication failed (`invalid_client`, with `WWW-Authenticate: Basic`), or the "
+    "presented agent token is not acceptable (`invalid_token`, `WWW-Authenticate: Bearer`).",
+    403: "Authenticated but not allowed (`access_denied`, `insufficient_scope`).",
+    404: "Nothing by that name (`not_found`).",
+    413: "The body exceeds `http.max_body_bytes` (`invalid_request`).",
+    415: "Unsupported body media type (`invalid_request`).",
+    422: "The policy on disk was refused; the previous version keeps serving (`invalid_policy`).",
+    429: "Over a rate limit (`too_many_requests`); retry after `Retry-After` seconds.",
+    500: "The broker cannot answer safely, e.g. the audit trail cannot be written "
+    "(`server_error`).",
+    503: "A dependency (state store, identity provider keys, secret backend) cannot be reached "
+    "right now; the broker refuses rather than guess (`temporarily_unavailable`).",
+}
+# Every authenticated POST can answer these: a malformed or oversized body, failed client
+# authentication, throttling, and fail-closed refusals when state or the audit trail are down.
+_POST_ERRORS = (400, 401, 413, 415, 429, 500, 503)
+_ERROR_CODE = "^[\\x20-\\x21\\x23-\\x5B\\x5D-\\x7E]+$"  # RFC 6749 §5.2 `error` characters
+
+
+def _string(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "description": description, **extra}
+
+
+_CLIENT_AUTH_FIELDS: dict[str, Any] = {
+    "client_id": _string(
+        "Optional with HTTP Basic or a client assertion; must then name the same client."
+    ),
+    "client_assertion_type": _string(
+        "`private_key_jwt` (RFC 7523 §2.2): always this value, together with `client_assertion`.",
+        enum=[CLIENT_ASSERTION_TYPE],
+    ),
+    "client_assertion": _string(
+        "`private_key_jwt`: a JWT signed with the client's registered key; `iss` = `sub` = the "
+        "client id, `aud` = the issuer or the token endpoint, short `exp`, single-use `jti`."
+    ),
+}
+_AGENT_TOKEN = _string("An access token this broker issued (the agent token).", minLength=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One route of the API: enough to describe it, and to check the app serves exactly it."""
+
+    method: Literal["get", "post"]
+    path: str
+    operation_id: str
+    summary: str
+    description: str
+    tag: str
+    caller: Caller
+    response: dict[str, Any]
+    body: Body = "none"
+    fields: Mapping[str, Any] | None = None
+    required: tuple[str, ...] = ()
+    repeatable: tuple[str, ...] = ()
+    body_required: bool = True
+    query: Mapping[str, Any] | None = None
+    errors: tuple[int, ...] = ()
+    cache: str = "no-store"
+    media_type: str = JSON
+    also_answers: tuple[int, ...] = ()  # statuses with the success body (readiness: 503)
+
+
+_SCOPE = _string("Space-separated permissions.")
+_TOKEN_RESPONSE = {
+    "type": "object",
+    "required": ["access_token", "issued_token_type", "token_type", "expires_in", "scope"],
+    "properties": {
+        "access_token": _string("The agent token (RFC 9068 JWT, `typ: at+jwt`)."),
+        "issued_token_type": _string(
+            "RFC 8693 token type URI.", enum=sorted(str(t) for t in ISSUABLE_TOKEN_TYPES)
+        ),
+        "token_type": _string("Always `Bearer`.", enum=["Bearer"]),
+        "expires_in": {"type": "integer", "minimum": 0},
+        "scope": _SCOPE,
+    },
+}
+_INTROSPECTION_RESPONSE = {
+    "type": "object",
+    "required": ["active"],
+    "description": "RFC 7662 §2.2; an inactive token is only `{\"active\": false}`.",
+    "properties": {
+        "active": {"type": "boolean"},
+        "token_type": _string("`Bearer`."),
+        "iss": {"type": "string"},
+        "sub": {"type": "string"},
+        "aud": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "client_id": {"type": "string"},
+        "scope": _SCOPE,
+        "act": {"type": "object", "description": "RFC 8693 §4.1 actor chain."},
+        "iat": {"type": "number"},
+        "nbf": {"type": "number"},
+        "exp": {"type": "number"},
+        "auth_time": {"type": "number"},
+        "jti": {"type": "string"},
+        "provenance": {"type": "object"},
+        "policy_version": {"type": "string"},
+        "parent_jti": {"type": "string"},
+    },
+}
+_REVOCATION_RESULT = {
+    "type": "object",
+    "required": ["revoked"],
+    "properties": {
+        "revoked": _string("What was revoked.", enum=["token", "person", "agent"]),
+        "jti": {"type": "string"},
+        "cascades": {"type": "boolean"},
+        "person": {"type": "string"},
+        "agent": {"type": "string"},
+        "issued_before": {"type": "number"},
+    },
+}
+_CREDENTIAL = {
+    "type": "object",
+    "required": ["credential", "version", "refresh_in", "stale", "served_for"],
+    "properties": {
+        "credential": {"type": "string"},
+        "value": _string("The secret (a credential naming one `field`)."),
+        "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+        "version": {"type": ["string", "null"]},
+        "stage": {"type": ["string", "null"]},
+        "refresh_in": {"type": "number"},
+        "stale": {"type": "boolean"},
+        "expires_at": {"type": "integer"},
+        "served_for": {
+            "type": "object",
+            "properties": {
+                "sub": {"type": "string"},
+                "act": {"type": ["object", "null"]},
+                "client_id": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+_REFRESHED = {
+    "type": "object",
+    "required": ["credential", "version", "refresh_in"],
+    "properties": {
+        "credential": {"type": "string"},
+        "version": {"type": ["string", "null"]},
+        "refresh_in": {"type": "number"},
+    },
+}
+_RELOADED = {
+    "type": "object",
+    "required": ["version", "changed", "warnings"],
+    "properties": {
+        "version": {"type": "string"},
+        "previous_version": {"type": ["string", "null"]},
+        "changed": {"type": "boolean"},
+        "warnings": {"type": "integer", "minimum": 0},
+    },
+}
+_METADATA = {
+    "type": "object",
+    "required": ["issuer", "token_endpoint", "jwks_uri"],
+    "description": "RFC 8414 authorization server metadata.",
+    "properties": {
+        "issuer": {"type": "string"},
+        "token_endpoint": {"type": "string"},
+        "jwks_uri": {"type": "string"},
+        "introspection_endpoint": {"type": "string"},
+        "revocation_endpoint": {"type": "string"},
+        "grant_types_supported": {"type": "array", "items": {"type": "string"}},
+        "token_endpoint_auth_methods_supported": {"type": "array", "items": {"type": "string"}},
+        "openapi_uri": _string("This document."),
+    },
+}
+_JWKS = {
+    "type": "object",
+    "required": ["keys"],
+    "description": "RFC 7517 JWK set: the current signing key and retired ones still valid.",
+    "properties": {"keys": {"type": "array", "items": {"type": "object"}}},
+}
+_READINESS = {
+    "type": "object",
+    "required": ["ready", "checks"],
+    "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {
+            "type": "object",
+            "description": "`policy`, `signing_keys`, `secret_backends`, `state`: each with `ok`.",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["ok"],
+                "properties": {"ok": {"type": "boolean"}},
+            },
+        },
+    },
+}
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "post",
+        "/oauth2/token",
+        "exchangeToken",
+        "Token exchange (RFC 8693)",
+        "Exchange a person's SSO token (or a token this broker issued, for delegation) for a "
+        "short-lived agent token. The only grant; no refresh tokens. The caller is an agent: "
+        "HTTP Basic, `private_key_jwt` in the body, or a workload identity as `actor_token`.",
+        "OAuth 2.0",
+        "agent",
+        _TOKEN_RESPONSE,
+        body="form",
+        fields={
+            "grant_type": _string("The token-exchange grant.", enum=[GRANT_TYPE]),
+            "subject_token": _string(
+                "A person's OIDC ID token, JWT access token or SAML assertion, or an agent token "
+                "of this broker (re-exchange for a sub-agent).",
+                minLength=1,
+            ),
+            "subject_token_type": _string(
+                "RFC 8693 token type of `subject_token`.",
+                enum=sorted(str(t) for t in SUBJECT_TOKEN_TYPES),
+            ),
+            "requested_token_type": _string(
+                "Default `access_token`.", enum=sorted(str(t) for t in ISSUABLE_TOKEN_TYPES)
+            ),
+            "scope": _string("Space-separated permissions; omitted: the agent's defaults."),
+            "audience": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Repeatable: logical names of the target services.",
+            },
+            "resource": {
+                "type": "array",
+                "items": {"type": "string", "format": "uri"},
+                "description": "Repeatable (RFC 8707): absolute URIs of the target services.",
+            },
+            "actor_token": _string(
+                "The agent's workload JWT (Kubernetes service account, SPIFFE JWT-SVID)."
+            ),
+            "actor_token_type": _string(
+                "With `actor_token`.", enum=[str(TokenType.JWT), str(TokenType.ACCESS_TOKEN)]
+            ),
+            **_CLIENT_AUTH_FIELDS,
+        },
+        required=("grant_type", "subject_token", "subject_token_type"),
+        repeatable=("audience", "resource"),
+        errors=_POST_ERRORS,
+    ),
+    Operation(
+        "post",
+        "/oauth2/introspect",
+        "introspectToken",
+        "Token introspection (RFC 7662)",
+        "A registered resource server or gateway asks whether an agent token is active for it.",
+        "OAuth 2.0",
+        "resource_server",
+        _INTROSPECTION_RESPONSE,
+        body="form",
+        fields={
+            "token": _AGENT_TOKEN,
+            "token_type_hint": _string("Ignored."),
+            **_CLIENT_AUTH_FIELDS,
+        },
+        required=("token",),
+        errors=_POST_ERRORS,
+    ),
+    Operation(
+        "post",
+        "/oauth2/revoke",
+        "revokeToken",
+        "Token revocation (RFC 7009)",
+        "An agent in the token's chain revokes it and every token derived from it. A token "
+        "that is not valid is not an error (RFC 7009 §2.2).",
+        "OAuth 2.0",
+        "agent",
+        {"type": "object", "maxProperties": 0, "description": "Empty on success."},
+        body="form",
+        fields={
+            "token": _AGENT_TOKEN,
+            "token_type_hint": _string("Ignored."),
+            **_CLIENT_AUTH_FIELDS,
+        },
+        required=("token",),
+        errors=_POST_ERRORS,
+    ),
+    Operation(
+        "post",
+        "/v1/admin/revocations",
+        "revokeByAdmin",
+        "Revoke as an admin",
+        "Revoke one token by `jti` (and its lineage), or every token of a `person` or an `agent` "
+        "issued before `not_before` (default: now). Exactly one of `jti`, `person`, `agent`.",
+        "Admin",
+        "admin",
+        _REVOCATION_RESULT,
+        body="form_or_json",
+        fields={
+            "jti": _string("A token id."),
+            "person": _string("A person id, `<idp>/<subject>`."),
+            "agent": _string("An agent's client id."),
+            "not_before": _string("Seconds since the epoch (a decimal number, as a string)."),
+            **_CLIENT_AUTH_FIELDS,
+        },
+        errors=_POST_ERRORS,
+    ),
+    Operation(
+        "post",
+        "/v1/admin/policy/reload",
+        "reloadPolicy",
+        "Reload the policy now",
+        "Re-read the policy directory; a policy that does not load is refused and the previous "
+        "version keeps serving.",
+        "Admin",
+        "admin",
+        _RELOADED,
+        body="form_or_json",
+        fields=dict(_CLIENT_AUTH_FIELDS),
+        body_required=False,
+        errors=(*_POST_ERRORS, 422),
+    ),
+    Operation(
+        "post",
+        "/v1/credentials/{name}",
+        "fetchCredential",
+        "Fetch a provider credential (gateways)",
+        "A registered gateway presents the agent token it received (`token`) and gets the "
+        "credential that token unlocks, served from the broker's cache. The gateway "
+        "authenticates itself (HTTP Basic or `private_key_jwt`); the agent token travels in "
+        "the body, never as the gateway's own authentication.",
+        "Credentials",
+        "gateway",
+        _CREDENTIAL,
+        body="form_or_json",
+        fields={
+            "token": _AGENT_TOKEN,
+            "rejected_version": _string(
+                "The version the provider just refused: the broker re-checks its store if it "
+                "is the version it holds (at most once a second per credential).",
+                maxLength=256,
+            ),
+            **_CLIENT_AUTH_FIELDS,
+        },
+        required=("token",),
+        query={
+            "version": {
+                "description": "`previous`: the version current before the last rotation, "
+                "while the credential's `previous_version_grace_seconds` allows it.",
+                "schema": {"type": "string", "enum": ["current", "previous"]},
+            }
+        },
+        errors=(*_POST_ERRORS, 403, 404),
+    ),
+    Operation(
+        "post",
+        "/v1/admin/credentials/{name}/refresh",
+        "refreshCredential",
+        "Push refresh after a rotation",
+        "An admin client (a rotation hook) makes the cache re-read the credential now.",
+        "Admin",
+        "admin",
+        _REFRESHED,
+        body="form_or_json",
+        fields=dict(_CLIENT_AUTH_FIELDS),
+        body_required=False,
+        errors=(*_POST_ERRORS, 404),
+    ),
+    Operation(
+        "get",
+        "/.well-known/oauth-authorization-server",
+        "serverMetadata",
+        "Authorization server metadata (RFC 8414)",
+        "Endpoints, grants and client authentication methods.",
+        "Discovery",
+        "anyone",
+        _METADATA,
+        cache="",
+    ),
+    Operation(
+        "get",
+        "/.well-known/jwks.json",
+        "jwks",
+        "The broker's public signing keys",
+        "Resource servers verify agent tokens with these keys.",
+        "Discovery",
+        "anyone",
+        _JWKS,
+        cache="max-age=300",
+    ),
+    Operation(
+        "get",
+        OPENAPI_PATH,
+        "openapi",
+        "This API description (OpenAPI 3.1)",
+        "The document you are reading.",
+        "Discovery",
+        "anyone",
+        {"type": "object", "required": ["openapi", "paths"]},
+        cache="max-age=300",
+    ),
+    Operation(
+        "get",
+        "/healthz",
+        "healthz",
+        "Liveness",
+        "The process answers.",
+        "Operations",
+        "anyone",
+        {"type": "object", "required": ["status"], "properties": {"status": {"enum": ["ok"]}}},
+        cache="",
+    ),
+    Operation(
+        "get",
+        "/readyz",
+        "readyz",
+        "Readiness",
+        "Policy loaded, signing keys published, every secret backend and the state store "
+        "reachable. 503 with the same body when not ready.",
+        "Operations",
+        "anyone",
+        _READINESS,
+        also_answers=(503,),
+    ),
+    Operation(
+        "get",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics",
+        "Unauthenticated: serve it on an internal network only.",
+        "Operations",
+        "anyone",
+        {"type": "string"},
+        cache="",
+        media_type="text/plain",
+    ),
+)
+
+_HEADERS: dict[str, Any] = {
+    "XRequestId": {
+        "description": "The request's id (the caller's `X-Request-Id` when printable and at "
+        "most 64 characters, otherwise one the broker made); every record of the request "
+        "carries it.",
+        "schema": {"type": "string"},
+    },
+    "CacheControl": {"schema": {"type": "string"}},
+    "WWWAuthenticate": {
+        "description": "`Basic realm=\"broker\"` for client authentication, "
+        "`Bearer error=\"invalid_token\"` for a refused agent token.",
+        "schema": {"type": "string"},
+    },
+    "RetryAfter": {"description": "Seconds.", "schema": {"type": "integer", "minimum": 0}},
+}
+_ERROR_HEADERS: Mapping[int, tuple[str, ...]] = {
+    401: ("WWW-Authenticate",),
+    429: ("Retry-After",),
+    503: ("Retry-After",),
+}
+_HEADER_REFS = {
+    "X-Request-Id": "XRequestId",
+    "Cache-Control": "CacheControl",
+    "WWW-Authenticate": "WWWAuthenticate",
+    "Retry-After": "RetryAfter",
+}
+
+
+def _header_refs(names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{_HEADER_REFS[name]}"} for name in names}
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    headers = ("Cache-Control", "X-Request-Id", *_ERROR_HEADERS.get(status, ()))
+    return {
+        "description": _ERROR_TEXT[status],
+        "headers": _header_refs(headers),
+        "content": {JSON: {"schema": {"$ref": "#/components/schemas/OAuthError"}}},
+    }
+
+
+def _request_body(op: Operation) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": dict(op.fields or {})}
+    if op.required:
+        schema["required"] = list(op.required)
+    content: dict[str, Any] = {FORM: {"schema": schema}}
+    if op.repeatable:  # repeated parameters, as RFC 8693 §2.1 allows for these
+        content[FORM]["encoding"] = {
+            name: {"style": "form", "explode": True} for name in op.repeatable
+        }
+    if op.body == "form_or_json":
+        # A JSON object of string members (RFC 7662 style), read exactly like the form.
+        content[JSON] = {"schema": {**schema, "additionalProperties": {"type": "string"}}}
+    return {"required": op.body_required, "content": content}
+
+
+# `{}`: no Authorization header; the client authenticates in the body (`private_key_jwt`), or,
+# at the token endpoint, an agent presents only a workload `actor_token`.
+_CLIENT_SECURITY: list[dict[str, list[str]]] = [{"clientSecretBasic": []}, {}]
+_CALLER_TEXT: Mapping[Caller, str] = {
+    "agent": "Caller: an agent of the policy.",
+    "gateway": "Caller: a gateway of the policy (`gateways:`).",
+    "resource_server": "Caller: a resource server or gateway of the policy.",
+    "admin": "Caller: an admin client of the policy (`admins:`).",
+}
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    caller = _CALLER_TEXT.get(op.caller)
+    doc: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "description": f"{op.description} {caller}" if caller else op.description,
+        "tags": [op.tag],
+        "security": [] if op.caller == "anyone" else _CLIENT_SECURITY,
+    }
+    parameters: list[dict[str, Any]] = []
+    if "{name}" in op.path:
+        parameters.append(
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "description": "A credential name of the policy.",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        )
+    for name, spec in (op.query or {}).items():
+        parameters.append({"name": name, "in": "query", "required": False, **spec})
+    if op.method == "post":
+        parameters.append({"$ref": "#/components/parameters/XRequestId"})
+        doc["requestBody"] = _request_body(op)
+    if parameters:
+        doc["parameters"] = parameters
+    success_headers = ("Cache-Control",) if op.cache else ()
+    if op.method == "post":
+        success_headers = ("Cache-Control", "X-Request-Id")
+    ok = {
+        "description": "Success.",
+        "content": {op.media_type: {"schema": op.response}},
+    }
+    if success_headers:
+        ok["headers"] = _header_refs(success_headers)
+    responses: dict[str, Any] = {"200": ok}
+    for status in op.also_answers:
+        responses[str(status)] = {
+            "description": "Not ready; the body says which check failed.",
+            "content": {op.media_type: {"schema": op.response}},
+        }
+    for status in sorted(op.errors):
+        responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
+    doc["responses"] = responses
+    return doc
+
+
+def openapi_document(issuer: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route, for a broker whose issuer is `issuer`."""
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    statuses = sorted({status for op in OPERATIONS for status in op.errors})
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Agent identity broker",
+            "version": "1",
+            "description": "RFC 8693 token exchange for agents acting for people, provider "
+            "credentials for gateways, revocation and introspection. Client authentication: "
+            "HTTP Basic (`client_secret_basic`) or `private_key_jwt` (RFC 7523: the form or "
+            "JSON members `client_assertion_type` and `client_assertion`). Errors are RFC 6749 "
+            "§5.2 JSON bodies.",
+        },
+        "servers": [{"url": issuer}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "clientSecretBasic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "`client_secret_basic` (RFC 6749 §2.3.1): the client id and "
+                    "secret, each form-urlencoded before Basic encoding. Alternatively, "
+                    "`private_key_jwt` in the body (`client_assertion_type`, "
+                    "`client_assertion`).",
+                }
+            },
+            "parameters": {
+                "XRequestId": {
+                    "name": "X-Request-Id",
+                    "in": "header",
+                    "required": False,
+                    "description": "The caller's request id, echoed and recorded when printable "
+                    "and at most 64 characters.",
+                    "schema": {"type": "string"},
+                }
+            },
+            "headers": _HEADERS,
+            "schemas": {
+                "OAuthError": {
+                    "type": "object",
+                    "description": "RFC 6749 §5.2 error response.",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {"type": "string", "pattern": _ERROR_CODE},
+                        "error_description": {"type": "string"},
+                        "error_uri": {"type": "string", "format": "uri"},
+                    },
+                }
+            },
+            "responses": {f"Error{status}": _error_response(status) for status in statuses},
+        },
+    }
