@@ -6,13 +6,16 @@ Routes translate HTTP to domain calls and domain errors to RFC 6749 §5.2 respon
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 from fastapi import FastAPI, Request
@@ -25,6 +28,7 @@ from broker.audit import (
     AuditUnavailable,
     DecisionLog,
     DecisionSink,
+    NonFiniteValue,
     build_sinks,
     recorded_request_var,
 )
@@ -264,6 +268,24 @@ def _error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+CLAIMED_CLIENT_ID_CHARS = 64
+
+
+def claimed_client_id(headers: Mapping[str, str], form: Mapping[str, str] | None) -> str | None:
+    """The client id an unauthenticated caller claimed (form ``client_id``, else the user part
+    of HTTP Basic), cut to 64 characters; never the secret. Unverified: for the record only."""
+    claimed = form.get("client_id") if form is not None else None
+    if claimed is None:
+        scheme, _, encoded = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and encoded:
+            try:
+                decoded = base64.b64decode(encoded.strip()[:512], validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                decoded = ""
+            claimed = unquote(decoded.partition(":")[0]) or None
+    return claimed[:CLAIMED_CLIENT_ID_CHARS] if claimed else None
+
+
 def authorization_server_metadata(settings: BrokerSettings) -> dict[str, Any]:
     """RFC 8414 metadata."""
     issuer = settings.issuer
@@ -338,31 +360,79 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error: %s", type(exc).__name__)  # no message: it may hold data
+        # The POST endpoints record their own failures; what reaches here is a fixed GET path
+        # (cut short all the same: the path is the caller's).
+        route = getattr(request.scope.get("route"), "path", None) or request.url.path[:128]
+        record_failure(route, exc, None, None, request)
         return _error_response(ServerError("internal error"), settings)
 
     def _request_id(request: Request) -> str:
         supplied = request.headers.get("x-request-id", "")
         return supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
 
+    def _caller(
+        request: Request, client: AuthenticatedClient | None, form: OAuthForm | None
+    ) -> dict[str, Any]:
+        """Who asked: the authenticated client, else only the client id it claimed (bounded,
+        unverified) and the source address. Nothing else an unauthenticated caller sent is
+        recorded."""
+        if client is not None:
+            return {"client_id": client.client_id, "client_kind": client.kind}
+        return {
+            "claimed_client_id": claimed_client_id(request.headers, form),
+            "source": request.client.host if request.client else None,
+        }
+
     def record_refusal(
-        route: str, err: OAuthError, client: AuthenticatedClient | None, request_id: str
+        route: str,
+        err: OAuthError,
+        client: AuthenticatedClient | None,
+        request_id: str,
+        request: Request,
+        form: OAuthForm | None,
     ) -> None:
         """A refusal no domain handler recorded (failed client authentication, a malformed
-        body, an admin call by a non-admin...): one ``request.denied`` record."""
+        body, an admin call by a non-admin...): one ``request.denied`` record. Before the caller
+        is authenticated it names the route template, the error and the claimed client id only
+        (the description is the broker's own words, bounded like every record field)."""
         services.decisions.record(
             "request.denied",
             outcome="denied",
             route=route,
-            client_id=client.client_id if client else None,
-            client_kind=client.kind if client else None,
+            **_caller(request, client, form),
             error=err.error,
             reason=err.reason,
             description=err.description,
             request_id=request_id,
             policy_version=services.policies.current().version,
         )
+
+    def record_failure(
+        route: str,
+        exc: BaseException,
+        client: AuthenticatedClient | None,
+        request_id: str | None,
+        request: Request,
+        form: OAuthForm | None = None,
+    ) -> None:
+        """An unexpected failure (a 500): one ``request.failed`` record naming the route and the
+        exception's type (never its message: it may hold data). When the trail itself cannot be
+        written there is nothing more to do than log it."""
+        try:
+            services.decisions.record(
+                "request.failed",
+                outcome="failed",
+                route=route,
+                **_caller(request, client, form),
+                error="server_error",
+                reason="non_finite_value" if isinstance(exc, NonFiniteValue) else "unexpected",
+                exception=type(exc).__name__,
+                request_id=request_id,
+            )
+        except Exception as record_exc:
+            log.error("a failed request could not be recorded: %s", type(record_exc).__name__)
 
     Handler = Callable[[Request, OAuthForm, AuthenticatedClient | None, str], Awaitable[dict]]
 
@@ -411,6 +481,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
 
         async def handle(request: Request, request_id: str) -> JSONResponse:
             client: AuthenticatedClient | None = None
+            form: OAuthForm | None = None
             try:
                 if json_body:
                     form = await read_form_or_json(request, max_bytes=max_body)
@@ -421,8 +492,19 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
                 body = await handler(request, form, client, request_id)
             except OAuthError as err:
                 if recorded_request_var.get() != request_id:
-                    record_refusal(route, err, client, request_id)
+                    record_refusal(route, err, client, request_id, request, form)
                 return _error_response(err, settings, request_id)
+            except AuditUnavailable:
+                raise  # the trail cannot be written: nothing to record it in (the edge answers)
+            except Exception as exc:  # every failed request leaves a record, then a plain 500
+                log.error("unexpected error: %s", type(exc).__name__)
+                record_failure(route, exc, client, request_id, request, form)
+                message = (
+                    "the decision could not be recorded faithfully (a non-finite number); refused"
+                    if isinstance(exc, NonFiniteValue)
+                    else "internal error"
+                )
+                return _error_response(ServerError(message), settings, request_id)
             return JSONResponse(body, headers={**_NO_STORE, "X-Request-Id": request_id})
 
         return endpoint
@@ -459,6 +541,8 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     async def fetch_credential(
         request: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
     ) -> dict:
+        if client is None:  # record little before the caller is known: not the name it asked
+            raise InvalidClient("gateway authentication is required")
         return await services.credentials.fetch(
             request.path_params["name"],
             form,

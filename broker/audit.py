@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -82,10 +83,119 @@ _FORBIDDEN_KEYS = frozenset(
 
 
 def canonical_json(record: Mapping[str, Any]) -> bytes:
-    """The bytes a record's hash is computed over (stable across a JSON round trip)."""
+    """The bytes a record's hash is computed over (stable across a JSON round trip). NaN and
+    the infinities are not JSON: they raise ``ValueError`` (`bound_fields` removes them first)."""
     return json.dumps(
-        record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
+        record,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+        default=str,
     ).encode("ascii")
+
+
+# ------------------------------------------------------------------------------------ bounding
+
+MAX_STRING_CHARS = 256
+"""Longer strings in a record are cut to this many characters and end with ``…``."""
+MAX_ITEMS = 32
+"""Lists (and objects) in a record keep at most this many items."""
+MAX_DEPTH = 4
+"""Values nested deeper than this are replaced by ``"…"``."""
+MAX_RECORD_BYTES = 8192
+"""A record still larger than this after bounding is bounded again, tighter (64 chars, 8 items)."""
+TRUNCATION_MARK = "\u2026"
+_BIG_INT = 10**18
+
+
+class NonFiniteValue(ValueError):
+    """A record would have carried NaN or an infinity. The record was written without those
+    values (named in its ``invalid_values``); the request it belongs to must fail."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        super().__init__(f"non-finite number(s) at {', '.join(paths)} left out of the record")
+        self.paths = tuple(paths)
+
+
+class _Omit:
+    pass
+
+
+_OMIT = _Omit()
+
+
+class _Bounder:
+    def __init__(self, max_string: int, max_items: int, max_depth: int) -> None:
+        self.max_string, self.max_items, self.max_depth = max_string, max_items, max_depth
+        self.truncated: dict[str, int] = {}
+        self.non_finite: list[str] = []
+
+    def _string(self, value: str, path: str) -> str:
+        if len(value) <= self.max_string:
+            return value
+        self.truncated[path] = len(value)
+        return value[: self.max_string] + TRUNCATION_MARK
+
+    def value(self, value: Any, path: str, depth: int) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return value if -_BIG_INT < value < _BIG_INT else self._string(str(value), path)
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return value
+            self.non_finite.append(path)
+            return _OMIT
+        if isinstance(value, str):
+            return self._string(value, path)
+        if isinstance(value, Mapping | list | tuple | set | frozenset):
+            if depth >= self.max_depth:
+                self.truncated[path] = len(value)
+                return TRUNCATION_MARK
+            if isinstance(value, Mapping):
+                items = list(value.items())
+                kept: Any = {}
+                for key, item in items[: self.max_items]:
+                    name = self._string(str(key), f"{path}.<key>")
+                    bounded = self.value(item, f"{path}.{name}", depth + 1)
+                    if bounded is not _OMIT:
+                        kept[name] = bounded
+            else:
+                items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+                items = list(items)
+                kept = [
+                    bounded
+                    for i, item in enumerate(items[: self.max_items])
+                    if (bounded := self.value(item, f"{path}[{i}]", depth + 1)) is not _OMIT
+                ]
+            if len(items) > self.max_items:
+                self.truncated[path] = len(items)
+            return kept
+        return self._string(str(value), path)
+
+
+def bound_fields(
+    fields: Mapping[str, Any],
+    *,
+    max_string: int = MAX_STRING_CHARS,
+    max_items: int = MAX_ITEMS,
+    max_depth: int = MAX_DEPTH,
+) -> tuple[dict[str, Any], dict[str, int], list[str]]:
+    """Caller-supplied values bounded before they reach a record: ``(fields, truncated,
+    non_finite)``. Strings longer than `max_string` are cut (ending in ``…``), lists and objects
+    keep `max_items` items, nesting stops at `max_depth`; `truncated` maps each shortened value's
+    path to its original length (characters or items). NaN and infinities are left out and their
+    paths returned: a record must never hold what JSON cannot."""
+    bounder = _Bounder(max_string, max_items, max_depth)
+    bounded: dict[str, Any] = {}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        kept = bounder.value(value, key, 1)
+        if kept is not _OMIT:
+            bounded[key] = kept
+    return bounded, bounder.truncated, bounder.non_finite
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -128,7 +238,9 @@ class StreamSink:
         self._stream = stream or sys.stdout
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self._stream.write(
+            json.dumps(record, separators=(",", ":"), allow_nan=False, default=str) + "\n"
+        )
         self._stream.flush()
 
     def write_line(self, record: Mapping[str, Any], line: bytes) -> None:
@@ -143,7 +255,7 @@ class LoggingSink:
         self._logger = logger or logging.getLogger("broker.audit")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._logger.info(json.dumps(record, separators=(",", ":"), default=str))
+        self._logger.info(json.dumps(record, separators=(",", ":"), allow_nan=False, default=str))
 
 
 class MemorySink:
@@ -584,13 +696,20 @@ class DecisionLog:
         reserved = set(_CHAIN_FIELDS).intersection(fields)
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by the audit chain")
+        bounded, truncated, non_finite = bound_fields(fields)
+        if len(canonical_json(bounded)) > MAX_RECORD_BYTES:
+            bounded, truncated, non_finite = bound_fields(fields, max_string=64, max_items=8)
         record = {
             "time": datetime.fromtimestamp(self._clock.now(), UTC).isoformat(
                 timespec="milliseconds"
             ),
             "event": event,
-            **{k: v for k, v in fields.items() if v is not None},
+            **bounded,
         }
+        if truncated:
+            record["truncated"] = truncated
+        if non_finite:
+            record["invalid_values"] = non_finite
         with self._lock:  # one chain position per record, written in chain order
             record.update(chain=self.chain, seq=self._seq, prev=self._prev)
             record["hash"], line = chained_line(record)
@@ -601,6 +720,8 @@ class DecisionLog:
         request_id = fields.get("request_id")
         if request_id is not None:
             recorded_request_var.set(request_id)
+        if non_finite:  # recorded without them; the decision itself must not stand
+            raise NonFiniteValue(non_finite)
         return record
 
     def _last_written(self) -> int:

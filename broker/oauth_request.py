@@ -18,6 +18,9 @@ from broker.errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 JSON_CONTENT_TYPE = "application/json"
 MAX_FIELDS = 64
+MAX_JSON_DEPTH = 32
+"""Deeper JSON is refused before it is parsed: ``json.loads`` recurses once per level, so
+``[`` x 5000 would exhaust the interpreter's recursion limit (a 500) instead of a 400."""
 
 
 class OAuthForm(Mapping[str, str]):
@@ -91,6 +94,32 @@ async def read_form(
     return _parse_form(await _read_body(request, max_bytes), repeatable)
 
 
+def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `body` nests arrays or objects deeper than `limit` (brackets inside strings do
+    not count). Linear in the body, no recursion; a body with few brackets is not scanned."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
 async def read_form_or_json(request: Request, *, max_bytes: int) -> OAuthForm:
     """A form body, or a JSON object of string members (as gateways often send, RFC 7662 style).
     An empty body gives an empty form."""
@@ -102,11 +131,13 @@ async def read_form_or_json(request: Request, *, max_bytes: int) -> OAuthForm:
         raise UnsupportedMediaType(
             f"the request body must be {FORM_CONTENT_TYPE} or {JSON_CONTENT_TYPE}"
         )
+    if json_depth_exceeds(body):
+        raise InvalidRequest(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
     try:
         # Objects become lists of pairs, so a member given twice is caught like a repeated form
         # parameter instead of silently keeping the last one.
         pairs = json.loads(body, object_pairs_hook=list)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidRequest("the request body is not well-formed JSON") from None
     if not isinstance(pairs, list) or not body.lstrip().startswith(b"{"):
         raise InvalidRequest("the request body must be a JSON object")

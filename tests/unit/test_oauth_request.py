@@ -8,7 +8,7 @@ import pytest
 from starlette.requests import Request
 
 from broker.errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType
-from broker.oauth_request import read_form
+from broker.oauth_request import json_depth_exceeds, read_form, read_form_or_json
 
 
 def _request(
@@ -69,3 +69,20 @@ def test_oversized_body_is_refused_while_streaming() -> None:
 def test_malformed_bodies(body: bytes) -> None:
     with pytest.raises(InvalidRequest):
         _read(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 5000, b'{"a":' * 5000, b'{"a":' + b"[" * 33 + b"]" * 33 + b"}", b"[" * 100_000],
+)
+def test_deeply_nested_json_is_refused_before_parsing(body: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="deeper than 32"):
+        asyncio.run(read_form_or_json(_request(body, "application/json"), max_bytes=1 << 20))
+
+
+def test_brackets_inside_json_strings_do_not_count_as_depth() -> None:
+    body = b'{"token": "' + b"[{" * 200 + b'\\"]"}'
+    assert not json_depth_exceeds(body)
+    form = asyncio.run(read_form_or_json(_request(body, "application/json"), max_bytes=1 << 20))
+    assert form["token"].startswith("[{[{")
+    assert json_depth_exceeds(b"[" * 33) and not json_depth_exceeds(b"[" * 32 + b"]" * 32)
