@@ -49,6 +49,9 @@ class AuthenticatedClient:
     client_id: str
     kind: ClientKind
     method: Literal["client_secret_basic", "private_key_jwt", "workload_identity"]
+    issued_at: float | None = None
+    """When the presented credential was issued (a client assertion's or a workload token's
+    ``iat``); None for a client secret or a credential without ``iat``."""
 
 
 class SecretReferenceResolver:
@@ -250,7 +253,7 @@ class ClientAuthenticator:
         now = self._clock.now()
         exp = float(claims["exp"])
         iat = claims.get("iat")
-        issued = float(iat) if isinstance(iat, int | float) else now
+        issued = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else now
         if exp - issued > self._assertion_max_lifetime or exp - now > self._assertion_max_lifetime:
             raise InvalidClient(
                 f"client assertion lifetime exceeds {self._assertion_max_lifetime} seconds"
@@ -270,7 +273,9 @@ class ClientAuthenticator:
             raise InvalidClient(
                 "client assertion has already been used (jti replay)", reason="assertion_replay"
             )
-        return AuthenticatedClient(client_id, kind, "private_key_jwt")
+        return AuthenticatedClient(
+            client_id, kind, "private_key_jwt", issued_at=issued if iat is not None else None
+        )
 
 
 class WorkloadActorResolver:
@@ -302,7 +307,9 @@ class WorkloadActorResolver:
         for name, agent in self._policy().agents.items():
             for binding in agent.spec.workload_identities:
                 if binding.issuer == identity.issuer_name and binding.subject == identity.subject:
-                    return AuthenticatedClient(name, "agent", "workload_identity")
+                    return AuthenticatedClient(
+                        name, "agent", "workload_identity", issued_at=identity.issued_at
+                    )
         raise InvalidClient(
             "no agent is bound to this workload identity",
             debug=f"{identity.issuer_name}:{identity.subject}",

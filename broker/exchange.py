@@ -29,7 +29,7 @@ from broker.errors import (
 )
 from broker.oauth_request import OAuthForm
 from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
-from broker.revocation import Revocations, check_not_revoked
+from broker.revocation import Revocations, check_exchange_allowed
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer
 from broker.tracing import SilentTracer
@@ -61,6 +61,9 @@ class Subject:
 
     provenance: Provenance
     parent: BrokerToken | None
+    vouched_at: int | None = None
+    """For a person's SSO token: the earliest time it vouches for (sign-in, else issue),
+    compared with the person's revocation time."""
 
 
 class SubjectTokenVerifier:
@@ -129,7 +132,7 @@ class SubjectTokenVerifier:
                 if isinstance(exc, ReplayCheckUnavailable)
                 else "idp_unavailable",
             ) from None
-        return Subject(Provenance.from_principal(principal), None)
+        return Subject(Provenance.from_principal(principal), None, principal.earliest_time)
 
     async def _verify_broker_token(self, raw: str, token_type: TokenType) -> Subject:
         """A re-exchange: a token this broker issued, presented by a sub-agent."""
@@ -287,8 +290,6 @@ class TokenExchangeGrant:
             subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
         provenance = subject.provenance
         parent = subject.parent
-        if parent is not None:
-            await check_not_revoked(self._revocations, parent, InvalidGrant)
         record.update(
             person=provenance.person_id,
             idp=provenance.idp,
@@ -296,6 +297,16 @@ class TokenExchangeGrant:
             # it asserted and when the person signed in (immutable through every hop).
             provenance=provenance.to_claim(),
             parent_jti=parent.jti if parent else None,
+        )
+        # One state round trip: the parent token, the person, every agent of the chain and
+        # the asking agent (and what its credential was issued at) against revocations.
+        await check_exchange_allowed(
+            self._revocations,
+            person=provenance.person_id,
+            subject_time=subject.vouched_at,
+            parent=parent,
+            actor=actor.client_id,
+            actor_credential_time=actor.issued_at,
         )
 
         with self._tracer.start_as_current_span("policy decision") as span:

@@ -27,9 +27,11 @@ from broker.audit import DecisionLog
 from broker.clock import Clock
 from broker.errors import (
     InvalidClient,
+    InvalidGrant,
     InvalidRequest,
     OAuthError,
     TemporarilyUnavailable,
+    UnauthorizedClient,
 )
 from broker.oauth_request import OAuthForm
 from broker.state import StateStore, StateUnavailable
@@ -42,9 +44,14 @@ if TYPE_CHECKING:
 
 
 class TokenRevoked(Exception):
-    def __init__(self, reason: str) -> None:
+    """`reason` is a sentence for the caller; `code` says what is revoked: ``token_revoked``
+    (a token or its person/agents), ``subject_revoked`` (a person's SSO token from before their
+    revocation) or ``agent_revoked`` (the agent asking for a token)."""
+
+    def __init__(self, reason: str, code: str = "token_revoked") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 ENTRY_MARGIN_SECONDS = 1.0
@@ -76,6 +83,39 @@ async def check_not_revoked(
         await revocations.check(token)
     except TokenRevoked as exc:
         raise error(f"token revoked: {exc.reason}", reason="token_revoked") from None
+    except StateUnavailable:
+        raise TemporarilyUnavailable(
+            "revocation state cannot be checked right now; refusing (fail closed)",
+            reason="state_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def check_exchange_allowed(
+    revocations: Revocations,
+    *,
+    person: str,
+    subject_time: float | None,
+    parent: BrokerToken | None,
+    actor: str,
+    actor_credential_time: float | None,
+) -> None:
+    """`Revocations.check_exchange` in the protocol's terms: ``invalid_grant`` for a revoked
+    subject, ``unauthorized_client`` for a revoked agent, 503 when unknowable (fail closed)."""
+    try:
+        await revocations.check_exchange(
+            person=person,
+            subject_time=subject_time,
+            parent=parent,
+            actor=actor,
+            actor_credential_time=actor_credential_time,
+        )
+    except TokenRevoked as exc:
+        if exc.code == "agent_revoked":
+            raise UnauthorizedClient(exc.reason, reason=exc.code) from None
+        if exc.code == "subject_revoked":
+            raise InvalidGrant(exc.reason, reason=exc.code) from None
+        raise InvalidGrant(f"token revoked: {exc.reason}", reason=exc.code) from None
     except StateUnavailable:
         raise TemporarilyUnavailable(
             "revocation state cannot be checked right now; refusing (fail closed)",
@@ -118,6 +158,9 @@ class Revocations:
         )
         self._recheck_after = recheck_after
         self._not_revoked_until: LRUCache[str, float] = LRUCache(maxsize=10_000)
+        self._exchange_clear_until: LRUCache[tuple[tuple[str, ...], ...], float] = LRUCache(
+            maxsize=10_000
+        )
 
     async def check(self, token: BrokerToken) -> None:
         """Raise `TokenRevoked` when the token, an ancestor, its person or one of its agents is
@@ -135,6 +178,71 @@ class Revocations:
             raise TokenRevoked("tokens of this person or agent issued before a revocation time")
         if self._recheck_after:
             self._not_revoked_until[token.jti] = now + self._recheck_after
+
+    async def check_exchange(
+        self,
+        *,
+        person: str,
+        subject_time: float | None,
+        parent: BrokerToken | None,
+        actor: str,
+        actor_credential_time: float | None,
+    ) -> None:
+        """Everything an exchange presents, in one state round trip. Raise `TokenRevoked` when
+
+        - the parent token (a re-exchange) is revoked, by id, lineage, person or agent;
+        - the person's SSO token vouches for a time (sign-in, else issue) before the person's
+          not-before, or for no time at all while the person has one (fail closed);
+        - the asking agent has a not-before and: it is less than the maximum token lifetime ago
+          (every token the agent held before has expired only then: until that moment it gets
+          no token, whatever credential it presents), or the credential it presents (client
+          assertion, workload token) was issued before it.
+
+        Raises `StateUnavailable` when that cannot be known. A clear answer (no entry for any
+        of them) is remembered like `check`'s, for under a second.
+        """
+        token_ids = (parent.jti, *parent.lineage) if parent is not None else ()
+        person_k = person_key(person)
+        chain = tuple(agent_key(a) for a in parent.actor_chain) if parent is not None else ()
+        actor_k = agent_key(actor)
+        subjects = tuple(dict.fromkeys((person_k, *chain, actor_k)))
+        remembered = (token_ids, subjects)
+        monotonic = self._clock.monotonic()
+        if self._exchange_clear_until.get(remembered, 0.0) > monotonic:
+            return
+        status = await self._state.revocation_status(token_ids, subjects)
+        if parent is not None:
+            if not status.revoked_ids.isdisjoint(token_ids):
+                which = (
+                    "this token" if parent.jti in status.revoked_ids else "a token it derives from"
+                )
+                raise TokenRevoked(f"{which} has been revoked")
+            if status.revokes((), (person_k, *chain), parent.issued_at):
+                raise TokenRevoked("tokens of this person or agent issued before a revocation time")
+        else:
+            person_before = status.not_before.get(person_k)
+            if person_before is not None and (subject_time is None or subject_time < person_before):
+                raise TokenRevoked(
+                    "the subject token predates the person's revocation (its sign-in or issue "
+                    "time is before it); the person must sign in again",
+                    "subject_revoked",
+                )
+        agent_before = status.not_before.get(actor_k)
+        if agent_before is not None:
+            lockout_end = agent_before + self._max_lifetime
+            if self._clock.now() < lockout_end:
+                raise TokenRevoked(
+                    f"agent {actor!r} has been revoked; it gets no token before "
+                    f"{int(lockout_end) + 1} (seconds since the epoch)",
+                    "agent_revoked",
+                )
+            if actor_credential_time is not None and actor_credential_time < agent_before:
+                raise TokenRevoked(
+                    f"the credential agent {actor!r} presented was issued before its revocation",
+                    "agent_revoked",
+                )
+        if self._recheck_after and not status.revoked_ids and not status.not_before:
+            self._exchange_clear_until[remembered] = monotonic + self._recheck_after
 
     def valid_not_before(self, value: float | None) -> float:
         """An admin's not-before, or now. Refused (`InvalidRequest`, before anything changes)
@@ -178,7 +286,9 @@ class Revocations:
                 request.kind: request.value,
                 "issued_before": not_before,
             }
-        self._not_revoked_until.clear()  # after the write: holds in this process at once
+        # After the write: holds in this process at once.
+        self._not_revoked_until.clear()
+        self._exchange_clear_until.clear()
         self._decisions.record(
             "token.revoked",
             outcome="revoked",

@@ -37,6 +37,15 @@ class Principal:
     expires_at: int
     auth_time: int | None = None
     attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    issued_at: int | None = None
+    """When the IdP issued the token (JWT ``iat``, SAML ``IssueInstant``)."""
+
+    @property
+    def earliest_time(self) -> int | None:
+        """The earliest instant the token vouches for (sign-in, else issue): what a person's
+        revocation time is compared with. None when the token carries neither."""
+        times = [t for t in (self.auth_time, self.issued_at) if t is not None]
+        return min(times) if times else None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", _frozen_mapping(self.attributes))

@@ -174,6 +174,7 @@ class OidcAdapter:
 
     def _principal(self, claims: dict[str, Any], token_type: TokenType) -> Principal:
         auth_time = claims.get("auth_time")
+        iat = claims.get("iat")
         return Principal(
             idp=self._config.name,
             subject=subject_from(claims, self._mapping.subject),
@@ -184,4 +185,7 @@ class OidcAdapter:
             if isinstance(auth_time, int) and not isinstance(auth_time, bool)
             else None,
             attributes=extract_attributes(claims, self._mapping),
+            issued_at=int(iat)
+            if isinstance(iat, int | float) and not isinstance(iat, bool)
+            else None,
         )

@@ -655,7 +655,8 @@ class SamlAdapter:
         assertion_id = signed.get("ID") or ""
         if not assertion_id.isprintable():
             raise TokenRejected("assertion has no usable ID")
-        if _saml_time(signed.get("IssueInstant"), "IssueInstant") > now + skew:
+        issued_at = _saml_time(signed.get("IssueInstant"), "IssueInstant")
+        if issued_at > now + skew:
             raise TokenRejected("assertion was issued in the future")
         self._check_issuer(signed)
         confirmation_end = self._check_subject_confirmation(signed, now, skew)
@@ -681,6 +682,7 @@ class SamlAdapter:
             expires_at=int(expires_at),
             auth_time=int(auth_time),
             attributes=_profile_attributes(attributes, self._mapping),
+            issued_at=int(issued_at),
         )
         return assertion_id, principal, acceptable_until + skew
 

@@ -54,6 +54,8 @@ class WorkloadIdentity:
     issuer_name: str
     subject: str
     expires_at: int
+    issued_at: int | None = None
+    """The token's ``iat`` (optional in a JWT-SVID)."""
 
 
 def is_workload_spiffe_id(value: str) -> bool:
@@ -127,6 +129,12 @@ class WorkloadVerifier:
             raise TokenRejected("token subject is not a Kubernetes service account")
         if not kubernetes and not is_workload_spiffe_id(subject):
             raise TokenRejected("token subject is not a workload SPIFFE ID")
+        iat = claims.get("iat")
         return WorkloadIdentity(
-            issuer_name=self._config.name, subject=subject, expires_at=int(claims["exp"])
+            issuer_name=self._config.name,
+            subject=subject,
+            expires_at=int(claims["exp"]),
+            issued_at=int(iat)
+            if isinstance(iat, int | float) and not isinstance(iat, bool)
+            else None,
         )

@@ -62,6 +62,7 @@ async def test_id_token_via_discovery(dev_idp: Any) -> None:
     assert principal.token_type is TokenType.ID_TOKEN
     assert principal.attributes == {"email": "alice@example.com", "name": "Alice Example"}
     assert principal.auth_time == int(dev_idp.clock.now())
+    assert principal.issued_at == int(dev_idp.clock.now())  # iat, for revocation checks
     assert principal.expires_at == int(dev_idp.clock.now()) + 3600
     assert (dev_idp.discovery_hits, dev_idp.jwks_hits) == (1, 1)
 

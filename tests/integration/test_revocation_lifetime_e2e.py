@@ -3,7 +3,9 @@
 A real broker over HTTP, with the largest clock leeway the settings allow and very short token
 lifetimes, on the in-memory state store and on a real ``redis-server``. The broker's clock is the
 system clock plus an offset the test moves, so time can jump past a token's expiry; where Redis
-must expire an entry by itself, real time passes too.
+must expire an entry by itself, real time passes too. Covered: broker tokens after ``exp``, a
+revoked person's SSO tokens, a revoked agent's fresh exchanges and older credentials, admin input,
+and the RFC 7009 answer.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.client_secrets import generate_client_secret, hash_client_secret
 from tests.support.harness import (
     ACCESS_TOKEN,
     EXAMPLE_SECRET_VARIABLES,
+    TICKETS,
     RunningBroker,
     example_client_secrets,
     exchange_form,
@@ -29,11 +34,16 @@ from tests.support.harness import (
     serve_idp,
     write_provider_keys,
 )
+from tests.support.jose import public_jwk
 from tests.support.servers import RedisServer
 
 LIFETIME = 3
+ASSERTION_LIFETIME = 60  # longer than a token: an assertion can outlive an agent's lockout
 LEEWAY = 300  # the largest `tokens.leeway_seconds` allowed
 ADMIN = ("lifetime-admin", generate_client_secret())
+PK_AGENT = "pk-agent"
+PK_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 
 
 class OffsetClock:
@@ -99,6 +109,32 @@ class Stack:
         )
         return bool(response.json()["active"])
 
+    def assertion(self, issued_at: float) -> dict[str, str]:
+        """Client authentication for `PK_AGENT`: a fresh assertion issued at `issued_at`."""
+        claims = {
+            "iss": PK_AGENT,
+            "sub": PK_AGENT,
+            "aud": self.broker.token_endpoint,
+            "iat": int(issued_at),
+            "exp": int(issued_at) + ASSERTION_LIFETIME - 5,
+            "jti": uuid.uuid4().hex,
+        }
+        return {
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": jwt.encode(claims, PK_KEY, "RS256", headers={"kid": "pk-1"}),
+        }
+
+    def revoke(self, **target: str) -> None:
+        response = httpx.post(f"{self.broker.url}/v1/admin/revocations", json=target, auth=ADMIN)
+        assert response.status_code == 200, response.text
+
+    def denials(self) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.broker.decisions.records
+            if r["event"] == "token.exchange" and r["outcome"] == "denied"
+        ]
+
     def wait_until(self, instant: float) -> None:
         """Let real time pass until the broker's clock reads `instant` (Redis expires entries
         by real time)."""
@@ -131,6 +167,19 @@ def stack(
     secrets_file = tmp_path / "dev-secrets.yaml"
     write_provider_keys(secrets_file, "sk-test-openai")
     admin = {
+        "agents": {
+            PK_AGENT: {
+                "authentication": {
+                    "method": "private_key_jwt",
+                    "jwks": {"keys": [public_jwk(PK_KEY, "pk-1")]},
+                    "algorithms": ["RS256"],
+                },
+                "ceiling": ["tickets:read"],
+                "default_scopes": ["tickets:read"],
+                "audiences": [TICKETS],
+                "act_for": ["group:dev/support"],
+            }
+        },
         "admins": {
             ADMIN[0]: {
                 "authentication": {
@@ -138,7 +187,7 @@ def stack(
                     "secret_hash": hash_client_secret(ADMIN[1], method="sha256"),
                 }
             }
-        }
+        },
     }
     clock = OffsetClock()
     with (
@@ -152,7 +201,7 @@ def stack(
             allow_development_components=True,
             tokens={
                 "max_lifetime_seconds": LIFETIME,
-                "client_assertion_max_lifetime_seconds": LIFETIME,
+                "client_assertion_max_lifetime_seconds": ASSERTION_LIFETIME,
                 "leeway_seconds": LEEWAY,
             },
             state=state,
@@ -250,3 +299,85 @@ def test_rfc7009_answers_alike_for_garbage_and_a_token_the_caller_does_not_hold(
     assert all(r["outcome"] == "not_revoked" and r["by"] == "coding-agent" for r in records)
     assert "garbage" not in str(stack.broker.decisions.records)
     assert agent not in str(stack.broker.decisions.records)
+
+
+def test_a_revoked_persons_sso_tokens_cannot_be_exchanged_again(stack: Stack) -> None:
+    signed_in_at = stack.clock.now()
+    id_token = stack.idp.mint("dave")
+    access_token = stack.idp.mint("dave", token_type="access_token")
+    for sso, kind in ((id_token, ID_TOKEN), (access_token, ACCESS_TOKEN)):
+        assert stack.exchange(sso, stack.triage, kind).status_code == 200
+    stack.clock.advance(1.0)
+    stack.revoke(person="dev/dave")
+    stack.clock.advance(1.0)
+    # Still valid for an hour, but issued before the revocation; and a token issued after it
+    # (an IdP refresh) for a sign-in before it.
+    refreshed = stack.idp.mint("dave", extra_claims={"auth_time": int(signed_in_at)})
+    for sso, kind in ((id_token, ID_TOKEN), (access_token, ACCESS_TOKEN), (refreshed, ID_TOKEN)):
+        refused = stack.exchange(sso, stack.triage, kind)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "invalid_grant"
+        assert "sign in again" in refused.json()["error_description"]
+    denied = stack.denials()[-3:]
+    assert [r["reason"] for r in denied] == ["subject_revoked"] * 3
+    assert all(r["person"] == "dev/dave" for r in denied)
+
+    assert stack.exchange(stack.idp.mint("dave"), stack.triage, ID_TOKEN).status_code == 200
+    assert stack.exchange(stack.idp.mint("alice"), stack.triage, ID_TOKEN).status_code == 200
+
+
+def test_a_revoked_agent_gets_no_token_until_its_tokens_expired_nor_with_older_credentials(
+    stack: Stack,
+) -> None:
+    sso = stack.idp.mint("alice")
+    old_assertion = stack.assertion(stack.clock.now())  # made, not yet used
+    assert stack.exchange(sso, stack.triage, ID_TOKEN).status_code == 200
+    stack.clock.advance(1.0)
+    revoked_at = stack.clock.now()
+    stack.revoke(agent="triage-agent")
+    stack.revoke(agent=PK_AGENT)
+
+    # Locked out, whatever the credential, until every token it held has expired.
+    refused = [
+        stack.exchange(sso, stack.triage, ID_TOKEN),
+        httpx.post(
+            stack.broker.token_endpoint,
+            data={**exchange_form(sso, ID_TOKEN), **stack.assertion(revoked_at + 1)},
+        ),
+    ]
+    for response in refused:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "unauthorized_client"
+        assert "revoked" in response.json()["error_description"]
+    assert [r["reason"] for r in stack.denials()[-2:]] == ["agent_revoked"] * 2
+
+    stack.clock.advance(LIFETIME + 1)
+    older = httpx.post(
+        stack.broker.token_endpoint, data={**exchange_form(sso, ID_TOKEN), **old_assertion}
+    )
+    assert older.status_code == 400 and older.json()["error"] == "unauthorized_client"
+    assert "issued before its revocation" in older.json()["error_description"]
+    fresh = httpx.post(
+        stack.broker.token_endpoint,
+        data={**exchange_form(sso, ID_TOKEN), **stack.assertion(stack.clock.now())},
+    )
+    assert fresh.status_code == 200, fresh.text
+    assert stack.exchange(sso, stack.triage, ID_TOKEN).status_code == 200
+
+
+def test_exchange_fails_closed_when_revocations_cannot_be_read(
+    stack: Stack, request: pytest.FixtureRequest
+) -> None:
+    if stack.broker.settings.state.kind != "redis":
+        return  # the in-memory store is always readable
+    server: RedisServer = request.getfixturevalue("redis_server")
+    sso = stack.idp.mint("alice")
+    server.stop()
+    try:
+        refused = stack.exchange(sso, stack.triage, ID_TOKEN)
+    finally:
+        server.start()
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"] == "temporarily_unavailable"
+    assert stack.denials()[-1]["reason"] == "state_unavailable"
+    assert stack.exchange(sso, stack.triage, ID_TOKEN).status_code == 200

@@ -47,7 +47,10 @@ async def test_kubernetes_service_account_token(dev_idp: Any) -> None:
         verifier = WorkloadVerifier(config, http, dev_idp.clock)
         identity = await verifier.verify(dev_idp.provider.sign(claims, typ=None))
     assert identity == WorkloadIdentity(
-        issuer_name="cluster", subject=SERVICE_ACCOUNT, expires_at=claims["exp"]
+        issuer_name="cluster",
+        subject=SERVICE_ACCOUNT,
+        expires_at=claims["exp"],
+        issued_at=claims["iat"],  # an agent's revocation is compared with it
     )
     assert (verifier.name, verifier.issuer, verifier.kind) == (
         "cluster",

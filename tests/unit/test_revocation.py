@@ -128,3 +128,39 @@ def test_an_unreasonable_not_before_is_refused_before_anything_changes(bad: floa
         )
     status = asyncio.run(state.revocation_status([], ["person:dev/alice"]))
     assert dict(status.not_before) == {"person:dev/alice": 1_800_000_000.0}
+
+
+def test_exchange_check_fails_closed_without_a_time_and_weighs_agent_credentials() -> None:
+    revocations, _, clock = _setup(recheck_after=0)  # maximum token lifetime: 3600 s
+    start = clock.now()
+    asyncio.run(
+        revocations.revoke(RevocationRequest("person", "dev/alice"), by="x", request_id="r")
+    )
+    asyncio.run(revocations.revoke(RevocationRequest("agent", "wl"), by="x", request_id="r"))
+
+    def check(person: str, subject_time: float | None, credential_time: float | None) -> None:
+        asyncio.run(
+            revocations.check_exchange(
+                person=person,
+                subject_time=subject_time,
+                parent=None,
+                actor="wl" if credential_time != -1 else "other",
+                actor_credential_time=credential_time,
+            )
+        )
+
+    for no_or_early_time in (None, start - 1):  # a token vouching for no time: fail closed
+        with pytest.raises(TokenRevoked) as caught:
+            check("dev/alice", no_or_early_time, -1)
+        assert caught.value.code == "subject_revoked"
+    check("dev/alice", start + 1, -1)
+    check("dev/bob", None, -1)  # no entry, nothing to compare with
+
+    with pytest.raises(TokenRevoked) as caught:
+        check("dev/bob", start, start + 10)  # locked out: fresh credential or not
+    assert caught.value.code == "agent_revoked"
+    clock.advance(3600)
+    with pytest.raises(TokenRevoked, match="issued before its revocation"):
+        check("dev/bob", start, start - 5)  # e.g. a workload token from before
+    check("dev/bob", start, start)
+    check("dev/bob", start, None)  # a client secret, after the lockout

@@ -293,6 +293,9 @@ async def test_replay_key_and_lifetime(idp: SamlTestIdp) -> None:
     assert key == f"saml:{IDP_ENTITY_ID}:{root.find(ASSERTION).get('ID')}"
     now = SystemClock().now()
     assert principal.expires_at + 30 - now - 2 <= ttl <= principal.expires_at + 30 - now + 2
+    # IssueInstant and AuthnInstant are surfaced: a person's revocation is compared with them.
+    assert principal.issued_at is not None and abs(principal.issued_at - now) <= 5
+    assert principal.earliest_time == min(principal.issued_at, principal.auth_time or now)
 
 
 @pytest.mark.anyio
