@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+from cachetools import LRUCache
+
 from broker.audit import DecisionLog
 from broker.cache import (
     CacheEvent,
@@ -44,11 +46,12 @@ from broker.errors import (
     TemporarilyUnavailable,
 )
 from broker.oauth_request import OAuthForm
-from broker.policy import Policy
+from broker.policy import Person, Policy, Standing, standing
 from broker.policy.model import Credential
 from broker.revocation import Revocations, check_not_revoked
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier
+from broker.types import BrokerToken
 from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
 
@@ -97,6 +100,8 @@ class CredentialService:
         # (policy version, credential name) -> (SecretRef, CachePolicy): built once per policy
         # version, so the hot path looks up the cache with the very same key objects.
         self._plans: dict[tuple[str, str], tuple[SecretRef, CachePolicy]] = {}
+        # (policy version, person, groups, chain) -> what the policy in force still grants it.
+        self._standings: LRUCache[tuple[object, ...], Standing] = LRUCache(maxsize=10_000)
 
     def _plan(
         self, policy: Policy, name: str, credential: Credential
@@ -108,6 +113,23 @@ class CredentialService:
                 self._plans.clear()  # older policy versions
             plan = self._plans[key] = (secret_ref(credential), cache_policy(credential))
         return plan
+
+    def _standing(self, policy: Policy, token: BrokerToken) -> Standing:
+        """`standing` for the token's person (with the groups it carries) and chain, computed
+        once per policy version and remembered (the fetch path is hot)."""
+        provenance = token.provenance
+        key = (
+            policy.version,
+            provenance.idp,
+            provenance.subject,
+            provenance.groups,
+            token.actor_chain,
+        )
+        found = self._standings.get(key)
+        if found is None:
+            person = Person(provenance.idp, provenance.subject, provenance.groups)
+            found = self._standings[key] = standing(policy, person, token.actor_chain)
+        return found
 
     async def fetch(
         self,
@@ -214,6 +236,15 @@ class CredentialService:
                 f"the agent token lacks the permission {credential.requires!r} that credential "
                 f"{name!r} requires",
                 reason="missing_permission",
+            )
+        # The token carries the permission; the policy in force must still grant it to this
+        # person and every agent of the chain, so an edit removing a right holds at once.
+        withdrawn = self._standing(policy, agent_token).withdrawn(credential.requires)
+        if withdrawn is not None:
+            raise InsufficientScope(
+                f"the policy in force no longer grants the permission {credential.requires!r} "
+                f"to this token: {Standing.describe(withdrawn)}",
+                reason="permission_withdrawn",
             )
         if which == "previous" and credential.previous_version_grace_seconds <= 0:
             raise AccessDenied(

@@ -8,8 +8,10 @@ from broker.policy.engine import (
     Policy,
     Reason,
     ScopeVerdict,
+    Standing,
     decide,
     explain,
+    standing,
 )
 from broker.policy.loader import LoadedPolicy, PolicyError, load_policy, load_policy_tests
 from broker.policy.testing import PolicyTestResult, decide_chain, run_policy_tests
@@ -25,10 +27,12 @@ __all__ = [
     "PolicyTestResult",
     "Reason",
     "ScopeVerdict",
+    "Standing",
     "decide",
     "decide_chain",
     "explain",
     "load_policy",
     "load_policy_tests",
     "run_policy_tests",
+    "standing",
 ]

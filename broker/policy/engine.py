@@ -349,6 +349,65 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
     )
 
 
+_WITHDRAWN_TEXT: Mapping[Reason, str] = {
+    **_SCOPE_REASON_TEXT,
+    Reason.UNKNOWN_AGENT: "an agent of the token's chain is no longer in the policy",
+    Reason.DELEGATION_NOT_ALLOWED: "an agent of the chain may no longer delegate to the next",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """What the policy in force still lets a token already issued hold: the person's rights and
+    the ceiling of every agent of its chain (see `standing`)."""
+
+    policy_version: str
+    reason: Reason | None
+    """Why the chain holds nothing any more (an agent gone, no longer acting for the person or
+    no longer delegating), else None."""
+    rights: PermissionSet = EMPTY
+    ceilings: tuple[PermissionSet, ...] = ()
+
+    def withdrawn(self, scope: str) -> Reason | None:
+        """None while the policy still grants `scope` to this person and chain, else why not."""
+        if self.reason is not None:
+            return self.reason
+        if not is_permission(scope):
+            return Reason.MALFORMED_SCOPE
+        if not self.rights.covers(scope):
+            return Reason.PERSON_LACKS_SCOPE
+        if not all(ceiling.covers(scope) for ceiling in self.ceilings):
+            return Reason.CEILING_EXCLUDES_SCOPE
+        return None
+
+    @staticmethod
+    def describe(reason: Reason) -> str:
+        return _WITHDRAWN_TEXT.get(reason, str(reason))
+
+
+def standing(policy: Policy, person: Person, actor_chain: tuple[str, ...]) -> Standing:
+    """What a token already issued for `person` to `actor_chain` (most recent agent first, as in
+    ``act``) may still hold under `policy`: never more than the person's rights and the ceiling
+    of every agent of the chain, each of which must still be declared, still act for the person
+    and still delegate to the agent after it. Pure; never raises. Checked again at every use, so
+    an edit that removes a right takes effect on tokens already issued."""
+    version = policy.version
+    if not actor_chain:
+        return Standing(version, Reason.UNKNOWN_AGENT)
+    roles = policy.roles_of(person)
+    ceilings: list[PermissionSet] = []
+    for position, name in enumerate(actor_chain):
+        agent = policy.agents.get(name)
+        if agent is None:
+            return Standing(version, Reason.UNKNOWN_AGENT)
+        if not _may_act_for(agent, person, roles):
+            return Standing(version, Reason.NOT_ACT_FOR)
+        if position > 0 and actor_chain[position - 1] not in agent.may_delegate_to:
+            return Standing(version, Reason.DELEGATION_NOT_ALLOWED)
+        ceilings.append(agent.ceiling)
+    return Standing(version, None, policy.rights_of(person), tuple(ceilings))
+
+
 def explain(policy: Policy, request: ExchangeRequest) -> str:
     """A human-readable account of `decide` for `broker policy explain`."""
     decision = decide(policy, request)
