@@ -95,17 +95,28 @@ class BrokerServices:
     readiness: Readiness
 
 
+SSO_HORIZON_SECONDS = 86400
+"""How long after a person's revocation an SSO token or session from before it is still refused.
+The broker does not bound SSO token lifetimes (IdPs issue them for minutes to an hour, sessions
+last longer); a day covers them."""
+
+
 def acceptance_window(settings: BrokerSettings) -> int:
     """How long after a time T something issued before T can still be accepted: a broker
-    token or a client assertion issued just before T, plus the largest clock leeway the broker
-    grants anyone (person and agent revocation entries live this long after their not-before)."""
+    token, a client assertion or (`SSO_HORIZON_SECONDS`) an SSO token issued just before T, plus
+    the largest clock leeway the broker grants anyone (person and agent revocation entries live
+    this long after their not-before)."""
     tokens = settings.tokens
     leeways = [
         tokens.leeway_seconds,
         *(p.leeway_seconds for p in settings.identity_providers),
         *(w.leeway_seconds for w in settings.workload_issuers),
     ]
-    lifetime = max(tokens.max_lifetime_seconds, tokens.client_assertion_max_lifetime_seconds)
+    lifetime = max(
+        tokens.max_lifetime_seconds,
+        tokens.client_assertion_max_lifetime_seconds,
+        SSO_HORIZON_SECONDS,
+    )
     return lifetime + max(leeways)
 
 

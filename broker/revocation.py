@@ -8,8 +8,8 @@
 - Per-person and per-agent "not before" (everything issued before T), like AWS's session
   revocation by issue time, revokes without listing tokens. Such an entry lives for
   `acceptance_window` after T (after ``max(T, now)``): the longest anything issued before T
-  (a broker token, a client assertion, with the largest configured clock leeway) can still be
-  accepted.
+  (a broker token, a client assertion, an SSO token, with the largest configured clock leeway)
+  can still be accepted.
 
 Checks happen on every use (introspection, credential fetch, re-exchange), one state round trip
 each; when the state cannot be reached the caller fails closed.

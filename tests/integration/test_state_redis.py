@@ -252,3 +252,18 @@ async def test_factory_reads_the_password_reference(
     finally:
         await store.close()
         server.stop()
+
+
+async def test_a_malformed_or_non_finite_not_before_fails_closed(
+    make_store: Callable[..., RedisStateStore], redis_server: RedisServer
+) -> None:
+    prefix = f"nan-{uuid.uuid4().hex[:8]}:"
+    store = make_store(key_prefix=prefix)
+    admin = redis_server.client()
+    try:
+        for stored in ("nan", "inf", "-inf", "soon"):
+            admin.set(f"{prefix}nbf:person:dev/alice", stored, ex=60)
+            with pytest.raises(StateUnavailable, match="malformed"):
+                await store.revocation_status([], ["person:dev/alice"])
+    finally:
+        admin.close()

@@ -164,3 +164,24 @@ def test_exchange_check_fails_closed_without_a_time_and_weighs_agent_credentials
         check("dev/bob", start, start - 5)  # e.g. a workload token from before
     check("dev/bob", start, start)
     check("dev/bob", start, None)  # a client secret, after the lockout
+
+
+def test_the_acceptance_window_covers_tokens_assertions_sso_and_the_largest_leeway() -> None:
+    from broker.app import SSO_HORIZON_SECONDS, acceptance_window
+    from broker.settings import BrokerSettings
+
+    settings = BrokerSettings(
+        tokens={"max_lifetime_seconds": 200_000, "leeway_seconds": 10},
+        identity_providers=[
+            {
+                "name": "corp",
+                "kind": "oidc",
+                "issuer": "https://idp.example",
+                "client_ids": ["broker"],
+                "leeway_seconds": 90,
+            }
+        ],
+    )
+    assert acceptance_window(settings) == 200_000 + 90
+    short = BrokerSettings(tokens={"max_lifetime_seconds": 60, "leeway_seconds": 300})
+    assert acceptance_window(short) == SSO_HORIZON_SECONDS + 300
