@@ -7,9 +7,11 @@ brokers side by side, identical but for ``state:`` (``kind: memory`` vs ``kind: 
 * the credential fetch (a ``revocation_status`` round trip to the store whenever the token's
   "not revoked" answer, remembered for 0.5 s per token by `broker.revocation.Revocations`, is
   older than that);
-* the plain token exchange (client_secret_basic, no rate limit: it does not touch the store);
-* a re-exchange by summariser-agent of a triage-agent token (the parent's revocation check: one
-  ``revocation_status`` round trip per exchange).
+* the plain token exchange (client_secret_basic, no rate limit): the person's and the agent's
+  revocation check, one ``revocation_status`` round trip whenever the "nothing revoked" answer
+  for that (person, agent), remembered for 0.5 s, is older than that;
+* a re-exchange by summariser-agent of a triage-agent token (the parent's, the person's and the
+  agents' revocation check: one ``revocation_status`` round trip, remembered the same way).
 
 In process (no sockets, no uvicorn: the bare ASGI driver of ``bench._inprocess``), the
 fetch with the store's ``revocation_status`` replaced by a no-op stub (in this process only; the
@@ -580,9 +582,9 @@ def _notes(options: Options, kept: Path | None) -> str:
         "- the in-process ratio (no-op / redis) is a latency ratio of one request at a time and "
         "includes the Redis round trip the process waits for; the over-HTTP ratio is the "
         "throughput the target is about.",
-        "- the plain token exchange does not call the state store (client_secret_basic, no "
-        "rate limit, an ID token as subject): its Redis row shows the store's idle cost (0 "
-        "commands). The re-exchange checks the parent token's revocation: one MGET each.",
+        "- every exchange checks the person, the agents (and on a re-exchange the parent "
+        "token) against revocations: one MGET, whose 'nothing revoked' answer is remembered "
+        "for 0.5 s per (person, agent chain) and worker, so a few MGETs per second here.",
         "- redis-server's CPU is not in 'srv CPU' (the broker's process tree) but in 'other "
         "CPU %' of the results table; the second table shows it on its own.",
         "- req/s, latency and CPU columns as in the token exchange section; the fetch and the "
