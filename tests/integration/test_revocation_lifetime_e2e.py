@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.client_secrets import generate_client_secret, hash_client_secret
+from idp_adapters.dev import DevIdentityProvider, DevPerson
 from tests.support.harness import (
     ACCESS_TOKEN,
     EXAMPLE_SECRET_VARIABLES,
@@ -42,6 +43,8 @@ ASSERTION_LIFETIME = 60  # longer than a token: an assertion can outlive an agen
 LEEWAY = 300  # the largest `tokens.leeway_seconds` allowed
 ADMIN = ("lifetime-admin", generate_client_secret())
 PK_AGENT = "pk-agent"
+WL_AGENT = "wl-agent"
+SERVICE_ACCOUNT = "system:serviceaccount:agents:wl"
 PK_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
 
@@ -70,6 +73,7 @@ class Stack:
         self.idp = idp
         self.clock = clock
         self.secrets = secrets
+        self.workloads: DevIdentityProvider | None = None
         self.triage = ("triage-agent", secrets["TRIAGE_AGENT_SECRET"])
         self.summariser = ("summariser-agent", secrets["SUMMARISER_AGENT_SECRET"])
         self.gateway = ("llm-gateway", secrets["LLM_GATEWAY_SECRET"])
@@ -178,7 +182,14 @@ def stack(
                 "default_scopes": ["tickets:read"],
                 "audiences": [TICKETS],
                 "act_for": ["group:dev/support"],
-            }
+            },
+            WL_AGENT: {
+                "workload_identities": [{"issuer": "k8s", "subject": SERVICE_ACCOUNT}],
+                "ceiling": ["tickets:read"],
+                "default_scopes": ["tickets:read"],
+                "audiences": [TICKETS],
+                "act_for": ["group:dev/support"],
+            },
         },
         "admins": {
             ADMIN[0]: {
@@ -190,11 +201,22 @@ def stack(
         },
     }
     clock = OffsetClock()
+    workload_people = {SERVICE_ACCOUNT: DevPerson(SERVICE_ACCOUNT, (), "", "")}
     with (
         serve_idp(clock=clock) as (idp, _),
+        serve_idp(workload_people, client_id="broker-workloads", clock=clock) as (workloads, _),
         run_broker(
             tmp_path,
             [{**oidc_provider_config(idp), "leeway_seconds": LEEWAY}],
+            workload_issuers=[
+                {
+                    "name": "k8s",
+                    "kind": "kubernetes",
+                    "issuer": workloads.issuer,
+                    "audiences": [workloads.client_id],
+                    "algorithms": ["RS256"],
+                }
+            ],
             policy_extra=admin,
             clock=clock,
             secret_backends=[{"name": "vault", "kind": "file", "path": str(secrets_file)}],
@@ -207,7 +229,9 @@ def stack(
             state=state,
         ) as broker,
     ):
-        yield Stack(broker, idp, clock, secrets)
+        stack = Stack(broker, idp, clock, secrets)
+        stack.workloads = workloads
+        yield stack
 
 
 def test_a_token_revoked_by_its_agent_stays_revoked_after_exp_with_its_children(
@@ -381,3 +405,31 @@ def test_exchange_fails_closed_when_revocations_cannot_be_read(
     assert refused.json()["error"] == "temporarily_unavailable"
     assert stack.denials()[-1]["reason"] == "state_unavailable"
     assert stack.exchange(sso, stack.triage, ID_TOKEN).status_code == 200
+
+
+def test_a_revoked_agent_presenting_a_workload_token_from_before_is_refused(stack: Stack) -> None:
+    assert stack.workloads is not None
+    sso = stack.idp.mint("alice")
+
+    def exchange_as_workload(workload_token: str) -> httpx.Response:
+        form = exchange_form(
+            sso,
+            ID_TOKEN,
+            actor_token=workload_token,
+            actor_token_type="urn:ietf:params:oauth:token-type:jwt",
+        )
+        return httpx.post(stack.broker.token_endpoint, data=form)
+
+    old = stack.workloads.mint(SERVICE_ACCOUNT)
+    assert exchange_as_workload(old).status_code == 200
+    stack.clock.advance(1.0)
+    stack.revoke(agent=WL_AGENT)
+    locked = exchange_as_workload(old)
+    assert locked.status_code == 400 and locked.json()["error"] == "unauthorized_client"
+
+    stack.clock.advance(LIFETIME + 1)  # the lockout is over; the old token is still valid
+    older = exchange_as_workload(old)
+    assert older.status_code == 400, older.text
+    assert "issued before its revocation" in older.json()["error_description"]
+    assert stack.denials()[-1]["reason"] == "agent_revoked"
+    assert exchange_as_workload(stack.workloads.mint(SERVICE_ACCOUNT)).status_code == 200
