@@ -28,8 +28,10 @@ from broker.audit import (
     AuditUnavailable,
     DecisionLog,
     DecisionSink,
+    KeyringCheckpointSigner,
     NonFiniteValue,
     build_sinks,
+    keeps_trail,
     recorded_request_var,
 )
 from broker.cache import CredentialCache
@@ -149,7 +151,13 @@ def build_services(
     tracing = tracing or build_tracing(settings.tracing)
     metrics = BrokerMetrics()
     sinks = decision_sinks if decision_sinks is not None else build_sinks(settings.audit)
-    decisions = DecisionLog([*sinks, metrics], clock)
+    decisions = DecisionLog(
+        [*sinks, metrics],
+        clock,
+        signer=KeyringCheckpointSigner(keyring) if keeps_trail(sinks) else None,
+        checkpoint_every=settings.audit.checkpoint_every_records,
+        checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+    )
     policies = PolicyStore(
         settings.policy_dir,
         known_workload_issuers=[w.name for w in settings.workload_issuers],

@@ -49,10 +49,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
+import jwt
+
 from broker.clock import Clock
 
 if TYPE_CHECKING:
-    from broker.settings import AuditConfig
+    from broker.settings import AuditConfig, AuditS3Config
 
 logger = logging.getLogger("broker.audit")
 
@@ -60,6 +62,11 @@ GENESIS = "0" * 64
 """The ``prev`` of the first record of every chain."""
 
 CHAIN_STARTED = "audit.chain_started"
+CHECKPOINT = "audit.checkpoint"
+CHAIN_CLOSED = "audit.chain_closed"
+_CHECKPOINT_EVENTS = frozenset({CHECKPOINT, CHAIN_CLOSED})
+CHECKPOINT_TYP = "broker-audit-checkpoint+jwt"
+"""The JOSE ``typ`` of checkpoint signatures (never ``at+jwt``)."""
 
 recorded_request_var: ContextVar[str | None] = ContextVar("broker_recorded_request", default=None)
 """The request id of the last record written in this context: the HTTP edge uses it to write a
@@ -125,19 +132,47 @@ class _Omit:
 _OMIT = _Omit()
 
 
+_Path = tuple[Any, ...]  # (parent path, key or index), rendered only when something is cut
+
+
+def _render(path: _Path) -> str:
+    parts: list[Any] = []
+    node: Any = path
+    while node:
+        node, key = node
+        parts.append(key)
+    text = ""
+    for key in reversed(parts):
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text
+
+
 class _Bounder:
     def __init__(self, max_string: int, max_items: int, max_depth: int) -> None:
         self.max_string, self.max_items, self.max_depth = max_string, max_items, max_depth
         self.truncated: dict[str, int] = {}
         self.non_finite: list[str] = []
+        self.size = 0  # characters kept, roughly: decides whether to measure the record
 
-    def _string(self, value: str, path: str) -> str:
+    def _string(self, value: str, path: _Path) -> str:
         if len(value) <= self.max_string:
+            self.size += len(value)
             return value
-        self.truncated[path] = len(value)
+        self.truncated[_render(path)] = len(value)
+        self.size += self.max_string
         return value[: self.max_string] + TRUNCATION_MARK
 
-    def value(self, value: Any, path: str, depth: int) -> Any:
+    def value(self, value: Any, path: _Path, depth: int) -> Any:
+        kind = type(value)
+        if kind is str:  # the common case first, by exact type (ABC checks are slow)
+            if len(value) <= self.max_string:
+                self.size += len(value)
+                return value
+            return self._string(value, path)
+        if kind is bool or (kind is int and -_BIG_INT < value < _BIG_INT):
+            return value
+        if isinstance(value, str):
+            return self._string(value, path)
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, int):
@@ -145,20 +180,19 @@ class _Bounder:
         if isinstance(value, float):
             if math.isfinite(value):
                 return value
-            self.non_finite.append(path)
+            self.non_finite.append(_render(path))
             return _OMIT
-        if isinstance(value, str):
-            return self._string(value, path)
-        if isinstance(value, Mapping | list | tuple | set | frozenset):
+        if isinstance(value, dict | list | tuple | set | frozenset | Mapping):
+            self.size += 2
             if depth >= self.max_depth:
-                self.truncated[path] = len(value)
+                self.truncated[_render(path)] = len(value)
                 return TRUNCATION_MARK
-            if isinstance(value, Mapping):
+            if isinstance(value, dict | Mapping):
                 items = list(value.items())
                 kept: Any = {}
                 for key, item in items[: self.max_items]:
-                    name = self._string(str(key), f"{path}.<key>")
-                    bounded = self.value(item, f"{path}.{name}", depth + 1)
+                    name = self._string(str(key), (path, "<key>"))
+                    bounded = self.value(item, (path, name), depth + 1)
                     if bounded is not _OMIT:
                         kept[name] = bounded
             else:
@@ -167,10 +201,10 @@ class _Bounder:
                 kept = [
                     bounded
                     for i, item in enumerate(items[: self.max_items])
-                    if (bounded := self.value(item, f"{path}[{i}]", depth + 1)) is not _OMIT
+                    if (bounded := self.value(item, (path, i), depth + 1)) is not _OMIT
                 ]
             if len(items) > self.max_items:
-                self.truncated[path] = len(items)
+                self.truncated[_render(path)] = len(items)
             return kept
         return self._string(str(value), path)
 
@@ -187,15 +221,28 @@ def bound_fields(
     keep `max_items` items, nesting stops at `max_depth`; `truncated` maps each shortened value's
     path to its original length (characters or items). NaN and infinities are left out and their
     paths returned: a record must never hold what JSON cannot."""
+    bounded, truncated, non_finite, _ = _bound(fields, max_string, max_items, max_depth)
+    return bounded, truncated, non_finite
+
+
+def _bound(
+    fields: Mapping[str, Any], max_string: int, max_items: int, max_depth: int
+) -> tuple[dict[str, Any], dict[str, int], list[str], int]:
     bounder = _Bounder(max_string, max_items, max_depth)
     bounded: dict[str, Any] = {}
+    size = 0
     for key, value in fields.items():
         if value is None:
             continue
-        kept = bounder.value(value, key, 1)
+        size += len(key) + 4
+        if type(value) is str and len(value) <= max_string:  # most fields: no call
+            bounded[key] = value
+            size += len(value)
+            continue
+        kept = bounder.value(value, ((), key), 1)
         if kept is not _OMIT:
             bounded[key] = kept
-    return bounded, bounder.truncated, bounder.non_finite
+    return bounded, bounder.truncated, bounder.non_finite, size + bounder.size
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -226,13 +273,16 @@ def new_chain_id() -> str:
 
 class DecisionSink(Protocol):
     """Takes each chained record. A sink that stores the serialized form may also define
-    ``write_line(record, line)``: `DecisionLog` then hands it the one line it serialized."""
+    ``write_line(record, line)``: `DecisionLog` then hands it the one line it serialized. A sink
+    whose records someone will verify later sets ``keeps_trail = True`` (`keeps_trail`)."""
 
     def write(self, record: Mapping[str, Any]) -> None: ...
 
 
 class StreamSink:
     """JSON lines to a text stream (stdout by default)."""
+
+    keeps_trail = True
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stdout
@@ -268,6 +318,12 @@ class MemorySink:
         self.records.append(dict(record))
 
 
+def keeps_trail(sinks: Iterable[DecisionSink]) -> bool:
+    """Whether any sink keeps a trail to verify later (file, stream, S3): only then are signed
+    checkpoints worth writing (not for in-memory sinks, tests and dry runs)."""
+    return any(getattr(sink, "keeps_trail", False) for sink in sinks)
+
+
 def _last_line(path: Path, limit: int = 1 << 20) -> tuple[bytes, bool]:
     """The last complete line of `path` and whether the file ends mid-line."""
     with path.open("rb") as handle:
@@ -298,6 +354,8 @@ class FileSink:
     file. A file left ending mid-line (a crash during a write, a disk filling up) gets a newline
     first, so that damage stays one malformed line that `verify_trail` reports.
     """
+
+    keeps_trail = True
 
     def __init__(self, path: Path, *, fsync: bool = True, group_commit: bool = False) -> None:
         self.path = Path(path)
@@ -377,6 +435,8 @@ class S3ObjectLockSink:
     on a background thread and are retried until they succeed; `lag()` is the number of records
     not yet uploaded. The bucket must have Object Lock enabled (checked at start).
     """
+
+    keeps_trail = True
 
     def __init__(
         self,
@@ -513,6 +573,45 @@ class S3ObjectLockSink:
             logger.error("audit S3 sink: %d records not uploaded at close", self.lag())
 
 
+def s3_client(config: AuditS3Config) -> Any:
+    """A boto3 S3 client for the ``audit.s3`` settings (credentials: the standard AWS chain)."""
+    import boto3
+    import botocore.config
+
+    return boto3.session.Session(region_name=config.region).client(
+        "s3",
+        endpoint_url=config.endpoint_url,
+        config=botocore.config.Config(
+            s3={"addressing_style": "path" if config.endpoint_url else "auto"},
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=config.timeout_seconds,
+            read_timeout=config.timeout_seconds,
+        ),
+    )
+
+
+def read_s3_copies(client: Any, bucket: str, prefix: str = "") -> list[tuple[str, bytes]]:
+    """Every object the S3 sink uploaded under `prefix`, in key order (per chain, by seq), as
+    ``("s3://bucket/key", content)`` for `verify_trail`. SDK errors become `AuditSourceError`."""
+    import botocore.exceptions
+
+    copies: list[tuple[str, bytes]] = []
+    try:
+        paginator = client.get_paginator("list_objects_v2")
+        keys = [
+            item["Key"]
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+            for item in page.get("Contents", [])
+            if item["Key"].endswith(".jsonl")
+        ]
+        for key in sorted(keys):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            copies.append((f"s3://{bucket}/{key}", body))
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise AuditSourceError(f"cannot read the S3 copies in {bucket}: {exc}") from None
+    return copies
+
+
 def build_sinks(config: AuditConfig) -> list[DecisionSink]:
     """The sinks named by the ``audit:`` settings section."""
     sinks: list[DecisionSink] = []
@@ -521,23 +620,10 @@ def build_sinks(config: AuditConfig) -> list[DecisionSink]:
     if config.stdout:
         sinks.append(StreamSink(sys.stdout))
     if config.s3 is not None:
-        import boto3
-        import botocore.config
-
         s3 = config.s3
-        client = boto3.session.Session(region_name=s3.region).client(
-            "s3",
-            endpoint_url=s3.endpoint_url,
-            config=botocore.config.Config(
-                s3={"addressing_style": "path" if s3.endpoint_url else "auto"},
-                retries={"mode": "standard", "max_attempts": 3},
-                connect_timeout=s3.timeout_seconds,
-                read_timeout=s3.timeout_seconds,
-            ),
-        )
         sinks.append(
             S3ObjectLockSink(
-                client,
+                s3_client(s3),
                 s3.bucket,
                 prefix=s3.prefix,
                 mode=s3.object_lock_mode,
@@ -652,13 +738,64 @@ def _line_writer(sink: DecisionSink) -> Any:
     return lambda record, _line: sink.write(record)
 
 
+class CheckpointSigner(Protocol):
+    """Signs a checkpoint's claims as a compact JWS (the broker: its token signing keyring)."""
+
+    def sign(self, claims: Mapping[str, Any]) -> tuple[str, str]:
+        """``(compact JWS, kid)``."""
+        ...
+
+
+class _ActiveKey(Protocol):
+    kid: str
+    algorithm: str
+    private_key: Any
+
+
+class _KeySource(Protocol):
+    @property
+    def active(self) -> _ActiveKey: ...
+
+
+class KeyringCheckpointSigner:
+    """Checkpoints signed with the broker's active token signing key (`broker.tokens.Keyring`),
+    so they verify against the keys the broker publishes (its JWKS). The JOSE ``typ`` keeps a
+    checkpoint from ever passing for an access token, and an access token for a checkpoint."""
+
+    def __init__(self, keys: _KeySource) -> None:
+        self._keys = keys
+
+    def sign(self, claims: Mapping[str, Any]) -> tuple[str, str]:
+        key = self._keys.active
+        token = jwt.encode(
+            dict(claims),
+            key.private_key,
+            algorithm=key.algorithm,
+            headers={"kid": key.kid, "typ": CHECKPOINT_TYP},
+        )
+        return token, key.kid
+
+
 class DecisionLog:
     """Writes hash-chained records to every sink. `record` returns once every sink accepted the
     record (for a file sink without group commit: once it is on disk); with group commit, the
-    caller awaits `wait_durable` before it answers anyone."""
+    caller awaits `wait_durable` before it answers anyone.
+
+    With a `signer`, a background thread writes an ``audit.checkpoint`` record once
+    `checkpoint_every` records or `checkpoint_interval` seconds (whichever first; 0 turns a
+    trigger off) have gone unvouched: a JWS over (chain, seq, hash) of the last record, so nobody
+    without the broker's key can make a shortened or rewritten chain look vouched for. `close`
+    ends the chain with ``audit.chain_closed``, signed likewise and marked final."""
 
     def __init__(
-        self, sinks: list[DecisionSink], clock: Clock, *, chain: str | None = None
+        self,
+        sinks: list[DecisionSink],
+        clock: Clock,
+        *,
+        chain: str | None = None,
+        signer: CheckpointSigner | None = None,
+        checkpoint_every: int = 0,
+        checkpoint_interval: float = 0.0,
     ) -> None:
         self._sinks = sinks
         self._writers = [_line_writer(sink) for sink in sinks]
@@ -667,6 +804,13 @@ class DecisionLog:
         self.chain = chain or new_chain_id()
         self._seq = 0
         self._prev = GENESIS
+        self._closed = False
+        self._signer = signer
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval = checkpoint_interval
+        self._unvouched = 0  # records written since the last checkpoint's capture
+        self._unvouched_since: float | None = None  # monotonic time of the first of them
+        self._wake = threading.Condition(self._lock)
         deferred = [s for s in sinks if getattr(s, "deferred_sync", False)]
         self._committer = _GroupCommitter(deferred, self._last_written) if deferred else None
         self.record(
@@ -676,6 +820,12 @@ class DecisionLog:
             pid=os.getpid(),
             **self._link(),
         )
+        self._checkpointer: threading.Thread | None = None
+        if signer is not None and (checkpoint_every > 0 or checkpoint_interval > 0):
+            self._checkpointer = threading.Thread(
+                target=self._run_checkpoints, name="audit-checkpoints", daemon=True
+            )
+            self._checkpointer.start()
 
     def _link(self) -> dict[str, Any]:
         for sink in self._sinks:
@@ -696,33 +846,128 @@ class DecisionLog:
         reserved = set(_CHAIN_FIELDS).intersection(fields)
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by the audit chain")
-        bounded, truncated, non_finite = bound_fields(fields)
-        if len(canonical_json(bounded)) > MAX_RECORD_BYTES:
+        if event in _CHECKPOINT_EVENTS:
+            raise ValueError(f"{event} records are written by the audit chain itself")
+        bounded, truncated, non_finite, size = _bound(
+            fields, MAX_STRING_CHARS, MAX_ITEMS, MAX_DEPTH
+        )
+        if size > MAX_RECORD_BYTES // 2 and len(canonical_json(bounded)) > MAX_RECORD_BYTES:
             bounded, truncated, non_finite = bound_fields(fields, max_string=64, max_items=8)
-        record = {
-            "time": datetime.fromtimestamp(self._clock.now(), UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "event": event,
-            **bounded,
-        }
         if truncated:
-            record["truncated"] = truncated
+            bounded["truncated"] = truncated
         if non_finite:
-            record["invalid_values"] = non_finite
-        with self._lock:  # one chain position per record, written in chain order
-            record.update(chain=self.chain, seq=self._seq, prev=self._prev)
-            record["hash"], line = chained_line(record)
-            self._seq += 1
-            self._prev = record["hash"]
-            for write in self._writers:
-                write(record, line)
+            bounded["invalid_values"] = non_finite
+        record = self._append(event, bounded, vouching=False)
         request_id = fields.get("request_id")
         if request_id is not None:
             recorded_request_var.set(request_id)
         if non_finite:  # recorded without them; the decision itself must not stand
             raise NonFiniteValue(non_finite)
         return record
+
+    def _append(self, event: str, fields: Mapping[str, Any], *, vouching: bool) -> dict[str, Any]:
+        record = {
+            "time": datetime.fromtimestamp(self._clock.now(), UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "event": event,
+            **fields,
+        }
+        with self._lock:  # one chain position per record, written in chain order
+            if self._closed and event != CHAIN_CLOSED:
+                raise RuntimeError("the audit chain is closed")
+            record.update(chain=self.chain, seq=self._seq, prev=self._prev)
+            record["hash"], line = chained_line(record)
+            for write in self._writers:
+                write(record, line)
+            self._seq += 1
+            self._prev = record["hash"]
+            if not vouching:
+                self._unvouched += 1
+                if self._unvouched_since is None:
+                    self._unvouched_since = self._clock.monotonic()
+                    self._wake.notify()
+                elif self._unvouched == self._checkpoint_every:
+                    self._wake.notify()
+        return record
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _due(self) -> float | None:
+        """Seconds until the next checkpoint is due (0: now), None when nothing is unvouched.
+        Called with the lock held."""
+        if self._unvouched_since is None:
+            return None
+        if self._checkpoint_every > 0 and self._unvouched >= self._checkpoint_every:
+            return 0.0
+        if self._checkpoint_interval <= 0:
+            return None
+        age = self._clock.monotonic() - self._unvouched_since
+        return max(0.0, self._checkpoint_interval - age)
+
+    def _run_checkpoints(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed:
+                    due = self._due()
+                    if due == 0.0:
+                        break
+                    self._wake.wait(due)
+                if self._closed:
+                    return
+            try:
+                self.checkpoint()
+            except Exception as exc:  # a keyring or sink failure: try again in a second
+                logger.error("audit checkpoint failed: %s", type(exc).__name__)
+                with self._lock:
+                    if self._unvouched_since is None:
+                        self._unvouched, self._unvouched_since = 1, self._clock.monotonic()
+                time.sleep(1.0)
+
+    def _sign(self, *, final: bool) -> dict[str, Any]:
+        """Capture the chain's end and sign it (outside the lock: signing can take milliseconds).
+        The caller holds no lock; records written meanwhile stay unvouched."""
+        assert self._signer is not None
+        with self._lock:
+            seq, digest = self._seq - 1, self._prev
+            if not final:
+                self._unvouched, self._unvouched_since = 0, None
+        claims = {
+            "chain": self.chain,
+            "seq": seq,
+            "hash": digest,
+            "final": final,
+            "iat": int(self._clock.now()),
+        }
+        signature, kid = self._signer.sign(claims)
+        return {"vouches_seq": seq, "vouches_hash": digest, "kid": kid, "signature": signature}
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """Write a signed ``audit.checkpoint`` for every record so far (None without a signer)."""
+        if self._signer is None:
+            return None
+        record = self._append(CHECKPOINT, {"outcome": "vouched", **self._sign(final=False)},
+                              vouching=True)
+        if self._committer is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._committer.sync_now()
+        return record
+
+    def _close_chain(self) -> None:
+        """The last record of the chain: ``audit.chain_closed``, signed and final."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+        if self._checkpointer is not None:
+            self._checkpointer.join(10)
+        fields: dict[str, Any] = {"outcome": "closed", "records": self._seq + 1}
+        if self._signer is not None:
+            try:
+                fields.update(self._sign(final=True))
+            except Exception as exc:
+                logger.error("audit chain closing signature failed: %s", type(exc).__name__)
+        self._append(CHAIN_CLOSED, fields, vouching=True)
 
     def _last_written(self) -> int:
         with self._lock:  # records are written inside this lock: seq N written means 0..N are
@@ -748,7 +993,12 @@ class DecisionLog:
         }
 
     def close(self) -> None:
-        """Flush and close every sink that holds resources (S3 batches are uploaded)."""
+        """End the chain with its signed ``audit.chain_closed`` record, then flush and close
+        every sink that holds resources (S3 batches are uploaded)."""
+        try:
+            self._close_chain()
+        except Exception as exc:  # a failing sink: the chain stays open, and says so at verify
+            logger.error("audit chain could not be closed: %s", type(exc).__name__)
         if self._committer is not None:
             self._committer.close()
             try:
@@ -772,7 +1022,13 @@ BreakKind = Literal[
     "duplicate_seq",
     "link_missing",
     "link_mismatch",
+    "checkpoint_invalid",
+    "checkpoint_mismatch",
+    "after_close",
+    "copy_only",
+    "copy_mismatch",
 ]
+TrailStatus = Literal["intact", "open", "tampered"]
 
 
 @dataclass(frozen=True)
@@ -801,6 +1057,29 @@ class ChainSummary:
     last_seq: int
     last_hash: str
     files: tuple[str, ...]
+    closed: bool = False
+    """The chain ends with an ``audit.chain_closed`` record whose signature verifies."""
+    vouched_seq: int | None = None
+    """Every record up to this seq is covered by a verified signature (None: nothing is)."""
+    vouched_at: str | None = None
+    """When the broker signed the last verified checkpoint (ISO time)."""
+    notes: tuple[str, ...] = ()
+    """What could not be checked (unknown keys, unsigned closing record, S3 lag)."""
+
+    def describe(self) -> str:
+        span = f"chain {self.chain}: seq {self.first_seq}..{self.last_seq}"
+        if self.closed:
+            return f"{span}, closed by the broker (signed): every record vouched for"
+        if self.vouched_seq is None:
+            vouched = "nothing vouched for (no verifiable checkpoint)"
+        elif self.vouched_seq >= self.last_seq:
+            vouched = f"vouched for up to seq {self.vouched_seq} (signed {self.vouched_at})"
+        else:
+            vouched = (
+                f"vouched for up to seq {self.vouched_seq} (signed {self.vouched_at}); "
+                f"seq {self.vouched_seq + 1}..{self.last_seq} not vouched for"
+            )
+        return f"{span}, OPEN (no closing record: a crash, a running broker or a cut): {vouched}"
 
 
 @dataclass(frozen=True)
@@ -809,17 +1088,49 @@ class VerificationResult:
     records: int
     chains: tuple[ChainSummary, ...]
     breaks: tuple[TrailBreak, ...]
+    keys_given: bool = False
+    copies: tuple[str, ...] = ()
+    """The S3 objects compared with the files (empty: no comparison)."""
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
+        """No break: nothing was found edited, removed from the middle, inserted or forged."""
         return not self.breaks
 
+    @property
+    def status(self) -> TrailStatus:
+        """``tampered`` (a break), ``open`` (a chain without a verified closing record: its
+        tail after the last verified checkpoint cannot be vouched for) or ``intact``."""
+        if self.breaks:
+            return "tampered"
+        if not self.chains or not all(c.closed for c in self.chains):
+            return "open"
+        return "intact"
+
     def summary(self) -> str:
+        compared = f", compared with {len(self.copies)} S3 object(s)" if self.copies else ""
+        status = self.status
+        if status == "tampered":
+            verdict = f"TAMPERED: {len(self.breaks)} break(s)"
+        elif status == "open":
+            verdict = "OPEN: not every chain was closed by the broker (see below)"
+        else:
+            verdict = "intact"
         head = (
-            f"{self.records} records in {len(self.files)} file(s), {len(self.chains)} chain(s): "
-            + ("intact" if self.ok else f"{len(self.breaks)} break(s)")
+            f"{self.records} records in {len(self.files)} file(s), {len(self.chains)} "
+            f"chain(s){compared}: {verdict}"
         )
-        return "\n".join([head, *(f"  {b}" for b in self.breaks)])
+        lines = [head, *(f"  {b}" for b in self.breaks)]
+        lines += [f"  {c.describe()}" for c in self.chains]
+        lines += [f"    note: {n}" for c in self.chains for n in c.notes]
+        lines += [f"  note: {n}" for n in self.notes]
+        if not self.keys_given:
+            lines.append(
+                "  note: no verification keys given: checkpoint signatures were not checked, "
+                "so nothing is vouched for"
+            )
+        return "\n".join(lines)
 
 
 @dataclass
@@ -832,39 +1143,160 @@ class _Entry:
     hash_ok: bool
 
 
-def read_trail(paths: Iterable[Path]) -> Iterable[tuple[str, int, dict[str, Any] | None, str]]:
+Line = tuple[str, int, "dict[str, Any] | None", str]
+
+
+def _parse_lines(name: str, raw_lines: Iterable[bytes]) -> Iterable[Line]:
+    for number, raw in enumerate(raw_lines, start=1):
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        yield name, number, record if isinstance(record, dict) else None, text
+
+
+def read_trail(paths: Iterable[Path]) -> Iterable[Line]:
     """Every line of the files as ``(file, line number, record or None, raw text)``."""
     for path in paths:
         with Path(path).open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                try:
-                    record = json.loads(text)
-                except ValueError:
-                    record = None
-                yield str(path), number, record if isinstance(record, dict) else None, text
+            yield from _parse_lines(str(path), handle)
 
 
-def verify_trail(paths: Sequence[Path]) -> VerificationResult:
-    """Check every chain in the given files (in the order given): hashes, links and order.
+def read_copies(copies: Iterable[tuple[str, bytes]]) -> Iterable[Line]:
+    """Every line of in-memory copies (``(name, content)``, e.g. S3 objects), like `read_trail`."""
+    for name, content in copies:
+        yield from _parse_lines(name, content.splitlines(keepends=True))
 
-    Each record is checked on its own (``hash_mismatch``: edited), then against its chain:
-    ``seq_gap`` (records missing: deleted), ``reorder`` (out of order), ``duplicate_seq`` (a
-    seq seen twice: inserted or replayed), ``prev_mismatch`` (does not link to the record before
-    it: that record was edited and re-hashed, or this one inserted), and for
-    ``audit.chain_started`` records the link to the earlier chain of the same file.
-    """
+
+# -- verification keys --------------------------------------------------------------------
+
+
+class AuditSourceError(Exception):
+    """Verification keys or S3 copies could not be read (the message names the source)."""
+
+
+def _jwk_entries(document: Any) -> list[dict[str, Any]]:
+    if isinstance(document, dict) and isinstance(document.get("keys"), list):
+        return [k for k in document["keys"] if isinstance(k, dict)]
+    if isinstance(document, dict) and "kty" in document:
+        return [document]
+    raise ValueError("not a JWKS or a JWK")
+
+
+def _public_jwk_from_key_file(path: Path) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    record = json.loads(path.read_text())
+    private_key = serialization.load_pem_private_key(
+        record["private_key_pem"].encode(), password=None
+    )
+    public = jwt.get_algorithm_by_name(record["alg"]).to_jwk(
+        private_key.public_key(),  # type: ignore[union-attr]
+        as_dict=True,
+    )
+    return {**public, "kid": record["kid"], "alg": record["alg"], "use": "sig"}
+
+
+def load_verification_keys(
+    sources: Sequence[str], *, http: Any = None
+) -> dict[str, jwt.PyJWK]:
+    """Public keys by ``kid`` from each source: a JWKS (or JWK) file, the broker's signing key
+    directory (every key file in it, retired ones included), or the URL of a published JWKS
+    (fetched with `http`, an ``httpx.Client``, or a new one). Keep copies of the JWKS: retired
+    keys leave the published set once their tokens have expired."""
+    keys: dict[str, jwt.PyJWK] = {}
+    for source in sources:
+        try:
+            if source.startswith(("https://", "http://")):
+                import httpx
+
+                client = http or httpx.Client(timeout=10.0, follow_redirects=False)
+                response = client.get(source)
+                response.raise_for_status()
+                entries = _jwk_entries(response.json())
+            elif Path(source).is_dir():
+                entries = [
+                    _public_jwk_from_key_file(p) for p in sorted(Path(source).glob("*.key.json"))
+                ]
+                for extra in sorted(Path(source).glob("*.jwks.json")):
+                    entries += _jwk_entries(json.loads(extra.read_text()))
+            else:
+                entries = _jwk_entries(json.loads(Path(source).read_text()))
+            for entry in entries:
+                kid, alg = entry.get("kid"), entry.get("alg")
+                if isinstance(kid, str) and isinstance(alg, str):
+                    keys[kid] = jwt.PyJWK(entry, algorithm=alg)
+        except Exception as exc:  # OSError, ValueError, KeyError, httpx and JWK errors
+            raise AuditSourceError(
+                f"cannot read verification keys from {source}: {type(exc).__name__}: {exc}"
+            ) from None
+    return keys
+
+
+def _verify_signature(
+    record: Mapping[str, Any], keys: Mapping[str, jwt.PyJWK] | None
+) -> tuple[Literal["valid", "unverified", "invalid"], dict[str, Any], str]:
+    signature = record.get("signature")
+    if not isinstance(signature, str):
+        return "unverified", {}, "the record carries no signature"
+    try:
+        header = jwt.get_unverified_header(signature)
+    except jwt.PyJWTError:
+        return "invalid", {}, "the signature is not a JWS"
+    kid = header.get("kid")
+    if header.get("typ") != CHECKPOINT_TYP:
+        return "invalid", {}, "the signature is not a checkpoint (JOSE typ)"
+    if keys is None:
+        return "unverified", {}, "no verification keys given"
+    key = keys.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        return "unverified", {}, f"signed with key {str(kid)[:64]!r}, not among the keys given"
+    try:
+        claims = jwt.decode(
+            signature,
+            key.key,
+            algorithms=[key.algorithm_name],
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "require": ["chain", "seq", "hash", "final", "iat"],
+            },
+        )
+    except jwt.PyJWTError as exc:
+        return "invalid", {}, f"the signature does not verify with key {kid} ({type(exc).__name__})"
+    return "valid", claims, ""
+
+
+# -- the checks -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Analysis:
+    entries: dict[str, list[_Entry]]
+    breaks: list[TrailBreak]
+    summaries: list[ChainSummary]
+    total: int
+
+
+def _span(seqs: Sequence[int]) -> str:
+    return f"{seqs[0]}" if len(seqs) == 1 else f"{seqs[0]}..{seqs[-1]}"
+
+
+def _analyse(lines: Iterable[Line], keys: Mapping[str, jwt.PyJWK] | None) -> _Analysis:
     breaks: list[TrailBreak] = []
     chains: dict[str, list[_Entry]] = {}
     total = 0
-    for file, line, record, text in read_trail(paths):
+    for file, line, record, text in lines:
         total += 1
         if record is None or not all(k in record for k in _CHAIN_FIELDS):
             what = "empty line" if not text.strip() else "not a chained JSON record"
             breaks.append(TrailBreak(file, line, "malformed", what))
             continue
         chain, seq = str(record["chain"]), record["seq"]
-        if not isinstance(seq, int) or seq < 0:
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             breaks.append(TrailBreak(file, line, "malformed", f"bad seq {seq!r}", chain))
             continue
         ok = record_hash(record) == record["hash"]
@@ -872,118 +1304,337 @@ def verify_trail(paths: Sequence[Path]) -> VerificationResult:
 
     summaries: list[ChainSummary] = []
     for chain, entries in chains.items():
+        breaks.extend(_chain_breaks(chain, entries, chains))
         valid = [e for e in entries if e.hash_ok]
-        by_seq: dict[int, list[_Entry]] = {}
-        for entry in valid:
-            by_seq.setdefault(entry.seq, []).append(entry)
-        present = {e.seq for e in entries}  # an edited record still holds its place
-        highest = -1
-        for entry in entries:
-            where = (entry.file, entry.line)
-            if not entry.hash_ok:
-                highest = max(highest, entry.seq)
+        if not valid:
+            continue
+        vouching, notes = _checkpoints(chain, entries, valid, keys)
+        breaks.extend(vouching.breaks)
+        last = max(valid, key=lambda e: e.seq)
+        summaries.append(
+            ChainSummary(
+                chain,
+                len(entries),
+                min(e.seq for e in valid),
+                last.seq,
+                str(last.record["hash"]),
+                tuple(dict.fromkeys(e.file for e in entries)),
+                closed=vouching.closed,
+                vouched_seq=vouching.vouched_seq,
+                vouched_at=vouching.vouched_at,
+                notes=tuple(notes),
+            )
+        )
+    return _Analysis(chains, breaks, summaries, total)
+
+
+def _chain_breaks(
+    chain: str, entries: list[_Entry], chains: Mapping[str, list[_Entry]]
+) -> list[TrailBreak]:
+    """Hashes, order and links of one chain."""
+    breaks: list[TrailBreak] = []
+    valid = [e for e in entries if e.hash_ok]
+    by_seq: dict[int, list[_Entry]] = {}
+    for entry in valid:
+        by_seq.setdefault(entry.seq, []).append(entry)
+    present = {e.seq for e in entries}  # an edited record still holds its place
+    highest = -1
+    for entry in entries:
+        where = (entry.file, entry.line)
+        if not entry.hash_ok:
+            highest = max(highest, entry.seq)
+            breaks.append(
+                TrailBreak(
+                    *where,
+                    "hash_mismatch",
+                    "the record's content does not match its hash (edited)",
+                    chain,
+                    entry.seq,
+                )
+            )
+            continue
+        twins = by_seq[entry.seq]
+        if len(twins) > 1 and twins[0] is not entry:
+            breaks.append(
+                TrailBreak(
+                    *where,
+                    "duplicate_seq",
+                    f"seq {entry.seq} already at {twins[0].file}:{twins[0].line} "
+                    "(a record was inserted or replayed)",
+                    chain,
+                    entry.seq,
+                )
+            )
+            continue
+        expected = highest + 1
+        if entry.seq > expected:
+            missing = [s for s in range(expected, entry.seq) if s not in present]
+            if missing:
                 breaks.append(
                     TrailBreak(
                         *where,
-                        "hash_mismatch",
-                        "the record's content does not match its hash (edited)",
+                        "seq_gap",
+                        f"seq {_span(missing)} missing before this record (deleted)",
                         chain,
                         entry.seq,
                     )
                 )
-                continue
-            twins = by_seq[entry.seq]
-            if len(twins) > 1 and twins[0] is not entry:
-                breaks.append(
-                    TrailBreak(
-                        *where,
-                        "duplicate_seq",
-                        f"seq {entry.seq} already at {twins[0].file}:{twins[0].line} "
-                        "(a record was inserted or replayed)",
-                        chain,
-                        entry.seq,
-                    )
-                )
-                continue
-            expected = highest + 1
-            if entry.seq > expected:
-                missing = [s for s in range(expected, entry.seq) if s not in present]
-                if missing:
-                    span = f"{missing[0]}" if len(missing) == 1 else f"{missing[0]}..{missing[-1]}"
-                    breaks.append(
-                        TrailBreak(
-                            *where,
-                            "seq_gap",
-                            f"seq {span} missing before this record (deleted)",
-                            chain,
-                            entry.seq,
-                        )
-                    )
-                else:
-                    breaks.append(
-                        TrailBreak(
-                            *where,
-                            "reorder",
-                            f"seq {entry.seq} comes before seq {expected}",
-                            chain,
-                            entry.seq,
-                        )
-                    )
-            elif entry.seq < expected:
+            else:
                 breaks.append(
                     TrailBreak(
                         *where,
                         "reorder",
-                        f"seq {entry.seq} comes after seq {highest}",
+                        f"seq {entry.seq} comes before seq {expected}",
                         chain,
                         entry.seq,
                     )
                 )
-            highest = max(highest, entry.seq)
-            prev = entry.record["prev"]
-            if entry.seq == 0:
-                if prev != GENESIS:
-                    breaks.append(
-                        TrailBreak(
-                            *where,
-                            "prev_mismatch",
-                            "the first record of a chain must have the genesis prev",
-                            chain,
-                            0,
-                        )
-                    )
-            elif entry.seq - 1 in by_seq:
-                before = by_seq[entry.seq - 1]
-                if all(prev != b.record["hash"] for b in before):
-                    breaks.append(
-                        TrailBreak(
-                            *where,
-                            "prev_mismatch",
-                            f"prev is not the hash of seq {entry.seq - 1} at "
-                            f"{before[0].file}:{before[0].line} (that record was edited and "
-                            "re-hashed, or this one forged)",
-                            chain,
-                            entry.seq,
-                        )
-                    )
-            if entry.record.get("event") == CHAIN_STARTED and "previous_chain" in entry.record:
-                link = _check_link(entry, chains)
-                if link is not None:
-                    breaks.append(link)
-        if valid:
-            last = max(valid, key=lambda e: e.seq)
-            summaries.append(
-                ChainSummary(
+        elif entry.seq < expected:
+            breaks.append(
+                TrailBreak(
+                    *where,
+                    "reorder",
+                    f"seq {entry.seq} comes after seq {highest}",
                     chain,
-                    len(entries),
-                    min(e.seq for e in valid),
-                    last.seq,
-                    str(last.record["hash"]),
-                    tuple(dict.fromkeys(e.file for e in entries)),
+                    entry.seq,
                 )
             )
-    breaks.sort(key=lambda b: (list(map(str, paths)).index(b.file), b.line))
-    return VerificationResult(tuple(map(str, paths)), total, tuple(summaries), tuple(breaks))
+        highest = max(highest, entry.seq)
+        prev = entry.record["prev"]
+        if entry.seq == 0:
+            if prev != GENESIS:
+                breaks.append(
+                    TrailBreak(
+                        *where,
+                        "prev_mismatch",
+                        "the first record of a chain must have the genesis prev",
+                        chain,
+                        0,
+                    )
+                )
+        elif entry.seq - 1 in by_seq:
+            before = by_seq[entry.seq - 1]
+            if all(prev != b.record["hash"] for b in before):
+                breaks.append(
+                    TrailBreak(
+                        *where,
+                        "prev_mismatch",
+                        f"prev is not the hash of seq {entry.seq - 1} at "
+                        f"{before[0].file}:{before[0].line} (that record was edited and "
+                        "re-hashed, or this one forged)",
+                        chain,
+                        entry.seq,
+                    )
+                )
+        if entry.record.get("event") == CHAIN_STARTED and "previous_chain" in entry.record:
+            link = _check_link(entry, chains)
+            if link is not None:
+                breaks.append(link)
+    return breaks
+
+
+@dataclass
+class _Vouching:
+    breaks: list[TrailBreak] = field(default_factory=list)
+    closed: bool = False
+    vouched_seq: int | None = None
+    vouched_at: str | None = None
+
+
+def _checkpoints(
+    chain: str,
+    entries: list[_Entry],
+    valid: list[_Entry],
+    keys: Mapping[str, jwt.PyJWK] | None,
+) -> tuple[_Vouching, list[str]]:
+    """What the chain's signed checkpoints vouch for, and forged or misplaced ones."""
+    result = _Vouching()
+    notes: list[str] = []
+    hashes: dict[int, set[str]] = {}
+    for entry in valid:
+        hashes.setdefault(entry.seq, set()).add(str(entry.record["hash"]))
+    last_seq = max(e.seq for e in entries)
+    for entry in valid:
+        event = entry.record.get("event")
+        if event not in _CHECKPOINT_EVENTS:
+            continue
+        final = event == CHAIN_CLOSED
+        where = (entry.file, entry.line)
+        state, claims, detail = _verify_signature(entry.record, keys)
+        if state == "invalid":
+            result.breaks.append(TrailBreak(*where, "checkpoint_invalid", detail, chain, entry.seq))
+            continue
+        if state == "unverified":
+            what = "closing record" if final else "checkpoint"
+            notes.append(f"{what} at seq {entry.seq} not verified: {detail}")
+            continue
+        seq = claims.get("seq")
+        if (
+            claims.get("chain") != chain
+            or claims.get("final") is not final
+            or not isinstance(seq, int)
+            or seq != entry.record.get("vouches_seq")
+            or claims.get("hash") != entry.record.get("vouches_hash")
+            or seq >= entry.seq
+            or (final and seq != entry.seq - 1)
+        ):
+            result.breaks.append(
+                TrailBreak(
+                    *where,
+                    "checkpoint_invalid",
+                    "the signed checkpoint does not belong at this place of this chain (moved "
+                    "or forged)",
+                    chain,
+                    entry.seq,
+                )
+            )
+            continue
+        if seq in hashes and claims["hash"] not in hashes[seq]:
+            result.breaks.append(
+                TrailBreak(
+                    *where,
+                    "checkpoint_mismatch",
+                    f"seq {seq} does not have the hash this checkpoint signed (the records up "
+                    "to it were rewritten)",
+                    chain,
+                    entry.seq,
+                )
+            )
+            continue
+        covered = entry.seq if seq == entry.seq - 1 else seq
+        if result.vouched_seq is None or covered > result.vouched_seq:
+            result.vouched_seq = covered
+            iat = claims.get("iat")
+            result.vouched_at = (
+                datetime.fromtimestamp(iat, UTC).isoformat() if isinstance(iat, int) else None
+            )
+        if final:
+            if entry.seq < last_seq:
+                result.breaks.append(
+                    TrailBreak(
+                        *where,
+                        "after_close",
+                        f"seq {entry.seq + 1}..{last_seq} follow the record that closed the "
+                        "chain (appended later: forged)",
+                        chain,
+                        entry.seq,
+                    )
+                )
+            else:
+                result.closed = True
+    return result, notes
+
+
+def _compare_with_copies(files: _Analysis, copies: _Analysis) -> tuple[list[TrailBreak], list[str]]:
+    """The files against the S3 Object Lock copies of the same chains."""
+    breaks: list[TrailBreak] = []
+    notes: list[str] = []
+    for chain, copied in copies.entries.items():
+        copy_by_seq: dict[int, _Entry] = {}
+        for entry in copied:
+            if entry.hash_ok:
+                copy_by_seq.setdefault(entry.seq, entry)
+        if not copy_by_seq:
+            continue
+        in_files = files.entries.get(chain, [])
+        seqs = sorted(copy_by_seq)
+        if not in_files:
+            first = copy_by_seq[seqs[0]]
+            breaks.append(
+                TrailBreak(
+                    first.file,
+                    first.line,
+                    "copy_only",
+                    f"chain {chain} (seq {_span(seqs)}, {len(seqs)} records) is in the S3 "
+                    "copies but in none of the files (removed)",
+                    chain,
+                    seqs[0],
+                )
+            )
+            continue
+        file_seqs = {e.seq for e in in_files}
+        missing = [s for s in seqs if s not in file_seqs]
+        if missing:
+            first = copy_by_seq[missing[0]]
+            breaks.append(
+                TrailBreak(
+                    first.file,
+                    first.line,
+                    "copy_only",
+                    f"seq {_span(missing)} of chain {chain} are in the S3 copies but not in the "
+                    "files (removed)",
+                    chain,
+                    missing[0],
+                )
+            )
+        for entry in in_files:
+            copy = copy_by_seq.get(entry.seq)
+            if entry.hash_ok and copy is not None and copy.record["hash"] != entry.record["hash"]:
+                breaks.append(
+                    TrailBreak(
+                        entry.file,
+                        entry.line,
+                        "copy_mismatch",
+                        f"differs from its S3 copy {copy.file}:{copy.line} (rewritten)",
+                        chain,
+                        entry.seq,
+                    )
+                )
+    for chain, entries in files.entries.items():
+        copied_seqs = {e.seq for e in copies.entries.get(chain, [])}
+        lagging = sorted(e.seq for e in entries if e.seq not in copied_seqs)
+        if lagging:
+            notes.append(
+                f"chain {chain}: seq {_span(lagging)} not (yet) in the S3 copies "
+                "(the sink uploads in batches; an upload may have failed)"
+            )
+    return breaks, notes
+
+
+def verify_trail(
+    paths: Sequence[Path],
+    *,
+    keys: Mapping[str, jwt.PyJWK] | None = None,
+    copies: Sequence[tuple[str, bytes]] | None = None,
+) -> VerificationResult:
+    """Check every chain in the given files (in the order given): hashes, links and order, the
+    signed checkpoints (against `keys`, the broker's public keys by ``kid``) and, with `copies`
+    (the S3 Object Lock objects, see `read_s3_copies`), that the files hold exactly what was
+    copied.
+
+    Each record is checked on its own (``hash_mismatch``: edited), then against its chain:
+    ``seq_gap`` (records missing: deleted), ``reorder`` (out of order), ``duplicate_seq`` (a
+    seq seen twice: inserted or replayed), ``prev_mismatch`` (does not link to the record before
+    it: that record was edited and re-hashed, or this one inserted), and for
+    ``audit.chain_started`` records the link to the earlier chain of the same file. Checkpoints:
+    ``checkpoint_invalid`` (a signature that does not verify, or one moved from elsewhere),
+    ``checkpoint_mismatch`` (the records it signed were rewritten), ``after_close`` (records
+    after the closing record). Copies: ``copy_only`` (in S3, not in the files: removed) and
+    ``copy_mismatch`` (rewritten). A chain without a verified closing record is open: see
+    `VerificationResult.status` and `ChainSummary.vouched_seq`.
+    """
+    files = _analyse(read_trail(paths), keys)
+    breaks = list(files.breaks)
+    notes: list[str] = []
+    summaries = files.summaries
+    names = list(map(str, paths))
+    if copies is not None:
+        copied = _analyse(read_copies(copies), keys)
+        breaks += copied.breaks
+        compared, notes = _compare_with_copies(files, copied)
+        breaks += compared
+        names += [name for name, _ in copies]
+    order = {name: i for i, name in enumerate(names)}
+    breaks.sort(key=lambda b: (order.get(b.file, len(order)), b.line))
+    return VerificationResult(
+        tuple(map(str, paths)),
+        files.total,
+        tuple(summaries),
+        tuple(breaks),
+        keys_given=keys is not None,
+        copies=tuple(name for name, _ in copies or ()),
+        notes=tuple(notes),
+    )
 
 
 def _check_link(entry: _Entry, chains: Mapping[str, list[_Entry]]) -> TrailBreak | None:

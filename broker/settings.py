@@ -246,6 +246,18 @@ class AuditConfig(_Strict):
         "responses still wait for their records to be durable.",
     )
     s3: AuditS3Config | None = None
+    checkpoint_every_records: int = Field(
+        1000,
+        ge=0,
+        description="Sign an audit.checkpoint (JWS with the token signing key) once this many "
+        "records are not yet vouched for (0: off)...",
+    )
+    checkpoint_interval_seconds: float = Field(
+        10.0,
+        ge=0.0,
+        description="...or once the oldest of them is this old (0: off). Bounds the tail a "
+        "crash or a cut can leave unvouched.",
+    )
 
 
 class TracingConfig(_Strict):

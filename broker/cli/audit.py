@@ -1,7 +1,9 @@
 """`broker audit verify | query` and `broker usage report`: reading the audit trail.
 
-`verify` exits 0 when every chain in the files is intact and 1 naming each break (file, line,
-chain, seq and what is wrong). `query` prints the records that match every filter given.
+`verify` exits 0 when every chain in the files is intact and closed by the broker, 1 naming each
+break (file, line, chain, seq and what is wrong), 3 when a chain is open (what can be vouched for,
+up to which seq, is printed). See README, "The audit trail". `query` prints the records that
+match every filter given.
 `usage report` sums granted ``credential.fetch`` records; the agent that pays for a fetch is the
 one the person invoked: the last entry of ``agent_chain`` (the chain lists the newest agent
 first). A fetch's cost centre is the one its record carries (chosen at fetch time under the
@@ -73,18 +75,71 @@ def _agents(record: dict[str, Any]) -> list[str]:
     return agents
 
 
+EXIT_INTACT, EXIT_TAMPERED, EXIT_OPEN = 0, 1, 3
+"""`verify`'s exit codes (2 stays the usage error of every command)."""
+
+
 @audit_app.command("verify")
-def verify(files: FilesArgument) -> None:
-    """Check the hash chains: exit 0 if intact, 1 naming every break."""
-    result = verify_trail(files)
-    typer.echo(result.summary(), err=not result.ok)
-    if result.ok:
-        for chain in result.chains:
-            typer.echo(
-                f"  chain {chain.chain}: seq {chain.first_seq}..{chain.last_seq}, "
-                f"last hash {chain.last_hash}"
-            )
-    raise typer.Exit(0 if result.ok else 1)
+def verify(
+    files: FilesArgument,
+    keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keys",
+            help="The broker's public keys: a JWKS file, its signing key directory, or the "
+            "URL of its JWKS (repeatable; keep JWKS copies for retired keys).",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Broker configuration: its signing key directory and audit.s3 bucket are used "
+            "unless --keys / --s3-bucket are given.",
+        ),
+    ] = None,
+    s3_bucket: Annotated[
+        str | None, typer.Option(help="Compare the files with the S3 Object Lock copies here.")
+    ] = None,
+    s3_prefix: Annotated[str, typer.Option(help="The copies' key prefix.")] = "audit/",
+    s3_endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint.")] = None,
+    s3_region: Annotated[str | None, typer.Option(help="The bucket's region.")] = None,
+) -> None:
+    """Check the hash chains, the signed checkpoints and (optionally) the S3 copies.
+
+    Exit 0: intact (every chain closed by the broker, signatures verified, no break).
+    Exit 1: tampered (each break named by file, line, chain and seq).
+    Exit 3: open (no break, but a chain was not closed: its records after the last signed
+    checkpoint cannot be vouched for; the output says up to which seq they can)."""
+    from broker.audit import AuditSourceError, load_verification_keys, read_s3_copies, s3_client
+    from broker.settings import AuditS3Config, load_settings
+
+    sources = list(keys or [])
+    s3: AuditS3Config | None = None
+    if config is not None:
+        try:
+            settings = load_settings(config)
+        except (ValueError, OSError) as exc:
+            _fail(f"cannot load {config}: {exc}")
+        if not sources and settings.signing_keys.directory.is_dir():
+            sources = [str(settings.signing_keys.directory)]
+        s3 = settings.audit.s3
+    if s3_bucket is not None:
+        s3 = AuditS3Config(
+            bucket=s3_bucket, prefix=s3_prefix, endpoint_url=s3_endpoint_url, region=s3_region
+        )
+    try:
+        verification_keys = load_verification_keys(sources) if sources else None
+        copies = read_s3_copies(s3_client(s3), s3.bucket, s3.prefix) if s3 is not None else None
+    except AuditSourceError as exc:
+        _fail(str(exc))
+    result = verify_trail(files, keys=verification_keys, copies=copies)
+    status = result.status
+    typer.echo(result.summary(), err=status != "intact")
+    raise typer.Exit(
+        {"intact": EXIT_INTACT, "open": EXIT_OPEN, "tampered": EXIT_TAMPERED}[status]
+    )
 
 
 @audit_app.command("query")

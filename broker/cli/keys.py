@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from broker.audit import DecisionLog, build_sinks
+from broker.audit import DecisionLog, KeyringCheckpointSigner, build_sinks
 from broker.clock import SystemClock
 from broker.settings import BrokerSettings, load_settings
 from broker.tokens import Keyring
@@ -39,20 +39,20 @@ def rotate(
     keyring = _keyring(settings, keys_dir)
     previous = keyring.active.kid
     new = keyring.rotate()
-    _audit_rotation(settings, previous, new.kid, keyring.published_kids())
+    _audit_rotation(settings, keyring, previous, new.kid, keyring.published_kids())
     typer.echo(f"new signing key: {new.kid} ({new.algorithm})")
     typer.echo("published: " + " ".join(keyring.published_kids()))
 
 
 def _audit_rotation(
-    settings: BrokerSettings, previous: str, kid: str, published: list[str]
+    settings: BrokerSettings, keyring: Keyring, previous: str, kid: str, published: list[str]
 ) -> None:
     """An admin-action record in the configured audit trail (file and S3 sinks: the terminal
     is not the trail). Running brokers also record ``signing_key.rotated`` when they see it."""
     sinks = build_sinks(settings.audit.model_copy(update={"stdout": False}))
     if not sinks:
         return
-    trail = DecisionLog(sinks, SystemClock())
+    trail = DecisionLog(sinks, SystemClock(), signer=KeyringCheckpointSigner(keyring))
     try:
         trail.record(
             "admin.signing_key_rotated",

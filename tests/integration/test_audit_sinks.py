@@ -185,7 +185,7 @@ def test_the_s3_sink_writes_locked_batches_and_flushes_on_close(
     _wait_for(lambda: log.sink_lag()["S3ObjectLockSink"] == 2)
     s3 = _s3(moto)
     assert len(s3.list_objects_v2(Bucket=bucket).get("Contents", [])) == 2
-    log.close()  # flushes the partial batch
+    log.close()  # closes the chain (one more record) and flushes the partial batch
     assert log.sink_lag()["S3ObjectLockSink"] == 0
 
     lock = s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
@@ -194,7 +194,7 @@ def test_the_s3_sink_writes_locked_batches_and_flushes_on_close(
     assert keys == [
         f"broker/{log.chain}/000000000000-000000000004.jsonl",
         f"broker/{log.chain}/000000000005-000000000009.jsonl",
-        f"broker/{log.chain}/000000000010-000000000011.jsonl",
+        f"broker/{log.chain}/000000000010-000000000012.jsonl",
     ]
     downloaded = tmp_path / "from-s3.jsonl"
     with downloaded.open("wb") as out:

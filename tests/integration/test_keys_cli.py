@@ -36,7 +36,7 @@ def test_rotate_adds_a_key_and_keeps_the_old_one_published(tmp_path: Path) -> No
 
 
 def test_rotate_writes_an_admin_record_to_the_configured_trail(tmp_path: Path) -> None:
-    from broker.audit import verify_trail
+    from broker.audit import load_verification_keys, verify_trail
 
     keys = tmp_path / "keys"
     trail = tmp_path / "audit" / "trail.jsonl"
@@ -50,10 +50,15 @@ def test_rotate_writes_an_admin_record_to_the_configured_trail(tmp_path: Path) -
     new_kid = rotated.output.split()[3]
     assert "admin.signing_key_rotated" not in rotated.output  # the terminal is not the trail
     records = [json.loads(line) for line in trail.read_text().splitlines()]
-    assert [r["event"] for r in records] == ["audit.chain_started", "admin.signing_key_rotated"]
-    rotation = records[-1]
+    assert [r["event"] for r in records] == [
+        "audit.chain_started",
+        "admin.signing_key_rotated",
+        "audit.chain_closed",
+    ]
+    rotation = records[1]
     assert rotation["kid"] == new_kid and rotation["via"] == "cli" and rotation["by"]
     assert rotation["previous_kid"] != new_kid
     assert set(rotation["published_kids"]) == {rotation["previous_kid"], new_kid}
     assert "PRIVATE KEY" not in trail.read_text()
-    assert verify_trail([trail]).ok
+    assert verify_trail([trail], keys=load_verification_keys([str(keys)])).status == "intact"
+    assert records[-1]["kid"] == new_kid  # closed under the new key

@@ -4,21 +4,28 @@ is detected and located by file, line and seq; secrets never reach a record."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.audit import (
+    CHAIN_CLOSED,
     CHAIN_STARTED,
+    CHECKPOINT,
     GENESIS,
     DecisionLog,
     FileSink,
+    KeyringCheckpointSigner,
     MemorySink,
     TrailBreak,
+    load_verification_keys,
     record_hash,
     verify_trail,
 )
-from broker.clock import FrozenClock
+from broker.clock import FrozenClock, SystemClock
+from broker.tokens import Keyring
 
 
 def _write_trail(path: Path, count: int = 8) -> DecisionLog:
@@ -217,3 +224,54 @@ def test_the_line_every_sink_gets_is_the_record_and_verifies() -> None:
     assert record_hash(parsed) == digest  # what verify_trail recomputes
     assert line.isascii()  # non-ASCII is escaped: one byte encoding for every sink
     assert chained_line({})[1] == b'{"hash":"' + chained_line({})[0].encode() + b'"}\n'
+
+
+def _signed_log(tmp_path: Path, path: Path, **options: Any) -> tuple[DecisionLog, Path]:
+    keys = tmp_path / "keys"
+    keyring = Keyring(keys, algorithm="ES256", clock=SystemClock(), publish_grace_seconds=60)
+    log = DecisionLog(
+        [FileSink(path)], SystemClock(), signer=KeyringCheckpointSigner(keyring), **options
+    )
+    return log, keys
+
+
+def _wait_for_event(path: Path, event: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while path.read_text().count(f'"event":"{event}"') < count:
+        assert time.monotonic() < deadline, f"no {event} written"
+        time.sleep(0.01)
+
+
+def test_checkpoints_vouch_for_the_chain_and_closing_makes_it_intact(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log, keys = _signed_log(tmp_path, path, checkpoint_every=4)  # the start and 3 decisions
+    for i in range(3):
+        log.record("credential.fetch", outcome="granted", request_id=f"r{i}")
+    _wait_for_event(path, CHECKPOINT)
+    log.record("credential.fetch", outcome="granted", request_id="after")
+    verification_keys = load_verification_keys([str(keys)])
+    result = verify_trail([path], keys=verification_keys)
+    assert result.ok and result.status == "open"
+    [chain] = result.chains
+    assert not chain.closed and chain.vouched_seq == 4 and chain.last_seq == 5
+    log.close()
+    closed = verify_trail([path], keys=verification_keys)
+    assert closed.status == "intact" and closed.chains[0].closed, closed.summary()
+    with pytest.raises(RuntimeError):
+        log.record("credential.fetch", outcome="granted")
+
+
+def test_an_idle_chain_is_checkpointed_once_after_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log, _ = _signed_log(tmp_path, path, checkpoint_interval=0.05)
+    _wait_for_event(path, CHECKPOINT)  # the chain start itself gets vouched for
+    time.sleep(0.3)
+    assert path.read_text().count(CHECKPOINT) == 1  # checkpoints do not vouch for themselves
+    log.close()
+
+
+@pytest.mark.parametrize("event", [CHECKPOINT, CHAIN_CLOSED])
+def test_callers_cannot_write_checkpoint_records(event: str) -> None:
+    log = DecisionLog([MemorySink()], FrozenClock())
+    with pytest.raises(ValueError):
+        log.record(event, outcome="vouched")
