@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,7 +37,14 @@ from broker.audit import (
     recorded_request_var,
 )
 from broker.cache import CredentialCache
-from broker.client_auth import AuthenticatedClient, ClientAuthenticator, WorkloadActorResolver
+from broker.client_auth import (
+    AuthenticatedClient,
+    ClientAuthenticator,
+    FailedAuthThrottle,
+    WorkloadActorResolver,
+    source_address,
+)
+from broker.client_secrets import BoundedSecretVerifier
 from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialService, record_cache_event
 from broker.errors import (
@@ -173,6 +182,16 @@ def build_services(
         assertion_audiences=frozenset({settings.issuer, settings.token_endpoint}),
         assertion_max_lifetime=tokens.client_assertion_max_lifetime_seconds,
         leeway=tokens.leeway_seconds,
+        secrets_verifier=BoundedSecretVerifier(
+            workers=settings.client_authentication.secret_hash_workers or os.cpu_count() or 1,
+            queue=settings.client_authentication.secret_hash_queue,
+        ),
+        throttle=FailedAuthThrottle(
+            state,
+            per_client_and_source=settings.client_authentication.failures_per_client_and_source,
+            per_source=settings.client_authentication.failures_per_source,
+            window_seconds=settings.client_authentication.failure_window_seconds,
+        ),
     )
     revocations = Revocations(
         state,
@@ -347,6 +366,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         await services.http.aclose()
         await asyncio.to_thread(services.decisions.close)  # flush audit sinks (S3 batches)
         await asyncio.to_thread(services.tracing.shutdown)  # export buffered spans
+        services.clients.close()
 
     app = FastAPI(
         title="Agent identity broker",
@@ -391,6 +411,13 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         supplied = request.headers.get("x-request-id", "")
         return supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
 
+    trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in settings.http.trusted_proxies]
+
+    def _source(request: Request) -> str:
+        """The caller's address (X-Forwarded-For only through `http.trusted_proxies`)."""
+        peer = request.client.host if request.client else None
+        return source_address(peer, request.headers.get("x-forwarded-for"), trusted_proxies)
+
     def _caller(
         request: Request, client: AuthenticatedClient | None, form: OAuthForm | None
     ) -> dict[str, Any]:
@@ -401,7 +428,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
             return {"client_id": client.client_id, "client_kind": client.kind}
         return {
             "claimed_client_id": claimed_client_id(request.headers, form),
-            "source": request.client.host if request.client else None,
+            "source": _source(request),
         }
 
     def record_refusal(
@@ -507,7 +534,9 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
                 else:
                     form = await read_form(request, max_bytes=max_body, repeatable=repeatable)
                 with tracer.start_as_current_span("client authentication"):
-                    client = await services.clients.authenticate(request.headers, form)
+                    client = await services.clients.authenticate(
+                        request.headers, form, source=_source(request)
+                    )
                 body = await handler(request, form, client, request_id)
             except OAuthError as err:
                 if recorded_request_var.get() != request_id:

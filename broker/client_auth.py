@@ -7,8 +7,23 @@
 - A workload identity (Kubernetes service-account token, SPIFFE JWT-SVID) as the RFC 8693
   ``actor_token``, mapped to an agent by the policy: see `WorkloadActorResolver`.
 
-Every failure is the same `invalid_client` to the caller (no client enumeration); the precise cause
-goes to the private debug part and the decision log.
+A client may allow both methods (a policy `authentication:` list), e.g. while migrating from a
+secret to ``private_key_jwt``; each method presented is checked on its own.
+
+Probing and starving (README, "Client authentication under attack"):
+
+- Every failure is the same `invalid_client` to the caller (no client enumeration), and takes the
+  same work: an unknown client id (or one without the presented method) is checked against a
+  dummy hash of the policy's costliest kind (`dummy_like`), a cheaper client is padded to it, and
+  an unknown assertion issuer is verified against an empty key set, failing exactly like a known
+  client's assertion signed with a key it does not have. The precise cause goes to the private
+  debug part and the decision log.
+- scrypt runs on a bounded pool of its own (`BoundedSecretVerifier`); when it is saturated the
+  answer is 503 ``temporarily_unavailable`` at once.
+- Failed authentications are counted in the shared state per (claimed client id, source address)
+  and per source address (`FailedAuthThrottle`); over a limit the caller gets 429 with
+  ``Retry-After`` before any secret is checked. Never per client id alone: anyone could then lock
+  a legitimate client out.
 """
 
 from __future__ import annotations
@@ -16,28 +31,51 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
+import ipaddress
+import logging
+import math
 import os
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
 import httpx
+import jwt
 from cachetools import TTLCache
 
-from broker.client_secrets import verify_client_secret
+from broker.client_secrets import (
+    BoundedSecretVerifier,
+    SecretVerifier,
+    SecretVerifierBusy,
+    dummy_like,
+    hash_cost,
+)
 from broker.clock import Clock
-from broker.errors import InvalidClient, InvalidRequest, TemporarilyUnavailable
+from broker.errors import InvalidClient, InvalidRequest, TemporarilyUnavailable, TooManyRequests
 from broker.policy import Policy
-from broker.policy.model import ClientSecretBasicAuth, PrivateKeyJwtAuth
+from broker.policy.model import (
+    ClientSecretBasicAuth,
+    PrivateKeyJwtAuth,
+    authentication_methods,
+)
 from broker.state import StateStore, StateUnavailable
 from broker.types import Sensitive
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
-from idp_adapters.jwks import JwksCache, SigningKeyResolver, StaticJwks
+from idp_adapters.jwks import (
+    UNKNOWN_KEY_REASON,
+    JwksCache,
+    SigningKeyResolver,
+    StaticJwks,
+)
 from idp_adapters.jwt_verify import unverified_claims, verify_jwt
 from idp_adapters.workload import WorkloadVerifier
+
+log = logging.getLogger(__name__)
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_BYTES = 8192
@@ -91,6 +129,124 @@ def _parse_basic(header: str) -> tuple[str, Sensitive]:
     return unquote(client_id), Sensitive(unquote(secret))
 
 
+def source_address(
+    peer: str | None,
+    forwarded_for: str | None,
+    trusted_proxies: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> str:
+    """The caller's address: the ASGI peer, or, when the peer is a trusted proxy, the nearest
+    X-Forwarded-For entry (read from the right) that is not itself a trusted proxy. Nothing a
+    caller writes in X-Forwarded-For is believed unless it came through a trusted proxy."""
+    proxies = tuple(trusted_proxies)
+
+    def parse(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(text.strip().strip("[]"))
+        except ValueError:
+            return None
+
+    current = parse(peer or "")
+    if current is None:
+        return (peer or "unknown")[:64]
+    hops = [h for h in (forwarded_for or "").split(",") if h.strip()][-32:]
+    while hops and any(current in net for net in proxies):
+        previous = parse(hops.pop())
+        if previous is None:
+            break  # a malformed hop: stop at the last address a trusted proxy vouched for
+        current = previous
+    return str(current)
+
+
+def _claimed_basic_id(header: str) -> str | None:
+    try:
+        return _parse_basic(header)[0]
+    except InvalidClient:
+        return None
+
+
+def _claimed_assertion_id(assertion: str) -> str | None:
+    try:
+        iss = unverified_claims(assertion, max_bytes=MAX_ASSERTION_BYTES).get("iss")
+    except TokenRejected:
+        return None
+    return iss if isinstance(iss, str) and iss else None
+
+
+class FailedAuthThrottle:
+    """Counts failed client authentications in the shared state (so across replicas) per
+    (claimed client id, source address) and per source address; `check` refuses with 429 and
+    ``Retry-After`` while either is over its limit in the sliding window.
+
+    Not per client id alone: an attacker could then lock any legitimate client out from
+    anywhere. A legitimate client is refused only while its own address is over a limit (a
+    shared NAT with an attacker, or its own mistakes). Claimed ids are hashed into the keys
+    (bounded, never echoed). When the state cannot be read, `check` fails closed (503)."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        *,
+        per_client_and_source: int,
+        per_source: int,
+        window_seconds: float,
+    ) -> None:
+        self._state = state
+        self._per_pair = per_client_and_source
+        self._per_source = per_source
+        self._window = window_seconds
+
+    def _keys(self, client_id: str | None, source: str) -> list[tuple[str, int]]:
+        keys = [(f"authfail:source:{source}", self._per_source)]
+        if client_id is not None:
+            digest = hashlib.sha256(client_id.encode("utf-8", "replace")).hexdigest()[:32]
+            keys.append((f"authfail:client:{digest}:{source}", self._per_pair))
+        return keys
+
+    async def check(self, client_id: str | None, source: str) -> None:
+        try:
+            results = await asyncio.gather(
+                *(
+                    self._state.rate_limit_status(key, limit, self._window)
+                    for key, limit in self._keys(client_id, source)
+                )
+            )
+        except StateUnavailable as exc:
+            raise TemporarilyUnavailable(
+                "client authentication cannot be checked right now; refusing (fail closed)",
+                debug=str(exc),
+                reason="state_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
+        refused = [r for r in results if not r.allowed]
+        if refused:
+            retry_after = max(1, math.ceil(max(r.retry_after for r in refused)))
+            raise TooManyRequests(
+                f"too many failed client authentications; retry after {retry_after} s",
+                reason="client_auth_throttled",
+                headers={"Retry-After": str(retry_after)},
+            )
+
+    async def failed(self, client_id: str | None, source: str) -> None:
+        try:
+            for key, limit in self._keys(client_id, source):
+                await self._state.rate_limit(key, limit, self._window)
+        except StateUnavailable as exc:  # already refusing; the next check fails closed
+            log.warning("cannot count a failed client authentication: %s", exc)
+
+
+class _NoKeys:
+    """The key set of a client that does not exist: no key matches, as for a known client's
+    assertion signed with a key it does not have."""
+
+    async def get_signing_key(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        raise TokenRejected(UNKNOWN_KEY_REASON)
+
+
+_DEFAULT_ASSERTION_ALGORITHMS = tuple(
+    PrivateKeyJwtAuth.model_fields["algorithms"].get_default(call_default_factory=True)
+)
+
+
 class ClientAuthenticator:
     def __init__(
         self,
@@ -103,6 +259,8 @@ class ClientAuthenticator:
         assertion_max_lifetime: int,
         leeway: int,
         secret_refs: SecretReferenceResolver | None = None,
+        secrets_verifier: SecretVerifier | None = None,
+        throttle: FailedAuthThrottle | None = None,
     ) -> None:
         self._policy = policy
         self._replay = replay
@@ -112,29 +270,57 @@ class ClientAuthenticator:
         self._assertion_max_lifetime = assertion_max_lifetime
         self._leeway = leeway
         self._secret_refs = secret_refs or SecretReferenceResolver()
+        self._verifier = secrets_verifier or BoundedSecretVerifier(
+            workers=os.cpu_count() or 1, queue=64
+        )
+        self._throttle = throttle
         self._remote_jwks: dict[str, JwksCache] = {}
         self._static_jwks: TTLCache[tuple[str, str], StaticJwks] = TTLCache(maxsize=1024, ttl=3600)
+        self._dummy: tuple[str, str | None, int] | None = None  # (policy version, hash, cost)
 
-    def _lookup(self, client_id: str) -> tuple[ClientKind, object] | None:
+    def _lookup(self, client_id: str) -> tuple[ClientKind, tuple[object, ...]] | None:
         policy = self._policy()
         agent = policy.agents.get(client_id)
         if agent is not None:
-            return "agent", agent.spec.authentication
+            return "agent", authentication_methods(agent.spec.authentication)
         server = policy.resource_servers.get(client_id)
         if server is not None:
-            return "resource_server", server.authentication
+            return "resource_server", authentication_methods(server.authentication)
         gateway = policy.gateways.get(client_id)
         if gateway is not None:
-            return "gateway", gateway.authentication
+            return "gateway", authentication_methods(gateway.authentication)
         admin = policy.admins.get(client_id)
         if admin is not None:
-            return "admin", admin.authentication
+            return "admin", authentication_methods(admin.authentication)
         return None
 
+    def _dummy_hash(self) -> tuple[str | None, int]:
+        """A hash no secret matches, of the costliest kind the policy's clients use (None when
+        no client has a secret_hash), and that cost; made once per policy version."""
+        policy = self._policy()
+        if self._dummy is None or self._dummy[0] != policy.version:
+            specs = [
+                *(a.spec.authentication for a in policy.agents.values()),
+                *(r.authentication for r in policy.resource_servers.values()),
+                *(g.authentication for g in policy.gateways.values()),
+                *(a.authentication for a in policy.admins.values()),
+            ]
+            hashes = [
+                m.secret_hash
+                for spec in specs
+                for m in authentication_methods(spec)
+                if isinstance(m, ClientSecretBasicAuth) and m.secret_hash is not None
+            ]
+            costliest = max(hashes, key=hash_cost, default=None)
+            dummy = dummy_like(costliest) if costliest is not None else None
+            self._dummy = (policy.version, dummy, hash_cost(dummy) if dummy else 0)
+        return self._dummy[1], self._dummy[2]
+
     async def authenticate(
-        self, headers: Mapping[str, str], form: Mapping[str, str]
+        self, headers: Mapping[str, str], form: Mapping[str, str], *, source: str | None = None
     ) -> AuthenticatedClient | None:
-        """Authenticate the caller, or return None when it presented no client credentials."""
+        """Authenticate the caller, or return None when it presented no client credentials.
+        `source` is the caller's address (see `source_address`), for the failure throttle."""
         authorization = headers.get("authorization")
         assertion = form.get("client_assertion")
         assertion_type = form.get("client_assertion_type")
@@ -142,17 +328,39 @@ class ClientAuthenticator:
             raise InvalidClient("client_secret_post is not supported; use HTTP Basic")
         if authorization and (assertion or assertion_type):
             raise InvalidRequest("use exactly one client authentication method")
+        if not authorization and not assertion and not assertion_type:
+            return None
+        where = source or "unknown"
         if authorization:
-            return await self._authenticate_basic(authorization, form.get("client_id"))
-        if assertion or assertion_type:
+            claimed = _claimed_basic_id(authorization)
+        else:
+            claimed = _claimed_assertion_id(assertion) if assertion else None
+        if self._throttle is not None:
+            await self._throttle.check(claimed, where)
+        try:
+            if authorization:
+                return await self._authenticate_basic(authorization, form.get("client_id"))
             if assertion_type != CLIENT_ASSERTION_TYPE or not assertion:
                 raise InvalidClient(
                     f"client_assertion_type must be {CLIENT_ASSERTION_TYPE} with a client_assertion"
                 )
             return await self._authenticate_assertion(Sensitive(assertion), form.get("client_id"))
-        return None
+        except InvalidClient:
+            if self._throttle is not None:
+                await self._throttle.failed(claimed, where)
+            raise
 
     # -- client_secret_basic ------------------------------------------------------------
+    async def _verify_hash(self, secret: str, stored: str) -> bool:
+        try:
+            return await self._verifier.verify(secret, stored)
+        except SecretVerifierBusy:
+            raise TemporarilyUnavailable(
+                "client authentication is busy; retry shortly",
+                reason="secret_verifier_busy",
+                headers={"Retry-After": "1"},
+            ) from None
+
     async def _authenticate_basic(
         self, header: str, form_client_id: str | None
     ) -> AuthenticatedClient:
@@ -160,23 +368,36 @@ class ClientAuthenticator:
         if form_client_id is not None and form_client_id != client_id:
             raise InvalidClient("client_id does not match the authenticated client")
         found = self._lookup(client_id)
-        if found is None or not isinstance(found[1], ClientSecretBasicAuth):
+        method = next(
+            (m for m in (found[1] if found else ()) if isinstance(m, ClientSecretBasicAuth)), None
+        )
+        dummy, dummy_cost = self._dummy_hash()
+        if found is None or method is None:
+            # Equal work for an id that does not exist (or has no secret): the same check as a
+            # real client's, against a hash no secret matches.
+            if dummy is not None:
+                await self._verify_hash(secret.reveal(), dummy)
+            else:
+                hmac.compare_digest(secret.reveal().encode(), secrets.token_bytes(32))
             raise InvalidClient(
                 "client authentication failed", debug=f"no client_secret_basic client {client_id!r}"
             )
-        kind, method = found
-        assert isinstance(method, ClientSecretBasicAuth)
+        kind = found[0]
         if method.secret_hash is not None:
-            # scrypt costs tens of milliseconds by design: keep it off the event loop.
-            ok = await asyncio.to_thread(verify_client_secret, secret.reveal(), method.secret_hash)
+            ok = await self._verify_hash(secret.reveal(), method.secret_hash)
+            own_cost = hash_cost(method.secret_hash)
         else:
             expected = self._secret_refs.resolve(method.secret_ref or "")
+            ok = expected is not None and hmac.compare_digest(
+                secret.reveal().encode(), expected.reveal().encode()
+            )
+            own_cost = 0
             if expected is None:
-                raise InvalidClient(
-                    "client authentication failed",
-                    debug=f"secret reference for {client_id!r} does not resolve",
-                )
-            ok = hmac.compare_digest(secret.reveal().encode(), expected.reveal().encode())
+                log.warning("the secret reference of client %r does not resolve", client_id)
+        if dummy is not None and own_cost < dummy_cost and own_cost <= 1:
+            # A fast client (sha256, a reference) beside scrypt clients: pad it to their cost,
+            # so timing tells apart neither fast clients from unknown ids nor any two ids.
+            await self._verify_hash(secret.reveal(), dummy)
         if not ok:
             raise InvalidClient(
                 "client authentication failed", debug=f"bad secret for {client_id!r}"
@@ -221,32 +442,38 @@ class ClientAuthenticator:
         if form_client_id is not None and form_client_id != client_id:
             raise InvalidClient("client_id does not match the client assertion")
         found = self._lookup(client_id)
-        if found is None or not isinstance(found[1], PrivateKeyJwtAuth):
-            raise InvalidClient(
-                "client authentication failed", debug=f"no private_key_jwt client {client_id!r}"
-            )
-        kind, method = found
-        assert isinstance(method, PrivateKeyJwtAuth)
+        method = next(
+            (m for m in (found[1] if found else ()) if isinstance(m, PrivateKeyJwtAuth)), None
+        )
+        # An unknown issuer (or a client without private_key_jwt) goes through the same
+        # verification against a key set with no keys: the same checks, the same answer as a
+        # known client's assertion signed with a key it does not have.
+        keys: SigningKeyResolver = (
+            self._keys_for(client_id, method) if method is not None else _NoKeys()
+        )
+        algorithms = tuple(method.algorithms) if method else _DEFAULT_ASSERTION_ALGORITHMS
         try:
             verified = await verify_jwt(
                 raw,
-                keys=self._keys_for(client_id, method),
+                keys=keys,
                 issuer=client_id,
                 audiences=self._assertion_audiences,
-                algorithms=tuple(method.algorithms),
+                algorithms=algorithms,
                 clock=self._clock,
                 leeway=self._leeway,
                 max_bytes=MAX_ASSERTION_BYTES,
                 require=("exp", "iss", "sub", "aud", "jti"),
             )
         except TokenRejected as exc:
-            raise InvalidClient(
-                f"client assertion rejected: {exc.reason}", debug=exc.debug
-            ) from None
+            debug = exc.debug if method else f"no private_key_jwt client {client_id!r}"
+            raise InvalidClient(f"client assertion rejected: {exc.reason}", debug=debug) from None
         except IdentityProviderUnavailable as exc:
             raise TemporarilyUnavailable(
                 f"cannot verify the client assertion: {exc.reason}", debug=exc.debug
             ) from None
+        if found is None or method is None:  # unreachable: no key ever verifies
+            raise InvalidClient("client authentication failed")
+        kind = found[0]
         claims = verified.claims
         if claims.get("sub") != client_id:
             raise InvalidClient("client assertion sub must equal iss (the client_id)")
@@ -276,6 +503,12 @@ class ClientAuthenticator:
         return AuthenticatedClient(
             client_id, kind, "private_key_jwt", issued_at=issued if iat is not None else None
         )
+
+    def close(self) -> None:
+        """Stop the secret-hashing threads (when this authenticator made its own pool)."""
+        close = getattr(self._verifier, "close", None)
+        if close is not None:
+            close()
 
 
 class WorkloadActorResolver:

@@ -16,16 +16,27 @@ parameters are read from the stored value, so they are capped (n <= 2**17, r <= 
 n * r * p <= 2**20, i.e. at most 8x the default work and 128 MiB) to stop a policy file from
 making the broker burn CPU or memory on every authentication; a stored value over a cap does not
 verify.
+
+`BoundedSecretVerifier` runs the checks on a thread pool of their own (never asyncio's default
+pool, which backend calls share) and refuses at once, with `SecretVerifierBusy`, when more checks
+are running and waiting than it allows: a flood of wrong secrets cannot queue without bound or
+delay the rest of the broker. `dummy_like` makes a stored value of the same kind and cost as a
+real one, for the unknown-client path to verify against (equal work whether or not a client
+exists).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import secrets
-from typing import Literal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, Protocol
 
 HashMethod = Literal["sha256", "scrypt"]
 
@@ -62,7 +73,6 @@ def _b64decode(text: str) -> bytes:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
-
 
 
 def _scrypt(secret: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
@@ -142,3 +152,98 @@ def _verify(secret: str, stored: str) -> bool:
             return False
         return hmac.compare_digest(_sha256(raw, salt), expected)
     return False
+
+
+def hash_cost(stored: str) -> int:
+    """The work `verify_client_secret` does for `stored`, in units of one scrypt block mix
+    (``n * r * p``); 1 for ``sha256`` and 0 for a value that would not verify anyway."""
+    parts = stored.split("$")
+    try:
+        if parts[0] == "scrypt" and len(parts) == 6:
+            n, r, p = (_parse_int(x) for x in parts[1:4])
+            valid = 2 <= n <= SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= SCRYPT_MAX_R
+            if valid and 1 <= p <= SCRYPT_MAX_P and n * r * p <= SCRYPT_MAX_COST:
+                return n * r * p
+            return 0
+    except ValueError:
+        return 0
+    return 1 if parts[0] == "sha256" and len(parts) == 3 else 0
+
+
+def dummy_like(stored: str | None) -> str:
+    """A stored value of the same kind and parameters as `stored` (default scrypt when None or
+    malformed) that no secret verifies: random salt and random hash. Verifying against it costs
+    what verifying against `stored` costs."""
+    salt = _b64encode(secrets.token_bytes(SALT_BYTES))
+    if stored is not None and hash_cost(stored) > 0:
+        parts = stored.split("$")
+        if parts[0] == "sha256":
+            return f"sha256${salt}${_b64encode(secrets.token_bytes(32))}"
+        length = len(_b64decode(parts[5]))
+        if 16 <= length <= 64:
+            digest = _b64encode(secrets.token_bytes(length))
+            return f"scrypt${parts[1]}${parts[2]}${parts[3]}${salt}${digest}"
+    digest = _b64encode(secrets.token_bytes(HASH_BYTES))
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt}${digest}"
+
+
+class SecretVerifierBusy(Exception):
+    """More secret checks are running and waiting than the verifier allows; retry shortly."""
+
+
+class SecretVerifier(Protocol):
+    """Checks a presented secret against a stored hash without blocking the event loop."""
+
+    async def verify(self, secret: str, stored: str) -> bool:
+        """Whether `secret` matches `stored`; raises `SecretVerifierBusy` when saturated."""
+        ...
+
+
+class BoundedSecretVerifier:
+    """`verify_client_secret` on `workers` threads of its own, with room for `queue` more checks
+    waiting; beyond that `verify` raises `SecretVerifierBusy` at once instead of piling up.
+
+    A ``sha256`` check (microseconds) runs inline; only scrypt goes to the pool. A slot is held
+    until the thread has finished, even when the waiting request is cancelled.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        queue: int,
+        check: Callable[[str, str], bool] = verify_client_secret,
+    ) -> None:
+        if workers < 1 or queue < 0:
+            raise ValueError("workers must be at least 1 and queue at least 0")
+        self._check = check
+        self._capacity = workers + queue
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="secret-hash")
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _release(self, _: object) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    async def verify(self, secret: str, stored: str) -> bool:
+        if stored.startswith("sha256$"):
+            return self._check(secret, stored)
+        with self._lock:
+            if self._in_flight >= self._capacity:
+                raise SecretVerifierBusy("too many client secret checks in progress")
+            self._in_flight += 1
+        try:
+            future = self._executor.submit(self._check, secret, stored)
+        except RuntimeError:  # shut down
+            self._release(None)
+            raise SecretVerifierBusy("the secret verifier is shut down") from None
+        future.add_done_callback(self._release)
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

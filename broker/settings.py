@@ -10,6 +10,7 @@ in the policy files or behind references.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -155,12 +156,56 @@ class HttpConfig(_Strict):
         None, description="Serve HTTPS with this PEM certificate (chain) and tls_key_file."
     )
     tls_key_file: Path | None = Field(None, description="The certificate's PEM private key.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is "
+        "believed for the caller's source address; none by default (the peer address is used).",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                message = f"http.trusted_proxies: {item!r} is not an address or network"
+                raise ValueError(message) from None
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> HttpConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("http.tls_cert_file and http.tls_key_file go together")
         return self
+
+
+class ClientAuthConfig(_Strict):
+    """Client authentication: its own pool for secret hashing, and the failed-attempt throttle
+    (counted in the shared state, so across every replica). See README, "Client authentication
+    under attack"."""
+
+    secret_hash_workers: int | None = Field(
+        None, ge=1, le=256, description="Threads checking scrypt client secrets (default: cores)."
+    )
+    secret_hash_queue: int = Field(
+        64,
+        ge=0,
+        le=100000,
+        description="Secret checks that may wait for a thread; more are refused at once (503).",
+    )
+    failures_per_client_and_source: int = Field(
+        10,
+        ge=1,
+        description="Failed authentications for one client id from one source address per "
+        "window; beyond it that pair gets 429 until the window slides.",
+    )
+    failures_per_source: int = Field(
+        100,
+        ge=1,
+        description="Failed authentications from one source address (any client id) per window.",
+    )
+    failure_window_seconds: float = Field(300.0, gt=0.0, le=86400.0)
 
 
 class DevIdpConfig(_Strict):
@@ -309,6 +354,7 @@ class BrokerSettings(BaseSettings):
         5.0, ge=0.0, description="/readyz remembers each secret backend's answer this long."
     )
     http: HttpConfig = HttpConfig()
+    client_authentication: ClientAuthConfig = ClientAuthConfig()
     allow_development_components: bool = Field(
         False, description="Permit the development IdP (kind: dev). Never in production."
     )

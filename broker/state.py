@@ -81,6 +81,13 @@ class StateStore(Protocol):
         """Count one event against `limit` per `window_seconds` (sliding window)."""
         ...
 
+    async def rate_limit_status(
+        self, key: str, limit: int, window_seconds: float
+    ) -> RateLimitResult:
+        """How `rate_limit` would answer now, without counting an event (e.g. refuse a caller
+        whose failures are over the limit, while only failures are counted)."""
+        ...
+
     async def ping(self) -> None:
         """Raise `StateUnavailable` when the store cannot be reached."""
         ...
@@ -122,6 +129,8 @@ class InMemoryStateStore:
         self._revoked: dict[str, float] = {}  # token id -> wall expiry
         self._not_before: dict[str, tuple[float, float]] = {}  # subject -> (time, wall expiry)
         self._hits: dict[str, list[float]] = {}
+        self._hits_expiry: dict[str, float] = {}  # key -> when its newest hit leaves the window
+        self._hits_sweep_at = 1024
         self._lock = asyncio.Lock()
 
     def _purge(self, now: float) -> None:
@@ -182,6 +191,23 @@ class InMemoryStateStore:
             return RateLimitResult(False, 0, max(hits[0] + window_seconds - now, 0.001))
         hits.append(now)
         self._hits[key] = hits
+        self._hits_expiry[key] = now + window_seconds
+        if len(self._hits) >= self._hits_sweep_at:
+            # Keys can be caller-chosen (failed authentications per claimed client id): forget
+            # those whose every hit has left its window, so memory stays bounded by what is live.
+            for stale in [k for k, until in self._hits_expiry.items() if until <= now]:
+                del self._hits_expiry[stale]
+                self._hits.pop(stale, None)
+            self._hits_sweep_at = max(1024, 2 * len(self._hits))
+        return RateLimitResult(True, limit - len(hits), 0.0)
+
+    async def rate_limit_status(
+        self, key: str, limit: int, window_seconds: float
+    ) -> RateLimitResult:
+        now = self._clock.monotonic()
+        hits = [t for t in self._hits.get(key, ()) if t > now - window_seconds]
+        if len(hits) >= limit:
+            return RateLimitResult(False, 0, max(hits[0] + window_seconds - now, 0.001))
         return RateLimitResult(True, limit - len(hits), 0.0)
 
     async def ping(self) -> None:

@@ -74,8 +74,9 @@ end
 return 1
 """
 
-# KEYS[1]: a rate-limit sorted set; ARGV: limit, window (microseconds), a unique member.
-# Returns {allowed (0/1), remaining, retry_after (microseconds)}. Time is the server's TIME.
+# KEYS[1]: a rate-limit sorted set; ARGV: limit, window (microseconds), a unique member, and
+# optionally '0' to only report (count nothing). Returns {allowed (0/1), remaining, retry_after
+# (microseconds)}. Time is the server's TIME.
 _RATE_LIMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -90,6 +91,9 @@ if count >= limit then
     retry = tonumber(oldest[2]) + window - now
   end
   return {0, 0, math.max(retry, 1000)}
+end
+if ARGV[4] == '0' then
+  return {1, limit - count, 0}
 end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
@@ -244,13 +248,24 @@ class RedisStateStore:
         return RevocationStatus(revoked, not_before)
 
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:
+        return await self._run_rate_limit(key, limit, window_seconds, count=True)
+
+    async def rate_limit_status(
+        self, key: str, limit: int, window_seconds: float
+    ) -> RateLimitResult:
+        return await self._run_rate_limit(key, limit, window_seconds, count=False)
+
+    async def _run_rate_limit(
+        self, key: str, limit: int, window_seconds: float, *, count: bool
+    ) -> RateLimitResult:
         if not math.isfinite(window_seconds) or window_seconds <= 0:
             raise ValueError("window_seconds must be positive and finite")
         window_us = math.ceil(window_seconds * 1_000_000)
         member = secrets.token_hex(8)
         async with self._guard("rate_limit"):
             allowed, remaining, retry_us = await self._rate_limit(
-                keys=[f"{self._prefix}rate:{key}"], args=[int(limit), window_us, member]
+                keys=[f"{self._prefix}rate:{key}"],
+                args=[int(limit), window_us, member, "1" if count else "0"],
             )
         if allowed:
             return RateLimitResult(True, int(remaining), 0.0)

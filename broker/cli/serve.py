@@ -170,6 +170,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 def _dev_client_secrets(policy_dir: Path, store: Path) -> dict[str, str]:
     """Generate (once) a secret for every `env:` reference in the policy, kept in var/dev."""
     from broker.policy import load_policy
+    from broker.policy.model import authentication_methods
 
     policy = load_policy(policy_dir).policy
     refs = set()
@@ -179,7 +180,7 @@ def _dev_client_secrets(policy_dir: Path, store: Path) -> dict[str, str]:
         *(g.authentication for g in policy.gateways.values()),
         *(a.authentication for a in policy.admins.values()),
     ]
-    for auth in clients:
+    for auth in (method for spec in clients for method in authentication_methods(spec)):
         ref = getattr(auth, "secret_ref", None)
         if ref and ref.startswith("env:"):
             refs.add(ref[4:])

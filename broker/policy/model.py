@@ -139,6 +139,36 @@ ClientAuthentication = Annotated[
 ]
 
 
+def _one_per_method(value: list[ClientAuthentication]) -> list[ClientAuthentication]:
+    methods = [m.method for m in value]
+    if len(methods) != len(set(methods)):
+        raise ValueError("a client may list each authentication method at most once")
+    return value
+
+
+ClientAuthentications = (
+    ClientAuthentication
+    | Annotated[
+        list[ClientAuthentication],
+        Field(min_length=1, max_length=2),
+        AfterValidator(_one_per_method),
+    ]
+)
+"""One method, or a list of at most one of each (a client secret and private_key_jwt at once,
+e.g. while migrating from the one to the other): the client may use any method listed."""
+
+
+def authentication_methods(
+    authentication: PrivateKeyJwtAuth | ClientSecretBasicAuth | list | None,
+) -> tuple[PrivateKeyJwtAuth | ClientSecretBasicAuth, ...]:
+    """The methods a client spec's `authentication` allows, as a tuple (empty for None)."""
+    if authentication is None:
+        return ()
+    if isinstance(authentication, list):
+        return tuple(authentication)
+    return (authentication,)
+
+
 class WorkloadBinding(_Strict):
     """An agent proven by a workload JWT (Kubernetes service account, SPIFFE JWT-SVID)."""
 
@@ -155,7 +185,11 @@ class RateLimits(_Strict):
 
 class Agent(_Strict):
     description: str = ""
-    authentication: ClientAuthentication | None = None
+    authentication: ClientAuthentications | None = Field(
+        None,
+        description="One method, or a list of at most one per method (e.g. while migrating "
+        "from a client secret to private_key_jwt).",
+    )
     workload_identities: list[WorkloadBinding] = Field(default_factory=list)
     ceiling: list[PermissionPattern] = Field(
         default_factory=list, description="The most this agent may ever hold, for anyone."
@@ -186,7 +220,9 @@ class ResourceServer(_Strict):
     """A registered caller of introspection (an API or gateway that receives agent tokens)."""
 
     description: str = ""
-    authentication: ClientAuthentication
+    authentication: ClientAuthentications = Field(
+        description="One method, or a list of at most one per method."
+    )
     audiences: list[str] = Field(min_length=1, description="Tokens it may introspect.")
 
 
@@ -222,7 +258,9 @@ class Admin(_Strict):
     """An operator or automation allowed the admin API (e.g. push refresh from a rotation hook)."""
 
     description: str = ""
-    authentication: ClientAuthentication
+    authentication: ClientAuthentications = Field(
+        description="One method, or a list of at most one per method."
+    )
 
 
 class Limits(_Strict):

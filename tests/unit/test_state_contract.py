@@ -158,6 +158,18 @@ class StateStoreContract:
         assert not (await kit.store.rate_limit("k1", 1, 60)).allowed
         assert (await kit.store.rate_limit("k2", 1, 60)).allowed
 
+    async def test_rate_limit_status_reports_without_counting(self, kit: StateKit) -> None:
+        for _ in range(5):
+            status = await kit.store.rate_limit_status("authfail:peek", 2, 0.5)
+            assert status.allowed and status.remaining == 2
+        assert (await kit.store.rate_limit("authfail:peek", 2, 0.5)).allowed
+        assert (await kit.store.rate_limit_status("authfail:peek", 2, 0.5)).remaining == 1
+        assert (await kit.store.rate_limit("authfail:peek", 2, 0.5)).allowed
+        refused = await kit.store.rate_limit_status("authfail:peek", 2, 0.5)
+        assert not refused.allowed and 0.0 < refused.retry_after <= 0.5
+        await kit.advance(refused.retry_after + 0.05)
+        assert (await kit.store.rate_limit_status("authfail:peek", 2, 0.5)).allowed
+
     async def test_ping(self, kit: StateKit) -> None:
         await kit.store.ping()
 
@@ -171,6 +183,18 @@ class TestInMemoryStateStore(StateStoreContract):
             clock.advance(seconds)
 
         yield StateKit(InMemoryStateStore(clock), clock, advance)
+
+
+async def test_memory_rate_limit_forgets_keys_whose_window_has_passed() -> None:
+    """Rate-limit keys can be caller-chosen (failed authentications per claimed client id): the
+    in-memory store must not keep one entry per key ever seen."""
+    clock = FrozenClock()
+    store = InMemoryStateStore(clock)
+    for i in range(5000):
+        await store.rate_limit(f"authfail:client:{i}", 10, 60)
+        if i % 1000 == 999:
+            clock.advance(61)
+    assert len(store._hits) < 2100  # only the keys still inside their window (plus slack)
 
 
 # -- configuration -------------------------------------------------------------------------
