@@ -243,6 +243,9 @@ class TokenExchangeGrant:
         try:
             return await self._handle(form, client, requested)
         except OAuthError as err:
+            if "client_id" not in requested:  # the caller is unknown: not what it asked for
+                requested.pop("requested_scopes", None)
+                requested.pop("requested_audiences", None)
             self._decisions.record(
                 "token.exchange",
                 outcome="denied",
