@@ -171,6 +171,13 @@ class _Bounder:
             return self._string(value, path)
         if kind is bool or (kind is int and -_BIG_INT < value < _BIG_INT):
             return value
+        if (
+            kind is list
+            and len(value) <= self.max_items
+            and all(type(item) is str and len(item) <= self.max_string for item in value)
+        ):  # a list of short strings (agent chains, scopes, groups): kept as it is
+            self.size += sum(map(len, value)) + 2
+            return list(value)
         if isinstance(value, str):
             return self._string(value, path)
         if value is None or isinstance(value, bool):
