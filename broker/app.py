@@ -224,7 +224,7 @@ def build_services(
         ),
         workload_actors=WorkloadActorResolver(workloads, policies.current),
         policy=policies.current,
-        issuer=TokenIssuer(keyring, settings.issuer, clock),
+        issuer=TokenIssuer(keyring, settings.issuer, clock, max_bytes=broker_tokens.max_bytes),
         decisions=decisions,
         clock=clock,
         max_lifetime_seconds=tokens.max_lifetime_seconds,

@@ -123,11 +123,12 @@ class CredentialService:
             provenance.idp,
             provenance.subject,
             provenance.groups,
+            provenance.idp_roles,
             token.actor_chain,
         )
         found = self._standings.get(key)
         if found is None:
-            person = Person(provenance.idp, provenance.subject, provenance.groups)
+            person = Person.of(provenance)
             found = self._standings[key] = standing(policy, person, token.actor_chain)
         return found
 

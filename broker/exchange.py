@@ -8,7 +8,7 @@ is the actor. Every decision, granted or denied, is recorded.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,9 +31,9 @@ from broker.oauth_request import OAuthForm
 from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
 from broker.revocation import Revocations, check_exchange_allowed
 from broker.state import StateStore, enforce_rate_limit
-from broker.tokens import BrokerTokenVerifier, TokenIssuer
+from broker.tokens import BrokerTokenVerifier, TokenIssuer, TokenTooLarge
 from broker.tracing import SilentTracer
-from broker.types import BrokerToken, Provenance, Sensitive, TokenType
+from broker.types import BrokerToken, IssuedToken, Provenance, Sensitive, TokenType
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwt_verify import unverified_claims
 from idp_adapters.registry import IdentityRoutes
@@ -291,13 +291,18 @@ class TokenExchangeGrant:
         with self._tracer.start_as_current_span("verify subject token") as span:
             span.set_attribute("broker.subject_token_type", str(subject_type))
             subject = await self._subjects.verify(Sensitive(subject_token), subject_type)
-        provenance = subject.provenance
         parent = subject.parent
+        # Only the groups and IdP roles the policy uses for this agent (and the agents it may
+        # delegate to) go further: into the decision, the record and the token. The decision is
+        # the same; the token stays small and tells resource servers no more than needed.
+        used = policy.identity_used(Person.of(subject.provenance), actor.client_id)
+        provenance = replace(subject.provenance, groups=used.groups, idp_roles=used.idp_roles)
         record.update(
             person=provenance.person_id,
             idp=provenance.idp,
             # Where the person's identity came from: the IdP, the kind of token, the groups
-            # it asserted and when the person signed in (immutable through every hop).
+            # and IdP roles it asserted that the policy uses, and when the person signed in
+            # (immutable through every hop).
             provenance=provenance.to_claim(),
             parent_jti=parent.jti if parent else None,
         )
@@ -316,7 +321,7 @@ class TokenExchangeGrant:
             decision = decide(
                 policy,
                 ExchangeRequest(
-                    person=Person(provenance.idp, provenance.subject, provenance.groups),
+                    person=used,
                     agent=actor.client_id,
                     scopes=scopes,
                     audiences=targets,
@@ -335,7 +340,7 @@ class TokenExchangeGrant:
 
         lifetime = self._lifetime(decision, provenance, parent)
         with self._tracer.start_as_current_span("issue token"):
-            issued = self._issuer.issue(
+            issued = self._issue(
                 provenance=provenance,
                 client_id=actor.client_id,
                 actor_chain=decision.actor_chain,
@@ -363,6 +368,18 @@ class TokenExchangeGrant:
             "expires_in": lifetime,
             "scope": " ".join(decision.scopes),
         }
+
+    def _issue(self, **claims: Any) -> IssuedToken:
+        """Sign the token, or refuse clearly if it would be larger than the broker accepts
+        back (it would fail every later use: fetch, re-exchange, introspection)."""
+        try:
+            return self._issuer.issue(**claims)
+        except TokenTooLarge as exc:
+            raise InvalidRequest(
+                f"the token would be {exc.size} bytes, more than the {exc.limit} bytes this "
+                "broker accepts; request fewer scopes or audiences",
+                reason="token_too_large",
+            ) from None
 
     def _lifetime(
         self, decision: Decision, provenance: Provenance, parent: BrokerToken | None

@@ -46,6 +46,11 @@ class ClaimMapping(_Strict):
     groups: list[str] | None = Field(
         None, description="Claims (dotted paths allowed) whose string values become groups."
     )
+    roles: list[str] | None = Field(
+        None,
+        description="Claims (dotted paths allowed; SAML: attribute names) whose string values "
+        "become IdP roles, bound in policy with idp_role: / idp-role:, never as groups.",
+    )
     email: str | None = None
     name: str | None = None
 

@@ -30,6 +30,9 @@ from idp_adapters.base import TokenRejected
 from idp_adapters.jwt_verify import verify_jwt
 
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
+MAX_TOKEN_BYTES = 16384
+"""The largest token of its own the broker accepts back (`BrokerTokenVerifier`), and so the
+largest it issues (`TokenIssuer`)."""
 _KEY_FILE_SUFFIX = ".key.json"
 
 
@@ -257,13 +260,29 @@ def _lineage(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(lineage)
 
 
-class TokenIssuer:
-    """Signs RFC 9068 JWT access tokens for agents."""
+class TokenTooLarge(Exception):
+    """The token would be larger than the broker itself accepts back: it is not issued."""
 
-    def __init__(self, keyring: Keyring, issuer: str, clock: Clock) -> None:
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the token would be {size} bytes, more than the {limit} accepted")
+        self.size = size
+        self.limit = limit
+
+
+class TokenIssuer:
+    """Signs RFC 9068 JWT access tokens for agents.
+
+    Never issues a token its own verifier would refuse: one larger than `max_bytes` (give it the
+    verifier's `max_bytes`) raises `TokenTooLarge` instead.
+    """
+
+    def __init__(
+        self, keyring: Keyring, issuer: str, clock: Clock, *, max_bytes: int = MAX_TOKEN_BYTES
+    ) -> None:
         self._keyring = keyring
         self._issuer = issuer
         self._clock = clock
+        self._max_bytes = max_bytes
 
     def issue(
         self,
@@ -306,6 +325,8 @@ class TokenIssuer:
             algorithm=key.algorithm,
             headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYP},
         )
+        if len(token) > self._max_bytes:
+            raise TokenTooLarge(len(token), self._max_bytes)
         return IssuedToken(
             jti=jti,
             token=token,
@@ -338,7 +359,7 @@ class BrokerTokenVerifier:
         *,
         algorithms: tuple[str, ...],
         skew: int = 0,
-        max_bytes: int = 16384,
+        max_bytes: int = MAX_TOKEN_BYTES,
         verdict_cache_size: int = 10_000,
     ) -> None:
         self._keyring = keyring
@@ -350,6 +371,11 @@ class BrokerTokenVerifier:
         self._verdicts: LRUCache[bytes, tuple[BrokerToken, str]] = LRUCache(
             maxsize=verdict_cache_size
         )
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest token accepted: what `TokenIssuer` must never exceed."""
+        return self._max_bytes
 
     async def verify(self, token: str) -> BrokerToken:
         if len(token) > self._max_bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -22,12 +22,27 @@ def _frozen_mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
     return MappingProxyType(dict(value or {}))
 
 
+def normalise_group(name: str) -> str:
+    """A group name as the broker compares it, whatever protocol carried it: leading ``/`` are
+    stripped, so Keycloak's full path ``/team/sub`` (OIDC, or SAML with "full path" on) and a
+    policy's ``team/sub`` are the same group. Every identity adapter and the policy loader use
+    this one function; nothing else rewrites group names."""
+    return name.lstrip("/")
+
+
+def normalise_groups(names: Iterable[str]) -> frozenset[str]:
+    """`normalise_group` over `names`, dropping names that end up empty."""
+    return frozenset(n for n in (normalise_group(name) for name in names) if n)
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """A person, as proven by a verified identity token from a trusted IdP.
 
     `idp` is the configured name of the identity provider (never taken from the token),
-    `subject` the stable identifier the IdP's claim mapping selected.
+    `subject` the stable identifier the IdP's claim mapping selected. `groups` (normalised by
+    `normalise_group`) and `idp_roles` (the IdP's own roles: Keycloak realm roles, Entra app
+    roles) are kept apart: a role named like a group is not that group.
     """
 
     idp: str
@@ -39,6 +54,7 @@ class Principal:
     attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     issued_at: int | None = None
     """When the IdP issued the token (JWT ``iat``, SAML ``IssueInstant``)."""
+    idp_roles: frozenset[str] = frozenset()
 
     @property
     def earliest_time(self) -> int | None:
@@ -61,7 +77,12 @@ class Principal:
 
 @dataclass(frozen=True, slots=True)
 class Provenance:
-    """Where the person came from. Immutable through every later hop (like STS source identity)."""
+    """Where the person came from. Immutable through every later hop (like STS source identity).
+
+    In a token the broker issues, `groups` and `idp_roles` are only those the policy uses for
+    the agent and the agents it may delegate to (`Policy.identity_used`), never every group the
+    IdP asserted: that bounds the token's size and tells resource servers no more than needed.
+    """
 
     idp: str
     subject: str
@@ -69,6 +90,7 @@ class Provenance:
     auth_time: int | None
     token_type: TokenType
     session_expires_at: int
+    idp_roles: frozenset[str] = frozenset()
 
     @property
     def person_id(self) -> str:
@@ -83,10 +105,11 @@ class Provenance:
             auth_time=principal.auth_time,
             token_type=principal.token_type,
             session_expires_at=principal.expires_at,
+            idp_roles=principal.idp_roles,
         )
 
     def to_claim(self) -> dict[str, object]:
-        return {
+        claim: dict[str, object] = {
             "idp": self.idp,
             "sub": self.subject,
             "groups": sorted(self.groups),
@@ -94,13 +117,19 @@ class Provenance:
             "token_type": str(self.token_type),
             "session_exp": self.session_expires_at,
         }
+        if self.idp_roles:
+            claim["idp_roles"] = sorted(self.idp_roles)
+        return claim
 
     @classmethod
     def from_claim(cls, claim: Mapping[str, object]) -> Provenance:
         groups = claim.get("groups") or []
+        idp_roles = claim.get("idp_roles") or []
         auth_time = claim.get("auth_time")
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise ValueError("provenance.groups must be a list of strings")
+        if not isinstance(idp_roles, list) or not all(isinstance(r, str) for r in idp_roles):
+            raise ValueError("provenance.idp_roles must be a list of strings")
         return cls(
             idp=str(claim["idp"]),
             subject=str(claim["sub"]),
@@ -108,6 +137,7 @@ class Provenance:
             auth_time=int(auth_time) if isinstance(auth_time, int) else None,
             token_type=TokenType(str(claim["token_type"])),
             session_expires_at=int(claim["session_exp"]),  # type: ignore[call-overload]
+            idp_roles=frozenset(idp_roles),
         )
 
 

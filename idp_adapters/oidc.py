@@ -35,6 +35,7 @@ from idp_adapters.presets import (
     ClaimPreset,
     extract_attributes,
     extract_groups,
+    extract_strings,
     lookup_claim,
     resolve_claim_mapping,
 )
@@ -179,6 +180,7 @@ class OidcAdapter:
             idp=self._config.name,
             subject=subject_from(claims, self._mapping.subject),
             groups=extract_groups(claims, self._mapping.groups),
+            idp_roles=extract_strings(claims, self._mapping.roles),
             token_type=token_type,
             expires_at=int(claims["exp"]),
             auth_time=auth_time

@@ -1,11 +1,16 @@
 """Claim-mapping presets: which claims of a verified token carry the person's stable subject,
-groups, email and display name, for the identity providers the broker knows by name.
+groups, IdP roles, email and display name, for the identity providers the broker knows by name.
+
+Groups and IdP roles are kept apart: groups are bound in policy with ``group:`` (bindings
+``group:``, selectors ``group:<idp>/<group>``), IdP roles with ``idp_role:`` (selectors
+``idp-role:<idp>/<role>``), so a realm role that happens to be named like a privileged group
+never satisfies that group's bindings.
 
 Every preset can be overridden field by field with `ClaimMapping` in the configuration.
 Claim paths may be dotted (``realm_access.roles``); a claim whose literal name contains dots (an
 Auth0 namespaced claim such as ``https://example.com/groups``) is found by its literal name first.
 
-Presets (source of the subject / of groups):
+Presets (source of the subject / of groups / of IdP roles):
 
 generic
     ``sub`` / ``groups``. Any OpenID Connect provider that emits a ``groups`` claim.
@@ -15,7 +20,7 @@ okta
 entra
     ``oid`` (the user's object id: stable and identical across applications in the tenant;
     ``sub`` is pairwise per application and must not be used) / ``groups`` (group object ids,
-    GUIDs; needs ``groupMembershipClaims`` in the app manifest) and ``roles`` (app roles).
+    GUIDs; needs ``groupMembershipClaims`` in the app manifest) / ``roles`` (app roles).
     Group overage (``_claim_names``, more than 200 groups) is not resolved: bind app roles or
     fewer groups. Email from ``email``, falling back to ``preferred_username`` (usually the UPN).
     ``oid`` is unique within a tenant; the exact issuer (which embeds the tenant id) pins it.
@@ -27,7 +32,7 @@ auth0
     ``read:messages`` as a group would let Auth0 API settings silently create policy groups.
 keycloak
     ``sub`` (the user's UUID) / ``groups`` (needs the "Group Membership" mapper; full paths such
-    as ``/support`` are normalised to ``support``) and ``realm_access.roles`` (realm roles).
+    as ``/support`` are normalised to ``support``) / ``realm_access.roles`` (realm roles).
 google
     ``sub`` / none: Google ID tokens carry no groups (``hd`` is only the Workspace domain), so
     groups come from the broker's person bindings. Email from ``email``.
@@ -41,6 +46,7 @@ from types import MappingProxyType
 from typing import Any
 
 from broker.settings import ClaimMapping
+from broker.types import normalise_groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,7 @@ class ClaimPreset:
     email: str | None
     name: str | None
     email_fallback: str | None = None
+    roles: tuple[str, ...] = ()
 
 
 PRESETS: Mapping[str, ClaimPreset] = MappingProxyType(
@@ -63,7 +70,8 @@ PRESETS: Mapping[str, ClaimPreset] = MappingProxyType(
         "okta": ClaimPreset(subject="sub", groups=("groups",), email="email", name="name"),
         "entra": ClaimPreset(
             subject="oid",
-            groups=("groups", "roles"),
+            groups=("groups",),
+            roles=("roles",),
             email="email",
             name="name",
             email_fallback="preferred_username",
@@ -71,7 +79,8 @@ PRESETS: Mapping[str, ClaimPreset] = MappingProxyType(
         "auth0": ClaimPreset(subject="sub", groups=("groups",), email="email", name="name"),
         "keycloak": ClaimPreset(
             subject="sub",
-            groups=("groups", "realm_access.roles"),
+            groups=("groups",),
+            roles=("realm_access.roles",),
             email="email",
             name="name",
         ),
@@ -94,6 +103,8 @@ def resolve_claim_mapping(preset: str, overrides: ClaimMapping) -> ClaimPreset:
         base = replace(base, subject=overrides.subject)
     if overrides.groups is not None:
         base = replace(base, groups=tuple(overrides.groups))
+    if overrides.roles is not None:
+        base = replace(base, roles=tuple(overrides.roles))
     if overrides.email is not None:
         base = replace(base, email=overrides.email, email_fallback=None)
     if overrides.name is not None:
@@ -113,17 +124,18 @@ def lookup_claim(claims: Mapping[str, Any], path: str) -> Any | None:
     return current
 
 
-def _normalise_group(value: str) -> str:
-    return value[1:] if value.startswith("/") else value
-
-
 def extract_groups(claims: Mapping[str, Any], paths: Iterable[str]) -> frozenset[str]:
-    """Collect group names from the claims at `paths`.
+    """Collect group names from the claims at `paths`, normalised by `normalise_group` (leading
+    ``/`` of Keycloak group paths stripped); empty names are dropped."""
+    return normalise_groups(extract_strings(claims, paths))
 
-    Each value may be a list (non-string items are ignored) or a single string. A leading ``/``
-    (Keycloak group paths) is stripped; empty names are dropped.
+
+def extract_strings(claims: Mapping[str, Any], paths: Iterable[str]) -> frozenset[str]:
+    """Collect the non-empty strings at `paths` (IdP roles, and groups before normalising).
+
+    Each value may be a list (non-string items are ignored) or a single string.
     """
-    groups: set[str] = set()
+    values: set[str] = set()
     for path in paths:
         value = lookup_claim(claims, path)
         items: Iterable[Any]
@@ -133,12 +145,8 @@ def extract_groups(claims: Mapping[str, Any], paths: Iterable[str]) -> frozenset
             items = value
         else:
             continue
-        for item in items:
-            if isinstance(item, str):
-                name = _normalise_group(item)
-                if name:
-                    groups.add(name)
-    return frozenset(groups)
+        values.update(item for item in items if isinstance(item, str) and item)
+    return frozenset(values)
 
 
 def extract_string(claims: Mapping[str, Any], path: str | None) -> str | None:

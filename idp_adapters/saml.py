@@ -86,7 +86,7 @@ from onelogin.saml2.xml_utils import OneLogin_Saml2_XML
 from broker.clock import Clock
 from broker.settings import ClaimMapping, IdentityProviderConfig
 from broker.state import StateStore, StateUnavailable
-from broker.types import Principal, TokenType
+from broker.types import Principal, TokenType, normalise_groups
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
 
 NS_SAML = "urn:oasis:names:tc:SAML:2.0:assertion"
@@ -188,14 +188,17 @@ class SamlAttributeMapping:
     """Where a person's identity is found in a verified assertion.
 
     `subject` is `NAMEID_SUBJECT` (the ``NameID``) or the ``Name`` of a single-valued attribute;
-    `groups` are attribute names whose values all become groups; `email` and `name` are attribute
-    names tried in order (the first value of the first present one wins).
+    `groups` are attribute names whose values all become groups (normalised by
+    `normalise_group`, as over OIDC: a Keycloak full path ``/team/sub`` is ``team/sub``); `roles`
+    attribute names whose values become IdP roles (never groups); `email` and `name` are
+    attribute names tried in order (the first value of the first present one wins).
     """
 
     subject: str
     groups: tuple[str, ...]
     email: tuple[str, ...]
     name: tuple[str, ...]
+    roles: tuple[str, ...] = ()
 
 
 SAML_PRESETS: Mapping[str, SamlAttributeMapping] = MappingProxyType(
@@ -209,7 +212,8 @@ SAML_PRESETS: Mapping[str, SamlAttributeMapping] = MappingProxyType(
         # AD FS and Microsoft Entra ID: claim-type URIs as attribute names.
         "adfs": SamlAttributeMapping(
             subject=NAMEID_SUBJECT,
-            groups=(f"{MS_CLAIMS}/groups", f"{MS_CLAIMS}/role"),
+            groups=(f"{MS_CLAIMS}/groups",),
+            roles=(f"{MS_CLAIMS}/role",),
             email=(f"{XMLSOAP_CLAIMS}/emailaddress", f"{XMLSOAP_CLAIMS}/upn"),
             name=(
                 "http://schemas.microsoft.com/identity/claims/displayname",
@@ -247,6 +251,8 @@ def resolve_saml_mapping(preset: str, overrides: ClaimMapping) -> SamlAttributeM
         mapping = replace(mapping, subject=overrides.subject)
     if overrides.groups is not None:
         mapping = replace(mapping, groups=tuple(overrides.groups))
+    if overrides.roles is not None:
+        mapping = replace(mapping, roles=tuple(overrides.roles))
     if overrides.email is not None:
         mapping = replace(mapping, email=(overrides.email,))
     if overrides.name is not None:
@@ -675,8 +681,14 @@ class SamlAdapter:
         principal = Principal(
             idp=self._config.name,
             subject=self._subject(signed, attributes),
-            groups=frozenset(
+            groups=normalise_groups(
                 value for name in self._mapping.groups for value in attributes.get(name, ())
+            ),
+            idp_roles=frozenset(
+                value
+                for name in self._mapping.roles
+                for value in attributes.get(name, ())
+                if value
             ),
             token_type=TokenType.SAML2,
             expires_at=int(expires_at),

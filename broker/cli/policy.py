@@ -29,6 +29,7 @@ from broker.policy.loader import TESTS_SUBDIR, LoadedPolicy, PolicyError, load_p
 from broker.policy.loader import load_policy_tests as _load_policy_tests
 from broker.policy.model import PolicyDocument, PolicyTestFile
 from broker.policy.testing import run_policy_tests
+from broker.types import normalise_groups
 
 policy_app = typer.Typer(
     help="Validate, test and explain the policy files.",
@@ -158,6 +159,14 @@ def explain_command(
         list[str] | None,
         typer.Option("--group", "-g", help="One of the person's groups (repeatable)."),
     ] = None,
+    idp_role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--idp-role",
+            help="One of the person's IdP roles (repeatable; not a group: Keycloak realm "
+            "roles, Entra app roles).",
+        ),
+    ] = None,
     agent: Annotated[
         list[str] | None,
         typer.Option(
@@ -198,7 +207,8 @@ def explain_command(
     the_person = Person(
         idp=idp,
         subject=subject,
-        groups=frozenset(_split(groups, ",") + _split(group, ",")),
+        groups=normalise_groups(_split(groups, ",") + _split(group, ",")),
+        idp_roles=frozenset(_split(idp_role, ",")),
     )
     scopes = tuple(_split(scope, None)) if scope is not None else None
     audiences = tuple(_split(audience, None))

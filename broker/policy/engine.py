@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from broker.policy.model import Admin, Agent, Credential, Gateway, ResourceServer
 from broker.policy.permissions import EMPTY, PermissionSet, is_permission
+from broker.types import Provenance, normalise_group
 
 
 class Reason(enum.StrEnum):
@@ -34,6 +35,7 @@ class Reason(enum.StrEnum):
     PARENT_LACKS_AUDIENCE = "parent_token_lacks_audience"
     NO_SCOPE = "no_scope_allowed"
     NO_AUDIENCE = "no_audience"
+    AUDIENCE_REQUIRED = "audience_required"
 
 
 _ERROR_FOR_REASON: Mapping[Reason, str] = {
@@ -45,6 +47,7 @@ _ERROR_FOR_REASON: Mapping[Reason, str] = {
     Reason.AUDIENCE_NOT_ALLOWED: "invalid_target",
     Reason.PARENT_LACKS_AUDIENCE: "invalid_target",
     Reason.NO_AUDIENCE: "invalid_target",
+    Reason.AUDIENCE_REQUIRED: "invalid_target",
     Reason.MALFORMED_SCOPE: "invalid_scope",
     Reason.PERSON_LACKS_SCOPE: "invalid_scope",
     Reason.CEILING_EXCLUDES_SCOPE: "invalid_scope",
@@ -72,6 +75,11 @@ class CompiledAgent:
     act_for_people: frozenset[tuple[str, str]]
     act_for_roles: frozenset[str]
     may_delegate_to: frozenset[str]
+    act_for_idp_roles: frozenset[tuple[str, str]] = frozenset()
+    default_audiences: tuple[str, ...] = ()
+    """What a request without an audience gets (empty: see `require_audience`)."""
+    require_audience: bool = False
+    """A request without an audience is refused (never true with `default_audiences`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,8 @@ class Policy:
     files: tuple[str, ...] = ()
     group_cost_centres: tuple[tuple[tuple[str, str], str], ...] = ()
     """((idp, group), cost centre) in policy order."""
+    idp_role_roles: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+    """(idp, IdP role) -> broker roles: ``idp_role:`` bindings, apart from groups."""
 
     def cost_centre_of(self, agent: str, idp: str, groups: Iterable[str]) -> str | None:
         """Who pays for a fetch made by `agent` (the agent the person invoked) for a person of
@@ -100,7 +110,7 @@ class Policy:
         compiled = self.agents.get(agent)
         if compiled is not None and compiled.spec.cost_centre:
             return compiled.spec.cost_centre
-        member_of = {group.lstrip("/") for group in groups}
+        member_of = {normalise_group(group) for group in groups}
         for (group_idp, group), centre in self.group_cost_centres:
             if group_idp == idp and group in member_of:
                 return centre
@@ -110,7 +120,42 @@ class Policy:
         roles: set[str] = set(self.person_roles.get((person.idp, person.subject), ()))
         for group in person.groups:
             roles.update(self.group_roles.get((person.idp, group), ()))
+        for idp_role in person.idp_roles:
+            roles.update(self.idp_role_roles.get((person.idp, idp_role), ()))
         return frozenset(roles)
+
+    def identity_used(self, person: Person, agent: str) -> Person:
+        """`person` with only the groups and IdP roles this policy can use for `agent` and the
+        agents it may delegate to, directly or further down: those bound to roles at the
+        person's IdP and those named by their ``act_for``. What a token issued to `agent`
+        carries (not every group the IdP asserted). `decide` for `agent`, or for any agent a
+        token issued to it is re-exchanged with, answers the same for both people, and so does
+        `standing`."""
+        reachable: set[str] = set()
+        pending = [agent]
+        while pending:
+            name = pending.pop()
+            compiled = self.agents.get(name)
+            if name in reachable or compiled is None:
+                continue
+            reachable.add(name)
+            pending.extend(compiled.may_delegate_to)
+        agents = [self.agents[name] for name in reachable]
+
+        def used_group(group: str) -> bool:
+            key = (person.idp, group)
+            return key in self.group_roles or any(key in a.act_for_groups for a in agents)
+
+        def used_role(idp_role: str) -> bool:
+            key = (person.idp, idp_role)
+            return key in self.idp_role_roles or any(key in a.act_for_idp_roles for a in agents)
+
+        return Person(
+            person.idp,
+            person.subject,
+            frozenset(filter(used_group, person.groups)),
+            frozenset(filter(used_role, person.idp_roles)),
+        )
 
     def rights_of(self, person: Person) -> PermissionSet:
         rights = EMPTY
@@ -121,9 +166,16 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Person:
+    """A person as the policy sees them: groups and IdP roles are separate namespaces."""
+
     idp: str
     subject: str
     groups: frozenset[str] = frozenset()
+    idp_roles: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, provenance: Provenance) -> Person:
+        return cls(provenance.idp, provenance.subject, provenance.groups, provenance.idp_roles)
 
     @property
     def person_id(self) -> str:
@@ -194,6 +246,8 @@ def _may_act_for(agent: CompiledAgent, person: Person, roles: frozenset[str]) ->
     if (person.idp, person.subject) in agent.act_for_people:
         return True
     if any((person.idp, group) in agent.act_for_groups for group in person.groups):
+        return True
+    if any((person.idp, role) in agent.act_for_idp_roles for role in person.idp_roles):
         return True
     return not agent.act_for_roles.isdisjoint(roles)
 
@@ -295,8 +349,18 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
                     f"audience {_shown(audience)} is not in the parent token's audience",
                 )
         audiences = tuple(dict.fromkeys(request.audiences))
+    elif agent.require_audience:
+        accepted = sorted(agent.audiences)
+        if parent is not None:
+            accepted = [a for a in accepted if a in parent.audiences]
+        shown = ", ".join(_shown(a) for a in accepted[:10]) + (" ..." if len(accepted) > 10 else "")
+        return deny(
+            Reason.AUDIENCE_REQUIRED,
+            f"agent {agent.name!r} requires an explicit audience (audience or resource); "
+            f"accepted: {shown or 'none'}",
+        )
     else:
-        allowed_audiences = sorted(agent.audiences)
+        allowed_audiences = list(agent.default_audiences) or sorted(agent.audiences)
         if parent is not None:
             allowed_audiences = [a for a in allowed_audiences if a in parent.audiences]
         audiences = tuple(allowed_audiences)
@@ -412,9 +476,13 @@ def explain(policy: Policy, request: ExchangeRequest) -> str:
     """A human-readable account of `decide` for `broker policy explain`."""
     decision = decide(policy, request)
     person = request.person
+    used = policy.identity_used(person, request.agent)
     lines = [
         f"policy version: {policy.version}",
         f"person:         {person.person_id} (groups: {', '.join(sorted(person.groups)) or '-'})",
+        f"IdP roles:      {', '.join(sorted(person.idp_roles)) or '-'}",
+        f"token carries:  groups: {', '.join(sorted(used.groups)) or '-'}; "
+        f"IdP roles: {', '.join(sorted(used.idp_roles)) or '-'}",
         f"roles:          {', '.join(sorted(policy.roles_of(person))) or '-'}",
         f"agent chain:    {' <- '.join(decision.actor_chain)}",
         f"decision:       {'GRANTED' if decision.allowed else f'DENIED ({decision.error})'}",

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from broker.policy.engine import CompiledAgent, Policy
 from broker.policy.model import PolicyDocument, PolicyTestCase, PolicyTestFile
 from broker.policy.permissions import PermissionSet, pattern_overlaps
+from broker.types import normalise_group
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 TESTS_SUBDIR = "tests"
@@ -197,6 +198,7 @@ def _compile(
     from broker.policy.model import Limits
 
     warnings: list[str] = []
+    limits = merged.limits if merged.limits is not None else Limits()
     roles = {name: PermissionSet.of(role.permissions) for name, role in merged.roles.items()}
 
     def check_roles(origin: str, where: str, names: list[str]) -> None:
@@ -205,18 +207,26 @@ def _compile(
                 problems.append(f"{origin}: {where}: unknown role {role!r}")
 
     group_roles: dict[tuple[str, str], set[str]] = {}
+    idp_role_roles: dict[tuple[str, str], set[str]] = {}
     group_cost_centres: dict[tuple[str, str], str] = {}
     for index, (origin, binding) in enumerate(merged.group_bindings):
         check_roles(origin, f"group_bindings[{index}]", binding.roles)
-        group = binding.group.lstrip("/")
-        group_roles.setdefault((binding.idp, group), set()).update(binding.roles)
-        if binding.cost_centre is not None:
-            known = group_cost_centres.setdefault((binding.idp, group), binding.cost_centre)
-            if known != binding.cost_centre:
-                problems.append(
-                    f"{origin}: group_bindings[{index}]: group {binding.idp}/{group} already "
-                    f"has cost_centre {known!r}"
-                )
+        for idp in binding.idps:
+            if binding.idp_role is not None:
+                idp_role_roles.setdefault((idp, binding.idp_role), set()).update(binding.roles)
+                continue
+            group = normalise_group(binding.group or "")
+            if not group:
+                problems.append(f"{origin}: group_bindings[{index}]: empty group name")
+                continue
+            group_roles.setdefault((idp, group), set()).update(binding.roles)
+            if binding.cost_centre is not None:
+                known = group_cost_centres.setdefault((idp, group), binding.cost_centre)
+                if known != binding.cost_centre:
+                    problems.append(
+                        f"{origin}: group_bindings[{index}]: group {idp}/{group} already "
+                        f"has cost_centre {known!r}"
+                    )
     person_roles: dict[tuple[str, str], set[str]] = {}
     for index, (origin, binding) in enumerate(merged.person_bindings):
         check_roles(origin, f"person_bindings[{index}]", binding.roles)
@@ -231,18 +241,23 @@ def _compile(
         where = f"{origin}: agents.{name}"
         ceiling = PermissionSet.of(spec.ceiling)
         groups: set[tuple[str, str]] = set()
+        idp_roles: set[tuple[str, str]] = set()
         people: set[tuple[str, str]] = set()
         act_roles: set[str] = set()
         for selector in spec.act_for:
             kind, _, rest = selector.partition(":")
+            idps, _, value = rest.partition("/")
             if kind == "role":
                 act_roles.add(rest)
                 check_roles(origin, f"agents.{name}.act_for", [rest])
+            elif kind == "person":
+                people.add((idps, value))
+            elif kind == "idp-role":
+                idp_roles.update((idp, value) for idp in idps.split(","))
+            elif normalise_group(value):
+                groups.update((idp, normalise_group(value)) for idp in idps.split(","))
             else:
-                idp, _, value = rest.partition("/")
-                (groups if kind == "group" else people).add(
-                    (idp, value.lstrip("/") if kind == "group" else value)
-                )
+                problems.append(f"{where}.act_for: {selector!r} names an empty group")
         for target in spec.may_delegate_to:
             if target not in merged.agents:
                 problems.append(f"{where}.may_delegate_to: unknown agent {target!r}")
@@ -272,13 +287,31 @@ def _compile(
             warnings.append(f"{where}: empty act_for; this agent may act for nobody")
         if not spec.audiences:
             warnings.append(f"{where}: no audiences; every exchange will fail with invalid_target")
+        for audience in spec.default_audiences:
+            if audience not in spec.audiences:
+                problems.append(
+                    f"{where}.default_audiences: {audience!r} is not one of the agent's audiences"
+                )
+        if spec.require_audience and spec.default_audiences:
+            problems.append(
+                f"{where}: require_audience and default_audiences contradict each other "
+                "(a default is what a request without an audience gets)"
+            )
+        require_audience = (
+            spec.require_audience
+            if spec.require_audience is not None
+            else limits.require_audience  # type: ignore[attr-defined]
+        )
         agents[name] = CompiledAgent(
             name=name,
             spec=spec,
             ceiling=ceiling,
             default_scopes=tuple(spec.default_scopes),
             audiences=frozenset(spec.audiences),
+            default_audiences=tuple(dict.fromkeys(spec.default_audiences)),
+            require_audience=bool(require_audience) and not spec.default_audiences,
             act_for_groups=frozenset(groups),
+            act_for_idp_roles=frozenset(idp_roles),
             act_for_people=frozenset(people),
             act_for_roles=frozenset(act_roles),
             may_delegate_to=frozenset(spec.may_delegate_to),
@@ -305,11 +338,11 @@ def _compile(
             if credential_name not in merged.credentials:
                 problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
 
-    limits = merged.limits if merged.limits is not None else Limits()
     policy = Policy(
         version=version,
         roles=roles,
         group_roles={k: frozenset(v) for k, v in group_roles.items()},
+        idp_role_roles={k: frozenset(v) for k, v in idp_role_roles.items()},
         person_roles={k: frozenset(v) for k, v in person_roles.items()},
         agents=agents,
         resource_servers=dict(merged.resource_servers),

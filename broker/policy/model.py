@@ -16,8 +16,11 @@ from broker.policy.permissions import is_pattern, is_permission
 from broker.settings import NAME_PATTERN
 from broker.urls import require_https_unless_loopback
 
+_IDP_NAME = r"[a-z0-9][a-z0-9_-]*"
 _SELECTOR_RE = re.compile(
-    r"^(group|person):([a-z0-9][a-z0-9_-]*)/(.+)$|^role:([a-z0-9][a-z0-9_.-]*)$"
+    rf"^(group|idp-role):{_IDP_NAME}(,{_IDP_NAME})*/(.+)$"
+    rf"|^person:{_IDP_NAME}/(.+)$"
+    r"|^role:([a-z0-9][a-z0-9_.-]*)$"
 )
 _SECRET_REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
 _SECRET_HASH_RE = re.compile(r"^(sha256|scrypt)\$")
@@ -43,8 +46,9 @@ def _pattern(value: str) -> str:
 def _selector(value: str) -> str:
     if not _SELECTOR_RE.match(value):
         raise ValueError(
-            f"{value!r} is not a selector: use 'group:<idp>/<group>', 'person:<idp>/<subject>' "
-            "or 'role:<role>'"
+            f"{value!r} is not a selector: use 'group:<idp>/<group>', "
+            "'idp-role:<idp>/<IdP role>', 'person:<idp>/<subject>' or 'role:<role>' (a group or "
+            "IdP role selector may name several IdPs: 'group:okta,entra/<group>')"
         )
     return value
 
@@ -66,10 +70,21 @@ class Role(_Strict):
 
 
 class GroupBinding(_Strict):
-    """Everyone in `group` at identity provider `idp` holds `roles`."""
+    """Everyone in `group` (or holding the IdP's own role `idp_role`) at identity provider `idp`
+    (or at any of several) holds `roles`. Groups and IdP roles are separate namespaces: a
+    Keycloak realm role or Entra app role named like a group never matches a `group` binding."""
 
-    idp: Name
-    group: str = Field(min_length=1)
+    idp: Name | Annotated[list[Name], Field(min_length=1)] = Field(
+        description="A configured identity provider, or a list of them (one binding for all)."
+    )
+    group: str | None = Field(
+        None, min_length=1, description="A group name; a leading '/' (Keycloak paths) is ignored."
+    )
+    idp_role: str | None = Field(
+        None,
+        min_length=1,
+        description="An IdP role (Keycloak realm role, Entra app role, SAML role attribute).",
+    )
     roles: list[RoleName] = Field(min_length=1)
     cost_centre: str | None = Field(
         None,
@@ -77,6 +92,18 @@ class GroupBinding(_Strict):
         description="Who pays for credential fetches made for members of this group, when the "
         "agent has no cost_centre of its own (broker usage report).",
     )
+
+    @model_validator(mode="after")
+    def _group_or_idp_role(self) -> GroupBinding:
+        if (self.group is None) == (self.idp_role is None):
+            raise ValueError("a binding names exactly one of group or idp_role")
+        if self.idp_role is not None and self.cost_centre is not None:
+            raise ValueError("cost_centre is only for group bindings")
+        return self
+
+    @property
+    def idps(self) -> tuple[str, ...]:
+        return (self.idp,) if isinstance(self.idp, str) else tuple(dict.fromkeys(self.idp))
 
 
 class PersonBinding(_Strict):
@@ -196,6 +223,17 @@ class Agent(_Strict):
     )
     default_scopes: list[Permission] = Field(default_factory=list)
     audiences: list[str] = Field(default_factory=list)
+    default_audiences: list[str] = Field(
+        default_factory=list,
+        description="What a token requested without an audience is for (a subset of "
+        "audiences). Without it, such a request gets every audience, unless "
+        "require_audience.",
+    )
+    require_audience: bool | None = Field(
+        None,
+        description="True: a request without an audience is refused (invalid_target) unless "
+        "default_audiences names one. None: as limits.require_audience.",
+    )
     max_token_lifetime_seconds: int = Field(900, gt=0, le=86400)
     act_for: list[Selector] = Field(default_factory=list, description="Who this agent may act for.")
     may_delegate_to: list[Name] = Field(default_factory=list)
@@ -266,6 +304,11 @@ class Admin(_Strict):
 class Limits(_Strict):
     max_token_lifetime_seconds: int = Field(3600, gt=0, le=86400)
     max_delegation_depth: int = Field(4, ge=1, le=16)
+    require_audience: bool = Field(
+        False,
+        description="Every agent without default_audiences (or require_audience: false) "
+        "refuses requests that name no audience, instead of granting all its audiences.",
+    )
 
 
 class PolicyDocument(_Strict):
@@ -288,6 +331,9 @@ class PolicyTestCase(_Strict):
     name: str
     person: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*/.+$", description="<idp>/<subject>")
     groups: list[str] = Field(default_factory=list)
+    idp_roles: list[str] = Field(
+        default_factory=list, description="The person's IdP roles (not groups)."
+    )
     agents: list[Name] = Field(min_length=1, description="The delegation chain, first agent first.")
     scope: list[str] | None = None
     audience: list[str] = Field(default_factory=list)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from broker.policy.engine import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
 from broker.policy.model import PolicyTestCase
+from broker.types import normalise_groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,12 @@ def run_case(policy: Policy, file: str, case: PolicyTestCase) -> PolicyTestResul
     idp, _, subject = case.person.partition("/")
     decision = decide_chain(
         policy,
-        Person(idp=idp, subject=subject, groups=frozenset(case.groups)),
+        Person(
+            idp=idp,
+            subject=subject,
+            groups=normalise_groups(case.groups),
+            idp_roles=frozenset(case.idp_roles),
+        ),
         list(case.agents),
         tuple(case.scope) if case.scope is not None else None,
         tuple(case.audience),

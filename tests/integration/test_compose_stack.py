@@ -409,7 +409,7 @@ def test_policy_and_broker_config_agree(replica_settings: dict[str, BrokerSettin
     for name, credential in policy.credentials.items():
         assert credential.backend in backends, f"credential {name}: no backend"
     configured_idps = {p.name for p in settings.identity_providers}
-    bound = {b.idp for b in load_bindings()["group_bindings"]} - {"dev"}
+    bound = {i for b in load_bindings()["group_bindings"] for i in b.idps} - {"dev"}
     assert bound == configured_idps == {OIDC_IDP, SAML_IDP}
 
 
@@ -483,7 +483,7 @@ def test_oidc_realm_matches_the_broker_and_the_policy(
 
     realm_groups = {g["name"] for g in people["groups"]}
     bindings = load_bindings()
-    bound = {b.group for b in bindings["group_bindings"] if b.idp == OIDC_IDP}
+    bound = {b.group for b in bindings["group_bindings"] if OIDC_IDP in b.idps}
     assert bound and bound <= realm_groups
     user_ids = {u["id"] for u in people["users"]}
     persons = {b.subject for b in bindings["person_bindings"] if b.idp == OIDC_IDP}
@@ -525,6 +525,8 @@ def test_the_same_realm_serves_saml_to_the_broker(
     assert attributes["saml_name_id_format"] != "transient"  # refused as a subject
     mapper = next(m for m in client["protocolMappers"] if m["name"] == "groups")
     assert mapper["config"]["attribute.name"] == "groups"  # saml_preset generic reads it
+    # Full paths, as over OIDC: a group means the same whichever protocol signed the person in.
+    assert mapper["config"]["full.path"] == "true"
     # The broker pins the certificate the init service generated for this realm.
     assert provider.idp_certificate_ref == "file:/etc/broker/pki/keycloak-saml-signing.crt"
 
@@ -588,7 +590,7 @@ def test_init_renders_the_realm_with_the_pinned_signing_key(prepared: Path) -> N
     rendered = realm(imported)
     assert {k: v for k, v in rendered.items() if k != "components"} == people
     bindings = load_bindings()
-    saml_groups = {b.group for b in bindings["group_bindings"] if b.idp == SAML_IDP}
+    saml_groups = {b.group for b in bindings["group_bindings"] if SAML_IDP in b.idps}
     assert saml_groups and saml_groups <= {g["name"] for g in rendered["groups"]}
     usernames = {u["username"] for u in rendered["users"]}
     persons = {b.subject for b in bindings["person_bindings"] if b.idp == SAML_IDP}

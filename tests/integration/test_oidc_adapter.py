@@ -138,7 +138,8 @@ async def test_claim_preset_and_subject_rules(dev_idp: Any) -> None:
         token = provider.mint("alice", extra_claims={"oid": "object-id-1", "roles": ["Agent"]})
         principal = await entra.authenticate(token, TokenType.ID_TOKEN)
         assert principal.subject == "object-id-1"
-        assert principal.groups == {"support", "Agent"}
+        assert principal.groups == {"support"}  # an app role is not a group
+        assert principal.idp_roles == {"Agent"}
         with pytest.raises(TokenRejected, match="no usable subject"):
             await entra.authenticate(provider.mint("alice"), TokenType.ID_TOKEN)
         generic = OidcAdapter(dev_idp.config(), http, dev_idp.clock)

@@ -151,7 +151,8 @@ async def test_adfs_preset_reads_microsoft_claim_types(idp: SamlTestIdp) -> None
         assertion_token(idp.response("alice@corp.example", identity)), TokenType.SAML2
     )
     assert principal.subject == "alice@corp.example"
-    assert principal.groups == frozenset({"S-1-5-21-support", "Support.Agent"})
+    assert principal.groups == frozenset({"S-1-5-21-support"})  # a role is not a group
+    assert principal.idp_roles == frozenset({"Support.Agent"})
     assert dict(principal.attributes) == {"email": "alice@corp.example", "name": "Alice"}
 
 
@@ -218,7 +219,8 @@ def test_exchange_over_http(broker: RunningBroker, idp: SamlTestIdp, form: str) 
     assert claims["provenance"]["idp"] == "corp-saml"
     assert claims["provenance"]["sub"] == "alice"
     assert claims["provenance"]["token_type"] == SAML2
-    assert claims["provenance"]["groups"] == ["oncall", "support"]
+    # Only the groups the policy uses ("oncall" is bound to nothing, named by no act_for).
+    assert claims["provenance"]["groups"] == ["support"]
     assert claims["provenance"]["session_exp"] <= not_on_or_after
     assert claims["exp"] <= not_on_or_after  # never outlives the assertion
     record = broker.decisions.records[-1]

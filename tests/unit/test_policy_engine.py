@@ -303,6 +303,7 @@ def test_every_reason_code_is_exercised() -> None:
         Reason.PARENT_LACKS_AUDIENCE,
         Reason.NO_SCOPE,
         Reason.NO_AUDIENCE,
+        Reason.AUDIENCE_REQUIRED,  # tests/unit/test_policy_identity.py
     }
     assert covered == set(Reason)
 

@@ -12,6 +12,7 @@ from idp_adapters.presets import (
     ClaimPreset,
     extract_attributes,
     extract_groups,
+    extract_strings,
     lookup_claim,
     resolve_claim_mapping,
 )
@@ -22,20 +23,24 @@ def test_every_configurable_preset_exists() -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "subject", "groups"),
+    ("preset", "subject", "groups", "roles"),
     [
-        ("generic", "sub", ("groups",)),
-        ("okta", "sub", ("groups",)),
-        ("entra", "oid", ("groups", "roles")),
-        ("auth0", "sub", ("groups",)),
-        ("keycloak", "sub", ("groups", "realm_access.roles")),
-        ("google", "sub", ()),
+        ("generic", "sub", ("groups",), ()),
+        ("okta", "sub", ("groups",), ()),
+        ("entra", "oid", ("groups",), ("roles",)),
+        ("auth0", "sub", ("groups",), ()),
+        ("keycloak", "sub", ("groups",), ("realm_access.roles",)),
+        ("google", "sub", (), ()),
     ],
 )
-def test_preset_sources(preset: str, subject: str, groups: tuple[str, ...]) -> None:
+def test_preset_sources(
+    preset: str, subject: str, groups: tuple[str, ...], roles: tuple[str, ...]
+) -> None:
+    """IdP roles are never a source of groups (a role named like a group is not that group)."""
     mapping = resolve_claim_mapping(preset, ClaimMapping())
     assert mapping.subject == subject
     assert mapping.groups == groups
+    assert mapping.roles == roles
 
 
 def test_entra_uses_oid_not_pairwise_sub() -> None:
@@ -48,10 +53,8 @@ def test_entra_uses_oid_not_pairwise_sub() -> None:
     }
     mapping = resolve_claim_mapping("entra", ClaimMapping())
     assert lookup_claim(claims, mapping.subject) == "00000000-0000-0000-0000-0000000000aa"
-    assert extract_groups(claims, mapping.groups) == {
-        "11111111-1111-1111-1111-111111111111",
-        "Support.Agent",
-    }
+    assert extract_groups(claims, mapping.groups) == {"11111111-1111-1111-1111-111111111111"}
+    assert extract_strings(claims, mapping.roles) == {"Support.Agent"}
     assert extract_attributes(claims, mapping) == {"email": "alice@contoso.example"}
     assert extract_attributes({**claims, "email": "a@contoso.example"}, mapping) == {
         "email": "a@contoso.example"
@@ -77,13 +80,8 @@ def test_keycloak_groups_and_realm_roles() -> None:
         "realm_access": {"roles": ["offline_access", "agent-admin"]},
     }
     mapping = resolve_claim_mapping("keycloak", ClaimMapping())
-    assert extract_groups(claims, mapping.groups) == {
-        "support",
-        "org/finance",
-        "plain",
-        "offline_access",
-        "agent-admin",
-    }
+    assert extract_groups(claims, mapping.groups) == {"support", "org/finance", "plain"}
+    assert extract_strings(claims, mapping.roles) == {"offline_access", "agent-admin"}
 
 
 def test_google_has_no_groups() -> None:
@@ -96,10 +94,17 @@ def test_google_has_no_groups() -> None:
 def test_overrides_replace_fields() -> None:
     mapping = resolve_claim_mapping(
         "entra",
-        ClaimMapping(subject="sub", groups=["wids"], email="upn", name="given_name"),
+        ClaimMapping(
+            subject="sub", groups=["wids"], email="upn", name="given_name", roles=["app_roles"]
+        ),
     )
     assert mapping == ClaimPreset(
-        subject="sub", groups=("wids",), email="upn", name="given_name", email_fallback=None
+        subject="sub",
+        groups=("wids",),
+        email="upn",
+        name="given_name",
+        email_fallback=None,
+        roles=("app_roles",),
     )
     assert resolve_claim_mapping("okta", ClaimMapping(groups=[])).groups == ()
 

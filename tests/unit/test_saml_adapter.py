@@ -148,14 +148,18 @@ def test_presets_and_overrides() -> None:
     assert resolve_saml_mapping("shibboleth", ClaimMapping()).subject == OID_EPPN
     adfs = resolve_saml_mapping("adfs", ClaimMapping())
     assert "http://schemas.microsoft.com/ws/2008/06/identity/claims/groups" in adfs.groups
-    assert "http://schemas.microsoft.com/ws/2008/06/identity/claims/role" in adfs.groups
+    # The role claim carries IdP roles, never groups.
+    assert adfs.roles == ("http://schemas.microsoft.com/ws/2008/06/identity/claims/role",)
+    assert not set(adfs.roles) & set(adfs.groups)
     overridden = resolve_saml_mapping(
-        "shibboleth", ClaimMapping(subject="NameID", groups=["memberOf"], email="mail")
+        "shibboleth",
+        ClaimMapping(subject="NameID", groups=["memberOf"], email="mail", roles=["eduRole"]),
     )
-    assert (overridden.subject, overridden.groups, overridden.email) == (
+    assert (overridden.subject, overridden.groups, overridden.email, overridden.roles) == (
         "NameID",
         ("memberOf",),
         ("mail",),
+        ("eduRole",),
     )
     with pytest.raises(ValueError):
         resolve_saml_mapping("entra", ClaimMapping())
