@@ -16,8 +16,18 @@ Hash chain
     The first record of every chain is ``audit.chain_started``. When the file sink appends to an
     existing file it names that file's last record (``previous_chain``, ``previous_seq``,
     ``previous_hash``), so cutting records off the end of the earlier chain is detected too
-    (``link_missing``). A hash chain alone cannot detect a rewrite of the whole tail by someone
-    who recomputes the hashes; the S3 sink's Object Lock copies are the external anchor for that.
+    (``link_missing``). A hash chain alone cannot detect a cut or a rewrite of a chain's tail by
+    someone who recomputes the hashes: for that, `DecisionLog` writes ``audit.checkpoint``
+    records signed with the broker's key every N records or T seconds, and ends a cleanly
+    stopped chain with a signed ``audit.chain_closed``; `verify_trail` reports a chain without a
+    verified closing record as open (vouched for up to the last verified checkpoint) and compares
+    the files with the S3 sink's Object Lock copies (`read_s3_copies`).
+
+Bounded records
+    `DecisionLog.record` bounds every field (`bound_fields`): long strings are cut, lists and
+    objects capped, nesting limited, and the original sizes named in ``truncated``; NaN and the
+    infinities are left out (``invalid_values``) and `NonFiniteValue` raised, so the request
+    fails while the trail stays valid JSON.
 
 Sinks (several at once)
     `FileSink` appends JSON lines and ``fdatasync``s before `DecisionLog.record` returns; callers

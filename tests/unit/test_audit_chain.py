@@ -20,6 +20,7 @@ from broker.audit import (
     KeyringCheckpointSigner,
     MemorySink,
     TrailBreak,
+    chained_line,
     load_verification_keys,
     record_hash,
     verify_trail,
@@ -275,3 +276,21 @@ def test_callers_cannot_write_checkpoint_records(event: str) -> None:
     log = DecisionLog([MemorySink()], FrozenClock())
     with pytest.raises(ValueError):
         log.record(event, outcome="vouched")
+
+
+def test_a_rewritten_and_rehashed_trail_differs_from_its_copies(trail: Path) -> None:
+    copies = [("s3://bucket/audit/chain/0-8.jsonl", trail.read_bytes())]
+    records = [json.loads(line) for line in _lines(trail)]
+    records[3]["outcome"] = "granted" if records[3]["outcome"] == "denied" else "denied"
+    prev = records[2]["hash"]
+    rewritten = []
+    for record in records[3:]:  # recompute every later hash: the file alone still verifies
+        body = {k: v for k, v in record.items() if k != "hash"} | {"prev": prev}
+        prev, line = chained_line(body)
+        rewritten.append(line.decode())
+    trail.write_text("".join(_lines(trail)[:3] + rewritten))
+    assert verify_trail([trail]).ok
+    result = verify_trail([trail], copies=copies)
+    assert result.status == "tampered"
+    kinds = {(b.kind, b.seq) for b in result.breaks}
+    assert ("copy_mismatch", 3) in kinds and all(k == "copy_mismatch" for k, _ in kinds)
