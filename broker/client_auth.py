@@ -339,7 +339,7 @@ class ClientAuthenticator:
             await self._throttle.check(claimed, where)
         try:
             if authorization:
-                return await self._authenticate_basic(authorization, form.get("client_id"))
+                return await self._authenticate_basic(authorization, form.get("client_id"), where)
             if assertion_type != CLIENT_ASSERTION_TYPE or not assertion:
                 raise InvalidClient(
                     f"client_assertion_type must be {CLIENT_ASSERTION_TYPE} with a client_assertion"
@@ -351,9 +351,9 @@ class ClientAuthenticator:
             raise
 
     # -- client_secret_basic ------------------------------------------------------------
-    async def _verify_hash(self, secret: str, stored: str) -> bool:
+    async def _verify_hash(self, secret: str, stored: str, source: str) -> bool:
         try:
-            return await self._verifier.verify(secret, stored)
+            return await self._verifier.verify(secret, stored, source=source)
         except SecretVerifierBusy:
             raise TemporarilyUnavailable(
                 "client authentication is busy; retry shortly",
@@ -362,7 +362,7 @@ class ClientAuthenticator:
             ) from None
 
     async def _authenticate_basic(
-        self, header: str, form_client_id: str | None
+        self, header: str, form_client_id: str | None, source: str
     ) -> AuthenticatedClient:
         client_id, secret = _parse_basic(header)
         if form_client_id is not None and form_client_id != client_id:
@@ -376,7 +376,7 @@ class ClientAuthenticator:
             # Equal work for an id that does not exist (or has no secret): the same check as a
             # real client's, against a hash no secret matches.
             if dummy is not None:
-                await self._verify_hash(secret.reveal(), dummy)
+                await self._verify_hash(secret.reveal(), dummy, source)
             else:
                 hmac.compare_digest(secret.reveal().encode(), secrets.token_bytes(32))
             raise InvalidClient(
@@ -384,7 +384,7 @@ class ClientAuthenticator:
             )
         kind = found[0]
         if method.secret_hash is not None:
-            ok = await self._verify_hash(secret.reveal(), method.secret_hash)
+            ok = await self._verify_hash(secret.reveal(), method.secret_hash, source)
             own_cost = hash_cost(method.secret_hash)
         else:
             expected = self._secret_refs.resolve(method.secret_ref or "")
@@ -397,7 +397,7 @@ class ClientAuthenticator:
         if dummy is not None and own_cost < dummy_cost and own_cost <= 1:
             # A fast client (sha256, a reference) beside scrypt clients: pad it to their cost,
             # so timing tells apart neither fast clients from unknown ids nor any two ids.
-            await self._verify_hash(secret.reveal(), dummy)
+            await self._verify_hash(secret.reveal(), dummy, source)
         if not ok:
             raise InvalidClient(
                 "client authentication failed", debug=f"bad secret for {client_id!r}"

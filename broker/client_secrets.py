@@ -30,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import secrets
-import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Protocol
@@ -194,8 +195,9 @@ class SecretVerifierBusy(Exception):
 class SecretVerifier(Protocol):
     """Checks a presented secret against a stored hash without blocking the event loop."""
 
-    async def verify(self, secret: str, stored: str) -> bool:
-        """Whether `secret` matches `stored`; raises `SecretVerifierBusy` when saturated."""
+    async def verify(self, secret: str, stored: str, *, source: str = "") -> bool:
+        """Whether `secret` matches `stored`; raises `SecretVerifierBusy` when saturated.
+        `source` (the caller's address) lets the verifier share its threads fairly."""
         ...
 
 
@@ -203,8 +205,13 @@ class BoundedSecretVerifier:
     """`verify_client_secret` on `workers` threads of its own, with room for `queue` more checks
     waiting; beyond that `verify` raises `SecretVerifierBusy` at once instead of piling up.
 
-    A ``sha256`` check (microseconds) runs inline; only scrypt goes to the pool. A slot is held
-    until the thread has finished, even when the waiting request is cancelled.
+    Waiting checks are served round-robin by source address, not first come first served: a
+    source that queued many checks (wrong secrets at high concurrency) delays another source's
+    check by at most one turn, not by its whole backlog.
+
+    A ``sha256`` check (microseconds) runs inline; only scrypt goes to the pool. A thread's slot
+    is held until its check has finished, even when the waiting request is cancelled. The
+    bookkeeping lives on the event loop (one per broker process); threads only report back.
     """
 
     def __init__(
@@ -217,33 +224,80 @@ class BoundedSecretVerifier:
         if workers < 1 or queue < 0:
             raise ValueError("workers must be at least 1 and queue at least 0")
         self._check = check
+        self._workers = workers
         self._capacity = workers + queue
-        self._in_flight = 0
-        self._lock = threading.Lock()
+        self._admitted = 0  # running + waiting
+        self._running = 0
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="secret-hash")
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Checks running or waiting."""
+        return self._admitted
 
-    def _release(self, _: object) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-    async def verify(self, secret: str, stored: str) -> bool:
+    async def verify(self, secret: str, stored: str, *, source: str = "") -> bool:
         if stored.startswith("sha256$"):
             return self._check(secret, stored)
-        with self._lock:
-            if self._in_flight >= self._capacity:
-                raise SecretVerifierBusy("too many client secret checks in progress")
-            self._in_flight += 1
+        if self._admitted >= self._capacity:
+            raise SecretVerifierBusy("too many client secret checks in progress")
+        self._admitted += 1
+        try:
+            await self._turn(source)
+        except BaseException:
+            self._admitted -= 1
+            raise
+        loop = asyncio.get_running_loop()
         try:
             future = self._executor.submit(self._check, secret, stored)
         except RuntimeError:  # shut down
-            self._release(None)
+            self._finished()
             raise SecretVerifierBusy("the secret verifier is shut down") from None
-        future.add_done_callback(self._release)
+
+        def report(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing left to serve
+                loop.call_soon_threadsafe(self._finished)
+
+        future.add_done_callback(report)
         return await asyncio.wrap_future(future)
+
+    async def _turn(self, source: str) -> None:
+        """Wait until a thread is free for `source` (round-robin among waiting sources)."""
+        if self._running < self._workers and not self._waiting:
+            self._running += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(source, deque()).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # granted, then cancelled: give back
+                self._running -= 1
+                self._grant()
+            else:
+                waiters = self._waiting.get(source)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiting[source]
+            raise
+
+    def _grant(self) -> None:
+        while self._running < self._workers and self._waiting:
+            source, waiters = next(iter(self._waiting.items()))
+            waiter = waiters.popleft()
+            if waiters:
+                self._waiting.move_to_end(source)
+            else:
+                del self._waiting[source]
+            if not waiter.done():
+                self._running += 1
+                waiter.set_result(None)
+
+    def _finished(self) -> None:
+        self._admitted -= 1
+        self._running -= 1
+        self._grant()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
