@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,10 +62,17 @@ from broker.exchange import (
     TokenExchangeGrant,
 )
 from broker.introspection import Introspection
-from broker.logs import configure_logging, request_id_var
+from broker.logs import (
+    client_request_id,
+    client_request_id_var,
+    configure_logging,
+    new_request_id,
+    request_id_var,
+)
 from broker.metrics import BrokerMetrics
 from broker.oauth_request import OAuthForm, read_form, read_form_or_json
 from broker.openapi import OPENAPI_PATH, openapi_document
+from broker.policy.access import require_admin
 from broker.policy.store import PolicyRejected, PolicyStore
 from broker.policy.watch import PolicyWatcher
 from broker.readiness import Readiness
@@ -383,7 +389,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
 
     @app.exception_handler(OAuthError)
     async def _oauth_error(request: Request, err: OAuthError) -> JSONResponse:
-        return _error_response(err, settings, request.headers.get("x-request-id"))
+        return _error_response(err, settings, request_id_var.get())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, __: RequestValidationError) -> JSONResponse:
@@ -407,9 +413,6 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         record_failure(route, exc, None, None, request)
         return _error_response(ServerError("internal error"), settings)
 
-    def _request_id(request: Request) -> str:
-        supplied = request.headers.get("x-request-id", "")
-        return supplied if 0 < len(supplied) <= 64 and supplied.isprintable() else uuid.uuid4().hex
 
     trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in settings.http.trusted_proxies]
 
@@ -498,8 +501,12 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         async def endpoint(request: Request) -> JSONResponse:
             started = time.perf_counter()
             status = 500  # an unexpected exception is rendered as 500 by the app handler
-            request_id = _request_id(request)
+            # Always the broker's own id; a caller's own X-Request-Id is recorded apart.
+            request_id = new_request_id()
             request_id_token = request_id_var.set(request_id)  # every log line names it
+            client_id_token = client_request_id_var.set(
+                client_request_id(request.headers.get("x-request-id"))
+            )
             with tracer.start_as_current_span(
                 span_name,
                 context=incoming_context(request.headers) if traced else None,
@@ -524,6 +531,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
                     if status >= 500:
                         span.set_status(StatusCode.ERROR)
                     request_id_var.reset(request_id_token)
+                    client_request_id_var.reset(client_id_token)
 
         async def handle(request: Request, request_id: str) -> JSONResponse:
             client: AuthenticatedClient | None = None
@@ -609,10 +617,9 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     async def admin_policy_reload(
         _: Request, __: OAuthForm, client: AuthenticatedClient | None, request_id: str
     ) -> dict:
-        if client is None or client.kind != "admin":
-            raise InvalidClient("admin authentication is required")
+        admin = require_admin(services.policies.current(), client, "policy:reload")
         try:
-            result = await policy_watcher.reload(trigger="admin", by=client.client_id)
+            result = await policy_watcher.reload(trigger="admin", by=admin)
         except PolicyRejected as exc:
             raise InvalidPolicy(
                 "policy rejected, previous version still serving: " + "; ".join(exc.problems),
@@ -625,7 +632,9 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
             "warnings": len(result.warnings),
         }
 
-    revocation = RevocationEndpoints(services.revocations, services.broker_tokens)
+    revocation = RevocationEndpoints(
+        services.revocations, services.broker_tokens, services.policies.current
+    )
     metadata = authorization_server_metadata(settings)
 
     async def server_metadata(_: Request) -> JSONResponse:

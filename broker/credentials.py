@@ -47,6 +47,7 @@ from broker.errors import (
 )
 from broker.oauth_request import OAuthForm
 from broker.policy import Person, Policy, Standing, standing
+from broker.policy.access import require_admin
 from broker.policy.model import Credential
 from broker.revocation import Revocations, check_not_revoked
 from broker.state import StateStore, enforce_rate_limit
@@ -56,6 +57,13 @@ from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
 
 VersionChoice = Literal["current", "previous"]
+_NOT_FOUND_TEXT = {
+    "not_found": "not found in its secret backend",
+    "no_previous": "no previous version has been seen",
+    "grace_expired": "the previous version was replaced longer ago than its grace period",
+    "expired": "that version has expired",
+}
+"""What a 404 says, by condition: never the backend path (`CredentialUnavailable.message`)."""
 MAX_VERSION_ID_LENGTH = 128
 """Longer ``rejected_version`` values are refused (version ids are short: KV numbers, UUIDs)."""
 
@@ -263,8 +271,11 @@ class CredentialService:
                 cached = hinted.cached
         except CredentialUnavailable as exc:
             if exc.condition == "not_found" or isinstance(exc, VersionUnavailable):
+                # The broker's own words by condition: the cache's message names the store
+                # path, which the gateway has no business learning.
                 raise NotFound(
-                    f"credential {name!r}: {exc.message}", reason=f"credential_{exc.condition}"
+                    f"credential {name!r}: {_NOT_FOUND_TEXT.get(exc.condition, 'not available')}",
+                    reason=f"credential_{exc.condition}",
                 ) from None
             raise TemporarilyUnavailable(
                 f"credential {name!r} is unavailable: backend {credential.backend!r} is "
@@ -301,8 +312,8 @@ class CredentialService:
     ) -> dict[str, Any]:
         """Push refresh: the next read sees the store's current version at once."""
         policy = self._policy()
-        if admin is None or admin.kind != "admin":
-            raise InvalidClient("admin authentication is required")
+        require_admin(policy, admin, "credentials:refresh", name)
+        assert admin is not None
         credential = policy.credentials.get(name)
         if credential is None:
             raise NotFound(f"no credential named {name[:64]!r}")

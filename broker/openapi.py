@@ -313,7 +313,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "revokeByAdmin",
         "Revoke as an admin",
         "Revoke one token by `jti` (and its lineage), or every token of a `person` or an `agent` "
-        "issued before `not_before` (default: now). Exactly one of `jti`, `person`, `agent`.",
+        "issued before `not_before` (default: now). Exactly one of `jti`, `person`, `agent`. "
+        "The admin needs the permission `revocations:write` (403 `access_denied` otherwise).",
         "Admin",
         "admin",
         _REVOCATION_RESULT,
@@ -325,7 +326,7 @@ OPERATIONS: tuple[Operation, ...] = (
             "not_before": _string("Seconds since the epoch (a decimal number, as a string)."),
             **_CLIENT_AUTH_FIELDS,
         },
-        errors=_POST_ERRORS,
+        errors=(*_POST_ERRORS, 403),
     ),
     Operation(
         "post",
@@ -333,14 +334,14 @@ OPERATIONS: tuple[Operation, ...] = (
         "reloadPolicy",
         "Reload the policy now",
         "Re-read the policy directory; a policy that does not load is refused and the previous "
-        "version keeps serving.",
+        "version keeps serving. The admin needs the permission `policy:reload`.",
         "Admin",
         "admin",
         _RELOADED,
         body="form_or_json",
         fields=dict(_CLIENT_AUTH_FIELDS),
         body_required=False,
-        errors=(*_POST_ERRORS, 422),
+        errors=(*_POST_ERRORS, 403, 422),
     ),
     Operation(
         "post",
@@ -379,14 +380,16 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/admin/credentials/{name}/refresh",
         "refreshCredential",
         "Push refresh after a rotation",
-        "An admin client (a rotation hook) makes the cache re-read the credential now.",
+        "An admin client holding `credentials:refresh` (a rotation hook) makes the cache "
+        "re-read the credential now. Concurrent pushes share one store round; push rounds of "
+        "one credential start at most once a second.",
         "Admin",
         "admin",
         _REFRESHED,
         body="form_or_json",
         fields=dict(_CLIENT_AUTH_FIELDS),
         body_required=False,
-        errors=(*_POST_ERRORS, 404),
+        errors=(*_POST_ERRORS, 403, 404),
     ),
     Operation(
         "get",
@@ -460,9 +463,8 @@ OPERATIONS: tuple[Operation, ...] = (
 
 _HEADERS: dict[str, Any] = {
     "XRequestId": {
-        "description": "The request's id (the caller's `X-Request-Id` when printable and at "
-        "most 64 characters, otherwise one the broker made); every record of the request "
-        "carries it.",
+        "description": "The broker's own id for the request (never the caller's); every "
+        "record and log line of the request carries it as `request_id`.",
         "schema": {"type": "string"},
     },
     "CacheControl": {"schema": {"type": "string"}},
@@ -608,9 +610,10 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                     "name": "X-Request-Id",
                     "in": "header",
                     "required": False,
-                    "description": "The caller's request id, echoed and recorded when printable "
-                    "and at most 64 characters.",
-                    "schema": {"type": "string"},
+                    "description": "The caller's own request id: recorded apart, as "
+                    "`client_request_id`, when it is 1-64 visible ASCII characters "
+                    "(dropped otherwise). The response's `X-Request-Id` is the broker's own.",
+                    "schema": {"type": "string", "maxLength": 64},
                 }
             },
             "headers": _HEADERS,

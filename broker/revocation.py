@@ -18,6 +18,7 @@ each; when the state cannot be reached the caller fails closed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,12 +35,14 @@ from broker.errors import (
     UnauthorizedClient,
 )
 from broker.oauth_request import OAuthForm
+from broker.policy.access import require_admin
 from broker.state import StateStore, StateUnavailable
 from broker.types import BrokerToken
 from idp_adapters.base import TokenRejected
 
 if TYPE_CHECKING:
     from broker.client_auth import AuthenticatedClient
+    from broker.policy.engine import Policy
     from broker.tokens import BrokerTokenVerifier
 
 
@@ -314,9 +317,15 @@ class Revocations:
 class RevocationEndpoints:
     """The protocol side of revocation: RFC 7009 for token holders, and the admin API."""
 
-    def __init__(self, revocations: Revocations, verifier: BrokerTokenVerifier) -> None:
+    def __init__(
+        self,
+        revocations: Revocations,
+        verifier: BrokerTokenVerifier,
+        policy: Callable[[], Policy],
+    ) -> None:
         self._revocations = revocations
         self._verifier = verifier
+        self._policy = policy
 
     async def revoke_presented(
         self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
@@ -357,8 +366,8 @@ class RevocationEndpoints:
     ) -> dict[str, Any]:
         """Revoke by ``jti`` (and its lineage), or everything of a ``person`` or ``agent``
         issued before ``not_before`` (default: now)."""
-        if client is None or client.kind != "admin":
-            raise InvalidClient("admin authentication is required")
+        require_admin(self._policy(), client, "revocations:write")
+        assert client is not None
         given = [k for k in ("jti", "person", "agent") if form.non_empty(k)]
         if len(given) != 1:
             raise InvalidRequest("give exactly one of jti, person or agent")

@@ -337,6 +337,18 @@ def _compile(
         for credential_name in gateway.credentials:
             if credential_name not in merged.credentials:
                 problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
+    for name, admin in merged.admins.items():
+        where = f"{merged.origin[f'admins.{name}']}: admins.{name}"
+        if not admin.permissions:
+            warnings.append(f"{where}: no permissions; every admin call by it is refused")
+        if admin.credentials is not None:
+            if "credentials:refresh" not in admin.permissions:
+                problems.append(
+                    f"{where}.credentials: applies only with the permission credentials:refresh"
+                )
+            for credential_name in admin.credentials:
+                if credential_name not in merged.credentials:
+                    problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
 
     policy = Policy(
         version=version,

@@ -292,12 +292,33 @@ class Gateway(ResourceServer):
     credentials: list[Name] = Field(default_factory=list)
 
 
+AdminPermission = Literal["revocations:write", "policy:reload", "credentials:refresh"]
+ADMIN_PERMISSIONS: tuple[AdminPermission, ...] = (
+    "revocations:write",
+    "policy:reload",
+    "credentials:refresh",
+)
+
+
 class Admin(_Strict):
-    """An operator or automation allowed the admin API (e.g. push refresh from a rotation hook)."""
+    """An operator or automation allowed parts of the admin API, and only those it lists in
+    `permissions` (none listed: every admin call is refused). A rotation hook needs only
+    ``credentials:refresh``, perhaps only for its own `credentials`."""
 
     description: str = ""
     authentication: ClientAuthentications = Field(
         description="One method, or a list of at most one per method."
+    )
+    permissions: list[AdminPermission] = Field(
+        default_factory=list,
+        description="What this admin may do: revocations:write (POST /v1/admin/revocations), "
+        "policy:reload (POST /v1/admin/policy/reload), credentials:refresh (POST "
+        "/v1/admin/credentials/{name}/refresh). None listed: every admin call is refused.",
+    )
+    credentials: list[Name] | None = Field(
+        None,
+        description="With credentials:refresh: the only credentials it may refresh "
+        "(omitted: every credential).",
     )
 
 

@@ -52,7 +52,8 @@ def _extra(*, docs_for_support: bool, description: str = "Reads the docs") -> di
                 "authentication": {
                     "method": "client_secret_basic",
                     "secret_hash": hash_client_secret(ADMIN[1], method="sha256"),
-                }
+                },
+                "permissions": ["policy:reload"],
             }
         },
     }

@@ -50,7 +50,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningBro
                 "authentication": {
                     "method": "client_secret_basic",
                     "secret_hash": hash_client_secret(SECRETS["admin"], method="sha256"),
-                }
+                },
+                "permissions": ["revocations:write"],
             }
         }
     }

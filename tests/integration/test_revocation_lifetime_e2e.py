@@ -196,7 +196,8 @@ def stack(
                 "authentication": {
                     "method": "client_secret_basic",
                     "secret_hash": hash_client_secret(ADMIN[1], method="sha256"),
-                }
+                },
+                "permissions": ["revocations:write"],
             }
         },
     }

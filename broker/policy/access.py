@@ -1,0 +1,233 @@
+"""The pure decisions besides the token exchange: a gateway's credential fetch, introspection and
+the admin API. No I/O, no clock.
+
+The runtime (`broker.credentials`, `broker.introspection`, the admin endpoints) and the policy
+tests / `broker policy explain` call the same functions, so what a policy test says about a
+fetch, an introspection or an admin call is what the broker does. What needs I/O (verifying the
+token, revocation, rate limits, reading the secret) stays at the edge; these functions decide on
+what the verified token carries and the policy in force.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from broker.errors import AccessDenied, InvalidClient
+from broker.policy.engine import Policy
+from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission
+
+if TYPE_CHECKING:
+    from broker.client_auth import AuthenticatedClient
+
+
+class AccessReason(enum.StrEnum):
+    GRANTED = "granted"
+    # credential fetch
+    NOT_A_GATEWAY = "not_a_gateway"
+    AUDIENCE_MISMATCH = "audience_mismatch"
+    GATEWAY_NOT_ALLOWED = "gateway_not_allowed"
+    MISSING_PERMISSION = "missing_permission"
+    PREVIOUS_NOT_ALLOWED = "previous_not_allowed"
+    # introspection
+    NOT_AN_INTROSPECTOR = "not_an_introspector"
+    # admin API
+    NOT_AN_ADMIN = "not_an_admin"
+    ADMIN_PERMISSION_MISSING = "admin_permission_missing"
+    ADMIN_CREDENTIAL_NOT_ALLOWED = "admin_credential_not_allowed"
+
+
+_ERROR_FOR_REASON: Mapping[AccessReason, str] = {
+    AccessReason.NOT_A_GATEWAY: "invalid_client",
+    AccessReason.AUDIENCE_MISMATCH: "invalid_token",
+    AccessReason.GATEWAY_NOT_ALLOWED: "access_denied",
+    AccessReason.MISSING_PERMISSION: "insufficient_scope",
+    AccessReason.PREVIOUS_NOT_ALLOWED: "access_denied",
+    AccessReason.NOT_AN_INTROSPECTOR: "unauthorized_client",
+    AccessReason.NOT_AN_ADMIN: "invalid_client",
+    AccessReason.ADMIN_PERMISSION_MISSING: "access_denied",
+    AccessReason.ADMIN_CREDENTIAL_NOT_ALLOWED: "access_denied",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDecision:
+    allowed: bool
+    reason: AccessReason
+    description: str
+    policy_version: str
+
+    @property
+    def error(self) -> str | None:
+        """The protocol error code of a refusal (None when allowed)."""
+        return None if self.allowed else _ERROR_FOR_REASON[self.reason]
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    return repr(value) if len(value) <= limit else repr(value[:limit] + "...")
+
+
+def _granted(policy: Policy, description: str = "granted") -> AccessDecision:
+    return AccessDecision(True, AccessReason.GRANTED, description, policy.version)
+
+
+def _denied(policy: Policy, reason: AccessReason, description: str) -> AccessDecision:
+    return AccessDecision(False, reason, description, policy.version)
+
+
+# -- credential fetch -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """A gateway asks for `credential`, presenting an agent token of this shape."""
+
+    gateway: str
+    credential: str
+    scopes: frozenset[str]
+    """The scopes the (verified) agent token carries."""
+    audiences: tuple[str, ...]
+    """The audiences the agent token is addressed to."""
+    previous: bool = False
+    """``?version=previous``."""
+
+
+def is_gateway(policy: Policy, client_id: str) -> bool:
+    return client_id in policy.gateways
+
+
+def decide_fetch(policy: Policy, request: FetchRequest) -> AccessDecision:
+    """May `request.gateway` receive `request.credential` for a token of this shape? Pure.
+
+    In order: the caller is a registered gateway; the token is addressed to it (its audiences
+    meet the gateway's); the gateway is listed for the credential (the same answer whether or
+    not the credential exists); the token's scope carries the permission the credential
+    requires; ``previous`` only where the credential has a grace period.
+    """
+    gateway = policy.gateways.get(request.gateway)
+    if gateway is None:
+        return _denied(
+            policy, AccessReason.NOT_A_GATEWAY, "only registered gateways may fetch credentials"
+        )
+    if not set(gateway.audiences).intersection(request.audiences):
+        return _denied(
+            policy,
+            AccessReason.AUDIENCE_MISMATCH,
+            "the agent token is not addressed to this gateway",
+        )
+    name = request.credential
+    credential = policy.credentials.get(name)
+    if credential is None or name not in gateway.credentials:
+        return _denied(
+            policy,
+            AccessReason.GATEWAY_NOT_ALLOWED,
+            f"gateway {request.gateway!r} may not receive credential {_shown(name)}",
+        )
+    if credential.requires not in request.scopes:
+        return _denied(
+            policy,
+            AccessReason.MISSING_PERMISSION,
+            f"the agent token lacks the permission {credential.requires!r} that credential "
+            f"{name!r} requires",
+        )
+    if request.previous and credential.previous_version_grace_seconds <= 0:
+        return _denied(
+            policy,
+            AccessReason.PREVIOUS_NOT_ALLOWED,
+            f"the policy does not allow the previous version of {name!r}",
+        )
+    return _granted(policy)
+
+
+# -- introspection ----------------------------------------------------------------------------
+
+
+def introspection_audiences(policy: Policy, client_id: str) -> tuple[str, ...] | None:
+    """The audiences `client_id` may introspect tokens for, or None when it may not introspect
+    at all (only registered resource servers and gateways may)."""
+    server = policy.resource_servers.get(client_id) or policy.gateways.get(client_id)
+    return None if server is None else tuple(server.audiences)
+
+
+def decide_introspection(
+    policy: Policy, client_id: str, token_audiences: tuple[str, ...]
+) -> AccessDecision:
+    """May `client_id` learn what a valid token addressed to `token_audiences` carries? Pure.
+
+    A registered resource server or gateway learns about a token only when the token is
+    addressed to it; anyone else may not introspect at all.
+    """
+    audiences = introspection_audiences(policy, client_id)
+    if audiences is None:
+        return _denied(
+            policy,
+            AccessReason.NOT_AN_INTROSPECTOR,
+            "only registered resource servers and gateways may introspect tokens",
+        )
+    if not set(audiences).intersection(token_audiences):
+        return _denied(
+            policy, AccessReason.AUDIENCE_MISMATCH, "the token is not addressed to this client"
+        )
+    return _granted(policy)
+
+
+# -- admin API --------------------------------------------------------------------------------
+
+
+def decide_admin(
+    policy: Policy,
+    admin: str,
+    permission: AdminPermission,
+    credential: str | None = None,
+) -> AccessDecision:
+    """May admin client `admin` do `permission` (for `credential`, with credentials:refresh)?
+
+    Fail closed: an admin holds exactly the permissions its policy entry lists (none listed:
+    none held); ``credentials:refresh`` is further limited to the admin's ``credentials`` when
+    it names any.
+    """
+    if permission not in ADMIN_PERMISSIONS:
+        raise ValueError(f"unknown admin permission {permission!r}")
+    spec = policy.admins.get(admin)
+    if spec is None:
+        return _denied(policy, AccessReason.NOT_AN_ADMIN, "admin authentication is required")
+    if permission not in spec.permissions:
+        held = ", ".join(spec.permissions) or "none"
+        return _denied(
+            policy,
+            AccessReason.ADMIN_PERMISSION_MISSING,
+            f"admin {admin!r} lacks the permission {permission!r} (it holds: {held})",
+        )
+    if (
+        permission == "credentials:refresh"
+        and credential is not None
+        and spec.credentials is not None
+        and credential not in spec.credentials
+    ):
+        return _denied(
+            policy,
+            AccessReason.ADMIN_CREDENTIAL_NOT_ALLOWED,
+            f"admin {admin!r} may not refresh credential {_shown(credential)}",
+        )
+    return _granted(policy)
+
+
+def require_admin(
+    policy: Policy,
+    client: AuthenticatedClient | None,
+    permission: AdminPermission,
+    credential: str | None = None,
+) -> str:
+    """`decide_admin` at an admin endpoint: the admin's client id, or the refusal as an OAuth
+    error (401 for a caller that is not an admin, 403 naming the missing permission). The
+    edge records the refusal (``request.denied`` with this reason)."""
+    if client is None or client.kind != "admin":
+        raise InvalidClient("admin authentication is required", reason="not_an_admin")
+    decision = decide_admin(policy, client.client_id, permission, credential)
+    if decision.allowed:
+        return client.client_id
+    if decision.reason is AccessReason.NOT_AN_ADMIN:
+        raise InvalidClient(decision.description, reason=str(decision.reason))
+    raise AccessDenied(decision.description, reason=str(decision.reason))
