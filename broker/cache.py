@@ -46,6 +46,14 @@ Rejected-version hints
     so a rotation that lands just after a hint round is still picked up within it. Hints never
     override a failing backend's backoff. So a caller can make the cache talk to the backend at
     most once a second per credential, however many hints it sends.
+
+Pushes
+    `refresh_now` (a rotation hook's push refresh) is limited the same way: each push waits for
+    a backend round that starts after it arrived, concurrent pushes share that round, and push
+    rounds of one credential start at most once per `rejection_refresh_interval` (a push
+    arriving sooner waits for the next round rather than being answered from memory). So 100
+    concurrent pushes cause one or two backend rounds; pushes do ignore a failing backend's
+    backoff, as an operator's explicit request.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import dataclasses
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -192,6 +200,8 @@ class CredentialStats:
     """Rejected-version hints that named the version held (the only ones that may refresh)."""
     hint_refreshes: int = 0
     """Backend rounds started by those hints (at most one per `rejection_refresh_interval`)."""
+    push_refreshes: int = 0
+    """Backend rounds started by pushes (at most one per `rejection_refresh_interval`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +285,7 @@ class _Counters:
         "hint_refreshes",
         "hits",
         "misses",
+        "push_refreshes",
         "refresh_errors",
         "refreshes",
         "rejection_hints",
@@ -292,6 +303,7 @@ class _Counters:
         self.version_checks = 0
         self.rejection_hints = 0
         self.hint_refreshes = 0
+        self.push_refreshes = 0
 
     def snapshot(self) -> CredentialStats:
         return CredentialStats(
@@ -304,6 +316,7 @@ class _Counters:
             version_checks=self.version_checks,
             rejection_hints=self.rejection_hints,
             hint_refreshes=self.hint_refreshes,
+            push_refreshes=self.push_refreshes,
         )
 
 
@@ -329,6 +342,8 @@ class _Entry:
         "hard_deadline",
         "hint_not_before",
         "policy",
+        "push_not_before",
+        "push_round",
         "ref",
         "refresh_at",
         "task",
@@ -348,6 +363,10 @@ class _Entry:
         """Monotonic: `current` is never served from then on (lease end, end of stale window)."""
         self.hint_not_before = -math.inf
         """Monotonic: before it, a rejected-version hint starts no backend round."""
+        self.push_not_before = -math.inf
+        """Monotonic: before it, a push starts no backend round (it waits for this time)."""
+        self.push_round: asyncio.Task[_Outcome] | None = None
+        """The push round not yet started, shared by every push waiting for it."""
         self.failures = 0
         self.failure: _Failure | None = None
         self.task: asyncio.Task[_Outcome] | None = None
@@ -357,6 +376,9 @@ class _Entry:
         task, self.task = self.task, None
         if task is not None:
             task.cancel()
+        push, self.push_round = self.push_round, None
+        if push is not None:
+            push.cancel()
 
 
 class _Entries(LRUCache):  # type: ignore[type-arg]
@@ -379,8 +401,10 @@ class CredentialCache:
     Bounded to `max_entries` credentials (least recently used evicted; an evicted credential's
     refresh task is cancelled). `on_event` receives `CacheEvent`s on the loop (its exceptions are
     logged and swallowed). `rng` spreads refresh and retry times (seed it in tests). `executor`
-    runs backend calls (default: ``asyncio.to_thread``). `rejection_refresh_interval` is the
-    least time between two backend rounds started by rejected-version hints for one credential.
+    runs backend calls (default: ``asyncio.to_thread``); `sleep` is how a push waits for
+    the per-credential limit (default ``asyncio.sleep``; tests pass one that moves their clock).
+    `rejection_refresh_interval` is the least time between two backend rounds started by
+    rejected-version hints (or by pushes) for one credential.
     The backends are not closed by `close`.
     """
 
@@ -395,6 +419,7 @@ class CredentialCache:
         executor: Executor | None = None,
         backoff_base: float = 1.0,
         rejection_refresh_interval: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
@@ -403,6 +428,7 @@ class CredentialCache:
         if not rejection_refresh_interval > 0:
             raise ValueError("rejection_refresh_interval must be > 0")
         self._rejection_interval = rejection_refresh_interval
+        self._sleep = sleep or asyncio.sleep
         self._backends = dict(backends)
         self._clock = clock
         self._mono = clock.monotonic
@@ -489,11 +515,15 @@ class CredentialCache:
         return dataclasses.replace(cached, secret=previous, previous=None)
 
     async def refresh_now(self, ref: SecretRef, policy: CachePolicy) -> CachedSecret:
-        """Refresh from the backend now (push, e.g. from a rotation hook) and return the result.
+        """Refresh from the backend (push, e.g. from a rotation hook) and return the result.
 
-        Ignores the schedule and any backoff. A refresh already in flight is joined, and since
-        it may have asked the backend before the caller's change, another one follows it
-        (shared by every caller that arrived meanwhile); the next `get` sees its result.
+        Ignores the schedule and any backoff, but not the per-credential limit: every push
+        waits for a backend round that *starts after it arrived* (a round already in flight may
+        have asked the backend before the caller's change), and pushes share such rounds. Push
+        rounds of one credential start at most once per `rejection_refresh_interval`: pushes
+        arriving meanwhile wait for the next one and share it, so any number of concurrent
+        pushes cause one or two backend rounds, and each push's answer still reflects the
+        store as it was when the push arrived. The next `get` sees the result.
         Raises `CredentialUnavailable` if the backend round fails and no usable value remains;
         while a usable value remains, a failed push returns it flagged ``stale``.
         """
@@ -501,20 +531,50 @@ class CredentialCache:
         if entry is None:
             return await self.get(ref, policy)
         entry.policy = policy
-        if entry.task is not None:
-            await self._join(entry.task)
+        pending = entry.push_round
+        if pending is None:
+            if self._closed:
+                raise RuntimeError("the credential cache is closed")
+            pending = asyncio.get_running_loop().create_task(
+                self._push_round(entry), name=f"credential-push {describe_ref(ref)}"
+            )
+            entry.push_round = pending
+            self._tasks.add(pending)
+            pending.add_done_callback(self._tasks.discard)
+        outcome = await self._join(pending)
         if self._entries.get(ref) is not entry:  # evicted meanwhile
             return await self.get(ref, policy)
-        if entry.task is None:
-            self._start(entry)
-        assert entry.task is not None
-        outcome = await self._join(entry.task)
         if isinstance(outcome, CachedSecret):
             return outcome
         current = entry.current
         if current is not None and self._mono() < entry.hard_deadline:
             return current
         raise self._unavailable(ref, outcome)
+
+    async def _push_round(self, entry: _Entry) -> _Outcome:
+        """The backend round shared by the pushes waiting on `entry.push_round`: it starts
+        after any round in flight and no sooner than `push_not_before`; pushes arriving once
+        it has started wait for the next one."""
+        me = asyncio.current_task()
+        try:
+            if entry.task is not None:
+                await self._join(entry.task)
+            delay = entry.push_not_before - self._mono()
+            if delay > 0:
+                await self._sleep(delay)
+            while entry.task is not None:
+                await self._join(entry.task)
+            if self._entries.get(entry.ref) is not entry:
+                return _Failure("evicted", "the credential left the cache before the push")
+            entry.push_round = None  # from now on, a push waits for the next round
+            entry.push_not_before = self._mono() + self._rejection_interval
+            entry.counters.push_refreshes += 1
+            self._start(entry)
+            assert entry.task is not None
+            return await self._join(entry.task)
+        finally:
+            if entry.push_round is me:
+                entry.push_round = None
 
     async def refresh_rejected(
         self, ref: SecretRef, policy: CachePolicy, rejected_version: str

@@ -201,7 +201,13 @@ class Harness:
             on_event=self.events.append,
             rng=random.Random(seed),
             executor=None if threads else InlineExecutor(),
+            sleep=self.sleep,
         )
+
+    async def sleep(self, seconds: float) -> None:
+        """How the cache waits (a push held by the per-credential limit): time moves on."""
+        self.clock.advance(seconds)
+        await asyncio.sleep(0)
 
     def kinds(self) -> list[str]:
         return [event.kind for event in self.events]
@@ -363,6 +369,49 @@ async def test_refresh_now_follows_a_refresh_that_began_before_the_change() -> N
     assert {result.version_id for result in results} == {"2"}
     assert (await h.cache.get(REF, POLICY)).version_id == "2"
     assert h.backend.version_checks == 2  # the in-flight round plus ONE shared follow-up
+    await h.cache.close()
+
+
+async def test_a_hundred_concurrent_pushes_share_one_backend_round(h: Harness) -> None:
+    await h.cache.get(REF, POLICY)
+    h.backend.rotate(REF.path)
+    checks, reads = h.backend.version_checks, h.backend.reads
+    results = await asyncio.gather(*(h.cache.refresh_now(REF, POLICY) for _ in range(100)))
+    assert {result.version_id for result in results} == {"2"}
+    assert h.backend.version_checks - checks == 1
+    assert h.backend.reads - reads == 1
+    assert h.cache.stats()[REF].push_refreshes == 1
+
+
+async def test_pushes_start_at_most_one_round_a_second_and_still_see_the_change(
+    h: Harness,
+) -> None:
+    await h.cache.get(REF, POLICY)
+    started = h.clock.monotonic()
+    for expected in range(2, 12):  # ten pushes in a row, each after its own rotation
+        h.backend.rotate(REF.path)
+        pushed = await h.cache.refresh_now(REF, POLICY)
+        assert pushed.version_id == str(expected)  # a push's answer reflects its change
+    rounds = h.cache.stats()[REF].push_refreshes
+    assert rounds == 10
+    # ...but the limit spaced them at least one second apart (the harness's sleep moves time).
+    assert h.clock.monotonic() - started >= 9.0
+
+
+async def test_pushes_arriving_during_a_push_round_share_the_next_one() -> None:
+    h = Harness(threads=True)
+    await h.cache.get(REF, POLICY)
+    gate = h.backend.gates[REF.path] = threading.Event()
+    first = asyncio.create_task(h.cache.refresh_now(REF, POLICY))
+    await wait_for(lambda: h.backend.version_checks == 1)  # the first push round is in flight
+    h.backend.rotate(REF.path)  # it may already have answered "1"
+    later = [asyncio.create_task(h.cache.refresh_now(REF, POLICY)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await first
+    results = await asyncio.gather(*later)
+    assert {result.version_id for result in results} == {"2"}
+    assert h.cache.stats()[REF].push_refreshes == 2  # the one in flight plus ONE shared
     await h.cache.close()
 
 
