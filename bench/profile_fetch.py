@@ -62,7 +62,7 @@ STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-fetch cumulative table
     ("whole ASGI app (FastAPI + Starlette + endpoint)", "fastapi/applications.py", "__call__"),
     ("  fetch endpoint body (app.py fetch_credential)", "broker/app.py", "fetch_credential"),
-    ("    request id (app.py _request_id, uuid4)", "broker/app.py", "_request_id"),
+    ("    request id (logs.py new_request_id, uuid4)", "broker/logs.py", "new_request_id"),
     ("    read_form_or_json (body, parse_qsl)", "broker/oauth_request.py", "read_form_or_json"),
     ("    gateway authentication (Basic)", "broker/client_auth.py", "authenticate"),
     ("    CredentialService.fetch", "broker/credentials.py", "fetch"),

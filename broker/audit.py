@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 import jwt
 
 from broker.clock import Clock
+from broker.logs import client_request_id_var
 
 if TYPE_CHECKING:
     from broker.settings import AuditConfig, AuditS3Config
@@ -865,6 +866,10 @@ class DecisionLog:
             raise ValueError(f"{sorted(reserved)} are set by the audit chain")
         if event in _CHECKPOINT_EVENTS:
             raise ValueError(f"{event} records are written by the audit chain itself")
+        client_request_id = client_request_id_var.get()
+        if client_request_id is not None and "request_id" in fields:
+            # The caller's own X-Request-Id, kept apart from the broker's (see broker.logs).
+            fields.setdefault("client_request_id", client_request_id)
         bounded, truncated, non_finite, size = _bound(
             fields, MAX_STRING_CHARS, MAX_ITEMS, MAX_DEPTH
         )

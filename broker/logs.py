@@ -6,10 +6,11 @@ purpose, and as a second line of defence `redact` masks anything in a message th
 JWT, a SAML message or an ``Authorization`` header value before it is formatted.
 
 Every line has ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message`` and, when the line was
-written while serving a request, ``request_id`` (the same id as the response's ``X-Request-Id``
-and the request's audit record) and, when tracing is on, ``trace_id`` and ``span_id``. A line
-written while handling an exception names the exception type only: exception messages and
-tracebacks can carry request data.
+written while serving a request, ``request_id`` (the broker's own id: the same as the
+response's ``X-Request-Id`` and the request's audit record; a caller's own well-formed
+``X-Request-Id`` goes apart, as ``client_request_id``) and, when tracing is on, ``trace_id``
+and ``span_id``. A line written while handling an exception names the exception type only:
+exception messages and tracebacks can carry request data.
 """
 
 from __future__ import annotations
@@ -18,12 +19,33 @@ import json
 import logging
 import re
 import sys
+import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
 request_id_var: ContextVar[str | None] = ContextVar("broker_request_id", default=None)
-"""The id of the request being served (set by the HTTP edge, read by every log line)."""
+"""The id of the request being served (set by the HTTP edge, read by every log line). Always
+the broker's own: a caller cannot choose what its request is filed under."""
+
+client_request_id_var: ContextVar[str | None] = ContextVar("broker_client_request_id", default=None)
+"""The caller's own ``X-Request-Id``, when it sent a well-formed one: recorded apart from the
+broker's id, as ``client_request_id`` (in decision records and log lines)."""
+
+_CLIENT_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
+
+
+def new_request_id() -> str:
+    """The broker's own id for a request (returned in ``X-Request-Id``)."""
+    return uuid.uuid4().hex
+
+
+def client_request_id(value: str | None) -> str | None:
+    """A caller-supplied request id, if well formed: 1-64 visible ASCII characters (no space,
+    no control character, nothing beyond ASCII). Anything else is dropped, never recorded."""
+    if value and _CLIENT_REQUEST_ID.match(value):
+        return value
+    return None
 
 LogFormat = Literal["json", "text"]
 
@@ -69,6 +91,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id:
             line["request_id"] = request_id
+            supplied = client_request_id_var.get()
+            if supplied:
+                line["client_request_id"] = supplied
         ids = _trace_ids()
         if ids is not None:
             line["trace_id"], line["span_id"] = ids

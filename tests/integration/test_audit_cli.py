@@ -334,9 +334,10 @@ def test_sigkill_under_load_loses_no_record_of_an_answered_request(tmp_path: Pat
     result = verify_trail([broker.audit_file])
     assert result.ok, result.summary()
     recorded = {
-        r["request_id"]: r["outcome"]
+        r["client_request_id"]: r["outcome"]
         for r in map(json.loads, broker.audit_file.read_text().splitlines())
-        if r["event"] == "credential.fetch" and str(r.get("request_id", "")).startswith("load-")
+        if r["event"] == "credential.fetch"
+        and str(r.get("client_request_id", "")).startswith("load-")
     }
     missing = sorted(set(answered) - set(recorded))
     assert not missing, f"{len(missing)} answered requests have no record, e.g. {missing[:5]}"

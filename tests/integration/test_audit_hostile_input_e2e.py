@@ -46,7 +46,8 @@ def stack(
 
 
 def _records_for(running: RunningBroker, request_id: str) -> list[dict[str, Any]]:
-    return [r for r in running.decisions.records if r.get("request_id") == request_id]
+    # The caller's X-Request-Id is recorded apart from the broker's own id.
+    return [r for r in running.decisions.records if r.get("client_request_id") == request_id]
 
 
 def _size(record: dict[str, Any]) -> int:

@@ -232,7 +232,7 @@ def test_logs_are_json_lines_with_request_ids_and_no_canary(
     for entry in parsed:
         assert {"time", "level", "logger", "message"} <= set(entry)
     # The edge logs a refusal's private detail, naming the request it belongs to.
-    refused = [e for e in parsed if e.get("request_id") == "req-wrong-secret"]
+    refused = [e for e in parsed if e.get("client_request_id") == "req-wrong-secret"]
     assert [e["logger"] for e in refused] == ["broker.http"]
     assert "invalid_client" in refused[0]["message"]
     text = stream.getvalue()
@@ -300,7 +300,9 @@ def test_refusals_no_handler_records_and_key_rotations_are_audited(
     )
     assert not_admin.status_code == 401
     records = running.decisions.records
-    by_request = {r.get("request_id"): r for r in records if r["event"] == "request.denied"}
+    by_request = {
+        r.get("client_request_id"): r for r in records if r["event"] == "request.denied"
+    }
     assert by_request["req-bad-client"]["route"] == "/oauth2/token"
     assert by_request["req-bad-client"]["error"] == "invalid_client"
     assert by_request["req-not-admin"]["client_id"] == "llm-gateway"
@@ -315,7 +317,7 @@ def test_refusals_no_handler_records_and_key_rotations_are_audited(
         timeout=10,
     )
     assert refused_exchange.status_code == 400
-    for_it = [r for r in records if r.get("request_id") == "req-handler-recorded"]
+    for_it = [r for r in records if r.get("client_request_id") == "req-handler-recorded"]
     assert [r["event"] for r in for_it] == ["token.exchange"]
 
     before = running.services.keyring.active.kid
