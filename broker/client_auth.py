@@ -172,6 +172,20 @@ def _claimed_assertion_id(assertion: str) -> str | None:
     return iss if isinstance(iss, str) and iss else None
 
 
+def _address_block(source: str) -> str:
+    """What one party controls: an IPv4 address, or the /64 of an IPv6 address (a single host
+    commonly holds a whole /64, so counting per IPv6 address would be no limit at all)."""
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return source[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 class FailedAuthThrottle:
     """Counts failed client authentications in the shared state (so across replicas) per
     (claimed client id, source address) and per source address; `check` refuses with 429 and
@@ -196,6 +210,7 @@ class FailedAuthThrottle:
         self._window = window_seconds
 
     def _keys(self, client_id: str | None, source: str) -> list[tuple[str, int]]:
+        source = _address_block(source)
         keys = [(f"authfail:source:{source}", self._per_source)]
         if client_id is not None:
             digest = hashlib.sha256(client_id.encode("utf-8", "replace")).hexdigest()[:32]

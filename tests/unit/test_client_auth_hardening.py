@@ -375,6 +375,18 @@ async def test_failures_are_throttled_per_source_across_client_ids(tmp_path: Pat
     assert await auth.authenticate(_basic("scrypt-agent", SECRET), {}, source="192.0.2.50")
 
 
+async def test_ipv6_sources_are_counted_per_64(tmp_path: Path) -> None:
+    """One host commonly holds a whole IPv6 /64: rotating addresses inside it is one source."""
+    clock = FrozenClock(start=1_800_000_010.0)
+    auth = _authenticator(tmp_path, throttle=_throttle(clock, pair=100, source=3), clock=clock)
+    for i in range(3):
+        with pytest.raises(InvalidClient):
+            await auth.authenticate(_basic("probe", "x"), {}, source=f"2001:db8:1:2::{i + 1}")
+    with pytest.raises(TooManyRequests):
+        await auth.authenticate(_basic("probe", "x"), {}, source="2001:db8:1:2:ffff::9")
+    assert await auth.authenticate(_basic("scrypt-agent", SECRET), {}, source="2001:db8:1:3::1")
+
+
 # -- source address -----------------------------------------------------------------------------
 
 
