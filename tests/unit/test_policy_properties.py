@@ -11,7 +11,14 @@ through `Policy.rights_of` or `PermissionSet`. Properties:
     or of the agent's defaults when none was requested (of the parent token's scopes for an
     agent without defaults on a re-exchange);
 (c) a re-exchange grant is a subset of its parent grant, in scopes and audiences;
-(d) `decide` never raises, for any request, chain or parent token.
+(d) `decide` never raises, for any request, chain or parent token;
+(e) a token carries only the groups and IdP roles the policy uses (`Policy.identity_used`), and
+    every decision along the chain is the same for that trimmed person as for the whole one.
+
+The generated policies use every form of the language that names people: bindings of groups or
+of IdP roles (a separate namespace: generated IdP roles reuse group names), for one IdP or a list,
+selectors naming several IdPs, and the audience settings (`default_audiences`,
+`require_audience` per agent and in `limits`).
 
 On a first hop (no parent token) the independent model also predicts the decision itself, so
 the engine can neither grant too much nor refuse what the policy allows.
@@ -45,6 +52,7 @@ from broker.policy import (
 SEGMENTS = ["a", "b", "c1"]
 IDPS = ["i1", "i2"]
 GROUPS = ["g0", "g1", "g2"]
+IDP_ROLES = ["g0", "x1"]  # "g0" is also a group name: the namespaces must stay apart
 SUBJECTS = ["s0", "s1", "s2"]
 ROLE_NAMES = ["r0", "r1", "r2", "r3"]
 AGENT_NAMES = ["ag0", "ag1", "ag2", "ag3"]
@@ -77,7 +85,7 @@ class Spec:
     group_bindings: list[dict[str, Any]]
     person_bindings: list[dict[str, Any]]
     agents: dict[str, dict[str, Any]]
-    limits: dict[str, int]
+    limits: dict[str, Any]
 
     def document(self) -> dict[str, Any]:
         return {
@@ -125,7 +133,16 @@ people = st.builds(
     idp=st.sampled_from(IDPS),
     subject=st.sampled_from([*SUBJECTS, "s9"]),
     groups=st.frozensets(st.sampled_from([*GROUPS, "g9"]), max_size=3),
+    idp_roles=st.frozensets(st.sampled_from([*IDP_ROLES, "x9"]), max_size=2),
 )
+idp_lists = st.one_of(
+    st.sampled_from(IDPS), st.lists(st.sampled_from(IDPS), min_size=1, max_size=2, unique=True)
+)
+
+
+def idps_of(binding: dict[str, Any]) -> list[str]:
+    idp = binding["idp"]
+    return [idp] if isinstance(idp, str) else idp
 
 
 @st.composite
@@ -138,14 +155,15 @@ def specs(draw: st.DrawFn, person: Person) -> Spec:
     some_roles = st.lists(st.sampled_from(role_names), min_size=1, max_size=2, unique=True)
     group_bindings = draw(
         st.lists(
-            st.fixed_dictionaries(
-                {
-                    "idp": st.sampled_from(IDPS),
-                    "group": st.sampled_from(GROUPS),
-                    "roles": some_roles,
-                }
+            st.one_of(
+                st.fixed_dictionaries(
+                    {"idp": idp_lists, "group": st.sampled_from(GROUPS), "roles": some_roles}
+                ),
+                st.fixed_dictionaries(
+                    {"idp": idp_lists, "idp_role": st.sampled_from(IDP_ROLES), "roles": some_roles}
+                ),
             ),
-            max_size=3,
+            max_size=4,
         )
     )
     person_bindings = draw(
@@ -163,21 +181,34 @@ def specs(draw: st.DrawFn, person: Person) -> Spec:
     if person.groups and dice.chance(80):
         group = draw(st.sampled_from(sorted(person.groups)))
         group_bindings.append({"idp": person.idp, "group": group, "roles": draw(some_roles)})
+    if person.idp_roles and dice.chance(40):
+        idp_role = draw(st.sampled_from(sorted(person.idp_roles)))
+        binding = {"idp": [person.idp], "idp_role": idp_role, "roles": draw(some_roles)}
+        group_bindings.append(binding)
     if dice.chance(60):
         binding = {"idp": person.idp, "subject": person.subject, "roles": draw(some_roles)}
         person_bindings.append(binding)
+    idp_selector_lists = st.lists(st.sampled_from(IDPS), min_size=1, max_size=2, unique=True).map(
+        ",".join
+    )
     selectors = st.one_of(
-        st.builds(lambda i, g: f"group:{i}/{g}", st.sampled_from(IDPS), st.sampled_from(GROUPS)),
+        st.builds(lambda i, g: f"group:{i}/{g}", idp_selector_lists, st.sampled_from(GROUPS)),
+        st.builds(
+            lambda i, r: f"idp-role:{i}/{r}", idp_selector_lists, st.sampled_from(IDP_ROLES)
+        ),
         st.builds(lambda i, s: f"person:{i}/{s}", st.sampled_from(IDPS), st.sampled_from(SUBJECTS)),
         st.sampled_from(role_names).map(lambda r: f"role:{r}"),
     )
     for_person = [
         f"person:{person.idp}/{person.subject}",
         *(f"group:{person.idp}/{g}" for g in sorted(person.groups)),
+        *(f"idp-role:i1,i2/{r}" for r in sorted(person.idp_roles)),
     ]
     for binding in group_bindings + person_bindings:
-        if binding["idp"] == person.idp and (
-            binding.get("group") in person.groups or binding.get("subject") == person.subject
+        if person.idp in idps_of(binding) and (
+            binding.get("group") in person.groups
+            or binding.get("idp_role") in person.idp_roles
+            or binding.get("subject") == person.subject
         ):
             for_person.extend(f"role:{r}" for r in binding["roles"])
     held_concrete = sorted({c for perms in roles.values() for p in perms for c in concrete(p)})
@@ -197,11 +228,21 @@ def specs(draw: st.DrawFn, person: Person) -> Spec:
         act_for = draw(st.lists(selectors, max_size=3))
         if dice.chance(90):
             act_for.append(draw(st.sampled_from(for_person)))
+        audiences = AUDIENCES if dice.chance(70) else draw(st.sampled_from(AUDIENCE_LISTS))
+        audience_settings: dict[str, Any] = {}
+        roll = dice.rng.random()
+        if roll < 0.25 and audiences:
+            audience_settings["default_audiences"] = draw(
+                st.lists(st.sampled_from(audiences), min_size=1, max_size=2, unique=True)
+            )
+        elif roll < 0.4:
+            audience_settings["require_audience"] = dice.chance(70)
         agents[name] = {
+            **audience_settings,
             "authentication": {"method": "client_secret_basic", "secret_ref": "env:X"},
             "ceiling": ceiling,
             "default_scopes": default_scopes,
-            "audiences": AUDIENCES if dice.chance(70) else draw(st.sampled_from(AUDIENCE_LISTS)),
+            "audiences": audiences,
             "max_token_lifetime_seconds": draw(st.sampled_from([60, 900, 5000])),
             "act_for": act_for,
             "accepts_person_tokens": dice.chance(75),
@@ -214,6 +255,7 @@ def specs(draw: st.DrawFn, person: Person) -> Spec:
     limits = {
         "max_token_lifetime_seconds": draw(st.sampled_from([300, 3600])),
         "max_delegation_depth": 4 if dice.chance(60) else draw(st.sampled_from([3, 2, 1])),
+        "require_audience": dice.chance(20),
     }
     return Spec(roles, group_bindings, person_bindings, agents, limits)
 
@@ -318,7 +360,11 @@ def roles_of(spec: Spec, person: Person) -> set[str]:
         if (binding["idp"], binding["subject"]) == (person.idp, person.subject):
             roles.update(binding["roles"])
     for binding in spec.group_bindings:
-        if binding["idp"] == person.idp and binding["group"] in person.groups:
+        if person.idp not in idps_of(binding):
+            continue
+        if "group" in binding and binding["group"] in person.groups:
+            roles.update(binding["roles"])
+        if "idp_role" in binding and binding["idp_role"] in person.idp_roles:
             roles.update(binding["roles"])
     return roles
 
@@ -337,12 +383,30 @@ def may_act_for(spec: Spec, agent: str, person: Person) -> bool:
         kind, _, rest = selector.partition(":")
         if kind == "role" and rest in held:
             return True
-        idp, _, value = rest.partition("/")
-        if kind == "group" and idp == person.idp and value in person.groups:
+        idps, _, value = rest.partition("/")
+        named = person.idp in idps.split(",")
+        if kind == "group" and named and value in person.groups:
             return True
-        if kind == "person" and (idp, value) == (person.idp, person.subject):
+        if kind == "idp-role" and named and value in person.idp_roles:
+            return True
+        if kind == "person" and (idps, value) == (person.idp, person.subject):
             return True
     return False
+
+
+def requires_audience(spec: Spec, agent: str) -> bool:
+    """A request naming no audience is refused (no default, and required here or globally)."""
+    settings = spec.agents[agent]
+    if settings.get("default_audiences"):
+        return False
+    required = settings.get("require_audience")
+    return bool(spec.limits["require_audience"] if required is None else required)
+
+
+def audiences_without_request(spec: Spec, agent: str) -> list[str]:
+    """What a request naming no audience gets (before narrowing to a parent token's)."""
+    settings = spec.agents[agent]
+    return list(settings.get("default_audiences") or settings["audiences"])
 
 
 def expected_first_hop(spec: Spec, request: ExchangeRequest) -> bool:
@@ -356,6 +420,8 @@ def expected_first_hop(spec: Spec, request: ExchangeRequest) -> bool:
     if request.audiences and not set(request.audiences) <= set(agent["audiences"]):
         return False
     if not agent["audiences"]:
+        return False
+    if not request.audiences and requires_audience(spec, request.agent):
         return False
 
     def allowed(scope: str) -> bool:
@@ -419,6 +485,12 @@ def check_grant(
         assert set(decision.scopes) <= request.parent.scopes
     if request.audiences:
         assert set(decision.audiences) == set(request.audiences)
+    else:
+        assert not requires_audience(spec, request.agent)
+        expected = set(audiences_without_request(spec, request.agent))
+        if request.parent is not None:
+            expected &= set(request.parent.audiences)
+        assert set(decision.audiences) == expected
     # (c) a re-exchange never widens its parent grant.
     if request.parent is None:
         assert agent["accepts_person_tokens"]
@@ -478,6 +550,63 @@ def test_decide_chain_matches_hop_by_hop_decisions(scenario: Scenario) -> None:
     if final.allowed:
         assert len(grants) == len(chain)
         assert final.actor_chain == tuple(reversed(chain))
+
+
+def reachable(spec: Spec, agent: str) -> set[str]:
+    """`agent` and every agent it may delegate to, directly or further down."""
+    found: set[str] = set()
+    pending = [agent]
+    while pending:
+        name = pending.pop()
+        if name in spec.agents and name not in found:
+            found.add(name)
+            pending.extend(spec.agents[name]["may_delegate_to"])
+    return found
+
+
+def used_by_policy(spec: Spec, person: Person, agent: str) -> tuple[set[str], set[str]]:
+    """The person's groups and IdP roles that a binding at their IdP names, or an ``act_for``
+    of `agent` or of an agent it may delegate to."""
+    groups: set[str] = set()
+    idp_roles: set[str] = set()
+    for binding in spec.group_bindings:
+        if person.idp in idps_of(binding):
+            groups.update({binding.get("group")} & person.groups)
+            idp_roles.update({binding.get("idp_role")} & person.idp_roles)
+    for name in reachable(spec, agent):
+        for selector in spec.agents[name]["act_for"]:
+            kind, _, rest = selector.partition(":")
+            idps, _, value = rest.partition("/")
+            if person.idp in idps.split(","):
+                if kind == "group" and value in person.groups:
+                    groups.add(value)
+                if kind == "idp-role" and value in person.idp_roles:
+                    idp_roles.add(value)
+    return groups, idp_roles
+
+
+@SETTINGS
+@given(scenario=scenarios())
+def test_tokens_carry_only_what_the_policy_uses_and_decide_the_same(scenario: Scenario) -> None:
+    """(e): what each hop's token carries is exactly what the policy uses for that agent and
+    those after it; deciding with it or with everything the IdP asserted is the same."""
+    spec, person = scenario.spec, scenario.person
+    policy = load(spec)
+    carried = person  # what the subject token carries at each hop (the IdP's, then a token's)
+    parent: ParentGrant | None = None
+    for agent, (scopes, audiences) in zip(scenario.chain, scenario.requests, strict=True):
+        used = policy.identity_used(carried, agent)
+        expected_groups, expected_roles = used_by_policy(spec, carried, agent)
+        assert used.groups == expected_groups
+        assert used.idp_roles == expected_roles
+        assert (used.idp, used.subject) == (person.idp, person.subject)
+        decision = decide(policy, ExchangeRequest(used, agent, scopes, audiences, parent))
+        assert decision == decide(policy, ExchangeRequest(person, agent, scopes, audiences, parent))
+        event(f"carried {len(used.groups)} of {len(person.groups)} groups")
+        if not decision.allowed:
+            break
+        carried = used
+        parent = ParentGrant(decision.actor_chain, frozenset(decision.scopes), decision.audiences)
 
 
 arbitrary_text = st.text(max_size=12)
