@@ -8,9 +8,9 @@ import signal
 import sys
 from types import FrameType
 
-from bench import audit_sink, cache_hit, credentials, exchange, state
+from bench import audit_sink, cache_hit, client_auth, credentials, exchange, state
 
-SECTIONS = ("exchange", "credentials", "cache", "state", "audit")
+SECTIONS = ("exchange", "credentials", "cache", "state", "audit", "client_auth")
 """What ``--only`` may name, in the order a full run measures them."""
 
 _NUMBERS: list[tuple[str, type, str | None, str]] = [
@@ -42,7 +42,8 @@ def _parse(argv: list[str] | None) -> tuple[exchange.Options, tuple[str, ...]]:
         "baselines (broker /healthz, OpenBao JWT login, OpenBao KV read), and the in-process "
         "cost of a credential cache hit (beside a dict lookup and AWS's SecretCache), and the "
         "Redis state store beside the in-memory one (fetch, exchange, re-exchange), and the audit "
-        "file sink's group commit beside per-record fdatasync.",
+        "file sink's group commit beside per-record fdatasync, and client authentication: unknown "
+        "ids beside known ones, a legitimate client under a flood of wrong secrets.",
     )
     parser.add_argument(
         "--only",
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 state.run(options)
             elif section == "audit":
                 audit_sink.main(min(options.seconds, 3.0))
+            elif section == "client_auth":
+                client_auth.main()
             else:
                 cache_hit.main()
             print("")
