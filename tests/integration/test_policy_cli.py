@@ -222,6 +222,20 @@ def test_explain_person_lacks_scope() -> None:
     assert "groups: other, support" in out
 
 
+def test_explain_shows_idp_roles_apart_and_what_the_token_carries() -> None:
+    """A realm role named like a group is not that group; group paths are normalised; the
+    explanation shows the groups a token would carry (not every group given)."""
+    code, out, _ = explain(
+        "--person", "keycloak/alice", "--group", "/support,unrelated", "--idp-role",
+        "support-leads", "--agent", "triage-agent", "--scope", "tickets:write",
+    )
+    assert code == 2
+    assert "groups: support, unrelated" in out
+    assert "IdP roles:      support-leads" in out
+    assert "token carries:  groups: support; IdP roles: -" in out
+    assert "reason:         person_lacks_scope" in out
+
+
 def test_explain_ceiling_excludes_scope() -> None:
     code, out, _ = explain(
         "--person", "dev/dave", "--group", "support-leads", "--agent", "triage-agent",

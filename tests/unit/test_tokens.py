@@ -10,9 +10,11 @@ import pytest
 
 from broker.clock import FrozenClock
 from broker.tokens import (
+    MAX_TOKEN_BYTES,
     BrokerTokenVerifier,
     Keyring,
     TokenIssuer,
+    TokenTooLarge,
     _nest_act,
     actor_chain_from_claim,
 )
@@ -101,6 +103,26 @@ def test_issued_token_shape_and_round_trip(tmp_path: Path) -> None:
     assert verified.actor_chain == ("summariser", "triage")
     assert verified.parent_jti == "parent-1"
     assert verified.provenance == PROVENANCE
+
+
+def test_the_issuer_never_signs_a_token_its_verifier_would_refuse(tmp_path: Path) -> None:
+    clock = FrozenClock()
+    keyring = _keyring(tmp_path, clock)
+    verifier = BrokerTokenVerifier(keyring, ISSUER, clock, algorithms=("ES256",))
+    assert verifier.max_bytes == MAX_TOKEN_BYTES
+    issuer = TokenIssuer(keyring, ISSUER, clock, max_bytes=verifier.max_bytes)
+    many = frozenset(f"group-{n:05d}-with-a-long-descriptive-name" for n in range(700))
+    big = Provenance("okta", "00u1", many, None, TokenType.ID_TOKEN, 1_800_003_600)
+    with pytest.raises(TokenTooLarge) as info:
+        _issue(issuer, provenance=big)
+    assert info.value.size > info.value.limit == MAX_TOKEN_BYTES
+    # A token within the limit is issued and verifies; the IdP roles in provenance round-trip.
+    roles = Provenance(
+        "okta", "00u1", frozenset({"support"}), None, TokenType.ID_TOKEN, 1_800_003_600,
+        idp_roles=frozenset({"Support.Agent"}),
+    )
+    token = _issue(issuer, provenance=roles)
+    assert asyncio.run(verifier.verify(token)).provenance == roles
 
 
 def test_verifier_rejects_expired_foreign_and_tampered_tokens(tmp_path: Path) -> None:
