@@ -396,15 +396,31 @@ def test_exchange_fails_closed_when_revocations_cannot_be_read(
     if stack.broker.settings.state.kind != "redis":
         return  # the in-memory store is always readable
     server: RedisServer = request.getfixturevalue("redis_server")
+    assert stack.workloads is not None
     sso = stack.idp.mint("alice")
+    workload_form = exchange_form(
+        sso,
+        ID_TOKEN,
+        actor_token=stack.workloads.mint(SERVICE_ACCOUNT),
+        actor_token_type="urn:ietf:params:oauth:token-type:jwt",
+    )
     server.stop()
     try:
         refused = stack.exchange(sso, stack.triage, ID_TOKEN)
+        # No client authentication (a workload actor): the revocation check itself is reached.
+        by_workload = httpx.post(stack.broker.token_endpoint, data=workload_form)
     finally:
         server.start()
+    # Client authentication reads the shared failure counts first, and fails closed too.
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"] == "temporarily_unavailable"
+    assert by_workload.status_code == 503, by_workload.text
+    assert by_workload.json()["error"] == "temporarily_unavailable"
     assert stack.denials()[-1]["reason"] == "state_unavailable"
+    assert any(
+        r["event"] == "request.denied" and r["reason"] == "state_unavailable"
+        for r in stack.broker.decisions.records
+    )
     assert stack.exchange(sso, stack.triage, ID_TOKEN).status_code == 200
 
 
