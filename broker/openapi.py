@@ -52,13 +52,18 @@ def _string(description: str, **extra: Any) -> dict[str, Any]:
     return {"type": "string", "description": description, **extra}
 
 
+def _optional(values: list[str]) -> list[str]:
+    """The values of an optional parameter: an empty one counts as absent (RFC 6749 §3.1)."""
+    return [*values, ""]
+
+
 _CLIENT_AUTH_FIELDS: dict[str, Any] = {
     "client_id": _string(
         "Optional with HTTP Basic or a client assertion; must then name the same client."
     ),
     "client_assertion_type": _string(
         "`private_key_jwt` (RFC 7523 §2.2): always this value, together with `client_assertion`.",
-        enum=[CLIENT_ASSERTION_TYPE],
+        enum=_optional([CLIENT_ASSERTION_TYPE]),
     ),
     "client_assertion": _string(
         "`private_key_jwt`: a JWT signed with the client's registered key; `iss` = `sub` = the "
@@ -245,7 +250,8 @@ OPERATIONS: tuple[Operation, ...] = (
                 enum=sorted(str(t) for t in SUBJECT_TOKEN_TYPES),
             ),
             "requested_token_type": _string(
-                "Default `access_token`.", enum=sorted(str(t) for t in ISSUABLE_TOKEN_TYPES)
+                "Default `access_token`.",
+                enum=_optional(sorted(str(t) for t in ISSUABLE_TOKEN_TYPES)),
             ),
             "scope": _string("Space-separated permissions; omitted: the agent's defaults."),
             "audience": {
@@ -262,7 +268,8 @@ OPERATIONS: tuple[Operation, ...] = (
                 "The agent's workload JWT (Kubernetes service account, SPIFFE JWT-SVID)."
             ),
             "actor_token_type": _string(
-                "With `actor_token`.", enum=[str(TokenType.JWT), str(TokenType.ACCESS_TOKEN)]
+                "With `actor_token`.",
+                enum=_optional([str(TokenType.JWT), str(TokenType.ACCESS_TOKEN)]),
             ),
             **_CLIENT_AUTH_FIELDS,
         },
@@ -370,7 +377,7 @@ OPERATIONS: tuple[Operation, ...] = (
             "version": {
                 "description": "`previous`: the version current before the last rotation, "
                 "while the credential's `previous_version_grace_seconds` allows it.",
-                "schema": {"type": "string", "enum": ["current", "previous"]},
+                "schema": {"type": "string", "enum": _optional(["current", "previous"])},
             }
         },
         errors=(*_POST_ERRORS, 403, 404),
