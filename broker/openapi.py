@@ -619,8 +619,9 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                     "required": False,
                     "description": "The caller's own request id: recorded apart, as "
                     "`client_request_id`, when it is 1-64 visible ASCII characters "
-                    "(dropped otherwise). The response's `X-Request-Id` is the broker's own.",
-                    "schema": {"type": "string", "maxLength": 64},
+                    "(dropped otherwise, never refused). The response's `X-Request-Id` is the "
+                    "broker's own.",
+                    "schema": {"type": "string"},
                 }
             },
             "headers": _HEADERS,
