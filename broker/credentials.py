@@ -47,7 +47,13 @@ from broker.errors import (
 )
 from broker.oauth_request import OAuthForm
 from broker.policy import Person, Policy, Standing, standing
-from broker.policy.access import require_admin
+from broker.policy.access import (
+    AccessReason,
+    FetchRequest,
+    decide_fetch,
+    is_gateway,
+    require_admin,
+)
 from broker.policy.model import Credential
 from broker.revocation import Revocations, check_not_revoked
 from broker.state import StateStore, enforce_rate_limit
@@ -64,6 +70,15 @@ _NOT_FOUND_TEXT = {
     "expired": "that version has expired",
 }
 """What a 404 says, by condition: never the backend path (`CredentialUnavailable.message`)."""
+_FETCH_REFUSALS: dict[AccessReason, type[OAuthError]] = {
+    AccessReason.NOT_A_GATEWAY: InvalidClient,
+    AccessReason.AUDIENCE_MISMATCH: InvalidToken,
+    AccessReason.GATEWAY_NOT_ALLOWED: AccessDenied,
+    AccessReason.MISSING_PERMISSION: InsufficientScope,
+    AccessReason.PERMISSION_WITHDRAWN: InsufficientScope,
+    AccessReason.PREVIOUS_NOT_ALLOWED: AccessDenied,
+}
+"""A refused fetch decision in the protocol's terms (401, 403)."""
 MAX_VERSION_ID_LENGTH = 128
 """Longer ``rejected_version`` values are refused (version ids are short: KV numbers, UUIDs)."""
 
@@ -176,8 +191,7 @@ class CredentialService:
         if client is None:
             raise InvalidClient("gateway authentication is required")
         record["gateway"] = client.client_id
-        gateway = policy.gateways.get(client.client_id)
-        if client.kind != "gateway" or gateway is None:
+        if client.kind != "gateway" or not is_gateway(policy, client.client_id):
             raise InvalidClient(
                 "only registered gateways may fetch credentials", reason="not_a_gateway"
             )
@@ -229,37 +243,26 @@ class CredentialService:
                 agent_token.provenance.groups,
             ),
         )
-        if not set(gateway.audiences).intersection(agent_token.audiences):
-            raise InvalidToken(
-                "the agent token is not addressed to this gateway", reason="audience_mismatch"
+        # The decision itself: the pure function policy tests and `broker policy explain` use.
+        provenance = agent_token.provenance
+        decision = decide_fetch(
+            policy,
+            FetchRequest(
+                gateway=client.client_id,
+                credential=name,
+                person=Person.of(provenance),
+                actor_chain=agent_token.actor_chain,
+                scopes=agent_token.scopes,
+                audiences=agent_token.audiences,
+                previous=which == "previous",
+            ),
+            standing_now=self._standing(policy, agent_token),
+        )
+        if not decision.allowed:
+            raise _FETCH_REFUSALS[decision.reason](
+                decision.description, reason=str(decision.reason)
             )
-
-        credential = policy.credentials.get(name)
-        if credential is None or name not in gateway.credentials:
-            raise AccessDenied(
-                f"gateway {client.client_id!r} may not receive credential {name[:64]!r}",
-                reason="gateway_not_allowed",
-            )
-        if credential.requires not in agent_token.scopes:
-            raise InsufficientScope(
-                f"the agent token lacks the permission {credential.requires!r} that credential "
-                f"{name!r} requires",
-                reason="missing_permission",
-            )
-        # The token carries the permission; the policy in force must still grant it to this
-        # person and every agent of the chain, so an edit removing a right holds at once.
-        withdrawn = self._standing(policy, agent_token).withdrawn(credential.requires)
-        if withdrawn is not None:
-            raise InsufficientScope(
-                f"the policy in force no longer grants the permission {credential.requires!r} "
-                f"to this token: {Standing.describe(withdrawn)}",
-                reason="permission_withdrawn",
-            )
-        if which == "previous" and credential.previous_version_grace_seconds <= 0:
-            raise AccessDenied(
-                f"the policy does not allow the previous version of {name!r}",
-                reason="previous_not_allowed",
-            )
+        credential = policy.credentials[name]
 
         ref, plan = self._plan(policy, name, credential)
         try:

@@ -14,6 +14,7 @@ from broker.client_auth import AuthenticatedClient
 from broker.errors import InvalidRequest, TemporarilyUnavailable, UnauthorizedClient
 from broker.oauth_request import OAuthForm
 from broker.policy import Policy
+from broker.policy.access import decide_introspection, introspection_audiences
 from broker.revocation import Revocations, TokenRevoked
 from broker.state import StateUnavailable
 from broker.tokens import BrokerTokenVerifier
@@ -56,10 +57,10 @@ class Introspection:
         self, form: OAuthForm, client: AuthenticatedClient, *, request_id: str
     ) -> dict[str, Any]:
         policy = self._policy()
-        server = policy.resource_servers.get(client.client_id) or policy.gateways.get(
-            client.client_id
-        )
-        if client.kind not in {"resource_server", "gateway"} or server is None:
+        if (
+            client.kind not in {"resource_server", "gateway"}
+            or introspection_audiences(policy, client.client_id) is None
+        ):
             raise UnauthorizedClient(
                 "only registered resource servers and gateways may introspect tokens"
             )
@@ -94,11 +95,13 @@ class Introspection:
                 "revocation state cannot be checked right now; refusing (fail closed)",
                 reason="state_unavailable",
             ) from None
-        if not set(server.audiences).intersection(verified.audiences):
+        # The same pure decision policy tests and `broker policy explain` use.
+        decision = decide_introspection(policy, client.client_id, verified.audiences)
+        if not decision.allowed:
             self._decisions.record(
                 "token.introspect",
                 outcome="inactive",
-                reason="audience_mismatch",
+                reason=str(decision.reason),
                 jti=verified.jti,
                 client_id=client.client_id,
                 request_id=request_id,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.errors import AccessDenied, InvalidClient
-from broker.policy.engine import Policy
+from broker.policy.engine import Person, Policy, Standing, standing
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class AccessReason(enum.StrEnum):
     AUDIENCE_MISMATCH = "audience_mismatch"
     GATEWAY_NOT_ALLOWED = "gateway_not_allowed"
     MISSING_PERMISSION = "missing_permission"
+    PERMISSION_WITHDRAWN = "permission_withdrawn"
     PREVIOUS_NOT_ALLOWED = "previous_not_allowed"
     # introspection
     NOT_AN_INTROSPECTOR = "not_an_introspector"
@@ -44,6 +45,7 @@ _ERROR_FOR_REASON: Mapping[AccessReason, str] = {
     AccessReason.AUDIENCE_MISMATCH: "invalid_token",
     AccessReason.GATEWAY_NOT_ALLOWED: "access_denied",
     AccessReason.MISSING_PERMISSION: "insufficient_scope",
+    AccessReason.PERMISSION_WITHDRAWN: "insufficient_scope",
     AccessReason.PREVIOUS_NOT_ALLOWED: "access_denied",
     AccessReason.NOT_AN_INTROSPECTOR: "unauthorized_client",
     AccessReason.NOT_AN_ADMIN: "invalid_client",
@@ -58,6 +60,9 @@ class AccessDecision:
     reason: AccessReason
     description: str
     policy_version: str
+    detail: str | None = None
+    """A finer reason code where there is one (for ``permission_withdrawn``: the engine's
+    reason, e.g. ``person_lacks_scope``)."""
 
     @property
     def error(self) -> str | None:
@@ -73,8 +78,10 @@ def _granted(policy: Policy, description: str = "granted") -> AccessDecision:
     return AccessDecision(True, AccessReason.GRANTED, description, policy.version)
 
 
-def _denied(policy: Policy, reason: AccessReason, description: str) -> AccessDecision:
-    return AccessDecision(False, reason, description, policy.version)
+def _denied(
+    policy: Policy, reason: AccessReason, description: str, detail: str | None = None
+) -> AccessDecision:
+    return AccessDecision(False, reason, description, policy.version, detail)
 
 
 # -- credential fetch -------------------------------------------------------------------------
@@ -86,6 +93,10 @@ class FetchRequest:
 
     gateway: str
     credential: str
+    person: Person
+    """The token's person, with the groups its provenance carries."""
+    actor_chain: tuple[str, ...]
+    """The token's agents, most recent first (the nesting order of ``act``)."""
     scopes: frozenset[str]
     """The scopes the (verified) agent token carries."""
     audiences: tuple[str, ...]
@@ -98,13 +109,17 @@ def is_gateway(policy: Policy, client_id: str) -> bool:
     return client_id in policy.gateways
 
 
-def decide_fetch(policy: Policy, request: FetchRequest) -> AccessDecision:
+def decide_fetch(
+    policy: Policy, request: FetchRequest, *, standing_now: Standing | None = None
+) -> AccessDecision:
     """May `request.gateway` receive `request.credential` for a token of this shape? Pure.
 
     In order: the caller is a registered gateway; the token is addressed to it (its audiences
     meet the gateway's); the gateway is listed for the credential (the same answer whether or
     not the credential exists); the token's scope carries the permission the credential
-    requires; ``previous`` only where the credential has a grace period.
+    requires, and the policy in force still grants that permission to the token's person and
+    every agent of its chain (`engine.standing`; the runtime passes the one it remembers as
+    `standing_now`); ``previous`` only where the credential has a grace period.
     """
     gateway = policy.gateways.get(request.gateway)
     if gateway is None:
@@ -131,6 +146,17 @@ def decide_fetch(policy: Policy, request: FetchRequest) -> AccessDecision:
             AccessReason.MISSING_PERMISSION,
             f"the agent token lacks the permission {credential.requires!r} that credential "
             f"{name!r} requires",
+        )
+    if standing_now is None:
+        standing_now = standing(policy, request.person, request.actor_chain)
+    withdrawn = standing_now.withdrawn(credential.requires)
+    if withdrawn is not None:
+        return _denied(
+            policy,
+            AccessReason.PERMISSION_WITHDRAWN,
+            f"the policy in force no longer grants the permission {credential.requires!r} "
+            f"to this token: {Standing.describe(withdrawn)}",
+            detail=str(withdrawn),
         )
     if request.previous and credential.previous_version_grace_seconds <= 0:
         return _denied(
@@ -231,3 +257,81 @@ def require_admin(
     if decision.reason is AccessReason.NOT_AN_ADMIN:
         raise InvalidClient(decision.description, reason=str(decision.reason))
     raise AccessDenied(decision.description, reason=str(decision.reason))
+
+
+# -- explanations (`broker policy explain`) ---------------------------------------------------
+
+
+def _verdict_lines(decision: AccessDecision) -> list[str]:
+    lines = [f"decision:       {'ALLOWED' if decision.allowed else f'DENIED ({decision.error})'}"]
+    if not decision.allowed:
+        detail = f" ({decision.detail})" if decision.detail else ""
+        lines.append(f"reason:         {decision.reason}{detail}: {decision.description}")
+    return lines
+
+
+def explain_fetch(policy: Policy, request: FetchRequest) -> str:
+    """A human-readable account of `decide_fetch`."""
+    decision = decide_fetch(policy, request)
+    person = request.person
+    lines = [f"policy version: {policy.version}"]
+    gateway = policy.gateways.get(request.gateway)
+    if gateway is None:
+        lines.append(f"gateway:        {request.gateway} (not a registered gateway)")
+    else:
+        lines.append(
+            f"gateway:        {request.gateway} (audiences: {', '.join(gateway.audiences)}; "
+            f"may receive: {', '.join(gateway.credentials) or '-'})"
+        )
+    credential = policy.credentials.get(request.credential)
+    required = f"requires {credential.requires}" if credential is not None else "not declared"
+    lines += [
+        f"credential:     {request.credential} ({required})"
+        + (" [previous version]" if request.previous else ""),
+        f"token person:   {person.person_id} (groups: {', '.join(sorted(person.groups)) or '-'})",
+        f"token chain:    {' <- '.join(request.actor_chain) or '-'}",
+        f"token scope:    {' '.join(sorted(request.scopes)) or '-'}",
+        f"token audience: {' '.join(request.audiences) or '-'}",
+    ]
+    if credential is not None:
+        held = standing(policy, person, request.actor_chain)
+        withdrawn = held.withdrawn(credential.requires)
+        still = "yes" if withdrawn is None else f"no: {Standing.describe(withdrawn)}"
+        lines.append(f"policy grants {credential.requires} to this person and chain now: {still}")
+    return "\n".join(lines + _verdict_lines(decision))
+
+
+def explain_introspection(policy: Policy, client: str, token_audiences: tuple[str, ...]) -> str:
+    """A human-readable account of `decide_introspection`."""
+    decision = decide_introspection(policy, client, token_audiences)
+    audiences = introspection_audiences(policy, client)
+    lines = [
+        f"policy version: {policy.version}",
+        f"client:         {client} "
+        + (
+            "(not a resource server or gateway)"
+            if audiences is None
+            else f"(may introspect tokens for: {', '.join(audiences)})"
+        ),
+        f"token audience: {' '.join(token_audiences) or '-'}",
+    ]
+    return "\n".join(lines + _verdict_lines(decision))
+
+
+def explain_admin(
+    policy: Policy, admin: str, permission: AdminPermission, credential: str | None = None
+) -> str:
+    """A human-readable account of `decide_admin`."""
+    decision = decide_admin(policy, admin, permission, credential)
+    spec = policy.admins.get(admin)
+    if spec is None:
+        holds = "(not an admin)"
+    else:
+        only = f"; refresh only: {', '.join(spec.credentials)}" if spec.credentials else ""
+        holds = f"(holds: {', '.join(spec.permissions) or 'nothing'}{only})"
+    lines = [
+        f"policy version: {policy.version}",
+        f"admin:          {admin} {holds}",
+        f"asks for:       {permission}" + (f" on {credential}" if credential else ""),
+    ]
+    return "\n".join(lines + _verdict_lines(decision))

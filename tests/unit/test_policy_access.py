@@ -17,7 +17,7 @@ from broker.policy.access import (
     decide_fetch,
     decide_introspection,
 )
-from broker.policy.engine import Policy
+from broker.policy.engine import Person, Policy
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 AUTH = {"method": "client_secret_basic", "secret_ref": "env:X"}
@@ -97,6 +97,8 @@ def test_fetch_decisions_name_the_refusal() -> None:
         request = {
             "gateway": "llm-gateway",
             "credential": "openai-api-key",
+            "person": Person("dev", "alice", frozenset({"support"})),
+            "actor_chain": ("triage-agent",),
             "scopes": frozenset({"llm:openai:chat"}),
             "audiences": ("llm-gateway",),
             **overrides,
@@ -109,9 +111,29 @@ def test_fetch_decisions_name_the_refusal() -> None:
     assert fetch(credential="no-such-key") is AccessReason.GATEWAY_NOT_ALLOWED
     assert fetch(scopes=frozenset({"tickets:read"})) is AccessReason.MISSING_PERMISSION
     assert fetch(previous=True) is AccessReason.GRANTED  # openai has a grace period
+    # The token carries the permission, but the policy in force no longer grants it: carol
+    # (finance) is not someone triage acts for, nor does an unknown chain hold anything.
+    carol = Person("dev", "carol", frozenset({"finance"}))
+    assert fetch(person=carol) is AccessReason.PERMISSION_WITHDRAWN
+    assert fetch(actor_chain=("gone-agent",)) is AccessReason.PERMISSION_WITHDRAWN
+    withdrawn = decide_fetch(
+        policy,
+        FetchRequest(
+            "llm-gateway",
+            "anthropic-api-key",
+            Person("dev", "alice", frozenset({"support"})),
+            ("triage-agent",),
+            frozenset({"llm:anthropic:messages"}),
+            ("llm-gateway",),
+        ),
+    )
+    assert withdrawn.reason is AccessReason.PERMISSION_WITHDRAWN
+    assert withdrawn.detail == "person_lacks_scope"
     assert (
         fetch(
             credential="anthropic-api-key",
+            person=Person("dev", "bob", frozenset({"engineering"})),
+            actor_chain=("coding-agent",),
             scopes=frozenset({"llm:anthropic:messages"}),
             previous=True,
         )
