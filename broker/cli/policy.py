@@ -10,12 +10,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Literal, NoReturn, cast
 
 import typer
 from pydantic import BaseModel
 
 from broker.client_secrets import generate_client_secret, hash_client_secret
+from broker.policy.access import (
+    FetchRequest,
+    decide_admin,
+    decide_fetch,
+    decide_introspection,
+    explain_admin,
+    explain_fetch,
+    explain_introspection,
+)
 from broker.policy.engine import (
     Decision,
     ExchangeRequest,
@@ -27,7 +36,7 @@ from broker.policy.engine import (
 )
 from broker.policy.loader import TESTS_SUBDIR, LoadedPolicy, PolicyError, load_policy
 from broker.policy.loader import load_policy_tests as _load_policy_tests
-from broker.policy.model import PolicyDocument, PolicyTestFile
+from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission, PolicyDocument, PolicyTestFile
 from broker.policy.testing import run_policy_tests
 from broker.types import normalise_groups
 
@@ -186,16 +195,58 @@ def explain_command(
     ] = None,
     audience: Annotated[
         list[str] | None,
-        typer.Option("--audience", help="A requested audience (repeatable)."),
+        typer.Option(
+            "--audience",
+            help="A requested audience (repeatable); with --gateway or --introspect, an "
+            "audience the token carries.",
+        ),
+    ] = None,
+    gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway",
+            help="Explain a credential fetch by this gateway (with --credential) for a token "
+            "of --person/--group/--agent/--scope/--audience.",
+        ),
+    ] = None,
+    credential: Annotated[
+        str | None, typer.Option("--credential", help="The credential fetched or refreshed.")
+    ] = None,
+    previous: Annotated[
+        bool, typer.Option("--previous", help="The fetch asks for ?version=previous.")
+    ] = False,
+    introspect: Annotated[
+        str | None,
+        typer.Option(
+            "--introspect",
+            help="Explain whether this client may introspect a token carrying --audience.",
+        ),
+    ] = None,
+    admin: Annotated[
+        str | None,
+        typer.Option("--admin", help="Explain an admin call by this admin (with --permission)."),
+    ] = None,
+    permission: Annotated[
+        str | None,
+        typer.Option(
+            "--permission",
+            help="revocations:write, policy:reload or credentials:refresh (with --admin).",
+        ),
     ] = None,
     directory: DirOption = DEFAULT_DIR,
 ) -> None:
-    """Explain the decision for a person, an agent chain and a request (exit 0 granted, 2 denied).
+    """Explain the decision for a request (exit 0 granted, 2 denied).
 
-    Each hop of the chain re-exchanges the previous hop's grant with the same scopes and
-    audiences, as policy tests do. The explanation is that of the final hop, or of the first
-    hop that is denied.
+    An exchange (the default): a person, an agent chain and the scopes requested. Each hop of
+    the chain re-exchanges the previous hop's grant with the same scopes and audiences, as policy
+    tests do; the explanation is that of the final hop, or of the first hop that is denied.
+    A credential fetch (--gateway, --credential, and the token's shape), an introspection
+    (--introspect CLIENT --audience ...) or an admin call (--admin NAME --permission ...):
+    the decision the broker makes for it, as the policy tests of that kind run it.
     """
+    if admin is not None or introspect is not None:
+        _explain_other(directory, admin, permission, credential, introspect, audience)
+        return
     if not person:
         _fail("--person IDP/SUBJECT is required")
     idp, _, subject = person.partition("/")
@@ -214,6 +265,22 @@ def explain_command(
     audiences = tuple(_split(audience, None))
 
     policy = _load(directory).policy
+    if gateway is not None or credential is not None:
+        if gateway is None or credential is None or scopes is None or not audiences:
+            _fail("a fetch needs --gateway, --credential, and the token's --scope and --audience")
+        fetch = FetchRequest(
+            gateway=gateway,
+            credential=credential,
+            person=the_person,
+            actor_chain=tuple(reversed(agents)),
+            scopes=frozenset(scopes),
+            audiences=audiences,
+            previous=previous,
+        )
+        typer.echo(explain_fetch(policy, fetch))
+        if not decide_fetch(policy, fetch).allowed:
+            raise typer.Exit(EXIT_DENIED)
+        return
     index, request, decision = walk_chain(policy, the_person, agents, scopes, audiences)
     if not decision.allowed and index < len(agents) - 1:
         typer.echo(
@@ -222,6 +289,36 @@ def explain_command(
         )
     typer.echo(explain(policy, request))
     if not decision.allowed:
+        raise typer.Exit(EXIT_DENIED)
+
+
+def _explain_other(
+    directory: Path,
+    admin: str | None,
+    permission: str | None,
+    credential: str | None,
+    introspect: str | None,
+    audience: list[str] | None,
+) -> None:
+    """`explain` for an admin call or an introspection."""
+    if admin is not None and introspect is not None:
+        _fail("give either --admin or --introspect, not both")
+    if admin is not None:
+        if permission not in ADMIN_PERMISSIONS:
+            _fail(f"--permission must be one of {', '.join(ADMIN_PERMISSIONS)}")
+        chosen = cast(AdminPermission, permission)
+        policy = _load(directory).policy
+        typer.echo(explain_admin(policy, admin, chosen, credential))
+        allowed = decide_admin(policy, admin, chosen, credential).allowed
+    else:
+        assert introspect is not None
+        audiences = tuple(_split(audience, None))
+        if not audiences:
+            _fail("--introspect needs the token's --audience")
+        policy = _load(directory).policy
+        typer.echo(explain_introspection(policy, introspect, audiences))
+        allowed = decide_introspection(policy, introspect, audiences).allowed
+    if not allowed:
         raise typer.Exit(EXIT_DENIED)
 
 

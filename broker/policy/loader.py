@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from broker.policy.engine import CompiledAgent, Policy
-from broker.policy.model import PolicyDocument, PolicyTestCase, PolicyTestFile
+from broker.policy.model import AnyPolicyTestCase, PolicyDocument, PolicyTestFile
 from broker.policy.permissions import PermissionSet, pattern_overlaps
 from broker.types import normalise_group
 
@@ -369,11 +369,11 @@ def _compile(
     return policy, warnings
 
 
-def load_policy_tests(directory: Path) -> list[tuple[str, PolicyTestCase]]:
+def load_policy_tests(directory: Path) -> list[tuple[str, AnyPolicyTestCase]]:
     tests_dir = directory / TESTS_SUBDIR
     if not tests_dir.is_dir():
         return []
-    cases: list[tuple[str, PolicyTestCase]] = []
+    cases: list[tuple[str, AnyPolicyTestCase]] = []
     problems: list[str] = []
     for path in sorted(p for p in tests_dir.iterdir() if p.suffix in POLICY_SUFFIXES):
         try:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from broker.policy.permissions import is_pattern, is_permission
 from broker.settings import NAME_PATTERN
@@ -346,11 +354,20 @@ class PolicyDocument(_Strict):
     limits: Limits | None = None
 
 
-class PolicyTestCase(_Strict):
-    """Given person P with groups G via agent chain A requesting S, expect T or a denial."""
+_PERSON_PATTERN = r"^[a-z0-9][a-z0-9_-]*/.+$"
+_REASON_DESCRIPTION = (
+    "A reason code the refusal must carry (e.g. missing_permission, audience_mismatch, "
+    "person_lacks_scope)."
+)
 
+
+class PolicyTestCase(_Strict):
+    """An exchange: given person P with groups G via agent chain A requesting S, expect T or a
+    denial. (``kind: exchange`` may be omitted.)"""
+
+    kind: Literal["exchange"] = "exchange"
     name: str
-    person: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*/.+$", description="<idp>/<subject>")
+    person: str = Field(pattern=_PERSON_PATTERN, description="<idp>/<subject>")
     groups: list[str] = Field(default_factory=list)
     idp_roles: list[str] = Field(
         default_factory=list, description="The person's IdP roles (not groups)."
@@ -373,5 +390,69 @@ class PolicyTestCase(_Strict):
         return self
 
 
+class FetchTestCase(_Strict):
+    """A credential fetch: gateway G presents an agent token of this shape (person, groups,
+    agent chain, scopes, audiences) for credential C; expect it allowed or refused (and why).
+    The same decision the broker makes at ``POST /v1/credentials/{name}``, after the token
+    itself was verified."""
+
+    kind: Literal["fetch"]
+    name: str
+    gateway: Name
+    credential: str = Field(min_length=1)
+    person: str = Field(pattern=_PERSON_PATTERN, description="The token's person, <idp>/<subject>.")
+    groups: list[str] = Field(default_factory=list)
+    idp_roles: list[str] = Field(default_factory=list)
+    agents: list[Name] = Field(
+        min_length=1, description="The token's delegation chain, first agent first."
+    )
+    scope: list[str] = Field(description="The scopes the token carries.")
+    audience: list[str] = Field(min_length=1, description="The audiences the token carries.")
+    version: Literal["current", "previous"] = "current"
+    expect: Literal["allowed", "denied"]
+    expect_reason: str | None = Field(None, description=_REASON_DESCRIPTION)
+
+
+class IntrospectionTestCase(_Strict):
+    """Introspection: may `client` learn what a valid token addressed to `audience` carries?"""
+
+    kind: Literal["introspection"]
+    name: str
+    client: Name
+    audience: list[str] = Field(min_length=1, description="The audiences the token carries.")
+    expect: Literal["allowed", "denied"]
+    expect_reason: str | None = Field(None, description=_REASON_DESCRIPTION)
+
+
+class AdminTestCase(_Strict):
+    """An admin call: may admin client `admin` use `permission` (for `credential`)?"""
+
+    kind: Literal["admin"]
+    name: str
+    admin: Name
+    permission: AdminPermission
+    credential: str | None = Field(None, description="With credentials:refresh: which one.")
+    expect: Literal["allowed", "denied"]
+    expect_reason: str | None = Field(None, description=_REASON_DESCRIPTION)
+
+
+def _test_kind(value: object) -> str:
+    kind = value.get("kind", "exchange") if isinstance(value, dict) else getattr(value, "kind", "")
+    return kind if isinstance(kind, str) else ""
+
+
+AnyPolicyTestCase = Annotated[
+    Annotated[PolicyTestCase, Tag("exchange")]
+    | Annotated[FetchTestCase, Tag("fetch")]
+    | Annotated[IntrospectionTestCase, Tag("introspection")]
+    | Annotated[AdminTestCase, Tag("admin")],
+    Discriminator(
+        _test_kind,
+        custom_error_type="invalid_test_kind",
+        custom_error_message="kind must be exchange (the default), fetch, introspection or admin",
+    ),
+]
+
+
 class PolicyTestFile(_Strict):
-    tests: list[PolicyTestCase] = Field(min_length=1)
+    tests: list[AnyPolicyTestCase] = Field(min_length=1)

@@ -1,23 +1,41 @@
 """Policy tests the security team writes beside the policy, run by `broker policy test`.
 
-A test names a person (``<idp>/<subject>`` and groups), a delegation chain of agents (first agent
-first) and the scopes requested; every hop of the chain requests the same scopes and audiences,
-each hop re-exchanging the previous hop's grant exactly as the token endpoint would.
+An exchange test names a person (``<idp>/<subject>`` and groups), a delegation chain of agents
+(first agent first) and the scopes requested; every hop of the chain requests the same scopes and
+audiences, each hop re-exchanging the previous hop's grant exactly as the token endpoint would.
+
+A ``fetch`` test names a gateway, a credential and the shape of the agent token presented
+(person, groups, chain, scopes, audiences); an ``introspection`` test a client and the token's
+audiences; an ``admin`` test an admin client and a permission. They run the very functions the
+broker runs (`broker.policy.access`) and expect ``allowed`` or ``denied`` (with a reason).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.policy.access import (
+    AccessDecision,
+    FetchRequest,
+    decide_admin,
+    decide_fetch,
+    decide_introspection,
+)
 from broker.policy.engine import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
-from broker.policy.model import PolicyTestCase
+from broker.policy.model import (
+    AdminTestCase,
+    AnyPolicyTestCase,
+    FetchTestCase,
+    IntrospectionTestCase,
+    PolicyTestCase,
+)
 from broker.types import normalise_groups
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyTestResult:
     file: str
-    case: PolicyTestCase
+    case: AnyPolicyTestCase
     passed: bool
     detail: str
 
@@ -50,16 +68,67 @@ def decide_chain(
     return decision
 
 
-def run_case(policy: Policy, file: str, case: PolicyTestCase) -> PolicyTestResult:
-    idp, _, subject = case.person.partition("/")
+def named_person(person: str, groups: list[str], idp_roles: list[str]) -> Person:
+    """The `Person` a test (or `broker policy explain`) names as ``<idp>/<subject>``."""
+    idp, _, subject = person.partition("/")
+    return Person(
+        idp=idp,
+        subject=subject,
+        groups=normalise_groups(groups),
+        idp_roles=frozenset(idp_roles),
+    )
+
+
+def fetch_request(case: FetchTestCase) -> FetchRequest:
+    return FetchRequest(
+        gateway=case.gateway,
+        credential=case.credential,
+        person=named_person(case.person, case.groups, case.idp_roles),
+        actor_chain=tuple(reversed(case.agents)),  # most recent agent first, as in `act`
+        scopes=frozenset(case.scope),
+        audiences=tuple(case.audience),
+        previous=case.version == "previous",
+    )
+
+
+def access_decision(
+    policy: Policy, case: FetchTestCase | IntrospectionTestCase | AdminTestCase
+) -> AccessDecision:
+    """The broker's decision for a fetch, introspection or admin test case."""
+    if isinstance(case, FetchTestCase):
+        return decide_fetch(policy, fetch_request(case))
+    if isinstance(case, IntrospectionTestCase):
+        return decide_introspection(policy, case.client, tuple(case.audience))
+    return decide_admin(policy, case.admin, case.permission, case.credential)
+
+
+def _judge_access(
+    file: str,
+    case: FetchTestCase | IntrospectionTestCase | AdminTestCase,
+    decision: AccessDecision,
+) -> PolicyTestResult:
+    got = "allowed" if decision.allowed else f"denied {decision.error}: {decision.reason}"
+    if case.expect == "allowed":
+        if decision.allowed:
+            return PolicyTestResult(file, case, True, "allowed")
+        return PolicyTestResult(
+            file, case, False, f"expected allowed, got {got} ({decision.description})"
+        )
+    if decision.allowed:
+        return PolicyTestResult(file, case, False, "expected denied, but allowed")
+    reasons = {str(decision.reason)} | ({decision.detail} if decision.detail else set())
+    if case.expect_reason is not None and case.expect_reason not in reasons:
+        detail = f"expected reason {case.expect_reason}, got {sorted(reasons)}"
+        return PolicyTestResult(file, case, False, detail)
+    return PolicyTestResult(file, case, True, got)
+
+
+def run_case(policy: Policy, file: str, case: AnyPolicyTestCase) -> PolicyTestResult:
+    if not isinstance(case, PolicyTestCase):
+        return _judge_access(file, case, access_decision(policy, case))
     decision = decide_chain(
         policy,
-        Person(
-            idp=idp,
-            subject=subject,
-            groups=normalise_groups(case.groups),
-            idp_roles=frozenset(case.idp_roles),
-        ),
+        named_person(case.person, case.groups, case.idp_roles),
         list(case.agents),
         tuple(case.scope) if case.scope is not None else None,
         tuple(case.audience),
@@ -91,6 +160,6 @@ def run_case(policy: Policy, file: str, case: PolicyTestCase) -> PolicyTestResul
 
 
 def run_policy_tests(
-    policy: Policy, cases: list[tuple[str, PolicyTestCase]]
+    policy: Policy, cases: list[tuple[str, AnyPolicyTestCase]]
 ) -> list[PolicyTestResult]:
     return [run_case(policy, file, case) for file, case in cases]

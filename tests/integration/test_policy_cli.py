@@ -195,8 +195,16 @@ def explain(*args: str) -> tuple[int, str, str]:
 
 def test_explain_granted() -> None:
     code, out, err = explain(
-        "--person", "dev/alice", "--group", "support", "--agent", "triage-agent",
-        "--scope", "tickets:read kb:read", "--audience", "llm-gateway",
+        "--person",
+        "dev/alice",
+        "--group",
+        "support",
+        "--agent",
+        "triage-agent",
+        "--scope",
+        "tickets:read kb:read",
+        "--audience",
+        "llm-gateway",
     )
     assert code == 0, out + err
     assert "decision:       GRANTED" in out
@@ -213,8 +221,14 @@ def test_explain_defaults_when_no_scope_is_given() -> None:
 
 def test_explain_person_lacks_scope() -> None:
     code, out, _ = explain(
-        "--person", "dev/alice", "--groups", "support,other", "--agent", "triage-agent",
-        "--scope", "tickets:write",
+        "--person",
+        "dev/alice",
+        "--groups",
+        "support,other",
+        "--agent",
+        "triage-agent",
+        "--scope",
+        "tickets:write",
     )
     assert code == 2
     assert "DENIED (invalid_scope)" in out
@@ -238,8 +252,14 @@ def test_explain_shows_idp_roles_apart_and_what_the_token_carries() -> None:
 
 def test_explain_ceiling_excludes_scope() -> None:
     code, out, _ = explain(
-        "--person", "dev/dave", "--group", "support-leads", "--agent", "triage-agent",
-        "--scope", "tickets:close",
+        "--person",
+        "dev/dave",
+        "--group",
+        "support-leads",
+        "--agent",
+        "triage-agent",
+        "--scope",
+        "tickets:close",
     )
     assert code == 2
     assert "- tickets:close: denied: ceiling_excludes_scope" in out
@@ -247,8 +267,14 @@ def test_explain_ceiling_excludes_scope() -> None:
 
 def test_explain_agent_may_not_act_for_person() -> None:
     code, out, _ = explain(
-        "--person", "dev/carol", "--group", "finance", "--agent", "triage-agent",
-        "--scope", "llm:openai:chat",
+        "--person",
+        "dev/carol",
+        "--group",
+        "finance",
+        "--agent",
+        "triage-agent",
+        "--scope",
+        "llm:openai:chat",
     )
     assert code == 2
     assert "DENIED (unauthorized_client)" in out
@@ -257,15 +283,28 @@ def test_explain_agent_may_not_act_for_person() -> None:
 
 def test_explain_delegation_chain() -> None:
     code, out, _ = explain(
-        "--person", "dev/alice", "--group", "support",
-        "--agent", "triage-agent", "--agent", "summariser-agent", "--scope", "tickets:read",
+        "--person",
+        "dev/alice",
+        "--group",
+        "support",
+        "--agent",
+        "triage-agent",
+        "--agent",
+        "summariser-agent",
+        "--scope",
+        "tickets:read",
     )
     assert code == 0
     assert "agent chain:    summariser-agent <- triage-agent" in out
     assert "max lifetime:   300s" in out
     # The sub-agent alone is refused: it only accepts delegated tokens.
     code, out, _ = explain(
-        "--person", "dev/alice", "--group", "support", "--agent", "summariser-agent",
+        "--person",
+        "dev/alice",
+        "--group",
+        "support",
+        "--agent",
+        "summariser-agent",
     )
     assert code == 2
     assert "agent_accepts_only_delegated_tokens" in out
@@ -273,8 +312,14 @@ def test_explain_delegation_chain() -> None:
 
 def test_explain_names_the_denied_earlier_hop() -> None:
     code, out, _ = explain(
-        "--person", "dev/carol", "--group", "finance",
-        "--agent", "triage-agent", "--agent", "summariser-agent",
+        "--person",
+        "dev/carol",
+        "--group",
+        "finance",
+        "--agent",
+        "triage-agent",
+        "--agent",
+        "summariser-agent",
     )
     assert code == 2
     assert out.startswith("denied at hop 1 of 2 (agent 'triage-agent')")
@@ -304,6 +349,61 @@ def test_explain_with_an_invalid_policy(tmp_path: Path) -> None:
     )
     assert code == 1
     assert "no policy files" in err
+
+
+ALICE_TOKEN = ["--person", "dev/alice", "--group", "support", "--agent", "triage-agent"]
+
+
+def test_explain_a_credential_fetch() -> None:
+    fetch = ["--gateway", "llm-gateway", "--credential", "openai-api-key", *ALICE_TOKEN]
+    code, out, err = explain(*fetch, "--scope", "llm:openai:chat", "--audience", "llm-gateway")
+    assert code == 0, err
+    assert "decision:       ALLOWED" in out and "requires llm:openai:chat" in out
+    code, out, _ = explain(
+        *fetch, "--scope", "llm:openai:chat", "--audience", "https://tickets.internal.example"
+    )
+    assert code == 2
+    assert "DENIED (invalid_token)" in out and "audience_mismatch" in out
+    code, out, _ = explain(
+        "--gateway", "llm-gateway", "--credential", "anthropic-api-key", *ALICE_TOKEN,
+        "--scope", "llm:anthropic:messages", "--audience", "llm-gateway",
+    )  # fmt: skip
+    assert code == 2
+    assert "permission_withdrawn (person_lacks_scope)" in out
+    code, _, err = explain(*fetch, "--scope", "llm:openai:chat")
+    assert code == 1 and "--audience" in err
+
+
+def test_explain_introspection_and_admin_calls() -> None:
+    code, out, _ = explain("--introspect", "tickets-api", "--audience", "llm-gateway")
+    assert code == 2 and "audience_mismatch" in out
+    code, out, _ = explain(
+        "--introspect", "tickets-api", "--audience", "https://tickets.internal.example"
+    )
+    assert code == 0 and "ALLOWED" in out
+    code, out, _ = explain("--admin", "rotation-hook", "--permission", "credentials:refresh")
+    assert code == 0 and "holds: credentials:refresh" in out
+    code, out, _ = explain("--admin", "rotation-hook", "--permission", "policy:reload")
+    assert code == 2 and "admin_permission_missing" in out
+    code, _, err = explain("--admin", "rotation-hook", "--permission", "everything")
+    assert code == 1 and "--permission must be one of" in err
+
+
+def test_test_reports_a_failing_fetch_test(policy_copy: Path) -> None:
+    # An edit lets the llm gateway accept tokens meant for the tickets API.
+    credentials = policy_copy / "credentials.yaml"
+    credentials.write_text(
+        credentials.read_text().replace(
+            "    audiences: [llm-gateway]\n",
+            "    audiences: [llm-gateway, https://tickets.internal.example]\n",
+        )
+    )
+    code, out, _ = run("test", "--dir", str(policy_copy))
+    assert code == 1
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1
+    assert "a token for the tickets api unlocks nothing at the llm gateway" in failed[0]
+    assert "expected denied, but allowed" in failed[0]
 
 
 # -- schema ------------------------------------------------------------------------------------

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from broker.cli.policy import schema_files
 from broker.policy import load_policy, load_policy_tests, run_policy_tests
-from broker.policy.model import PolicyDocument, PolicyTestFile
+from broker.policy.model import (
+    AdminTestCase,
+    FetchTestCase,
+    IntrospectionTestCase,
+    PolicyDocument,
+    PolicyTestCase,
+    PolicyTestFile,
+)
+from broker.policy.store import PolicyRejected, PolicyStore
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -32,9 +41,72 @@ def test_every_example_policy_test_passes() -> None:
     results = run_policy_tests(policy, cases)
     failures = [f"{r.file}: {r.case.name}: {r.detail}" for r in results if not r.passed]
     assert failures == []
-    # Both kinds of expectation are exercised.
-    assert any(c.expect_granted is not None for _, c in cases)
-    assert any(c.expect_error is not None for _, c in cases)
+    # Both kinds of expectation are exercised, for every kind of test.
+    exchanges = [c for _, c in cases if isinstance(c, PolicyTestCase)]
+    assert any(c.expect_granted is not None for c in exchanges)
+    assert any(c.expect_error is not None for c in exchanges)
+    for kind in (FetchTestCase, IntrospectionTestCase, AdminTestCase):
+        expectations = {c.expect for _, c in cases if isinstance(c, kind)}
+        assert expectations == {"allowed", "denied"}, kind.__name__
+
+
+@pytest.mark.parametrize(
+    ("edit", "failing"),
+    [
+        # A gateway gains an audience: tokens for another service would unlock its keys.
+        (
+            (
+                "credentials.yaml",
+                "    audiences: [llm-gateway]\n",
+                "    audiences: [llm-gateway, https://tickets.internal.example]\n",
+            ),
+            "a token for the tickets api unlocks nothing at the llm gateway",
+        ),
+        # A gateway may receive a credential it should not.
+        (
+            (
+                "credentials.yaml",
+                "    credentials: [openai-api-key, anthropic-api-key]\n",
+                "    credentials: [openai-api-key]\n",
+            ),
+            "the coding agent gets the anthropic key for an engineer",
+        ),
+        # The rotation hook is given revocation rights.
+        (
+            (
+                "credentials.yaml",
+                "    permissions: [credentials:refresh]\n",
+                "    permissions: [credentials:refresh, revocations:write]\n",
+            ),
+            "the rotation hook may not revoke",
+        ),
+        # A resource server becomes able to introspect tokens for the llm gateway.
+        (
+            (
+                "resource_servers.yaml",
+                "    audiences: [https://tickets.internal.example]\n",
+                "    audiences: [https://tickets.internal.example, llm-gateway]\n",
+            ),
+            "the tickets api learns nothing about tokens for the llm gateway",
+        ),
+    ],
+)
+def test_widening_edits_fail_the_shipped_policy_tests(
+    tmp_path: Path, edit: tuple[str, str, str], failing: str
+) -> None:
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES, directory)
+    store = PolicyStore(directory)  # a broker serving the shipped policy
+    file, old, new = edit
+    text = (directory / file).read_text()
+    assert text.count(old) == 1, (file, old)
+    (directory / file).write_text(text.replace(old, new))
+    results = run_policy_tests(load_policy(directory).policy, load_policy_tests(directory))
+    assert failing in [r.case.name for r in results if not r.passed]
+    # ...and so the broker refuses to reload it: the previous version keeps serving.
+    with pytest.raises(PolicyRejected) as rejected:
+        store.reload(trigger="test")
+    assert any(failing in p for p in rejected.value.problems)
 
 
 @pytest.mark.parametrize(
