@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: dev test bench lint install install-test compose clean
+.PHONY: dev test bench lint install install-test compose system-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,41 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test compose
+install-test: system-packages $(VENV)/.installed-test compose
+
+## make system-packages: the programs the suite runs that pip cannot install, from the machine's
+## apt where missing: xmlsec1 (the pysaml2 test IdP signs with it), redis-server (the suite
+## starts its own on free ports), PostgreSQL's initdb/postgres (OpenBao's database engine tests
+## start their own cluster), and curl/xz for `make compose` when it has to fetch compose.
+## As root: apt-get install (apt-get update first only if the install fails without it);
+## otherwise one line naming the packages and the command, and make stops.
+SYSTEM_PROGRAMS  ?= xmlsec1=xmlsec1 redis-server=redis-server initdb=postgresql
+COMPOSE_PROGRAMS ?= curl=curl xz=xz-utils
+POSTGRES_BINDIRS ?= /usr/lib/postgresql/*/bin
+SYSTEM_PACKAGES_UID ?= $(shell id -u)
+APT_GET ?= apt-get
+
+system-packages:
+	@set -u; missing=""; \
+	programs="$(SYSTEM_PROGRAMS)"; \
+	if ! { docker compose version >/dev/null 2>&1 || docker-compose version >/dev/null 2>&1 \
+	    || $(BIN)/docker-compose version >/dev/null 2>&1; }; then \
+	  programs="$$programs $(COMPOSE_PROGRAMS)"; fi; \
+	has() { command -v "$$1" >/dev/null 2>&1 && return 0; \
+	  for dir in $(POSTGRES_BINDIRS); do [ -x "$$dir/$$1" ] && return 0; done; return 1; }; \
+	for pair in $$programs; do \
+	  has "$${pair%%=*}" || case " $$missing " in *" $${pair#*=} "*) ;; \
+	    *) missing="$${missing:+$$missing }$${pair#*=}" ;; esac; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	install="apt-get install -y --no-install-recommends $$missing"; \
+	if [ "$(SYSTEM_PACKAGES_UID)" != 0 ]; then \
+	  echo "make system-packages: missing $$missing; run: sudo $$install" >&2; exit 1; fi; \
+	echo "make system-packages: $$install"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$(APT_GET) install -y --no-install-recommends $$missing \
+	  || { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $$missing; } \
+	  || { echo "make system-packages: could not install $$missing" >&2; exit 1; }
 
 ## make compose: a docker compose v2 binary for the tests of docker-compose.yml, where the
 ## machine has neither `docker compose` nor `docker-compose`: Debian's docker-compose package
@@ -56,7 +90,7 @@ $(BIN)/docker-compose:
 dev: install
 	$(BIN)/broker dev
 
-## make test: lint and run the whole suite
+## make test: install what the suite needs (system packages included), lint, run the whole suite
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

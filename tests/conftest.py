@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -102,37 +103,38 @@ def _serve_dev_idp(clock: Any) -> ServedDevIdp:
         f"http://127.0.0.1:{sock.getsockname()[1]}", DEV_TEST_PEOPLE, clock=clock
     )
     recorder = RecordingApp(provider.asgi_app())
-    server = serve_in_thread(recorder, sock=sock)
+    try:
+        server = serve_in_thread(recorder, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return ServedDevIdp(provider=provider, server=server, recorder=recorder, clock=clock)
 
 
 @pytest.fixture
 def serve_recorded() -> Iterator[Callable[[Any], tuple[RunningServer, RecordingApp]]]:
-    servers: list[RunningServer] = []
+    with contextlib.ExitStack() as started:  # every server stops, even if one stop fails
 
-    def serve(app: Any) -> tuple[RunningServer, RecordingApp]:
-        recorder = RecordingApp(app)
-        server = serve_in_thread(recorder)
-        servers.append(server)
-        return server, recorder
+        def serve(app: Any) -> tuple[RunningServer, RecordingApp]:
+            recorder = RecordingApp(app)
+            server = started.enter_context(serve_in_thread(recorder))
+            return server, recorder
 
-    yield serve
-    for server in servers:
-        server.stop()
+        yield serve
 
 
 @pytest.fixture
 def dev_idp() -> Iterator[ServedDevIdp]:
     served = _serve_dev_idp(FrozenClock(start=float(int(time.time()))))
-    yield served
-    served.server.stop()
+    with served.server:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def shared_dev_idp() -> Iterator[ServedDevIdp]:
     served = _serve_dev_idp(SystemClock())
-    yield served
-    served.server.stop()
+    with served.server:
+        yield served
 
 
 # ======================================================================================

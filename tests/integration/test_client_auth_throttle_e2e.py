@@ -14,7 +14,7 @@ import pytest
 
 from broker.client_secrets import generate_client_secret, hash_client_secret
 from tests.support.harness import exchange_form, oidc_provider_config, run_broker, serve_idp
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, run_redis
 
 SECRET = generate_client_secret()
 AGENT = "scrypt-agent"
@@ -39,12 +39,8 @@ def _policy_extra() -> dict:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
+    with run_redis(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _post(url: str, form: dict, auth: tuple[str, str], source: str | None = None) -> httpx.Response:

@@ -4,13 +4,15 @@ fail closed with 503 and nothing crashes; Redis back, service resumes without a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import jwt
@@ -22,8 +24,8 @@ from broker.client_secrets import generate_client_secret, hash_client_secret
 from idp_adapters.dev import DevIdentityProvider
 from tests.support.harness import (
     ACCESS_TOKEN,
-    BROKER_COMMAND,
     EXAMPLE_POLICIES,
+    broker_process,
     exchange_form,
     oidc_provider_config,
     serve_idp,
@@ -38,9 +40,8 @@ from tests.support.saml_idp import (
     assertion_token,
     make_key_pair,
 )
-from tests.support.servers import RedisServer, free_loopback_port
+from tests.support.servers import RedisServer, free_loopback_port, run_redis
 
-BROKER = BROKER_COMMAND
 SECRETS = {n: generate_client_secret() for n in ("triage", "summariser", "tickets", "limited")}
 TRIAGE = ("triage-agent", SECRETS["triage"])
 TICKETS_API = ("tickets-api", SECRETS["tickets"])
@@ -54,6 +55,7 @@ class Replicas:
     idp: DevIdentityProvider
     redis: RedisServer
     saml_idp: SamlTestIdp
+    processes: tuple[subprocess.Popen[bytes], ...] = ()
 
 
 def _policy_extra() -> dict:
@@ -98,23 +100,33 @@ def _policy_extra() -> dict:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    workdir = tmp_path_factory.mktemp("replicas")
+    with start_replicas(tmp_path_factory.mktemp("replicas")) as running:
+        yield running
+        for process in running.processes:
+            assert process.poll() is None, "a replica crashed during the tests"
+
+
+@contextlib.contextmanager
+def start_replicas(
+    workdir: Path, saml_idp_factory: Callable[[Path], SamlTestIdp] | None = None
+) -> Iterator[Replicas]:
+    """Redis, the test IdPs and two broker replicas; whatever started is stopped on every path
+    (a failure half-way included: everything is entered on one ExitStack)."""
     policy_dir = workdir / "policies"
     shutil.copytree(EXAMPLE_POLICIES, policy_dir)
     (policy_dir / "zz-replicas.yaml").write_text(yaml.safe_dump(_policy_extra()))
-    redis_server = RedisServer(workdir)
-    redis_server.start()
-    saml_idp = SamlTestIdp(make_key_pair(workdir, "saml-idp"))
-    saml_config = {
-        "name": "corp-saml",
-        "kind": "saml",
-        "issuer": IDP_ENTITY_ID,
-        "sp_entity_id": SP_ENTITY_ID,
-        "acs_url": ACS_URL,
-        "idp_certificate_ref": f"file:{saml_idp.keys.cert_file}",
-    }
-    processes: list[subprocess.Popen[bytes]] = []
-    with serve_idp() as (idp, _):
+    with contextlib.ExitStack() as started:
+        redis_server = started.enter_context(run_redis(workdir))
+        saml_idp = (saml_idp_factory or _saml_idp)(workdir)
+        saml_config = {
+            "name": "corp-saml",
+            "kind": "saml",
+            "issuer": IDP_ENTITY_ID,
+            "sp_entity_id": SP_ENTITY_ID,
+            "acs_url": ACS_URL,
+            "idp_certificate_ref": f"file:{saml_idp.keys.cert_file}",
+        }
+        idp, _ = started.enter_context(serve_idp())
         ports = (free_loopback_port(), free_loopback_port())
         issuer = f"http://127.0.0.1:{ports[0]}"  # one issuer, as behind a load balancer
         env = os.environ | {
@@ -122,45 +134,38 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
             "SUMMARISER_AGENT_SECRET": SECRETS["summariser"],
             "TICKETS_API_SECRET": SECRETS["tickets"],
         }
-        try:
-            for port in ports:
-                config = workdir / f"broker-{port}.yaml"
-                config.write_text(
-                    yaml.safe_dump(
-                        {
-                            "issuer": issuer,
-                            "policy_dir": str(policy_dir),
-                            "signing_keys": {"directory": str(workdir / "keys")},
-                            "identity_providers": [oidc_provider_config(idp), saml_config],
-                            "state": {
-                                "kind": "redis",
-                                "url": redis_server.url,
-                                "socket_timeout_seconds": 0.3,
-                                "connect_timeout_seconds": 0.3,
-                            },
-                            "http": {"port": port},
-                        }
-                    )
+        processes: list[subprocess.Popen[bytes]] = []
+        for port in ports:
+            config = workdir / f"broker-{port}.yaml"
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "issuer": issuer,
+                        "policy_dir": str(policy_dir),
+                        "signing_keys": {"directory": str(workdir / "keys")},
+                        "identity_providers": [oidc_provider_config(idp), saml_config],
+                        "state": {
+                            "kind": "redis",
+                            "url": redis_server.url,
+                            "socket_timeout_seconds": 0.3,
+                            "connect_timeout_seconds": 0.3,
+                        },
+                        "http": {"port": port},
+                    }
                 )
-                log = workdir / f"broker-{port}.log"
-                with log.open("wb") as out:
-                    process = subprocess.Popen(
-                        [BROKER, "serve", "--config", str(config)],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                processes.append(process)
-                wait_until_serving(f"http://127.0.0.1:{port}", process, log)
-            urls = (f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
-            yield Replicas(urls, issuer, idp, redis_server, saml_idp)
-            for process in processes:
-                assert process.poll() is None, "a replica crashed during the tests"
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(timeout=10)
-            redis_server.stop()
+            )
+            log = workdir / f"broker-{port}.log"
+            process = started.enter_context(
+                broker_process(["serve", "--config", str(config)], log, env)
+            )
+            processes.append(process)
+            wait_until_serving(f"http://127.0.0.1:{port}", process, log)
+        urls = (f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+        yield Replicas(urls, issuer, idp, redis_server, saml_idp, tuple(processes))
+
+
+def _saml_idp(workdir: Path) -> SamlTestIdp:
+    return SamlTestIdp(make_key_pair(workdir, "saml-idp"))
 
 
 def _exchange(url: str, form: dict, auth: tuple[str, str] | None = None) -> httpx.Response:
@@ -282,3 +287,43 @@ def test_redis_down_fails_closed_and_recovers_without_restart(replicas: Replicas
         ),
     )
     assert recovered.status_code == 200, recovered.text
+
+
+def _children() -> set[int]:
+    """The live (not zombie) child processes of this test process."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def test_a_failure_half_way_through_starting_stops_what_already_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SAML test IdP cannot be built (no xmlsec1 on PATH) after Redis started: Redis is
+    stopped, not left behind as an orphan, and the error says what is missing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    redis_binary = shutil.which("redis-server")
+    assert redis_binary is not None
+    (bin_dir / "redis-server").symlink_to(redis_binary)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    before = _children()
+    running_at_failure: set[int] = set()
+
+    def saml_idp_after_redis(workdir: Path) -> SamlTestIdp:
+        running_at_failure.update(_children() - before)
+        return _saml_idp(workdir)
+
+    with (
+        pytest.raises(RuntimeError, match="xmlsec1 program is not on PATH"),
+        start_replicas(tmp_path / "replicas", saml_idp_after_redis),
+    ):
+        pytest.fail("the replicas started without xmlsec1")
+    assert running_at_failure, "the failure did not happen after Redis started"
+    assert _children() == before

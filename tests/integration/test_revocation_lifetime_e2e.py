@@ -36,7 +36,7 @@ from tests.support.harness import (
     write_provider_keys,
 )
 from tests.support.jose import public_jwk
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, run_redis
 
 LIFETIME = 3
 ASSERTION_LIFETIME = 60  # longer than a token: an assertion can outlive an agent's lockout
@@ -149,12 +149,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with run_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -22,7 +22,7 @@ from broker.settings import StateConfig
 from broker.state import StateStore, StateUnavailable
 from broker.state_factory import build_state_store
 from broker.state_redis import RedisStateStore
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, run_redis
 from tests.unit.test_state_contract import StateKit, StateStoreContract
 
 pytestmark = pytest.mark.anyio
@@ -32,10 +32,8 @@ OUTAGE_BOUND_SECONDS = 2.0
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with run_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -225,33 +223,31 @@ async def test_unreachable_from_the_start_then_available(tmp_path: Path) -> None
 async def test_factory_reads_the_password_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = RedisServer(tmp_path, "--requirepass", "s3cret-pw")
-    server.start()
-    password_file = tmp_path / "redis-password"
-    password_file.write_text("wrong\n")
-    config = StateConfig(
-        kind="redis", url=server.url, password_ref=f"file:{password_file}", key_prefix="auth:"
-    )
-    store = build_state_store(config, SystemClock())
-    assert isinstance(store, RedisStateStore)
-    try:
-        with pytest.raises(StateUnavailable) as caught:
-            await store.ping()
-        assert "s3cret" not in str(caught.value) and "wrong" not in str(caught.value)
-        password_file.write_text("s3cret-pw\n")  # rotated: read again on the next connection
-        await store.ping()
-        assert await store.use_once("assertion:c:j", 30)
-
-        monkeypatch.setenv("REDIS_TEST_PW", "s3cret-pw")
-        env_store = build_state_store(
-            config.model_copy(update={"password_ref": "env:REDIS_TEST_PW"}), SystemClock()
+    with run_redis(tmp_path, "--requirepass", "s3cret-pw") as server:
+        password_file = tmp_path / "redis-password"
+        password_file.write_text("wrong\n")
+        config = StateConfig(
+            kind="redis", url=server.url, password_ref=f"file:{password_file}", key_prefix="auth:"
         )
-        assert isinstance(env_store, RedisStateStore)
-        assert not await env_store.use_once("assertion:c:j", 30)
-        await env_store.close()
-    finally:
-        await store.close()
-        server.stop()
+        store = build_state_store(config, SystemClock())
+        assert isinstance(store, RedisStateStore)
+        try:
+            with pytest.raises(StateUnavailable) as caught:
+                await store.ping()
+            assert "s3cret" not in str(caught.value) and "wrong" not in str(caught.value)
+            password_file.write_text("s3cret-pw\n")  # rotated: read again on the next connection
+            await store.ping()
+            assert await store.use_once("assertion:c:j", 30)
+
+            monkeypatch.setenv("REDIS_TEST_PW", "s3cret-pw")
+            env_store = build_state_store(
+                config.model_copy(update={"password_ref": "env:REDIS_TEST_PW"}), SystemClock()
+            )
+            assert isinstance(env_store, RedisStateStore)
+            assert not await env_store.use_once("assertion:c:j", 30)
+            await env_store.close()
+        finally:
+            await store.close()
 
 
 async def test_a_malformed_or_non_finite_not_before_fails_closed(

@@ -30,9 +30,11 @@ from secret_backends.config import VaultAppRoleAuth, VaultBackendConfig, VaultTo
 from secret_backends.vault import VaultBackend
 from tests.support.servers import (
     OpenBaoServer,
+    PostgresServer,
     enable_postgres_database_engine,
     revoke_leases,
     run_openbao,
+    run_postgres,
 )
 
 READER_POLICY = """
@@ -450,11 +452,19 @@ def test_outage_is_unavailable_and_recovers_after_restart(tmp_path: Path) -> Non
             backend.close()
 
 
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with run_postgres() as server:
+        yield server
+
+
 @pytest.fixture
-def database_creds(bao: OpenBaoServer) -> Iterator[str]:
+def database_creds(bao: OpenBaoServer, postgres: PostgresServer) -> Iterator[str]:
     root = bao.client()
     if "database/" not in root.sys.list_mounted_secrets_engines()["data"]:
-        enable_postgres_database_engine(root, default_ttl="60s")
+        enable_postgres_database_engine(
+            root, default_ttl="60s", connection_url=postgres.connection_url
+        )
     try:
         yield "database/creds/readonly"
     finally:

@@ -70,8 +70,12 @@ def serve_idp(
     """A loopback OIDC issuer with keys generated for this test."""
     sock = reserve_loopback_socket()
     issuer = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    provider = DevIdentityProvider(issuer, people or EXAMPLE_PEOPLE, **kwargs)
-    server = serve_in_thread(provider.asgi_app(), sock=sock)
+    try:
+        provider = DevIdentityProvider(issuer, people or EXAMPLE_PEOPLE, **kwargs)
+        server = serve_in_thread(provider.asgi_app(), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         yield provider, server
     finally:
@@ -127,10 +131,16 @@ def run_broker(
         **overrides,
     )
     sink = MemorySink()
-    services = build_services(settings, decision_sinks=[sink], clock=clock, state=state_store)
-    server = serve_in_thread(
-        create_app(settings, services=services), sock=sock, lifespan="on" if lifespan else "off"
-    )
+    try:  # the reserved socket is closed when building or starting fails
+        services = build_services(settings, decision_sinks=[sink], clock=clock, state=state_store)
+        server = serve_in_thread(
+            create_app(settings, services=services),
+            sock=sock,
+            lifespan="on" if lifespan else "off",
+        )
+    except BaseException:
+        sock.close()
+        raise
     try:
         yield RunningBroker(url, settings, services, sink, server, policy_dir)
     finally:
@@ -173,9 +183,18 @@ def broker_process(
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=10)
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout`: it never outlives the test."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
 
 
 def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

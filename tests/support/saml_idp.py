@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,7 +52,6 @@ SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"
 SHA1 = "http://www.w3.org/2000/09/xmldsig#sha1"
 PASSWORD_PROTECTED_TRANSPORT = "urn:oasis:names:tc:SAML:2.0:ac:classes:PasswordProtectedTransport"
 NAME_FORMAT_URI = "urn:oasis:names:tc:SAML:2.0:attrname-format:uri"
-XMLSEC1 = "/usr/bin/xmlsec1"
 
 IDP_ENTITY_ID = "https://idp.example.org/idp/shibboleth"
 SP_ENTITY_ID = "https://broker.example.com/saml"
@@ -120,6 +120,18 @@ Edit = Callable[[etree._Element], None]
 """An edit applied to the unsigned Response (the root element) before signing."""
 
 
+def xmlsec1_binary() -> str:
+    """The ``xmlsec1`` program pysaml2 signs with, from PATH; a clear error when it is missing
+    (`make test` installs it: Debian's ``xmlsec1`` package)."""
+    path = shutil.which("xmlsec1")
+    if path is None:
+        raise RuntimeError(
+            "the xmlsec1 program is not on PATH (the SAML test IdP signs with it): "
+            "run `make test`, or `apt-get install xmlsec1`"
+        )
+    return path
+
+
 class SamlTestIdp:
     """A pysaml2 identity provider with its own key pair."""
 
@@ -140,7 +152,7 @@ class SamlTestIdp:
         config.load(
             {
                 "entityid": entity_id,
-                "xmlsec_binary": XMLSEC1,
+                "xmlsec_binary": xmlsec1_binary(),
                 "key_file": str(keys.key_file),
                 "cert_file": str(keys.cert_file),
                 "service": {

@@ -10,6 +10,11 @@ with run_moto() as moto:             # moto.endpoint_url, moto.client() (boto3)
     ...
 ```
 
+with run_postgres() as pg:          # pg.connection_url (OpenBao's database engine form)
+    enable_postgres_database_engine(bao.client(), connection_url=pg.connection_url)
+
+with run_redis() as redis_server:    # redis_server.url, .client(), stop()/start()/freeze()
+
 Both servers keep their state **in memory only**: after `stop()` + `start()` everything written
 is gone (OpenBao dev mode comes back with an empty ``secret/`` KV v2 mount and the same root
 token; moto with no secrets). Register seeders with `add_seeder` so they are re-applied on
@@ -18,12 +23,16 @@ to start raises `ServerStartError` with the end of the server's log, never skips
 
 OpenBao writes a file audit log (`OpenBaoServer.audit_log_path`); `request_paths()` lists the
 API paths it served, so tests can count data reads against metadata reads. PostgreSQL-backed
-dynamic secrets: `enable_postgres_database_engine`.
+dynamic secrets: `run_postgres` (a cluster of its own, initdb'd in a temporary directory, on a
+free port) and `enable_postgres_database_engine`. Every `run_*` stops its server on every path,
+a failure half-way through starting included; a fixture that starts several servers enters them
+on one `contextlib.ExitStack`, so a failure after the first stops the ones already running.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -49,7 +58,6 @@ from broker.cli.dev_openbao import bao_binary
 
 BIN_DIR = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
-POSTGRES_URL = "postgresql://{{username}}:{{password}}@127.0.0.1:5432/test?sslmode=disable"
 
 
 class ServerStartError(RuntimeError):
@@ -100,7 +108,14 @@ class _Process:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def spawn(self, argv: list[str], env: dict[str, str]) -> None:
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        user: str | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         if self.running:
             raise ServerStartError(f"{self.name} is already running")
         with open(self.log_path, "ab") as log:
@@ -111,6 +126,8 @@ class _Process:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                user=user,
+                cwd=cwd,
             )
 
     def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
@@ -130,16 +147,20 @@ class _Process:
                 )
             time.sleep(0.05)
 
-    def terminate(self) -> None:
+    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> None:
         process, self._process = self._process, None
         if process is not None:
-            _stop(process)
+            _stop(process, sig)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a running process; SIGKILL it if it has not exited 5 s later."""
+def _stop(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -> None:
+    """Signal a running process (SIGTERM); SIGKILL it if it has not exited 5 s later."""
     if process.poll() is None:
-        process.terminate()
+        process.send_signal(sig)
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -187,8 +208,8 @@ def _running(
     """A server in a temporary directory, started, for the duration of the block."""
     with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
         server = server_class(Path(workdir), port=port)
-        server.start()
-        try:
+        try:  # a seeder failing after the process started must stop it too
+            server.start()
             yield server
         finally:
             server.stop()
@@ -273,10 +294,10 @@ def enable_postgres_database_engine(
     role: str = "readonly",
     default_ttl: str = "60s",
     max_ttl: str = "300s",
-    connection_url: str = POSTGRES_URL,
+    connection_url: str,
 ) -> str:
-    """Configure the database engine against the local PostgreSQL (user postgres, trust auth,
-    database test); return the credentials path (``<mount>/creds/<role>``).
+    """Configure the database engine against a PostgreSQL (`PostgresServer.connection_url`:
+    user postgres, trust auth); return the credentials path (``<mount>/creds/<role>``).
 
     Raises (never skips) when PostgreSQL cannot be reached: ``verify_connection`` is on.
     Revoke the leases afterwards (`revoke_leases(client, f"{mount}/creds/")`) so the generated
@@ -440,3 +461,136 @@ class RedisServer:
 
     def client(self, **options: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **options)
+
+
+@contextlib.contextmanager
+def run_redis(workdir: Path, *extra_args: str) -> Iterator[RedisServer]:
+    """A redis-server for the duration of the block, stopped on every path."""
+    server = RedisServer(workdir, *extra_args)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def postgres_bindir() -> Path:
+    """The directory of PostgreSQL's ``initdb`` and ``postgres``: PATH, or Debian's
+    /usr/lib/postgresql/<version>/bin (newest first). `make test` installs the package."""
+    found = shutil.which("initdb")
+    candidates = [Path(found).resolve().parent] if found else []
+    candidates += sorted(
+        (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    for directory in candidates:
+        if (directory / "initdb").is_file() and (directory / "postgres").is_file():
+            return directory
+    raise ServerStartError(
+        "PostgreSQL's initdb/postgres not found on PATH nor under /usr/lib/postgresql/*/bin: "
+        "run `make test`, or `apt-get install postgresql`"
+    )
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own: initdb (superuser postgres, trust authentication on
+    loopback) into a temporary directory, served on a free loopback port, TCP only.
+
+    PostgreSQL refuses to run as root; as root, it runs as the ``postgres`` user (created by the
+    Debian package) or ``nobody``.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_loopback_port()
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "postgres.log"
+        self._bindir = postgres_bindir()
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            import pwd
+
+            for name in ("postgres", "nobody"):
+                try:
+                    entry = pwd.getpwnam(name)
+                except KeyError:
+                    continue
+                self._user = name
+                os.chown(workdir, entry.pw_uid, entry.pw_gid)
+                break
+        self._process = _Process(f"postgres on port {self.port}", self.log_path)
+
+    @property
+    def connection_url(self) -> str:
+        """The ``connection_url`` form of OpenBao's PostgreSQL database plugin."""
+        return (
+            "postgresql://{{username}}:{{password}}"
+            f"@{LOOPBACK}:{self.port}/postgres?sslmode=disable"
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        if not self.data_dir.exists():
+            result = subprocess.run(
+                [
+                    str(self._bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--no-sync",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ],
+                user=self._user,
+                cwd=self.workdir,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise ServerStartError(f"initdb failed:\n{result.stdout}{result.stderr}")
+        argv = [
+            str(self._bindir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-h",
+            LOOPBACK,
+            "-p",
+            str(self.port),
+            "-k",
+            "",  # no Unix socket: nothing outside the temporary directory
+            "-c",
+            "fsync=off",
+        ]
+        self._process.spawn(argv, dict(os.environ), user=self._user, cwd=self.workdir)
+        self._process.wait_until(self._answers, timeout)
+
+    def _answers(self) -> bool:
+        """A startup packet gets an authentication request ('R') once the server accepts."""
+        packet = (196608).to_bytes(4, "big") + b"user\0postgres\0database\0postgres\0\0"
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
+                sock.sendall((len(packet) + 4).to_bytes(4, "big") + packet)
+                reply = sock.recv(1)
+        except OSError:
+            return False
+        return reply == b"R"
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: open connections are cut, not waited for)."""
+        self._process.terminate(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def run_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of its own for the duration of the block, stopped on every path."""
+    with tempfile.TemporaryDirectory(prefix="postgres-") as workdir:
+        server = PostgresServer(Path(workdir))
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
