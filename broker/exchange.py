@@ -180,12 +180,13 @@ def _token_type(form: OAuthForm, name: str, allowed: frozenset[TokenType]) -> To
     value = form.non_empty(name)
     if value is None:
         raise InvalidRequest(f"{name} is required")
+    accepted = ", ".join(sorted(allowed))
     try:
         token_type = TokenType(value)
     except ValueError:
-        raise InvalidRequest(f"{name} is not a known token type") from None
+        raise InvalidRequest(f"{name} is not a known token type; accepted: {accepted}") from None
     if token_type not in allowed:
-        raise InvalidRequest(f"{name} {token_type} is not supported here")
+        raise InvalidRequest(f"{name} {token_type} is not supported here; accepted: {accepted}")
     return token_type
 
 

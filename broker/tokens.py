@@ -30,6 +30,10 @@ from idp_adapters.base import TokenRejected
 from idp_adapters.jwt_verify import verify_jwt
 
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
+NOT_ISSUED_HERE = (
+    "token is not an agent token issued by this broker (a person's identity provider token, "
+    "say): exchange it for one at the token endpoint first"
+)
 MAX_TOKEN_BYTES = 16384
 """The largest token of its own the broker accepts back (`BrokerTokenVerifier`), and so the
 largest it issues (`TokenIssuer`)."""
@@ -392,18 +396,24 @@ class BrokerTokenVerifier:
         return verified_token
 
     async def _verify(self, token: str) -> tuple[BrokerToken, str]:
-        verified = await verify_jwt(
-            token,
-            keys=self._keyring,
-            issuer=self._issuer,
-            audiences=None,
-            algorithms=self._algorithms,
-            clock=self._clock,
-            leeway=self._skew,
-            max_bytes=self._max_bytes,
-            require=("exp", "iat", "iss", "sub", "jti", "client_id", "act", "provenance"),
-            allowed_typ=(ACCESS_TOKEN_TYP,),
-        )
+        try:
+            verified = await verify_jwt(
+                token,
+                keys=self._keyring,
+                issuer=self._issuer,
+                audiences=None,
+                algorithms=self._algorithms,
+                clock=self._clock,
+                leeway=self._skew,
+                max_bytes=self._max_bytes,
+                require=("exp", "iat", "iss", "sub", "jti", "client_id", "act", "provenance"),
+                allowed_typ=(ACCESS_TOKEN_TYP,),
+            )
+        except TokenRejected as exc:
+            if _claims_another_issuer(token, self._issuer):
+                # The cause worth naming (a person's IdP token, say): not which check tripped.
+                raise TokenRejected(NOT_ISSUED_HERE, debug=exc.reason) from None
+            raise
         claims = verified.claims
         if self._clock.now() >= claims["exp"]:  # the skew above never extends expiry
             raise TokenRejected("token has expired")
@@ -437,3 +447,13 @@ class BrokerTokenVerifier:
             raise TokenRejected(
                 "token issued by this broker is malformed", debug=str(exc)
             ) from None
+
+
+def _claims_another_issuer(token: str, issuer: str) -> bool:
+    """Whether a token's (unverified) payload names an issuer other than this broker: only to
+    word a refusal, never to accept anything."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return False
+    return isinstance(claims, dict) and claims.get("iss") != issuer

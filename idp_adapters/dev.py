@@ -336,12 +336,20 @@ class DevIdentityProvider:
             kind = (form.get("token_type") or ["id_token"])[0]
             if kind not in _TYP_BY_KIND:
                 return JSONResponse(
-                    {"error": "invalid_request", "error_description": "unknown token_type"},
+                    {
+                        "error": "invalid_request",
+                        "error_description": "unknown token_type; known: "
+                        + ", ".join(sorted(_TYP_BY_KIND)),
+                    },
                     status_code=400,
                 )
             if person not in self._people:
                 return JSONResponse(
-                    {"error": "invalid_request", "error_description": "unknown person"},
+                    {
+                        "error": "invalid_request",
+                        "error_description": "unknown person; the people of this development "
+                        "IdP are: " + ", ".join(sorted(self._people)),
+                    },
                     status_code=400,
                 )
             lifetime = 3600

@@ -20,6 +20,7 @@ accepted access-token audience cannot be told apart from an access token.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import httpx
@@ -48,26 +49,45 @@ ACCESS_TOKEN_TYPS = frozenset({"at+jwt", "jwt", None})
 MAX_SUBJECT_LENGTH = 512
 
 
+NOT_AN_ID_TOKEN = (
+    f"token is an access token, not an ID token: present it as {TokenType.ACCESS_TOKEN}"
+)
+NOT_AN_ACCESS_TOKEN = (
+    f"token is an ID token, not an access token: present it as {TokenType.ID_TOKEN}"
+)
+
+
 def _check_id_token(
-    verified: VerifiedJwt, audiences: tuple[str, ...], client_ids: set[str]
+    verified: VerifiedJwt,
+    audiences: tuple[str, ...],
+    client_ids: set[str],
+    access_audiences: Collection[str] = (),
 ) -> None:
     if verified.typ == "at+jwt":
-        raise TokenRejected("token is an access token, not an ID token")
+        raise TokenRejected(NOT_AN_ID_TOKEN)
     if not any(aud in client_ids for aud in audiences):
+        if any(aud in access_audiences for aud in audiences):  # meant for us as an access token
+            raise TokenRejected(NOT_AN_ID_TOKEN)
         raise TokenRejected("token audience is not acceptable")
     if len(audiences) > 1 and verified.claims.get("azp") not in client_ids:
         raise TokenRejected("token authorized party is not acceptable")
 
 
 def _check_access_token(
-    verified: VerifiedJwt, audiences: tuple[str, ...], accepted: set[str]
+    verified: VerifiedJwt,
+    audiences: tuple[str, ...],
+    accepted: set[str],
+    client_ids: Collection[str] = (),
 ) -> None:
     if verified.typ not in ACCESS_TOKEN_TYPS:
         raise TokenRejected("token type header is not acceptable for an access token")
-    if not any(aud in accepted for aud in audiences):
-        raise TokenRejected("token audience is not acceptable")
+    # An ID token sent as an access token: say so (its audience is a client id, not ours).
     if any(marker in verified.claims for marker in ID_TOKEN_MARKERS):
-        raise TokenRejected("token is an ID token, not an access token")
+        raise TokenRejected(NOT_AN_ACCESS_TOKEN)
+    if not any(aud in accepted for aud in audiences):
+        if any(aud in client_ids for aud in audiences):
+            raise TokenRejected(NOT_AN_ACCESS_TOKEN)
+        raise TokenRejected("token audience is not acceptable")
 
 
 def subject_from(claims: dict[str, Any], claim: str) -> str:
@@ -150,10 +170,10 @@ class OidcAdapter:
     def _profile(self, verified: VerifiedJwt, token_type: TokenType) -> TokenType:
         audiences = claim_audiences(verified.claims)
         if token_type is TokenType.ID_TOKEN:
-            _check_id_token(verified, audiences, self._client_ids)
+            _check_id_token(verified, audiences, self._client_ids, self._audiences)
             return TokenType.ID_TOKEN
         if token_type is TokenType.ACCESS_TOKEN:
-            _check_access_token(verified, audiences, self._audiences)
+            _check_access_token(verified, audiences, self._audiences, self._client_ids)
             return TokenType.ACCESS_TOKEN
         failures: list[str] = []
         if self._client_ids:
