@@ -269,6 +269,9 @@ def broker_server(
     config = broker_config(issuer, url, workdir)
     config.update(extra_config or {})
     config["http"] = {"host": LOOPBACK, "port": port, "workers": workers}
+    if config.get("state", {}).get("kind", "memory") == "memory":
+        # Throughput only: the broker refuses per-worker memory state unless told it is known.
+        config["state"] = {**config.get("state", {}), "allow_memory_with_workers": True}
     config_file = workdir / "broker.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     secret = secrets.token_urlsafe(32)

@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from broker.urls import is_loopback_url, require_https_unless_loopback
+from idp_adapters.jwks import MIN_REFRESH_INTERVAL_SECONDS
 from secret_backends.config import SecretBackendConfig, SecretReference
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -78,7 +79,12 @@ class IdentityProviderConfig(_Strict):
     claims: ClaimMapping = ClaimMapping()
     leeway_seconds: int = Field(30, ge=0, le=300)
     max_token_bytes: int = Field(16384, ge=512, le=262144)
-    jwks_min_refresh_interval_seconds: float = Field(30.0, ge=0.0)
+    jwks_min_refresh_interval_seconds: float = Field(
+        30.0,
+        ge=MIN_REFRESH_INTERVAL_SECONDS,
+        allow_inf_nan=False,
+        description="An unknown kid refetches the JWKS at most this often (the storm guard).",
+    )
     jwks_max_age_seconds: float = Field(3600.0, gt=0.0)
     http_timeout_seconds: float = Field(5.0, gt=0.0)
     # kind saml only (the IdP's `issuer` is its entity id; `claims.*` name SAML attributes):
@@ -241,6 +247,11 @@ class StateConfig(_Strict):
     socket_timeout_seconds: float = Field(0.5, gt=0.0, le=30.0)
     connect_timeout_seconds: float = Field(0.5, gt=0.0, le=30.0)
     max_connections: int = Field(50, ge=1, le=10000)
+    allow_memory_with_workers: bool = Field(
+        False,
+        description="Benchmarks only: accept kind memory with several workers, knowing that "
+        "revocations, single-use ids and rate counters then hold per worker.",
+    )
 
     @model_validator(mode="after")
     def _url(self) -> StateConfig:
@@ -380,8 +391,23 @@ class BrokerSettings(BaseSettings):
         require_https_unless_loopback(value)
         return value.rstrip("/")
 
+    def per_worker_state_problem(self, workers: int | None = None) -> str | None:
+        """Why `workers` (default http.workers) cannot share this state, or None."""
+        workers = workers or self.http.workers
+        if workers <= 1 or self.state.kind != "memory" or self.state.allow_memory_with_workers:
+            return None
+        return (
+            f"{workers} workers with state.kind: memory: each worker would keep its own "
+            "revocations, single-use ids and rate counters (a revocation would reach one worker, "
+            "a client assertion could be replayed at another). Set state.kind: redis (and "
+            "state.url), or run one worker (http.workers: 1)"
+        )
+
     @model_validator(mode="after")
     def _unique_and_safe(self) -> BrokerSettings:
+        problem = self.per_worker_state_problem()
+        if problem is not None:
+            raise ValueError(problem)
         names = [p.name for p in (*self.identity_providers, *self.workload_issuers)]
         if len(names) != len(set(names)):
             raise ValueError("identity provider and workload issuer names must be unique")

@@ -22,7 +22,7 @@ from broker.settings import IdentityProviderConfig
 from broker.urls import require_https_unless_loopback
 from idp_adapters._http import fetch_json_object
 from idp_adapters.base import IdentityProviderUnavailable
-from idp_adapters.jwks import JwksCache, SigningKeyResolver
+from idp_adapters.jwks import JwksCache, SigningKeyResolver, check_min_refresh_interval
 
 _log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class DiscoveredJwks:
         self._discovery = discovery
         self._http = http
         self._clock = clock
-        self._min_refresh_interval = min_refresh_interval
+        self._min_refresh_interval = check_min_refresh_interval(min_refresh_interval)
         self._max_age = max_age
         self._timeout = timeout
         self._cache: JwksCache | None = None

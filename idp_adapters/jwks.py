@@ -200,6 +200,21 @@ class StaticJwks:
         return found
 
 
+MIN_REFRESH_INTERVAL_SECONDS = 1.0
+"""The least `min_refresh_interval` accepted: below it, a stream of tokens with unknown ``kid``
+values becomes a stream of JWKS fetches (0 would turn the storm guard off)."""
+
+
+def check_min_refresh_interval(value: float) -> float:
+    """`value`, or ValueError when it is below `MIN_REFRESH_INTERVAL_SECONDS` (or NaN)."""
+    if not value >= MIN_REFRESH_INTERVAL_SECONDS:
+        raise ValueError(
+            f"min_refresh_interval must be at least {MIN_REFRESH_INTERVAL_SECONDS} s "
+            "(it guards the identity provider against unknown-kid refetch storms)"
+        )
+    return value
+
+
 class JwksCache:
     """A JWK Set fetched from `jwks_uri` on first use and kept fresh.
 
@@ -225,6 +240,7 @@ class JwksCache:
         max_age: float,
         timeout: float,
     ) -> None:
+        check_min_refresh_interval(min_refresh_interval)
         self._uri = jwks_uri
         self._http = http
         self._clock = clock

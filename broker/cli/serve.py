@@ -84,15 +84,11 @@ def serve(
             err=True,
         )
         raise typer.Exit(1)
+    problem = settings.per_worker_state_problem(workers)
+    if problem is not None:  # --workers; http.workers is refused by the settings themselves
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1)
     _check_buildable(settings)
-    if (workers or settings.http.workers) > 1 and settings.state.kind == "memory":
-        typer.echo(
-            "warning: several workers with state.kind memory: each worker keeps its own "
-            "single-use ids, revocations and rate counters (a client assertion could be replayed "
-            "at another worker, a revocation reaches only the worker that made it). Use "
-            "state.kind: redis for more than one worker or replica.",
-            err=True,
-        )
     if config is not None:
         os.environ["BROKER_CONFIG_FILE"] = str(config.resolve())
     tls = _tls_files(settings)

@@ -259,3 +259,26 @@ def test_serve_refuses_a_policy_whose_own_tests_fail(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "policy test failed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_several_workers_with_memory_state(tmp_path: Path) -> None:
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"policy_dir": str(REPO / "policies"), "signing_keys": {"directory": str(tmp_path)}}
+        )
+    )
+    for args, env in (
+        (["--workers", "2"], os.environ),
+        ([], os.environ | {"BROKER_HTTP__WORKERS": "3"}),
+    ):
+        result = subprocess.run(
+            [BROKER, "serve", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "workers with state.kind: memory" in result.stderr
+        assert "state.kind: redis" in result.stderr and "Traceback" not in result.stderr

@@ -25,7 +25,7 @@ from tests.support.harness import (
     serve_idp,
     wait_until_serving,
 )
-from tests.support.servers import free_loopback_port
+from tests.support.servers import free_loopback_port, run_redis
 
 SECRETS = example_client_secrets()
 TRIAGE = ("triage-agent", SECRETS["TRIAGE_AGENT_SECRET"])
@@ -62,7 +62,7 @@ def test_sighup_reloads_every_worker_in_place(tmp_path: Path) -> None:
     port = free_loopback_port()
     url = f"http://127.0.0.1:{port}"
     trail = tmp_path / "audit.jsonl"
-    with serve_idp() as (idp, _):
+    with run_redis(tmp_path) as redis_server, serve_idp() as (idp, _):
         config = tmp_path / "broker.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -73,6 +73,7 @@ def test_sighup_reloads_every_worker_in_place(tmp_path: Path) -> None:
                     "signing_keys": {"directory": str(tmp_path / "keys")},
                     "identity_providers": [oidc_provider_config(idp)],
                     "http": {"port": port, "workers": 2},
+                    "state": {"kind": "redis", "url": redis_server.url},
                     "audit": {"file": str(trail), "stdout": False},
                 }
             )
