@@ -220,11 +220,18 @@ def dev_issuer() -> Iterator[Issuer]:
 
 def broker_config(issuer: Issuer, broker_url: str, workdir: Path) -> dict[str, Any]:
     """The broker's settings for the benchmarks: `issuer` trusted as an ``oidc`` provider, the
-    repository's example policies, signing keys under `workdir` (no ``http`` section)."""
+    repository's example policies, signing keys under `workdir` (no ``http`` section), and an
+    empty development secret backend ``vault`` (the example credentials name it; a broker
+    refuses a policy naming a backend it lacks) unless the caller replaces it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    no_secrets = workdir / "no-secrets.yaml"
+    no_secrets.write_text("{}\n")
     return {
         "issuer": broker_url,
         "policy_dir": str(REPO / "policies"),
         "signing_keys": {"directory": str(workdir / "keys")},
+        "secret_backends": [{"name": "vault", "kind": "file", "path": str(no_secrets)}],
+        "allow_development_components": True,
         "identity_providers": [
             {
                 "name": "dev",

@@ -73,6 +73,7 @@ from broker.metrics import BrokerMetrics
 from broker.oauth_request import OAuthForm, read_form, read_form_or_json
 from broker.openapi import OPENAPI_PATH, openapi_document
 from broker.policy.access import require_admin
+from broker.policy.loader import configured_names
 from broker.policy.store import PolicyRejected, PolicyStore
 from broker.policy.watch import PolicyWatcher
 from broker.readiness import Readiness
@@ -175,8 +176,7 @@ def build_services(
     )
     policies = PolicyStore(
         settings.policy_dir,
-        known_workload_issuers=[w.name for w in settings.workload_issuers],
-        known_secret_backends=[b.name for b in settings.secret_backends],
+        **configured_names(settings),
         decisions=decisions,
         clock=clock,
     )

@@ -34,7 +34,13 @@ from broker.policy.engine import (
     decide,
     explain,
 )
-from broker.policy.loader import TESTS_SUBDIR, LoadedPolicy, PolicyError, load_policy
+from broker.policy.loader import (
+    TESTS_SUBDIR,
+    LoadedPolicy,
+    PolicyError,
+    configured_names,
+    load_policy,
+)
 from broker.policy.loader import load_policy_tests as _load_policy_tests
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission, PolicyDocument, PolicyTestFile
 from broker.policy.testing import run_policy_tests
@@ -71,22 +77,67 @@ def _fail_policy(directory: Path, exc: PolicyError) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _load(directory: Path) -> LoadedPolicy:
+def _load(directory: Path, **known: tuple[str, ...]) -> LoadedPolicy:
     try:
-        return load_policy(directory)
+        return load_policy(directory, **known)
     except PolicyError as exc:
         _fail_policy(directory, exc)
 
 
 @policy_app.command("check")
 def check(
-    directory: DirOption = DEFAULT_DIR,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            "-d",
+            help="The policy directory (default: the configuration's policy_dir, else policies).",
+            file_okay=False,
+        ),
+    ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Treat lint warnings as errors (exit 1).")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="BROKER_CONFIG_FILE",
+            help="The broker's configuration file (the one `broker serve` reads): check the "
+            "policy against its secret backends and workload issuers, as the broker will.",
+            dir_okay=False,
+        ),
+    ] = None,
+    dev: Annotated[
+        bool,
+        typer.Option(
+            "--dev", help="Check against the configuration `broker dev` runs with (see --config)."
+        ),
+    ] = False,
 ) -> None:
-    """Load and validate the policy; print its version and any lint warnings."""
-    loaded = _load(directory)
+    """Load and validate the policy; print its version and any lint warnings.
+
+    With the broker's configuration (--config, BROKER_CONFIG_FILE, or --dev) the policy is
+    checked exactly as the broker checks it at start and on every reload: a credential naming
+    a secret backend the configuration lacks is an error, and the warnings are the broker's.
+    """
+    known: dict[str, tuple[str, ...]] = {}
+    if config is not None or dev:
+        from broker.cli.serve import _load as load_settings_or_exit
+        from broker.cli.serve import dev_settings
+
+        settings = dev_settings(config) if dev else load_settings_or_exit(config)
+        known = configured_names(settings)
+        directory = directory or settings.policy_dir
+    directory = directory or DEFAULT_DIR
+    loaded = _load(directory, **known)
+    if not known:
+        typer.echo(
+            "note: no configuration given (--config or BROKER_CONFIG_FILE): secret backends and "
+            "workload issuers are not checked",
+            err=True,
+        )
     for warning in loaded.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if strict and loaded.warnings:

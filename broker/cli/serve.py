@@ -261,18 +261,10 @@ WALKTHROUGH = """
 """
 
 
-def dev(
-    config: ConfigOption = None,
-    state_dir: Annotated[Path, typer.Option(help="Where dev keys and secrets live.")] = Path(
-        "var/dev"
-    ),
-) -> None:
-    """Run the broker with embedded development defaults (a built-in IdP, an OpenBao dev server
-    with demo provider keys, generated signing keys, the example policies). DEVELOPMENT ONLY."""
-    from broker.cli.dev_openbao import start_dev_openbao
-    from idp_adapters._loopback import serve_in_thread
-    from idp_adapters.dev import DevIdentityProvider, load_dev_people
-
+def dev_settings(config: Path | None, state_dir: Path = Path("var/dev")) -> BrokerSettings:
+    """The settings `broker dev` runs with: the configuration file (if any) plus the built-in
+    IdP, the OpenBao dev server as secret backend ``vault`` and keys under `state_dir`.
+    `broker policy check --dev` checks the policy against exactly these."""
     base = _load(config)
     idp_url = f"http://{base.dev_idp.host}:{base.dev_idp.port}"
     dev_idp_config = {
@@ -290,13 +282,30 @@ def dev(
         "address": bao_url,
         "auth": {"method": "token", "token_ref": "env:BROKER_DEV_OPENBAO_TOKEN"},
     }
-    settings = _load(
+    return _load(
         config,
         identity_providers=[dev_idp_config, *[p.model_dump() for p in base.identity_providers]],
         secret_backends=[dev_vault_config, *[b.model_dump() for b in base.secret_backends]],
         allow_development_components=True,
         signing_keys={**base.signing_keys.model_dump(), "directory": state_dir / "keys"},
     )
+
+
+def dev(
+    config: ConfigOption = None,
+    state_dir: Annotated[Path, typer.Option(help="Where dev keys and secrets live.")] = Path(
+        "var/dev"
+    ),
+) -> None:
+    """Run the broker with embedded development defaults (a built-in IdP, an OpenBao dev server
+    with demo provider keys, generated signing keys, the example policies). DEVELOPMENT ONLY."""
+    from broker.cli.dev_openbao import start_dev_openbao
+    from idp_adapters._loopback import serve_in_thread
+    from idp_adapters.dev import DevIdentityProvider, load_dev_people
+
+    settings = dev_settings(config, state_dir)
+    idp_url = f"http://{settings.dev_idp.host}:{settings.dev_idp.port}"
+    bao_url = f"http://{settings.dev_openbao.host}:{settings.dev_openbao.port}"
     secrets_file = state_dir / "client-secrets.json"
     try:
         client_secrets = _dev_client_secrets(settings.policy_dir, secrets_file)

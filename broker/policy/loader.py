@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
@@ -18,6 +19,9 @@ from pydantic import ValidationError
 from broker.policy.engine import CompiledAgent, Policy
 from broker.policy.model import AnyPolicyTestCase, PolicyDocument, PolicyTestFile
 from broker.policy.permissions import PermissionSet, pattern_overlaps
+
+if TYPE_CHECKING:
+    from broker.settings import BrokerSettings
 from broker.types import normalise_group
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -96,6 +100,16 @@ def compute_version(files: list[tuple[str, bytes]]) -> str:
     for name, content in sorted(files):
         digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def configured_names(settings: BrokerSettings) -> dict[str, tuple[str, ...]]:
+    """What a policy is checked against in a broker running with `settings` (the keyword
+    arguments of `load_policy`): the running broker and `broker policy check --config` both
+    use this, so they agree on every error and warning."""
+    return {
+        "known_workload_issuers": tuple(w.name for w in settings.workload_issuers),
+        "known_secret_backends": tuple(b.name for b in settings.secret_backends),
+    }
 
 
 def load_policy(
@@ -329,7 +343,12 @@ def _compile(
     for name, credential in merged.credentials.items():
         where = f"{merged.origin[f'credentials.{name}']}: credentials.{name}"
         if backends is not None and credential.backend not in backends:
-            warnings.append(f"{where}.backend: unknown secret backend {credential.backend!r}")
+            # Every fetch of it would fail: an error wherever the configuration is known.
+            configured = ", ".join(sorted(backends)) or "none"
+            problems.append(
+                f"{where}.backend: no secret backend {credential.backend!r} is configured "
+                f"(configured: {configured})"
+            )
         if not everything_granted.covers(credential.requires):
             warnings.append(f"{where}.requires: {credential.requires!r} is granted by no role")
     for name, gateway in merged.gateways.items():

@@ -113,14 +113,19 @@ class PolicyStore:
         self,
         directory: Path,
         *,
-        known_workload_issuers: Iterable[str] = (),
-        known_secret_backends: Iterable[str] = (),
+        known_workload_issuers: Iterable[str] | None = None,
+        known_secret_backends: Iterable[str] | None = None,
         decisions: DecisionLog | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._directory = directory
-        self._known_workload_issuers = tuple(known_workload_issuers)
-        self._known_secret_backends = tuple(known_secret_backends)
+        # None: the configuration is not known (no checks against it); else the names it has.
+        self._known_workload_issuers = (
+            None if known_workload_issuers is None else tuple(known_workload_issuers)
+        )
+        self._known_secret_backends = (
+            None if known_secret_backends is None else tuple(known_secret_backends)
+        )
         self._decisions = decisions
         self._clock = clock or SystemClock()
         self._lock = threading.Lock()

@@ -25,6 +25,7 @@ from tests.support.harness import (
     REPO,
     TICKETS,
     TOKEN_EXCHANGE,
+    placeholder_vault,
     wait_until_serving,
 )
 
@@ -165,6 +166,55 @@ def test_dev_walkthrough_runs_as_printed(dev_process: tuple[str, str, Path, Path
     assert person not in log.read_text() and agent_token not in log.read_text()
 
 
+def test_dev_starts_without_lint_warnings_and_policy_check_agrees(
+    dev_process: tuple[str, str, Path, Path],
+) -> None:
+    _, _, state, log = dev_process
+    assert "policy lint" not in log.read_text()  # the shipped policy, as `make dev` runs it
+    config = state.parent / "broker.yaml"
+    for args in (["--dev", "--config", str(config)], ["--dir", str(REPO / "policies")]):
+        checked = subprocess.run(
+            [BROKER, "policy", "check", "--strict", *args], capture_output=True, text=True
+        )
+        assert checked.returncode == 0, checked.stderr
+        assert "warning" not in checked.stderr
+
+
+def test_policy_check_dev_reports_what_broker_dev_logs(tmp_path: Path) -> None:
+    """The same policy, with a warning, checked as `broker dev` would run it: `check --dev`
+    prints exactly the warnings the dev broker's policy store logs at start."""
+    from broker.app import build_services
+    from broker.cli.serve import dev_settings
+
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    agents = policies / "agents.yaml"
+    agents.write_text(
+        agents.read_text().replace(
+            "    # workload_identities:\n    #   - {issuer: workloads,",
+            "    workload_identities:\n      - {issuer: workloads,",
+        )
+    )
+    config = tmp_path / "broker.yaml"
+    config.write_text(yaml.safe_dump({"policy_dir": str(policies)}))
+    services = build_services(dev_settings(config, tmp_path / "state"), decision_sinks=[])
+    expected = list(services.policies.warnings)
+    assert any("unknown workload issuer 'workloads'" in w for w in expected)
+    checked = subprocess.run(
+        [BROKER, "policy", "check", "--dev", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert [line.removeprefix("warning: ") for line in checked.stderr.splitlines()] == expected
+    strict = subprocess.run(
+        [BROKER, "policy", "check", "--strict", "--dev", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert strict.returncode == 1
+
+
 def test_serve_refuses_the_development_idp(tmp_path: Path) -> None:
     config = tmp_path / "broker.yaml"
     config.write_text(
@@ -199,7 +249,11 @@ def test_serve_refuses_an_invalid_policy_without_a_traceback(tmp_path: Path) -> 
     config = tmp_path / "broker.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"policy_dir": str(policies), "signing_keys": {"directory": str(tmp_path / "keys")}}
+            {
+                "policy_dir": str(policies),
+                "signing_keys": {"directory": str(tmp_path / "keys")},
+                **placeholder_vault(tmp_path),
+            }
         )
     )
     result = subprocess.run(
@@ -217,6 +271,7 @@ def test_serve_runs_with_environment_overrides(tmp_path: Path) -> None:
             {
                 "policy_dir": str(REPO / "policies"),
                 "signing_keys": {"directory": str(tmp_path / "keys")},
+                **placeholder_vault(tmp_path),
             }
         )
     )
@@ -251,7 +306,11 @@ def test_serve_refuses_a_policy_whose_own_tests_fail(tmp_path: Path) -> None:
     config = tmp_path / "broker.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"policy_dir": str(policies), "signing_keys": {"directory": str(tmp_path / "keys")}}
+            {
+                "policy_dir": str(policies),
+                "signing_keys": {"directory": str(tmp_path / "keys")},
+                **placeholder_vault(tmp_path),
+            }
         )
     )
     result = subprocess.run(

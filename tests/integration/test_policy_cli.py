@@ -18,7 +18,10 @@ from broker.cli import app
 from broker.cli.policy import schema_files
 from broker.client_secrets import verify_client_secret
 from broker.policy import load_policy
+from broker.policy.loader import configured_names
 from broker.policy.model import ClientSecretBasicAuth
+from broker.policy.store import PolicyStore
+from broker.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -47,7 +50,61 @@ def test_check_ok() -> None:
     code, out, err = run("check", "--dir", str(POLICIES))
     assert code == 0, err
     assert out.strip() == f"OK {load_policy(POLICIES).policy.version}"
-    assert err == ""
+    assert err.startswith("note: no configuration given")  # and nothing else
+    assert "warning" not in err
+
+
+def _config(tmp_path: Path, policy_dir: Path, backends: list[dict]) -> Path:
+    config = tmp_path / "broker.yaml"
+    config.write_text(yaml.safe_dump({"policy_dir": str(policy_dir), "secret_backends": backends}))
+    return config
+
+
+AWS = {"name": "aws", "kind": "aws_secrets_manager", "region": "us-east-1"}
+VAULT = {"name": "vault", "kind": "file", "path": "/nonexistent.yaml"}
+
+
+def test_check_knows_the_configuration(
+    policy_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A configuration without the backend the example credentials name: an error, not a note.
+    config = _config(tmp_path, policy_copy, [AWS])
+    for args in (["--config", str(config)], []):  # the option, or BROKER_CONFIG_FILE
+        if not args:
+            monkeypatch.setenv("BROKER_CONFIG_FILE", str(config))
+        code, out, err = run("check", *args)
+        assert code == 1, (args, out, err)
+        assert "no secret backend 'vault' is configured (configured: aws)" in err
+        assert "openai-api-key" in err and "Traceback" not in err
+    monkeypatch.delenv("BROKER_CONFIG_FILE")
+
+    # With it: the policy_dir comes from the configuration, and the warnings are exactly the
+    # ones the broker logs when it loads the policy (an agent naming an unknown workload issuer).
+    agents = policy_copy / "agents.yaml"
+    agents.write_text(
+        agents.read_text().replace(
+            "    # workload_identities:\n    #   - {issuer: workloads,",
+            "    workload_identities:\n      - {issuer: workloads,",
+        )
+    )
+    config = _config(tmp_path, policy_copy, [VAULT])
+    code, out, err = run("check", "--config", str(config))
+    assert code == 0, err
+    warnings = [line.removeprefix("warning: ") for line in err.splitlines()]
+    settings = load_settings(config)
+    store = PolicyStore(settings.policy_dir, **configured_names(settings))  # as build_services
+    assert warnings == list(store.warnings)
+    assert any("unknown workload issuer 'workloads'" in w for w in warnings)
+    code, _, err = run("check", "--strict", "--config", str(config))
+    assert code == 1 and "(--strict)" in err
+    # Without the configuration, the same directory shows no such warning (and says so).
+    code, _, err = run("check", "--strict", "--dir", str(policy_copy))
+    assert code == 0 and "no configuration given" in err
+
+
+def test_check_refuses_an_unreadable_configuration(tmp_path: Path) -> None:
+    code, _, err = run("check", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 1 and "does not exist" in err and "Traceback" not in err
 
 
 def test_check_broken_directory(policy_copy: Path) -> None:
@@ -240,8 +297,16 @@ def test_explain_shows_idp_roles_apart_and_what_the_token_carries() -> None:
     """A realm role named like a group is not that group; group paths are normalised; the
     explanation shows the groups a token would carry (not every group given)."""
     code, out, _ = explain(
-        "--person", "keycloak/alice", "--group", "/support,unrelated", "--idp-role",
-        "support-leads", "--agent", "triage-agent", "--scope", "tickets:write",
+        "--person",
+        "keycloak/alice",
+        "--group",
+        "/support,unrelated",
+        "--idp-role",
+        "support-leads",
+        "--agent",
+        "triage-agent",
+        "--scope",
+        "tickets:write",
     )
     assert code == 2
     assert "groups: support, unrelated" in out

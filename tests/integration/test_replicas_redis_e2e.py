@@ -28,6 +28,7 @@ from tests.support.harness import (
     broker_process,
     exchange_form,
     oidc_provider_config,
+    placeholder_vault,
     serve_idp,
     wait_until_serving,
 )
@@ -142,6 +143,7 @@ def start_replicas(
                     {
                         "issuer": issuer,
                         "policy_dir": str(policy_dir),
+                        **placeholder_vault(workdir),
                         "signing_keys": {"directory": str(workdir / "keys")},
                         "identity_providers": [oidc_provider_config(idp), saml_config],
                         "state": {

@@ -22,6 +22,7 @@ from tests.support.harness import (
     example_client_secrets,
     exchange_form,
     oidc_provider_config,
+    placeholder_vault,
     serve_idp,
     wait_until_serving,
 )
@@ -69,6 +70,7 @@ def test_sighup_reloads_every_worker_in_place(tmp_path: Path) -> None:
                 {
                     "issuer": url,
                     "policy_dir": str(policy_dir),
+                    **placeholder_vault(tmp_path),
                     "policy_reload_interval_seconds": 0,  # only SIGHUP reloads here
                     "signing_keys": {"directory": str(tmp_path / "keys")},
                     "identity_providers": [oidc_provider_config(idp)],

@@ -122,6 +122,12 @@ def run_broker(
     sock = reserve_loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     policy_dir = write_policy_dir(tmp_path, policy_extra)
+    if "secret_backends" not in overrides:
+        # The example credentials name the backend `vault`; a broker refuses a policy whose
+        # credentials name no configured backend. Tests that fetch nothing get an empty one.
+        placeholder = placeholder_vault(tmp_path)
+        overrides["secret_backends"] = placeholder["secret_backends"]
+        overrides.setdefault("allow_development_components", True)
     settings = BrokerSettings(
         issuer=url,
         policy_dir=policy_dir,
@@ -145,6 +151,17 @@ def run_broker(
         yield RunningBroker(url, settings, services, sink, server, policy_dir)
     finally:
         server.stop()
+
+
+def placeholder_vault(directory: Path) -> dict[str, Any]:
+    """Settings for an empty development secret backend named ``vault`` (the example policy's
+    credentials name it): for brokers and configurations whose tests fetch no credential."""
+    secrets_file = directory / "no-secrets.yaml"
+    secrets_file.write_text("{}\n")
+    return {
+        "secret_backends": [{"name": "vault", "kind": "file", "path": str(secrets_file)}],
+        "allow_development_components": True,
+    }
 
 
 def oidc_provider_config(provider: DevIdentityProvider, name: str = "dev") -> dict[str, Any]:

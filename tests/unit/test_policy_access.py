@@ -152,3 +152,45 @@ def test_introspection_decisions() -> None:
     assert decide_introspection(policy, "triage-agent", tickets).reason is (
         AccessReason.NOT_AN_INTROSPECTOR
     )
+
+
+# -- the configuration the policy is checked against ------------------------------------------
+
+
+def test_a_credential_naming_an_unconfigured_backend_is_an_error_when_the_config_is_known(
+    tmp_path: Path,
+) -> None:
+    from broker.policy import PolicyError
+    from broker.policy.loader import configured_names
+    from broker.settings import BrokerSettings
+
+    # Not known (a bare `broker policy check`): not checked.
+    assert load_policy(POLICIES).warnings == ()
+    # Known, and lacking `vault`: an error naming the credential, not a warning.
+    settings = BrokerSettings(
+        secret_backends=[{"name": "aws", "kind": "aws_secrets_manager", "region": "us-east-1"}]
+    )
+    with pytest.raises(PolicyError) as err:
+        load_policy(POLICIES, **configured_names(settings))
+    assert any(
+        "credentials.openai-api-key.backend: no secret backend 'vault' is configured "
+        "(configured: aws)" in p
+        for p in err.value.problems
+    )
+    # The broker refuses to start with it (the same check).
+    from broker.policy.store import PolicyStore
+
+    with pytest.raises(PolicyError):
+        PolicyStore(POLICIES, **configured_names(settings))
+    # Known and present: clean.
+    vault = BrokerSettings(
+        secret_backends=[
+            {
+                "name": "vault",
+                "kind": "vault",
+                "address": "http://127.0.0.1:1",
+                "auth": {"method": "token", "token_ref": "env:UNUSED"},
+            }
+        ]
+    )
+    assert load_policy(POLICIES, **configured_names(vault)).warnings == ()
