@@ -26,6 +26,7 @@ from tests.support.harness import (
     example_client_secrets,
     exchange_form,
     oidc_provider_config,
+    placeholder_vault,
     serve_idp,
     wait_until_serving,
 )
@@ -112,6 +113,7 @@ def _config(tmp_path: Path, port: int, cert: Path, key: Path, idp: dict[str, obj
             {
                 "issuer": f"https://127.0.0.1:{port}",
                 "policy_dir": str(EXAMPLE_POLICIES),
+                **placeholder_vault(tmp_path),
                 "signing_keys": {"directory": str(tmp_path / "keys")},
                 "identity_providers": [idp],
                 "http": {"port": port, "tls_cert_file": str(cert), "tls_key_file": str(key)},
