@@ -122,7 +122,9 @@ class Provenance:
         return claim
 
     @classmethod
-    def from_claim(cls, claim: Mapping[str, object]) -> Provenance:
+    def from_claim(cls, claim: object) -> Provenance:
+        if not isinstance(claim, Mapping):
+            raise ValueError("provenance must be a JSON object")
         groups = claim.get("groups") or []
         idp_roles = claim.get("idp_roles") or []
         auth_time = claim.get("auth_time")

@@ -310,10 +310,59 @@ def test_fuzzed_requests_of_registered_clients_get_protocol_answers(
         if case.path.startswith(prefix):
             headers = client_stack.basic(client, variable)
             break
-    replaced = _substitute(
-        case, mode, data, client_stack, client_agent_token, authenticated=True
-    )
+    replaced = _substitute(case, mode, data, client_stack, client_agent_token, authenticated=True)
     response = case.call_and_validate(
         base_url=client_stack.broker.url, headers=headers if replaced is None else replaced
     )
     assert_protocol_answer(response)
+
+
+# -- found by the fuzzing above ----------------------------------------------------------------
+# A token signed with the broker's own key whose `provenance` claim was not a JSON object (a list,
+# a string, a number, null) made every endpoint reading broker tokens answer 500 (AttributeError
+# escaping the verifier). Every claim of any JSON type is now a refused token, never a 5xx.
+_MALFORMED_CLAIMS = [
+    {"provenance": []},
+    {"provenance": "dev/alice"},
+    {"provenance": 5},
+    {"provenance": None},
+    {"provenance": {"idp": [], "sub": {}, "token_type": [], "session_exp": []}},
+    {"act": []},
+    {"act": {"sub": "triage-agent", "act": "x"}},
+    {"lineage": {}, "parent_jti": []},
+    {"aud": {}},
+    {"scope": []},
+    {"iat": "now"},
+    {"client_id": []},
+]
+
+
+@pytest.mark.parametrize("broken", _MALFORMED_CLAIMS, ids=lambda b: ",".join(f"{k}" for k in b))
+def test_malformed_claims_of_a_broker_signed_token_are_refused_not_a_server_error(
+    broken: dict[str, Any], client_stack: Stack, client_agent_token: str
+) -> None:
+    stack = client_stack
+    claims = {**jwt.decode(client_agent_token, options={"verify_signature": False}), **broken}
+    token = stack.sign("broker", claims, {})
+    url = stack.broker.url
+
+    def post(path: str, variable: str, client: str, data: dict[str, str]) -> httpx.Response:
+        return httpx.post(f"{url}{path}", data=data, headers=stack.basic(client, variable))
+
+    introspected = post("/oauth2/introspect", "LLM_GATEWAY_SECRET", "llm-gateway", {"token": token})
+    assert (introspected.status_code, introspected.json()) == (200, {"active": False})
+    fetched = post(
+        f"/v1/credentials/{CREDENTIAL}", "LLM_GATEWAY_SECRET", "llm-gateway", {"token": token}
+    )
+    assert (fetched.status_code, fetched.json()["error"]) == (401, "invalid_token")
+    revoked = post("/oauth2/revoke", "TRIAGE_AGENT_SECRET", "triage-agent", {"token": token})
+    assert (revoked.status_code, revoked.json()) == (200, {})
+    exchanged = post(
+        "/oauth2/token",
+        "TRIAGE_AGENT_SECRET",
+        "triage-agent",
+        exchange_form(
+            token, "urn:ietf:params:oauth:token-type:access_token", audience="llm-gateway"
+        ),
+    )
+    assert (exchanged.status_code, exchanged.json()["error"]) == (400, "invalid_grant")
