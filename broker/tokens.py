@@ -67,6 +67,11 @@ class KeyringError(Exception):
     pass
 
 
+def has_key_files(directory: Path) -> bool:
+    """Whether `directory` holds any signing key file (a read-only look)."""
+    return directory.is_dir() and any(directory.glob("*" + _KEY_FILE_SUFFIX))
+
+
 class Keyring:
     """Signing keys on disk. Cheap to read on the hot path; re-reads the directory when it changes
     (checked at most once a second), so `broker keys rotate` reaches a running broker."""

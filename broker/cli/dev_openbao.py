@@ -86,9 +86,11 @@ def start_dev_openbao(host: str = "127.0.0.1", port: int = 8200) -> DevOpenBao:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = server.log.read_text(errors="replace")[-2000:]
+            lines = server.log.read_text(errors="replace").strip().splitlines()
             server.stop()
-            raise RuntimeError(f"OpenBao dev server exited:\n{output}")
+            errors = [line.strip() for line in lines if "error" in line.lower()] or lines
+            last = errors[-1] if errors else "no output"
+            raise RuntimeError(f"the OpenBao dev server on {address} exited: {last[:300]}")
         try:
             if httpx.get(f"{address}/v1/sys/health", timeout=1).status_code == 200:
                 return server

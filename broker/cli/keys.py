@@ -11,32 +11,69 @@ import typer
 
 from broker.audit import DecisionLog, KeyringCheckpointSigner, build_sinks
 from broker.clock import SystemClock
-from broker.settings import BrokerSettings, load_settings
-from broker.tokens import Keyring
+from broker.settings import BrokerSettings, SigningKeysConfig, load_settings
+from broker.tokens import Keyring, KeyringError, has_key_files
+
+DEV_STATE_DIR = Path("var/dev")
+DEV_KEYS_DIR = DEV_STATE_DIR / "keys"
+
+
+def dev_key_directory(settings: BrokerSettings, state_dir: Path) -> Path:
+    """Where `broker dev` keeps its signing keys: signing_keys.directory when configured (file
+    or BROKER_SIGNING_KEYS__DIRECTORY), else <state dir>/keys."""
+    if settings.signing_keys.directory != SigningKeysConfig().directory:
+        return settings.signing_keys.directory
+    return state_dir / "keys"
 
 keys_app = typer.Typer(help="Manage the broker's token signing keys.", no_args_is_help=True)
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration.")]
 
 
-def _keyring(settings: BrokerSettings, keys_dir: Path | None) -> Keyring:
-    return Keyring(
-        keys_dir or settings.signing_keys.directory,
-        algorithm=settings.signing_keys.algorithm,
-        clock=SystemClock(),
-        publish_grace_seconds=settings.tokens.max_lifetime_seconds + settings.tokens.leeway_seconds,
-        generate_if_missing=True,
-    )
+KeysDirOption = Annotated[
+    Path | None, typer.Option(help="Overrides signing_keys.directory.", show_default=False)
+]
+DevOption = Annotated[
+    bool,
+    typer.Option(
+        "--dev",
+        help=f"The keys `broker dev` uses ({DEV_KEYS_DIR}, for its default --state-dir) "
+        "unless signing_keys.directory is configured.",
+    ),
+]
+
+
+def key_directory(settings: BrokerSettings, keys_dir: Path | None, dev: bool) -> Path:
+    """--keys-dir, else `broker dev`'s directory with --dev, else signing_keys.directory."""
+    if keys_dir is not None:
+        return keys_dir
+    return dev_key_directory(settings, DEV_STATE_DIR) if dev else settings.signing_keys.directory
+
+
+def _keyring(settings: BrokerSettings, directory: Path, *, create: bool) -> Keyring:
+    try:
+        return Keyring(
+            directory,
+            algorithm=settings.signing_keys.algorithm,
+            clock=SystemClock(),
+            publish_grace_seconds=settings.tokens.max_lifetime_seconds
+            + settings.tokens.leeway_seconds,
+            generate_if_missing=create,
+        )
+    except KeyringError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @keys_app.command("rotate")
 def rotate(
-    config: ConfigOption = None,
-    keys_dir: Annotated[Path | None, typer.Option(help="Overrides signing_keys.directory.")] = None,
+    config: ConfigOption = None, keys_dir: KeysDirOption = None, dev: DevOption = False
 ) -> None:
     """Add a new signing key. The previous key stays published until its tokens expire;
     running brokers pick the change up within a second."""
     settings = load_settings(config)
-    keyring = _keyring(settings, keys_dir)
+    directory = key_directory(settings, keys_dir, dev)
+    typer.echo(f"signing keys in {directory}", err=True)
+    keyring = _keyring(settings, directory, create=True)
     previous = keyring.active.kid
     new = keyring.rotate()
     _audit_rotation(settings, keyring, previous, new.kid, keyring.published_kids())
@@ -76,11 +113,17 @@ def _operator() -> str:
 
 @keys_app.command("list")
 def list_keys(
-    config: ConfigOption = None,
-    keys_dir: Annotated[Path | None, typer.Option(help="Overrides signing_keys.directory.")] = None,
+    config: ConfigOption = None, keys_dir: KeysDirOption = None, dev: DevOption = False
 ) -> None:
-    """List published signing keys; the active one is marked."""
-    keyring = _keyring(load_settings(config), keys_dir)
+    """List published signing keys; the active one is marked. Read-only: creates nothing."""
+    settings = load_settings(config)
+    directory = key_directory(settings, keys_dir, dev)
+    typer.echo(f"signing keys in {directory}", err=True)
+    if not has_key_files(directory):
+        hint = "" if dev or keys_dir else " (`broker dev` keeps its own: add --dev)"
+        typer.echo(f"no signing keys in {directory}{hint}", err=True)
+        raise typer.Exit(1)
+    keyring = _keyring(settings, directory, create=False)
     active = keyring.active.kid
     for kid in keyring.published_kids():
         typer.echo(f"{'*' if kid == active else ' '} {kid}")

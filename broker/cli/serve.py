@@ -199,6 +199,8 @@ WALKTHROUGH = """
  dev OpenBao:     {bao}   (DEVELOPMENT ONLY; in memory, seeded with demo provider keys)
  policies:        {policy_dir}  (version {version})
  client secrets:  {secrets_file}
+ signing keys:    {keys_dir}
+ audit trail:     {audit_file}  (and below, as JSON lines)
 
  1. Sign Alice (support) in at the development IdP and keep her ID token:
 
@@ -256,15 +258,45 @@ WALKTHROUGH = """
     curl -s -u rotation-hook:{hook_secret} -X POST \\
       {issuer}/v1/admin/credentials/openai-api-key/refresh
 
+ 8. Read the audit trail: verify the chain (exit 3 while the broker runs: the chain is still
+    open, and it says up to which record it vouches), query it, and the fetches per credential:
+
+    {broker_cmd} audit verify {audit_file} --keys {keys_dir}
+    {broker_cmd} audit query {audit_file} --person dev/alice --agent triage-agent
+    {broker_cmd} usage report {audit_file} --by agent --policy-dir {policy_dir}
+    {broker_cmd} keys list --keys-dir {keys_dir}
+
  Decision records are printed below as JSON lines. Ctrl-C stops everything.
 ==============================================================================
 """
 
 
+def _port_in_use(host: str, port: int, what: str, setting: str) -> socket.socket:
+    """Bind `host`:`port` now, or stop with one line naming what wanted it and the setting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        variable = "BROKER_" + setting.upper().replace(".", "__")
+        typer.echo(
+            f"error: cannot listen on {host}:{port} for {what}: {exc.strerror} (another "
+            f"`broker dev`?); stop what uses it, or set {setting} (or {variable})",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    return sock
+
+
 def dev_settings(config: Path | None, state_dir: Path = Path("var/dev")) -> BrokerSettings:
     """The settings `broker dev` runs with: the configuration file (if any) plus the built-in
     IdP, the OpenBao dev server as secret backend ``vault`` and keys under `state_dir`.
-    `broker policy check --dev` checks the policy against exactly these."""
+    `broker policy check --dev` checks the policy against exactly these. The file and every
+    BROKER_* override apply (a configured signing key directory or audit file wins)."""
+    from broker.cli.keys import dev_key_directory
+
     base = _load(config)
     idp_url = f"http://{base.dev_idp.host}:{base.dev_idp.port}"
     dev_idp_config = {
@@ -287,7 +319,12 @@ def dev_settings(config: Path | None, state_dir: Path = Path("var/dev")) -> Brok
         identity_providers=[dev_idp_config, *[p.model_dump() for p in base.identity_providers]],
         secret_backends=[dev_vault_config, *[b.model_dump() for b in base.secret_backends]],
         allow_development_components=True,
-        signing_keys={**base.signing_keys.model_dump(), "directory": state_dir / "keys"},
+        # configured values (file or BROKER_SIGNING_KEYS__DIRECTORY, BROKER_AUDIT__FILE) win
+        signing_keys={
+            **base.signing_keys.model_dump(),
+            "directory": dev_key_directory(base, state_dir),
+        },
+        audit={**base.audit.model_dump(), "file": base.audit.file or state_dir / "audit.jsonl"},
     )
 
 
@@ -316,21 +353,47 @@ def dev(
 
     people = load_dev_people(settings.dev_idp.people_file)
     provider = DevIdentityProvider(idp_url, people)
+    # Every port first: a busy one is one line naming it, before anything has started.
+    broker_sock = _port_in_use(
+        settings.http.host, settings.http.port, "the broker", "http.port"
+    )
+    idp_sock = _port_in_use(
+        settings.dev_idp.host, settings.dev_idp.port, "the dev IdP", "dev_idp.port"
+    )
+    _port_in_use(
+        settings.dev_openbao.host, settings.dev_openbao.port, "the dev OpenBao", "dev_openbao.port"
+    ).close()
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception rather than
     # the default instant exit, so the exit stack below still stops what `broker dev` started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.ExitStack() as started:  # Ctrl-C or any failure stops everything started
-        openbao = start_dev_openbao(settings.dev_openbao.host, settings.dev_openbao.port)
+        started.callback(broker_sock.close)
+        try:
+            openbao = start_dev_openbao(settings.dev_openbao.host, settings.dev_openbao.port)
+        except RuntimeError as exc:
+            idp_sock.close()
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         started.callback(openbao.stop)
         os.environ["BROKER_DEV_OPENBAO_TOKEN"] = openbao.root_token
+        token_file = state_dir / "openbao-token"  # for a shell: BAO_TOKEN=$(cat var/dev/...)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(openbao.root_token + "\n")
+        started.callback(token_file.unlink, missing_ok=True)
         openbao.kv_put("llm/openai", {"api_key": "sk-demo-openai-" + secrets.token_hex(8)})
         openbao.kv_put("llm/anthropic", {"api_key": "sk-ant-demo-" + secrets.token_hex(8)})
-        idp_server = serve_in_thread(
-            provider.asgi_app(), settings.dev_idp.host, settings.dev_idp.port
-        )
+        idp_server = serve_in_thread(provider.asgi_app(), sock=idp_sock)
         started.callback(idp_server.stop)
         _run_dev_broker(
-            settings, people, idp_url, bao_url, openbao.root_token, client_secrets, secrets_file
+            settings,
+            people,
+            idp_url,
+            bao_url,
+            openbao.root_token,
+            client_secrets,
+            state_dir,
+            broker_sock,
         )
 
 
@@ -341,16 +404,18 @@ def _run_dev_broker(
     bao_url: str,
     bao_token: str,
     client_secrets: dict[str, str],
-    secrets_file: Path,
+    state_dir: Path,
+    sock: socket.socket,
 ) -> None:
-    import sys
-
     from broker.app import build_services, create_app
-    from broker.audit import StreamSink
     from broker.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    services = build_services(settings, decision_sinks=[StreamSink(sys.stdout)])
+    try:
+        services = build_services(settings)  # the audit: section: the file, and stdout
+    except (PolicyError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(
         WALKTHROUGH.format(
             issuer=settings.issuer,
@@ -358,7 +423,9 @@ def _run_dev_broker(
             people=", ".join(sorted(people)),
             policy_dir=settings.policy_dir,
             version=services.policies.current().version,
-            secrets_file=secrets_file,
+            secrets_file=state_dir / "client-secrets.json",
+            keys_dir=settings.signing_keys.directory,
+            audit_file=settings.audit.file,
             triage_secret=client_secrets.get("TRIAGE_AGENT_SECRET", "<secret>"),
             summariser_secret=client_secrets.get("SUMMARISER_AGENT_SECRET", "<secret>"),
             gateway_secret=client_secrets.get("LLM_GATEWAY_SECRET", "<secret>"),
@@ -369,12 +436,11 @@ def _run_dev_broker(
             broker_cmd=".venv/bin/broker",
         )
     )
-    uvicorn.run(
+    server_config = uvicorn.Config(
         create_app(settings, services=services),
-        host=settings.http.host,
-        port=settings.http.port,
         log_level="warning",
         log_config=None,
         access_log=False,
         server_header=False,
     )
+    uvicorn.Server(server_config).run(sockets=[sock])

@@ -8,8 +8,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,7 @@ from tests.support.harness import (
     TICKETS,
     TOKEN_EXCHANGE,
     placeholder_vault,
+    stop_process,
     wait_until_serving,
 )
 
@@ -41,6 +44,13 @@ def _free_port() -> int:
 
 @pytest.fixture
 def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
+    with _dev(tmp_path) as (url, idp_url, _, state, log):
+        yield url, idp_url, state, log
+
+
+@contextmanager
+def _dev(tmp_path: Path) -> Iterator[tuple[str, str, str, Path, Path]]:
+    """`broker dev` on free ports, run from `tmp_path`: (broker, IdP, OpenBao, state dir, log)."""
     port, idp_port, bao_port = _free_port(), _free_port(), _free_port()
     config = tmp_path / "broker.yaml"
     config.write_text(
@@ -67,10 +77,15 @@ def dev_process(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_serving(url, process, log)
-        yield url, f"http://127.0.0.1:{idp_port}", tmp_path / "state", log
+        yield (
+            url,
+            f"http://127.0.0.1:{idp_port}",
+            f"http://127.0.0.1:{bao_port}",
+            tmp_path / "state",
+            log,
+        )
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_process(process)
     # stopping `broker dev` stops everything it started: OpenBao and the IdP are gone too
     for stopped in (bao_port, idp_port):
         with pytest.raises(httpx.TransportError):
@@ -341,3 +356,193 @@ def test_serve_refuses_several_workers_with_memory_state(tmp_path: Path) -> None
         assert result.returncode == 1, result.stderr
         assert "workers with state.kind: memory" in result.stderr
         assert "state.kind: redis" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the walkthroughs, pasted into a fresh shell ------------------------------------------------
+
+
+def _logical_lines(lines: list[str]) -> list[str]:
+    """Shell commands: continuation lines joined, comments and blank lines dropped."""
+    commands: list[str] = []
+    pending = ""
+    for raw in lines:
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        commands.append(pending + line)
+        pending = ""
+    assert not pending, "a command ends with a continuation"
+    return commands
+
+
+def _printed_commands(walkthrough: str) -> list[str]:
+    """The commands `broker dev` prints: the paragraphs indented by four spaces (prose
+    paragraphs start with the step number)."""
+    banner = walkthrough.split("=" * 78)[2]  # between the second and third rule
+    paragraphs = [p for p in banner.split("\n\n") if p.strip()]
+    blocks = [p for p in paragraphs if all(line.startswith("    ") for line in p.splitlines())]
+    return _logical_lines([line for block in blocks for line in block.splitlines()])
+
+
+def _readme_commands() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```sh\n", readme.index("## Walkthrough (`make dev`)")) + len("```sh\n")
+    return _logical_lines(readme[start : readme.index("```", start)].splitlines())
+
+
+def _run_in_fresh_shell(commands: list[str], cwd: Path) -> list[tuple[str, int, str]]:
+    """Every command, in order, in one new bash (no variables inherited from this process's
+    walkthrough): (command, exit status, output)."""
+    marker = "__exit_status__"
+    script = "".join(f"{command}\nprintf '\\n{marker} %s\\n' $?\n" for command in commands)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(cwd),
+        "LANG": "C.UTF-8",
+    }
+    done = subprocess.run(
+        ["bash", "--noprofile", "--norc"],
+        input=script,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+    chunks = re.split(rf"\n?{marker} (\d+)\n", done.stdout)
+    results = [
+        (command, int(chunks[2 * i + 1]), chunks[2 * i]) for i, command in enumerate(commands)
+    ]
+    assert len(chunks) == 2 * len(commands) + 1, done.stdout + done.stderr
+    return results
+
+
+def _repository_view(tmp_path: Path) -> None:
+    """`broker dev` runs from `tmp_path`: give it the repository's .venv and policies, so the
+    commands meant for the repository root work there as pasted."""
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    (tmp_path / "policies").symlink_to(REPO / "policies")
+
+
+def _check_walkthrough(results: list[tuple[str, int, str]]) -> str:
+    for command, status, output in results:
+        expected = {0}
+        if " audit verify " in command:
+            expected = {0, 3}  # 3: the chain is open while the broker runs
+        elif " policy explain " in command:
+            expected = {2}  # the walkthrough explains a refusal: exit 2 is "denied"
+        assert status in expected, f"{command!r} exited {status}:\n{output}"
+        assert "Traceback" not in output, f"{command!r}:\n{output}"
+        if '"error"' in output:  # only the refusal the walkthrough shows on purpose
+            assert "invalid_scope" in output, f"{command!r}:\n{output}"
+    return "\n".join(output for _, _, output in results)
+
+
+def test_the_printed_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path) -> None:
+    _repository_view(tmp_path)
+    with _dev(tmp_path) as (_, _, _, state, log):
+        commands = _printed_commands(log.read_text())
+        assert len(commands) >= 15, commands
+        output = _check_walkthrough(_run_in_fresh_shell(commands, tmp_path))
+    assert '"sub": "dev/alice"' in output  # token decode
+    assert '"value": "sk-demo-openai-' in output.replace('":"', '": "')  # the fetch
+    assert "invalid_scope" in output  # step 5's refusal
+    assert "triage-agent" in output and "fetches" in output  # usage report
+    assert (state / "audit.jsonl").stat().st_size > 0
+
+
+def test_the_readme_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path) -> None:
+    _repository_view(tmp_path)
+    with _dev(tmp_path) as (url, idp_url, bao_url, state, _):
+        (tmp_path / "var").mkdir()
+        (tmp_path / "var" / "dev").symlink_to(state)  # --state-dir var/dev, as `make dev`
+        commands = [
+            command.replace("http://127.0.0.1:8080", url)
+            .replace("http://127.0.0.1:8081", idp_url)
+            .replace("http://127.0.0.1:8200", bao_url)
+            for command in _readme_commands()
+        ]
+        output = _check_walkthrough(_run_in_fresh_shell(commands, tmp_path))
+    assert '"sub": "dev/alice"' in output
+    assert "sk-demo-openai-" in output
+    assert "triage-agent" in output  # usage report by agent
+
+
+def test_dev_writes_the_audit_file_and_honours_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trail = tmp_path / "elsewhere" / "trail.jsonl"
+    keys = tmp_path / "elsewhere-keys"
+    monkeypatch.setenv("BROKER_AUDIT__FILE", str(trail))
+    monkeypatch.setenv("BROKER_SIGNING_KEYS__DIRECTORY", str(keys))
+    with _dev(tmp_path) as (url, _, _, state, log):
+        assert httpx.get(f"{url}/.well-known/jwks.json").status_code == 200
+        assert str(trail) in log.read_text() and str(keys) in log.read_text()
+    records = [json.loads(line) for line in trail.read_text().splitlines()]
+    assert records[0]["event"] == "audit.chain_started"
+    assert not (state / "audit.jsonl").exists() and not (state / "keys").exists()
+    assert any(keys.glob("*.key.json"))
+
+
+@pytest.mark.parametrize("busy", ["http.port", "dev_idp.port", "dev_openbao.port"])
+def test_dev_names_a_busy_port_in_one_line(tmp_path: Path, busy: str) -> None:
+    ports = {"http.port": _free_port(), "dev_idp.port": _free_port()}
+    ports["dev_openbao.port"] = _free_port()
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "issuer": f"http://127.0.0.1:{ports['http.port']}",
+                "policy_dir": str(REPO / "policies"),
+                "http": {"port": ports["http.port"]},
+                "dev_idp": {"port": ports["dev_idp.port"]},
+                "dev_openbao": {"port": ports["dev_openbao.port"]},
+            }
+        )
+    )
+    holder = reserve_loopback_socket(port=ports[busy])
+    holder.listen()
+    try:
+        result = subprocess.run(
+            [BROKER, "dev", "--config", str(config), "--state-dir", str(tmp_path / "state")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{ports[busy]}" in lines[0] and busy in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "DEVELOPMENT MODE" not in result.stdout  # nothing was started
+
+
+def test_serve_names_a_busy_port_in_one_line(tmp_path: Path) -> None:
+    holder = reserve_loopback_socket()
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy_dir": str(REPO / "policies"),
+                "signing_keys": {"directory": str(tmp_path / "keys")},
+                "http": {"port": port},
+            }
+        )
+    )
+    try:
+        result = subprocess.run(
+            [BROKER, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("policy lint")]
+    assert errors == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
