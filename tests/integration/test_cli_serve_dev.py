@@ -339,7 +339,11 @@ def test_serve_refuses_several_workers_with_memory_state(tmp_path: Path) -> None
     config = tmp_path / "broker.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"policy_dir": str(REPO / "policies"), "signing_keys": {"directory": str(tmp_path)}}
+            {
+                "policy_dir": str(REPO / "policies"),
+                "signing_keys": {"directory": str(tmp_path)},
+                **placeholder_vault(tmp_path),
+            }
         )
     )
     for args, env in (
@@ -534,6 +538,7 @@ def test_serve_names_a_busy_port_in_one_line(tmp_path: Path) -> None:
                 "policy_dir": str(REPO / "policies"),
                 "signing_keys": {"directory": str(tmp_path / "keys")},
                 "http": {"port": port},
+                **placeholder_vault(tmp_path),
             }
         )
     )
@@ -544,5 +549,6 @@ def test_serve_names_a_busy_port_in_one_line(tmp_path: Path) -> None:
     finally:
         holder.close()
     assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if not line.startswith("policy lint")]
-    assert errors == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert result.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
