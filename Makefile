@@ -31,9 +31,10 @@ COMPOSE_PROGRAMS ?= curl=curl xz=xz-utils
 POSTGRES_BINDIRS ?= /usr/lib/postgresql/*/bin
 SYSTEM_PACKAGES_UID ?= $(shell id -u)
 APT_GET ?= apt-get
+APT_INSTALL = apt-get install -y --no-install-recommends
 
-system-packages:
-	@set -u; missing=""; \
+# The packages whose program is missing (evaluated only when system-packages runs).
+SYSTEM_MISSING = $(strip $(shell \
 	programs="$(SYSTEM_PROGRAMS)"; \
 	if ! { docker compose version >/dev/null 2>&1 || docker-compose version >/dev/null 2>&1 \
 	    || $(BIN)/docker-compose version >/dev/null 2>&1; }; then \
@@ -41,18 +42,17 @@ system-packages:
 	has() { command -v "$$1" >/dev/null 2>&1 && return 0; \
 	  for dir in $(POSTGRES_BINDIRS); do [ -x "$$dir/$$1" ] && return 0; done; return 1; }; \
 	for pair in $$programs; do \
-	  has "$${pair%%=*}" || case " $$missing " in *" $${pair#*=} "*) ;; \
-	    *) missing="$${missing:+$$missing }$${pair#*=}" ;; esac; \
-	done; \
-	[ -z "$$missing" ] && exit 0; \
-	install="apt-get install -y --no-install-recommends $$missing"; \
-	if [ "$(SYSTEM_PACKAGES_UID)" != 0 ]; then \
-	  echo "make system-packages: missing $$missing; run: sudo $$install" >&2; exit 1; fi; \
-	echo "make system-packages: $$install"; \
+	  IFS==; set -- $$pair; IFS=" "; has "$$1" || echo "$$2"; done))
+
+system-packages:
+	$(eval missing := $$(SYSTEM_MISSING))
+	$(if $(and $(missing),$(filter-out 0,$(SYSTEM_PACKAGES_UID))),$(error \
+	  make system-packages: missing $(missing); run: sudo $(APT_INSTALL) $(missing)))
+	@$(if $(missing),set -e; echo "make system-packages: $(APT_INSTALL) $(missing)"; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	$(APT_GET) install -y --no-install-recommends $$missing \
-	  || { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $$missing; } \
-	  || { echo "make system-packages: could not install $$missing" >&2; exit 1; }
+	$(APT_GET) install -y --no-install-recommends $(missing) \
+	  || { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(missing); } \
+	  || { echo "make system-packages: could not install $(missing)" >&2; exit 1; },:)
 
 ## make compose: a docker compose v2 binary for the tests of docker-compose.yml, where the
 ## machine has neither `docker compose` nor `docker-compose`: Debian's docker-compose package
