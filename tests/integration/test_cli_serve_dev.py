@@ -27,6 +27,7 @@ from tests.support.harness import (
     REPO,
     TICKETS,
     TOKEN_EXCHANGE,
+    broker_process,
     placeholder_vault,
     stop_process,
     wait_until_serving,
@@ -73,6 +74,7 @@ def _dev(tmp_path: Path) -> Iterator[tuple[str, str, str, Path, Path]]:
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
             env=env,
+            start_new_session=True,  # with its OpenBao: one group for stop_process
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -292,21 +294,11 @@ def test_serve_runs_with_environment_overrides(tmp_path: Path) -> None:
     )
     env = os.environ | {"BROKER_ISSUER": f"http://127.0.0.1:{port}", "BROKER_HTTP__PORT": str(port)}
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [BROKER, "serve", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
+    with broker_process(["serve", "--config", str(config)], log, env) as process:
         url = f"http://127.0.0.1:{port}"
         wait_until_serving(url, process, log)
         metadata = httpx.get(f"{url}/.well-known/oauth-authorization-server").json()
         assert metadata["issuer"] == url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def test_serve_refuses_a_policy_whose_own_tests_fail(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ example policies plus test-only agents, and decision records captured in memory.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -195,7 +197,12 @@ def broker_process(
     """`broker <args>` in a subprocess writing to `log`; terminated and waited for at exit."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [BROKER_COMMAND, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd
+            [BROKER_COMMAND, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,  # its workers and servers form one group: see stop_process
         )
     try:
         yield process
@@ -204,13 +211,18 @@ def broker_process(
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, and SIGKILL if it has not exited within `timeout`: it never outlives the test."""
+    """SIGTERM (a broker stops what it started), and SIGKILL if it has not exited within
+    `timeout`: then to its whole process group when it leads one (started with
+    ``start_new_session=True``), so no worker or child server outlives the test."""
     if process.poll() is None:
         process.terminate()
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # only ever our own child's group
+            except (ProcessLookupError, PermissionError):
+                process.kill()
             process.wait(timeout=5)
 
 
