@@ -247,7 +247,7 @@ async def test_missing_audience(adapter: OidcAdapter, hostile: Hostile) -> None:
 async def test_id_token_presented_as_access_token(
     adapter: OidcAdapter, hostile: Hostile, shared_dev_idp: Any
 ) -> None:
-    await refused(adapter, hostile.idp.mint("alice"), TokenType.ACCESS_TOKEN, match="audience")
+    await refused(adapter, hostile.idp.mint("alice"), TokenType.ACCESS_TOKEN, match="ID token")
     # Even with an audience accepted for both, an ID token's nonce/at_hash gives it away.
     client_id = hostile.idp.client_id
     async with httpx.AsyncClient() as http:
