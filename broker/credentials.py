@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from cachetools import LRUCache
-
 from broker.audit import DecisionLog
 from broker.cache import (
     CacheEvent,
@@ -46,10 +44,11 @@ from broker.errors import (
     TemporarilyUnavailable,
 )
 from broker.oauth_request import OAuthForm
-from broker.policy import Person, Policy, Standing, standing
+from broker.policy import Person, Policy
 from broker.policy.access import (
     AccessReason,
     FetchRequest,
+    RememberedStandings,
     decide_fetch,
     is_gateway,
     require_admin,
@@ -58,7 +57,6 @@ from broker.policy.model import Credential
 from broker.revocation import Revocations, check_not_revoked
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier
-from broker.types import BrokerToken
 from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
 
@@ -123,8 +121,7 @@ class CredentialService:
         # (policy version, credential name) -> (SecretRef, CachePolicy): built once per policy
         # version, so the hot path looks up the cache with the very same key objects.
         self._plans: dict[tuple[str, str], tuple[SecretRef, CachePolicy]] = {}
-        # (policy version, person, groups, chain) -> what the policy in force still grants it.
-        self._standings: LRUCache[tuple[object, ...], Standing] = LRUCache(maxsize=10_000)
+        self._standings = RememberedStandings()
 
     def _plan(
         self, policy: Policy, name: str, credential: Credential
@@ -136,24 +133,6 @@ class CredentialService:
                 self._plans.clear()  # older policy versions
             plan = self._plans[key] = (secret_ref(credential), cache_policy(credential))
         return plan
-
-    def _standing(self, policy: Policy, token: BrokerToken) -> Standing:
-        """`standing` for the token's person (with the groups it carries) and chain, computed
-        once per policy version and remembered (the fetch path is hot)."""
-        provenance = token.provenance
-        key = (
-            policy.version,
-            provenance.idp,
-            provenance.subject,
-            provenance.groups,
-            provenance.idp_roles,
-            token.actor_chain,
-        )
-        found = self._standings.get(key)
-        if found is None:
-            person = Person.of(provenance)
-            found = self._standings[key] = standing(policy, person, token.actor_chain)
-        return found
 
     async def fetch(
         self,
@@ -256,7 +235,7 @@ class CredentialService:
                 audiences=agent_token.audiences,
                 previous=which == "previous",
             ),
-            standing_now=self._standing(policy, agent_token),
+            standing_now=self._standings.of(policy, agent_token),
         )
         if not decision.allowed:
             raise _FETCH_REFUSALS[decision.reason](

@@ -14,7 +14,11 @@ from broker.client_auth import AuthenticatedClient
 from broker.errors import InvalidRequest, TemporarilyUnavailable, UnauthorizedClient
 from broker.oauth_request import OAuthForm
 from broker.policy import Policy
-from broker.policy.access import decide_introspection, introspection_audiences
+from broker.policy.access import (
+    RememberedStandings,
+    decide_introspection,
+    introspection_audiences,
+)
 from broker.revocation import Revocations, TokenRevoked
 from broker.state import StateUnavailable
 from broker.tokens import BrokerTokenVerifier
@@ -52,6 +56,7 @@ class Introspection:
         self._verifier = verifier
         self._policy = policy
         self._decisions = decisions
+        self._standings = RememberedStandings()
 
     async def handle(
         self, form: OAuthForm, client: AuthenticatedClient, *, request_id: str
@@ -107,15 +112,34 @@ class Introspection:
                 request_id=request_id,
             )
             return INACTIVE
+        # Tokens already issued are narrowed by the policy in force, as at credential fetch: a
+        # right withdrawn since issue is no longer reported, and a chain that holds nothing any
+        # more (an agent removed, no longer acting for the person) makes the token inactive.
+        held = self._standings.of(policy, verified)
+        withdrawn = {s: why for s in verified.scopes if (why := held.withdrawn(s)) is not None}
+        scopes = [s for s in verified.scopes if s not in withdrawn]
+        if not scopes:
+            self._decisions.record(
+                "token.introspect",
+                outcome="inactive",
+                reason=str(held.reason or next(iter(withdrawn.values()))),
+                jti=verified.jti,
+                client_id=client.client_id,
+                request_id=request_id,
+            )
+            return INACTIVE
         self._decisions.record(
             "token.introspect",
             outcome="active",
             jti=verified.jti,
             person=verified.subject,
             agent_chain=list(verified.actor_chain),
+            scopes=scopes,
+            withdrawn_scopes=sorted(withdrawn) or None,
             client_id=client.client_id,
             request_id=request_id,
         )
         response: dict[str, Any] = {"active": True, "token_type": "Bearer"}
         response.update({k: verified.claims[k] for k in _EXPOSED_CLAIMS if k in verified.claims})
+        response["scope"] = " ".join(scopes)
         return response

@@ -15,9 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cachetools import LRUCache
+
 from broker.errors import AccessDenied, InvalidClient
 from broker.policy.engine import Person, Policy, Standing, standing
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission
+from broker.types import BrokerToken
 
 if TYPE_CHECKING:
     from broker.client_auth import AuthenticatedClient
@@ -38,6 +41,31 @@ class AccessReason(enum.StrEnum):
     NOT_AN_ADMIN = "not_an_admin"
     ADMIN_PERMISSION_MISSING = "admin_permission_missing"
     ADMIN_CREDENTIAL_NOT_ALLOWED = "admin_credential_not_allowed"
+
+
+
+class RememberedStandings:
+    """`standing` for a token's person (with the groups and IdP roles it carries) and agent chain,
+    computed once per policy version and remembered: the credential fetch and introspection paths
+    are hot, and the answer changes only when the policy does."""
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._found: LRUCache[tuple[object, ...], Standing] = LRUCache(maxsize=maxsize)
+
+    def of(self, policy: Policy, token: BrokerToken) -> Standing:
+        provenance = token.provenance
+        key = (
+            policy.version,
+            provenance.idp,
+            provenance.subject,
+            provenance.groups,
+            provenance.idp_roles,
+            token.actor_chain,
+        )
+        found = self._found.get(key)
+        if found is None:
+            found = self._found[key] = standing(policy, Person.of(provenance), token.actor_chain)
+        return found
 
 
 _ERROR_FOR_REASON: Mapping[AccessReason, str] = {

@@ -95,10 +95,18 @@ def test_removing_a_right_or_a_ceiling_takes_effect_on_the_next_fetch(
             f"{broker.url}/v1/credentials/openai-api-key", data={"token": token}, auth=gateway
         )
 
+    def introspect(token: str) -> dict[str, Any]:
+        response = httpx.post(
+            f"{broker.url}/oauth2/introspect", data={"token": token}, auth=gateway
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
     agent = exchange(idp.mint("alice"), "urn:ietf:params:oauth:token-type:id_token", triage)
     child = exchange(agent, ACCESS_TOKEN, summariser)
     assert fetch(agent).json()["value"] == "sk-1"
     assert fetch(child).json()["value"] == "sk-1"
+    assert introspect(child)["active"] is True and introspect(child)["scope"] == SCOPE
     original = {f: (broker.policy_dir / f).read_text() for f in ("agents.yaml", "roles.yaml")}
     # The shipped fetch tests pin these grants (a reload that withdraws them is refused); a
     # security team narrowing on purpose edits those tests too. Here: drop them.
@@ -125,6 +133,10 @@ def test_removing_a_right_or_a_ceiling_takes_effect_on_the_next_fetch(
     _edit(broker, "agents.yaml", narrow_summariser)
     refused(child, "ceiling")
     assert fetch(agent).status_code == 200
+    # Introspection tells resource servers the same: the child holds nothing any more.
+    assert introspect(child) == {"active": False}
+    assert broker.decisions.records[-1]["reason"] == "ceiling_excludes_scope"
+    assert introspect(agent)["scope"] == SCOPE
 
     # The person's role loses it: every token of the person.
     def narrow_support(doc: dict[str, Any]) -> None:
@@ -140,3 +152,4 @@ def test_removing_a_right_or_a_ceiling_takes_effect_on_the_next_fetch(
         _edit(broker, file, lambda doc, text=text: doc.update(yaml.safe_load(text)))
     assert fetch(agent).status_code == 200
     assert fetch(child).status_code == 200
+    assert introspect(child)["scope"] == SCOPE
