@@ -197,6 +197,7 @@ def build_services(
             per_client_and_source=settings.client_authentication.failures_per_client_and_source,
             per_source=settings.client_authentication.failures_per_source,
             window_seconds=settings.client_authentication.failure_window_seconds,
+            clock=clock,
         ),
     )
     revocations = Revocations(

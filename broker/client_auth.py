@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -46,7 +47,7 @@ from urllib.parse import unquote
 
 import httpx
 import jwt
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from broker.client_secrets import (
     BoundedSecretVerifier,
@@ -138,6 +139,8 @@ def source_address(
     X-Forwarded-For entry (read from the right) that is not itself a trusted proxy. Nothing a
     caller writes in X-Forwarded-For is believed unless it came through a trusted proxy."""
     proxies = tuple(trusted_proxies)
+    if not proxies:  # nothing to believe but the peer (the common case: no parsing at all)
+        return (peer or "unknown")[:64]
 
     def parse(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
@@ -172,6 +175,7 @@ def _claimed_assertion_id(assertion: str) -> str | None:
     return iss if isinstance(iss, str) and iss else None
 
 
+@functools.lru_cache(maxsize=4096)
 def _address_block(source: str) -> str:
     """What one party controls: an IPv4 address, or the /64 of an IPv6 address (a single host
     commonly holds a whole /64, so counting per IPv6 address would be no limit at all)."""
@@ -194,7 +198,13 @@ class FailedAuthThrottle:
     Not per client id alone: an attacker could then lock any legitimate client out from
     anywhere. A legitimate client is refused only while its own address is over a limit (a
     shared NAT with an attacker, or its own mistakes). Claimed ids are hashed into the keys
-    (bounded, never echoed). When the state cannot be read, `check` fails closed (503)."""
+    (bounded, never echoed). When the state cannot be read, `check` fails closed (503).
+
+    The hot path: a (client id, source) pair that just authenticated successfully is not checked
+    in the shared state again for `recheck_after` seconds (under a second), as revocation
+    remembers "not revoked". Any failure counted by this process forgets every such pair at
+    once, so a guess here is always checked; failures counted at another replica reach this one
+    within `recheck_after`. Only successes are remembered, never "refused" or "cannot tell"."""
 
     def __init__(
         self,
@@ -203,11 +213,23 @@ class FailedAuthThrottle:
         per_client_and_source: int,
         per_source: int,
         window_seconds: float,
+        clock: Clock | None = None,
+        recheck_after: float = 0.5,
     ) -> None:
+        if not 0 <= recheck_after < 1:
+            raise ValueError("recheck_after must be under one second")
         self._state = state
         self._per_pair = per_client_and_source
         self._per_source = per_source
         self._window = window_seconds
+        self._clock = clock
+        self._recheck_after = recheck_after if clock is not None else 0.0
+        self._clean_until: LRUCache[tuple[str | None, str], float] = LRUCache(maxsize=10_000)
+
+    def succeeded(self, client_id: str | None, source: str) -> None:
+        """`client_id` authenticated from `source`: remember it briefly (see the class)."""
+        if self._recheck_after and self._clock is not None:
+            self._clean_until[(client_id, source)] = self._clock.monotonic() + self._recheck_after
 
     def _keys(self, client_id: str | None, source: str) -> list[tuple[str, int]]:
         source = _address_block(source)
@@ -218,6 +240,10 @@ class FailedAuthThrottle:
         return keys
 
     async def check(self, client_id: str | None, source: str) -> None:
+        if self._clock is not None and self._clean_until.get((client_id, source), 0.0) > (
+            self._clock.monotonic()
+        ):
+            return
         try:
             results = await asyncio.gather(
                 *(
@@ -242,6 +268,7 @@ class FailedAuthThrottle:
             )
 
     async def failed(self, client_id: str | None, source: str) -> None:
+        self._clean_until.clear()  # every guess at this process is checked from now on
         try:
             for key, limit in self._keys(client_id, source):
                 await self._state.rate_limit(key, limit, self._window)
@@ -354,16 +381,22 @@ class ClientAuthenticator:
             await self._throttle.check(claimed, where)
         try:
             if authorization:
-                return await self._authenticate_basic(authorization, form.get("client_id"), where)
-            if assertion_type != CLIENT_ASSERTION_TYPE or not assertion:
+                client = await self._authenticate_basic(authorization, form.get("client_id"), where)
+            elif assertion_type != CLIENT_ASSERTION_TYPE or not assertion:
                 raise InvalidClient(
                     f"client_assertion_type must be {CLIENT_ASSERTION_TYPE} with a client_assertion"
                 )
-            return await self._authenticate_assertion(Sensitive(assertion), form.get("client_id"))
+            else:
+                client = await self._authenticate_assertion(
+                    Sensitive(assertion), form.get("client_id")
+                )
         except InvalidClient:
             if self._throttle is not None:
                 await self._throttle.failed(claimed, where)
             raise
+        if self._throttle is not None:
+            self._throttle.succeeded(claimed, where)
+        return client
 
     # -- client_secret_basic ------------------------------------------------------------
     async def _verify_hash(self, secret: str, stored: str, source: str) -> bool:

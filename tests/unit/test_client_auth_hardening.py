@@ -460,3 +460,52 @@ def test_authentication_lists_hold_each_method_at_most_once(authentication: list
 def test_a_single_method_is_still_accepted() -> None:
     agent = Agent.model_validate(AGENTS["scrypt-agent"])
     assert agent.authentication is not None
+
+
+class _CountingState(InMemoryStateStore):
+    """The real in-memory store, counting the throttle's reads."""
+
+    def __init__(self, clock: FrozenClock) -> None:
+        super().__init__(clock)
+        self.status_reads = 0
+
+    async def rate_limit_status(self, key: str, limit: int, window_seconds: float) -> Any:
+        self.status_reads += 1
+        return await super().rate_limit_status(key, limit, window_seconds)
+
+
+async def test_a_clean_pair_is_remembered_briefly_and_any_local_failure_forgets_it() -> None:
+    clock = FrozenClock(start=1_800_000_010.0)
+    state = _CountingState(clock)
+    here, there = (
+        FailedAuthThrottle(
+            state,
+            per_client_and_source=2,
+            per_source=100,
+            window_seconds=60,
+            clock=clock,
+            recheck_after=0.5,
+        )
+        for _ in range(2)
+    )
+    await here.check("agent", "10.0.0.1")
+    reads = state.status_reads
+    assert reads == 2  # the pair and the source, nothing remembered yet
+    here.succeeded("agent", "10.0.0.1")
+    await here.check("agent", "10.0.0.1")
+    assert state.status_reads == reads  # remembered: no state read on the hot path
+    await here.check("agent", "10.0.0.2")
+    assert state.status_reads == reads + 2  # another source is not covered
+    # Two failures at another replica: this one sees them once `recheck_after` has passed.
+    await there.failed("agent", "10.0.0.1")
+    await there.failed("agent", "10.0.0.1")
+    await here.check("agent", "10.0.0.1")
+    clock.advance(0.51)
+    with pytest.raises(TooManyRequests):
+        await here.check("agent", "10.0.0.1")
+    # A failure at this replica forgets every remembered pair at once.
+    here.succeeded("other", "10.0.0.3")
+    await here.failed("ghost", "10.0.0.9")
+    before = state.status_reads
+    await here.check("other", "10.0.0.3")
+    assert state.status_reads == before + 2
