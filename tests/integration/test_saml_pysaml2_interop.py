@@ -41,6 +41,7 @@ from tests.support.saml_idp import (
 )
 
 SECRET = generate_client_secret()
+ADMIN = ("saml-admin", generate_client_secret())
 SAML2 = str(TokenType.SAML2)
 TRANSIENT = "urn:oasis:names:tc:SAML:2.0:nameid-format:transient"
 IDENTITY = {"groups": ["support", "oncall"], "email": ["alice@example.com"]}
@@ -190,6 +191,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory, idp: SamlTestIdp) -> Iterat
                 "act_for": ["group:corp-saml/support"],
             }
         },
+        "admins": {
+            ADMIN[0]: {
+                "authentication": {
+                    "method": "client_secret_basic",
+                    "secret_hash": hash_client_secret(ADMIN[1], method="sha256"),
+                },
+                "permissions": ["revocations:write"],
+            }
+        },
     }
     with run_broker(
         tmp_path_factory.mktemp("saml-broker"), [provider_config(idp)], policy_extra=policy_extra
@@ -251,3 +261,34 @@ def test_a_saml_token_presented_as_an_id_token_is_not_a_jwt(
     )
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_grant"
+
+
+def test_a_revoked_persons_saml_assertion_cannot_be_exchanged(
+    broker: RunningBroker, idp: SamlTestIdp
+) -> None:
+    """Revoking a person refuses their SAML assertions signed in before the revocation (its
+    AuthnInstant), still inside their validity; a sign-in after it is served."""
+
+    def exchange(xml: str) -> httpx.Response:
+        return httpx.post(
+            broker.token_endpoint,
+            data=exchange_form(assertion_token(xml), SAML2, scope="tickets:read", audience=TICKETS),
+            auth=("saml-agent", SECRET),
+            timeout=10,
+        )
+
+    before = idp.response("frank", {"groups": ["support"]})  # signed in, not yet used
+    time.sleep(1.1)  # SAML instants have one-second resolution
+    revoked = httpx.post(
+        f"{broker.url}/v1/admin/revocations", json={"person": "corp-saml/frank"}, auth=ADMIN
+    )
+    assert revoked.status_code == 200, revoked.text
+    refused = exchange(before)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "invalid_grant"
+    record = broker.decisions.records[-1]
+    assert record["reason"] == "subject_revoked" and record["person"] == "corp-saml/frank"
+    time.sleep(1.1)
+    assert exchange(idp.response("frank", {"groups": ["support"]})).status_code == 200
+    # Somebody else is not touched by frank's revocation.
+    assert exchange(idp.response("alice", IDENTITY)).status_code == 200
