@@ -432,10 +432,16 @@ class BrokerTokenVerifier:
                 raise ValueError("malformed scope or aud")
             if claims["sub"] != provenance.person_id:
                 raise ValueError("sub does not match provenance")
+            for name in ("jti", "client_id", "policy_version", "parent_jti"):
+                value = claims.get(name, "")
+                if value is not None and (not isinstance(value, str) or len(value) > 256):
+                    raise ValueError(f"{name} is not a short string")
+            if not claims["jti"]:
+                raise ValueError("jti is empty")
             broker_token = BrokerToken(
-                jti=str(claims["jti"]),
+                jti=claims["jti"],
                 subject=str(claims["sub"]),
-                client_id=str(claims["client_id"]),
+                client_id=claims["client_id"],
                 scopes=frozenset(scope.split()),
                 audiences=audiences,
                 actor_chain=chain,

@@ -334,6 +334,13 @@ _MALFORMED_CLAIMS = [
     {"scope": []},
     {"iat": "now"},
     {"client_id": []},
+    # Identifiers that are not strings were turned into strings ("{}") rather than refused.
+    {"jti": {}},
+    {"jti": 5},
+    {"jti": ""},
+    {"client_id": 7},
+    {"policy_version": []},
+    {"parent_jti": 7},
 ]
 
 
