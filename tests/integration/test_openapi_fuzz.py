@@ -41,9 +41,7 @@ from tests.support.harness import (
     RunningBroker,
     example_client_secrets,
     exchange_form,
-    oidc_provider_config,
-    run_broker,
-    serve_idp,
+    run_example_stack,
     write_provider_keys,
 )
 from tests.support.jose import compact
@@ -120,25 +118,10 @@ def _example_stack(tmp_path: Path, **overrides: Any) -> Iterator[Stack]:
     secrets = example_client_secrets()
     secrets_file = tmp_path / "dev-secrets.yaml"
     write_provider_keys(secrets_file, "sk-fuzz-provider-key")
-    patch = pytest.MonkeyPatch()
-    for name, value in secrets.items():
-        patch.setenv(name, value)
-    try:
-        with (
-            serve_idp() as (idp, _),
-            run_broker(
-                tmp_path,
-                [oidc_provider_config(idp)],
-                secret_backends=[{"name": "vault", "kind": "file", "path": str(secrets_file)}],
-                allow_development_components=True,
-                **overrides,
-            ) as broker,
-        ):
-            served = httpx.get(f"{broker.url}{OPENAPI_PATH}", timeout=10).json()
-            assert served == openapi_document(broker.url)  # what is fuzzed is what is served
-            yield Stack(broker, idp, secrets)
-    finally:
-        patch.undo()
+    with run_example_stack(tmp_path, secrets, secrets_file, **overrides) as (broker, idp):
+        served = httpx.get(f"{broker.url}{OPENAPI_PATH}", timeout=10).json()
+        assert served == openapi_document(broker.url)  # what is fuzzed is what is served
+        yield Stack(broker, idp, secrets)
 
 
 @pytest.fixture(scope="module")

@@ -264,10 +264,11 @@ def run_example_stack_with_key(
 
 @contextmanager
 def run_example_stack(
-    tmp_path: Path, client_secrets: dict[str, str], secrets_file: Path
+    tmp_path: Path, client_secrets: dict[str, str], secrets_file: Path, **overrides: Any
 ) -> Iterator[tuple[RunningBroker, DevIdentityProvider]]:
     """The example policy's broker with its client secrets in the environment, a test IdP, and
-    a development `file` secret backend named ``vault`` (as the example credentials expect)."""
+    a development `file` secret backend named ``vault`` (as the example credentials expect);
+    `overrides` go to `run_broker`."""
     import pytest  # test support only
 
     patch = pytest.MonkeyPatch()
@@ -281,6 +282,7 @@ def run_example_stack(
                 [oidc_provider_config(idp)],
                 secret_backends=[{"name": "vault", "kind": "file", "path": str(secrets_file)}],
                 allow_development_components=True,
+                **overrides,
             ) as running,
         ):
             yield running, idp
