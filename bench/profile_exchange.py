@@ -48,7 +48,8 @@ from bench.exchange import AUDIENCE, PERSON, SCOPE, exchange_request
 STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-exchange cumulative table
     ("whole ASGI app (FastAPI + Starlette + endpoint)", "fastapi/applications.py", "__call__"),
-    ("  token endpoint body (app.py token)", "broker/app.py", "token"),
+    ("  token endpoint body (endpoints/oauth.py token)", "broker/endpoints/oauth.py", "token"),
+    ("    grant dispatch (TokenEndpoint.handle)", "broker/grants.py", "handle"),
     ("    read_form (body, parse_qsl)", "broker/oauth_request.py", "read_form"),
     ("    client authentication (Basic)", "broker/client_auth.py", "authenticate"),
     ("    TokenExchangeGrant.handle", "broker/exchange.py", "handle"),
@@ -84,8 +85,8 @@ def _primitives(person_token: str, broker_app: Any, issuer_jwks: dict[str, Any])
     from cryptography.hazmat.primitives.asymmetric import ec, padding
     from starlette.responses import JSONResponse
 
-    from broker.app import _NO_STORE
     from broker.clock import SystemClock
+    from broker.endpoints.edge import NO_STORE as _NO_STORE
     from broker.exchange import DEFAULT_MAX_SUBJECT_TOKEN_BYTES
     from broker.oauth_request import MAX_FIELDS
     from broker.tokens import ACCESS_TOKEN_TYP

@@ -61,7 +61,7 @@ from bench.exchange import PERSON, exchange_request
 STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-fetch cumulative table
     ("whole ASGI app (FastAPI + Starlette + endpoint)", "fastapi/applications.py", "__call__"),
-    ("  fetch endpoint body (app.py fetch_credential)", "broker/app.py", "fetch_credential"),
+    ("  fetch endpoint body", "broker/endpoints/credentials.py", "fetch_credential"),
     ("    request id (logs.py new_request_id, uuid4)", "broker/logs.py", "new_request_id"),
     ("    read_form_or_json (body, parse_qsl)", "broker/oauth_request.py", "read_form_or_json"),
     ("    gateway authentication (Basic)", "broker/client_auth.py", "authenticate"),
@@ -78,8 +78,8 @@ STEPS: list[tuple[str, str, str]] = [
 def _primitives(app: Any, agent_token: str, form_body: bytes, record: dict[str, Any]) -> str:
     from starlette.responses import JSONResponse
 
-    from broker.app import _NO_STORE
     from broker.client_auth import _parse_basic
+    from broker.endpoints.edge import NO_STORE as _NO_STORE
     from broker.oauth_request import MAX_FIELDS
 
     services = app.state.services

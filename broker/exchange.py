@@ -191,6 +191,11 @@ def _token_type(form: OAuthForm, name: str, allowed: frozenset[TokenType]) -> To
 
 
 class TokenExchangeGrant:
+    """The token endpoint's RFC 8693 grant (a `broker.grants.GrantHandler`)."""
+
+    grant_type = GRANT_TYPE
+    repeatable = REPEATABLE_PARAMETERS
+
     def __init__(
         self,
         *,

@@ -46,7 +46,7 @@ def _load(config: Path | None, **overrides: object) -> BrokerSettings:
 
 def _check_buildable(settings: BrokerSettings) -> None:
     """Build the services once in this process: bad policy, keys or IdPs fail here, loudly."""
-    from broker.app import build_services
+    from broker.services import build_services
 
     try:
         build_services(settings, decision_sinks=[])  # a dry build starts no audit chain
@@ -354,9 +354,7 @@ def dev(
     people = load_dev_people(settings.dev_idp.people_file)
     provider = DevIdentityProvider(idp_url, people)
     # Every port first: a busy one is one line naming it, before anything has started.
-    broker_sock = _port_in_use(
-        settings.http.host, settings.http.port, "the broker", "http.port"
-    )
+    broker_sock = _port_in_use(settings.http.host, settings.http.port, "the broker", "http.port")
     idp_sock = _port_in_use(
         settings.dev_idp.host, settings.dev_idp.port, "the dev IdP", "dev_idp.port"
     )
@@ -407,8 +405,9 @@ def _run_dev_broker(
     state_dir: Path,
     sock: socket.socket,
 ) -> None:
-    from broker.app import build_services, create_app
+    from broker.app import create_app
     from broker.logs import configure_logging
+    from broker.services import build_services
 
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -200,8 +200,8 @@ def test_dev_starts_without_lint_warnings_and_policy_check_agrees(
 def test_policy_check_dev_reports_what_broker_dev_logs(tmp_path: Path) -> None:
     """The same policy, with a warning, checked as `broker dev` would run it: `check --dev`
     prints exactly the warnings the dev broker's policy store logs at start."""
-    from broker.app import build_services
     from broker.cli.serve import dev_settings
+    from broker.services import build_services
 
     policies = tmp_path / "policies"
     shutil.copytree(REPO / "policies", policies)

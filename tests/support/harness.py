@@ -22,10 +22,11 @@ from typing import Any
 import httpx
 import yaml
 
-from broker.app import BrokerServices, build_services, create_app
+from broker.app import create_app
 from broker.audit import MemorySink
 from broker.client_secrets import generate_client_secret
 from broker.clock import Clock
+from broker.services import BrokerServices, build_services
 from broker.settings import BrokerSettings
 from broker.state import StateStore
 from idp_adapters._loopback import RunningServer, reserve_loopback_socket, serve_in_thread

@@ -167,7 +167,7 @@ def test_exchange_check_fails_closed_without_a_time_and_weighs_agent_credentials
 
 
 def test_the_acceptance_window_covers_tokens_assertions_sso_and_the_largest_leeway() -> None:
-    from broker.app import SSO_HORIZON_SECONDS, acceptance_window
+    from broker.services import SSO_HORIZON_SECONDS, acceptance_window
     from broker.settings import BrokerSettings
 
     settings = BrokerSettings(

@@ -1,0 +1,257 @@
+"""The broker's collaborators, built once per process from its settings (no globals).
+
+`build_services(settings)` wires identity adapters, secret backends, the policy store, the
+state store, the audit trail and the grant handlers; the HTTP edge (`broker.app.create_app`)
+only routes requests to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from broker.audit import (
+    DecisionLog,
+    DecisionSink,
+    KeyringCheckpointSigner,
+    build_sinks,
+    keeps_trail,
+)
+from broker.cache import CredentialCache
+from broker.client_auth import ClientAuthenticator, FailedAuthThrottle, WorkloadActorResolver
+from broker.client_secrets import BoundedSecretVerifier
+from broker.clock import Clock, SystemClock
+from broker.credentials import CredentialService, record_cache_event
+from broker.exchange import SubjectTokenVerifier, TokenExchangeGrant
+from broker.grants import GrantHandler
+from broker.introspection import Introspection
+from broker.metrics import BrokerMetrics
+from broker.policy.loader import configured_names
+from broker.policy.store import PolicyStore
+from broker.readiness import Readiness
+from broker.revocation import Revocations
+from broker.settings import SUPPORTED_JWS_ALGORITHMS, BrokerSettings
+from broker.state import StateStore
+from broker.state_factory import build_state_store
+from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
+from broker.tracing import Tracing, build_tracing
+from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
+from secret_backends.registry import build_secret_backends
+
+
+@dataclass
+class BrokerServices:
+    """Everything the routes need, built once per process and passed in (no globals)."""
+
+    settings: BrokerSettings
+    clock: Clock
+    http: httpx.AsyncClient
+    keyring: Keyring
+    policies: PolicyStore
+    clients: ClientAuthenticator
+    exchange: TokenExchangeGrant
+    introspection: Introspection
+    decisions: DecisionLog
+    credentials: CredentialService
+    cache: CredentialCache
+    revocations: Revocations
+    broker_tokens: BrokerTokenVerifier
+    state: StateStore
+    metrics: BrokerMetrics
+    tracing: Tracing
+    readiness: Readiness
+    grants: Mapping[str, GrantHandler]
+    """The token endpoint's grant handlers by ``grant_type``."""
+
+
+SSO_HORIZON_SECONDS = 86400
+"""How long after a person's revocation an SSO token or session from before it is still refused.
+The broker does not bound SSO token lifetimes (IdPs issue them for minutes to an hour, sessions
+last longer); a day covers them."""
+
+
+def acceptance_window(settings: BrokerSettings) -> int:
+    """How long after a time T something issued before T can still be accepted: a broker
+    token, a client assertion or (`SSO_HORIZON_SECONDS`) an SSO token issued just before T, plus
+    the largest clock leeway the broker grants anyone (person and agent revocation entries live
+    this long after their not-before)."""
+    tokens = settings.tokens
+    leeways = [
+        tokens.leeway_seconds,
+        *(p.leeway_seconds for p in settings.identity_providers),
+        *(w.leeway_seconds for w in settings.workload_issuers),
+    ]
+    lifetime = max(
+        tokens.max_lifetime_seconds,
+        tokens.client_assertion_max_lifetime_seconds,
+        SSO_HORIZON_SECONDS,
+    )
+    return lifetime + max(leeways)
+
+
+def build_services(
+    settings: BrokerSettings,
+    *,
+    clock: Clock | None = None,
+    decision_sinks: list[DecisionSink] | None = None,
+    state: StateStore | None = None,
+    http: httpx.AsyncClient | None = None,
+    tracing: Tracing | None = None,
+) -> BrokerServices:
+    clock = clock or SystemClock()
+    if settings.uses_development_components and not settings.allow_development_components:
+        raise ValueError(
+            "a development component (an identity provider of kind dev or a secret backend of "
+            "kind file) is configured but allow_development_components is false; development "
+            "components must never run in production"
+        )
+    http = http or httpx.AsyncClient(timeout=5.0, follow_redirects=False)
+    tokens = settings.tokens
+    keyring = Keyring(
+        settings.signing_keys.directory,
+        algorithm=settings.signing_keys.algorithm,
+        clock=clock,
+        publish_grace_seconds=tokens.max_lifetime_seconds + tokens.leeway_seconds,
+        generate_if_missing=settings.signing_keys.generate_if_missing,
+    )
+    state = state or build_state_store(settings.state, clock)
+    tracing = tracing or build_tracing(settings.tracing)
+    metrics = BrokerMetrics()
+    sinks = decision_sinks if decision_sinks is not None else build_sinks(settings.audit)
+    decisions = DecisionLog(
+        [*sinks, metrics],
+        clock,
+        signer=KeyringCheckpointSigner(keyring) if keeps_trail(sinks) else None,
+        checkpoint_every=settings.audit.checkpoint_every_records,
+        checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+    )
+    policies = PolicyStore(
+        settings.policy_dir,
+        **configured_names(settings),
+        decisions=decisions,
+        clock=clock,
+    )
+    clients = ClientAuthenticator(
+        policy=policies.current,
+        replay=state,
+        clock=clock,
+        http=http,
+        assertion_audiences=frozenset({settings.issuer, settings.token_endpoint}),
+        assertion_max_lifetime=tokens.client_assertion_max_lifetime_seconds,
+        leeway=tokens.leeway_seconds,
+        secrets_verifier=BoundedSecretVerifier(
+            workers=settings.client_authentication.secret_hash_workers or os.cpu_count() or 1,
+            queue=settings.client_authentication.secret_hash_queue,
+        ),
+        throttle=FailedAuthThrottle(
+            state,
+            per_client_and_source=settings.client_authentication.failures_per_client_and_source,
+            per_source=settings.client_authentication.failures_per_source,
+            window_seconds=settings.client_authentication.failure_window_seconds,
+            clock=clock,
+        ),
+    )
+    revocations = Revocations(
+        state,
+        clock,
+        decisions,
+        max_token_lifetime=tokens.max_lifetime_seconds,
+        acceptance_window=acceptance_window(settings),
+    )
+    broker_tokens = BrokerTokenVerifier(  # no leeway on expiry: its own tokens, its own clock
+        keyring,
+        settings.issuer,
+        clock,
+        skew=tokens.leeway_seconds,
+        algorithms=tuple(sorted(SUPPORTED_JWS_ALGORITHMS)),
+    )
+    adapters = build_identity_adapters(
+        settings.identity_providers,
+        http,
+        clock,
+        allow_development=settings.allow_development_components,
+        state=state,
+    )
+    workloads = build_workload_verifiers(settings.workload_issuers, http, clock)
+    exchange = TokenExchangeGrant(
+        subjects=SubjectTokenVerifier(
+            adapters,
+            broker_tokens,
+            settings.issuer,
+            max_bytes=max([p.max_token_bytes for p in settings.identity_providers], default=16384),
+        ),
+        workload_actors=WorkloadActorResolver(workloads, policies.current),
+        policy=policies.current,
+        issuer=TokenIssuer(keyring, settings.issuer, clock, max_bytes=broker_tokens.max_bytes),
+        decisions=decisions,
+        clock=clock,
+        max_lifetime_seconds=tokens.max_lifetime_seconds,
+        revocations=revocations,
+        state=state,
+        tracer=tracing.tracer,
+    )
+    introspection = Introspection(
+        verifier=broker_tokens,
+        policy=policies.current,
+        decisions=decisions,
+        revocations=revocations,
+    )
+    backends = build_secret_backends(
+        settings.secret_backends, allow_development=settings.allow_development_components
+    )
+    cache = CredentialCache(
+        backends,
+        clock,
+        max_entries=settings.credential_cache_max_entries,
+        on_event=lambda event: record_cache_event(decisions, event, policies.current()),
+    )
+    credentials = CredentialService(
+        verifier=broker_tokens,
+        policy=policies.current,
+        cache=cache,
+        decisions=decisions,
+        clock=clock,
+        revocations=revocations,
+        state=state,
+    )
+    metrics.bind(policies=policies, cache=cache, decisions=decisions)
+    keyring.on_active_key_change(
+        lambda previous, active, published: decisions.record(
+            "signing_key.rotated",
+            outcome="observed",
+            previous_kid=previous,
+            kid=active,
+            published_kids=published,
+        )
+    )
+    return BrokerServices(
+        settings=settings,
+        clock=clock,
+        http=http,
+        keyring=keyring,
+        policies=policies,
+        clients=clients,
+        exchange=exchange,
+        introspection=introspection,
+        decisions=decisions,
+        credentials=credentials,
+        cache=cache,
+        revocations=revocations,
+        broker_tokens=broker_tokens,
+        state=state,
+        metrics=metrics,
+        tracing=tracing,
+        grants={exchange.grant_type: exchange},
+        readiness=Readiness(
+            policies=policies,
+            keyring=keyring,
+            backends=backends,
+            state=state,
+            state_kind=settings.state.kind,
+            clock=clock,
+            backend_check_interval=settings.readyz_backend_check_interval_seconds,
+        ),
+    )
