@@ -1,5 +1,11 @@
 """Policy as files: schema, loading, the pure decision, explanations and policy tests."""
 
+from broker.policy.approvals import (
+    ApprovalRequirement,
+    approval_requirements,
+    may_approve,
+    quorum_met,
+)
 from broker.policy.engine import (
     Decision,
     ExchangeRequest,
@@ -17,6 +23,7 @@ from broker.policy.loader import LoadedPolicy, PolicyError, load_policy, load_po
 from broker.policy.testing import PolicyTestResult, decide_chain, run_policy_tests
 
 __all__ = [
+    "ApprovalRequirement",
     "Decision",
     "ExchangeRequest",
     "LoadedPolicy",
@@ -28,11 +35,14 @@ __all__ = [
     "Reason",
     "ScopeVerdict",
     "Standing",
+    "approval_requirements",
     "decide",
     "decide_chain",
     "explain",
     "load_policy",
     "load_policy_tests",
+    "may_approve",
+    "quorum_met",
     "run_policy_tests",
     "standing",
 ]

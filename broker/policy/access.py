@@ -43,7 +43,6 @@ class AccessReason(enum.StrEnum):
     ADMIN_CREDENTIAL_NOT_ALLOWED = "admin_credential_not_allowed"
 
 
-
 class RememberedStandings:
     """`standing` for a token's person (with the groups and IdP roles it carries) and agent chain,
     computed once per policy version and remembered: the credential fetch and introspection paths

@@ -15,8 +15,14 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from broker.policy.approvals import (
+    ApprovalRequirement,
+    CompiledApprovalRule,
+    applicable_rules,
+)
 from broker.policy.model import Admin, Agent, Credential, Gateway, ResourceServer
 from broker.policy.permissions import EMPTY, PermissionSet, is_permission
+from broker.policy.selectors import Selectors
 from broker.types import Provenance, normalise_group
 
 
@@ -36,6 +42,7 @@ class Reason(enum.StrEnum):
     NO_SCOPE = "no_scope_allowed"
     NO_AUDIENCE = "no_audience"
     AUDIENCE_REQUIRED = "audience_required"
+    APPROVAL_REQUIRED = "approval_required"
 
 
 _ERROR_FOR_REASON: Mapping[Reason, str] = {
@@ -53,6 +60,7 @@ _ERROR_FOR_REASON: Mapping[Reason, str] = {
     Reason.CEILING_EXCLUDES_SCOPE: "invalid_scope",
     Reason.PARENT_LACKS_SCOPE: "invalid_scope",
     Reason.NO_SCOPE: "invalid_scope",
+    Reason.APPROVAL_REQUIRED: "invalid_scope",
 }
 
 _SCOPE_REASON_TEXT: Mapping[Reason, str] = {
@@ -61,6 +69,7 @@ _SCOPE_REASON_TEXT: Mapping[Reason, str] = {
     Reason.CEILING_EXCLUDES_SCOPE: "the agent's ceiling excludes it",
     Reason.PARENT_LACKS_SCOPE: "the parent token does not carry it",
     Reason.NOT_ACT_FOR: "the agent may not act for this person",
+    Reason.APPROVAL_REQUIRED: "it needs approval",
 }
 
 
@@ -71,11 +80,8 @@ class CompiledAgent:
     ceiling: PermissionSet
     default_scopes: tuple[str, ...]
     audiences: frozenset[str]
-    act_for_groups: frozenset[tuple[str, str]]
-    act_for_people: frozenset[tuple[str, str]]
-    act_for_roles: frozenset[str]
+    act_for: Selectors
     may_delegate_to: frozenset[str]
-    act_for_idp_roles: frozenset[tuple[str, str]] = frozenset()
     default_audiences: tuple[str, ...] = ()
     """What a request without an audience gets (empty: see `require_audience`)."""
     require_audience: bool = False
@@ -102,6 +108,11 @@ class Policy:
     """((idp, group), cost centre) in policy order."""
     idp_role_roles: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
     """(idp, IdP role) -> broker roles: ``idp_role:`` bindings, apart from groups."""
+    approval_rules: tuple[CompiledApprovalRule, ...] = ()
+    """``approvals:`` rules in name order (empty: nothing ever needs approval)."""
+
+    def approval_rule(self, name: str) -> CompiledApprovalRule | None:
+        return next((rule for rule in self.approval_rules if rule.name == name), None)
 
     def cost_centre_of(self, agent: str, idp: str, groups: Iterable[str]) -> str | None:
         """Who pays for a fetch made by `agent` (the agent the person invoked) for a person of
@@ -127,7 +138,8 @@ class Policy:
     def identity_used(self, person: Person, agent: str) -> Person:
         """`person` with only the groups and IdP roles this policy can use for `agent` and the
         agents it may delegate to, directly or further down: those bound to roles at the
-        person's IdP and those named by their ``act_for``. What a token issued to `agent`
+        person's IdP and those named by their ``act_for``, and those the ``people`` of an
+        approval rule that may apply to them names. What a token issued to `agent`
         carries (not every group the IdP asserted). `decide` for `agent`, or for any agent a
         token issued to it is re-exchanged with, answers the same for both people, and so does
         `standing`."""
@@ -140,15 +152,21 @@ class Policy:
                 continue
             reachable.add(name)
             pending.extend(compiled.may_delegate_to)
-        agents = [self.agents[name] for name in reachable]
+        selectors = [self.agents[name].act_for for name in reachable]
+        selectors.extend(
+            rule.people
+            for rule in self.approval_rules
+            if rule.people is not None
+            and (rule.agents is None or not rule.agents.isdisjoint(reachable))
+        )
 
         def used_group(group: str) -> bool:
             key = (person.idp, group)
-            return key in self.group_roles or any(key in a.act_for_groups for a in agents)
+            return key in self.group_roles or any(key in s.groups for s in selectors)
 
         def used_role(idp_role: str) -> bool:
             key = (person.idp, idp_role)
-            return key in self.idp_role_roles or any(key in a.act_for_idp_roles for a in agents)
+            return key in self.idp_role_roles or any(key in s.idp_roles for s in selectors)
 
         return Person(
             person.idp,
@@ -200,6 +218,12 @@ class ExchangeRequest:
     """None when the request named no scope: the agent's defaults apply."""
     audiences: tuple[str, ...] = ()
     parent: ParentGrant | None = None
+    approved: frozenset[str] = frozenset()
+    """Permissions an approval covers (on a re-exchange: those the parent token's approval
+    covered). A permission an approval rule governs is granted only when listed here."""
+    for_approval: bool = False
+    """Decide what a request for approval (OpenID CIBA) would yield: permissions needing
+    approval are granted and `Decision.approvals` lists the rules to satisfy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +247,9 @@ class Decision:
     actor_chain: tuple[str, ...] = ()
     max_lifetime_seconds: int = 0
     scope_verdicts: tuple[ScopeVerdict, ...] = field(default=())
+    approvals: tuple[ApprovalRequirement, ...] = ()
+    """With `ExchangeRequest.for_approval`: the approval rules to satisfy before `scopes` may
+    be issued (empty: nothing needs approval). Always empty otherwise."""
 
     @property
     def error(self) -> str | None:
@@ -243,13 +270,7 @@ def _shown(value: str, limit: int = 80) -> str:
 
 
 def _may_act_for(agent: CompiledAgent, person: Person, roles: frozenset[str]) -> bool:
-    if (person.idp, person.subject) in agent.act_for_people:
-        return True
-    if any((person.idp, group) in agent.act_for_groups for group in person.groups):
-        return True
-    if any((person.idp, role) in agent.act_for_idp_roles for role in person.idp_roles):
-        return True
-    return not agent.act_for_roles.isdisjoint(roles)
+    return agent.act_for.matches(person, roles)
 
 
 def _candidate_scopes(agent: CompiledAgent, request: ExchangeRequest) -> tuple[str, ...]:
@@ -368,6 +389,7 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
             return deny(Reason.NO_AUDIENCE, f"no audience is available to agent {agent.name!r}")
 
     # Scopes.
+    approved = request.approved
     explicit = request.scopes is not None
     verdicts = _scope_verdicts(policy, agent, request)
     denied = [v for v in verdicts if not v.allowed]
@@ -383,6 +405,42 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
             scope_verdicts=tuple(verdicts),
             audiences=audiences,
         )
+    lifetime = min(agent.spec.max_token_lifetime_seconds, policy.max_token_lifetime_seconds)
+    approvals: tuple[ApprovalRequirement, ...] = ()
+    if policy.approval_rules and granted:
+        rules = applicable_rules(policy, person, chain, roles)
+        waiting = [
+            (rule, tuple(s for s in granted if rule.permissions.covers(s) and s not in approved))
+            for rule in rules
+        ]
+        waiting = [(rule, scopes) for rule, scopes in waiting if scopes]
+        if waiting and request.for_approval:
+            approvals = tuple(rule.requirement(scopes) for rule, scopes in waiting)
+        elif waiting:
+            needing = {s: [r.name for r, scopes in waiting if s in scopes] for s in granted}
+            needing = {s: names for s, names in needing.items() if names}
+            verdicts = [
+                ScopeVerdict(v.scope, (Reason.APPROVAL_REQUIRED,)) if v.scope in needing else v
+                for v in verdicts
+            ]
+            if explicit:
+                parts = [
+                    f"{_shown(scope)} (approval rule {', '.join(map(repr, names))})"
+                    for scope, names in list(needing.items())[:10]
+                ]
+                return deny(
+                    Reason.APPROVAL_REQUIRED,
+                    "scope needs approval: " + ", ".join(parts),
+                    scope_verdicts=tuple(verdicts),
+                    audiences=audiences,
+                )
+            granted = tuple(s for s in granted if s not in needing)
+        for rule in rules:
+            if rule.token_lifetime_seconds is not None and any(
+                rule.permissions.covers(s) for s in granted
+            ):
+                lifetime = min(lifetime, rule.token_lifetime_seconds)
+
     if not granted:
         what = "requested" if explicit else "default"
         description = (
@@ -406,10 +464,9 @@ def decide(policy: Policy, request: ExchangeRequest) -> Decision:
         scopes=granted,
         audiences=audiences,
         actor_chain=chain,
-        max_lifetime_seconds=min(
-            agent.spec.max_token_lifetime_seconds, policy.max_token_lifetime_seconds
-        ),
+        max_lifetime_seconds=lifetime,
         scope_verdicts=tuple(verdicts),
+        approvals=approvals,
     )
 
 
@@ -417,6 +474,7 @@ _WITHDRAWN_TEXT: Mapping[Reason, str] = {
     **_SCOPE_REASON_TEXT,
     Reason.UNKNOWN_AGENT: "an agent of the token's chain is no longer in the policy",
     Reason.DELEGATION_NOT_ALLOWED: "an agent of the chain may no longer delegate to the next",
+    Reason.APPROVAL_REQUIRED: "it now needs an approval the token does not carry",
 }
 
 
@@ -431,6 +489,10 @@ class Standing:
     no longer delegating), else None."""
     rights: PermissionSet = EMPTY
     ceilings: tuple[PermissionSet, ...] = ()
+    needs_approval: PermissionSet = EMPTY
+    """What the approval rules that apply to the person and chain govern."""
+    approved: frozenset[str] = frozenset()
+    """What the token's approval covers."""
 
     def withdrawn(self, scope: str) -> Reason | None:
         """None while the policy still grants `scope` to this person and chain, else why not."""
@@ -442,6 +504,8 @@ class Standing:
             return Reason.PERSON_LACKS_SCOPE
         if not all(ceiling.covers(scope) for ceiling in self.ceilings):
             return Reason.CEILING_EXCLUDES_SCOPE
+        if self.needs_approval and scope not in self.approved and self.needs_approval.covers(scope):
+            return Reason.APPROVAL_REQUIRED
         return None
 
     @staticmethod
@@ -449,12 +513,19 @@ class Standing:
         return _WITHDRAWN_TEXT.get(reason, str(reason))
 
 
-def standing(policy: Policy, person: Person, actor_chain: tuple[str, ...]) -> Standing:
+def standing(
+    policy: Policy,
+    person: Person,
+    actor_chain: tuple[str, ...],
+    approved: frozenset[str] = frozenset(),
+) -> Standing:
     """What a token already issued for `person` to `actor_chain` (most recent agent first, as in
     ``act``) may still hold under `policy`: never more than the person's rights and the ceiling
     of every agent of the chain, each of which must still be declared, still act for the person
-    and still delegate to the agent after it. Pure; never raises. Checked again at every use, so
-    an edit that removes a right takes effect on tokens already issued."""
+    and still delegate to the agent after it; and of what an approval rule governs, only what
+    the token's approval covers (`approved`). Pure; never raises. Checked again at every use,
+    so an edit that removes a right or adds an approval rule takes effect on tokens already
+    issued."""
     version = policy.version
     if not actor_chain:
         return Standing(version, Reason.UNKNOWN_AGENT)
@@ -469,7 +540,12 @@ def standing(policy: Policy, person: Person, actor_chain: tuple[str, ...]) -> St
         if position > 0 and actor_chain[position - 1] not in agent.may_delegate_to:
             return Standing(version, Reason.DELEGATION_NOT_ALLOWED)
         ceilings.append(agent.ceiling)
-    return Standing(version, None, policy.rights_of(person), tuple(ceilings))
+    needs_approval = EMPTY
+    for rule in applicable_rules(policy, person, actor_chain, roles):
+        needs_approval = needs_approval.union(rule.permissions)
+    return Standing(
+        version, None, policy.rights_of(person), tuple(ceilings), needs_approval, approved
+    )
 
 
 def explain(policy: Policy, request: ExchangeRequest) -> str:

@@ -8,7 +8,7 @@ unsafe are returned as warnings.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import ValidationError
 
+from broker.policy.approvals import CompiledApprovalRule
 from broker.policy.engine import CompiledAgent, Policy
 from broker.policy.model import AnyPolicyTestCase, PolicyDocument, PolicyTestFile
 from broker.policy.permissions import PermissionSet, pattern_overlaps
+from broker.policy.selectors import Selectors, compile_selectors
 
 if TYPE_CHECKING:
     from broker.settings import BrokerSettings
@@ -106,10 +108,15 @@ def configured_names(settings: BrokerSettings) -> dict[str, tuple[str, ...]]:
     """What a policy is checked against in a broker running with `settings` (the keyword
     arguments of `load_policy`): the running broker and `broker policy check --config` both
     use this, so they agree on every error and warning."""
-    return {
+    names: dict[str, tuple[str, ...]] = {
         "known_workload_issuers": tuple(w.name for w in settings.workload_issuers),
         "known_secret_backends": tuple(b.name for b in settings.secret_backends),
     }
+    notifications = getattr(settings, "notifications", None)
+    channels = getattr(notifications, "channels", None)
+    if channels is not None:
+        names["known_notification_channels"] = tuple(channels)
+    return names
 
 
 def load_policy(
@@ -117,6 +124,7 @@ def load_policy(
     *,
     known_workload_issuers: Iterable[str] | None = None,
     known_secret_backends: Iterable[str] | None = None,
+    known_notification_channels: Iterable[str] | None = None,
 ) -> LoadedPolicy:
     problems: list[str] = []
     documents: list[tuple[str, PolicyDocument]] = []
@@ -141,7 +149,12 @@ def load_policy(
 
     merged = _merge(documents, problems)
     policy, warnings = _compile(
-        merged, compute_version(raw_files), problems, known_workload_issuers, known_secret_backends
+        merged,
+        compute_version(raw_files),
+        problems,
+        known_workload_issuers,
+        known_secret_backends,
+        known_notification_channels,
     )
     if problems:
         raise PolicyError(problems)
@@ -158,13 +171,14 @@ class _Merged:
     gateways: dict
     credentials: dict
     admins: dict
+    approvals: dict
     limits: object
     origin: dict[str, str]
     files: list[str]
 
 
 def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> _Merged:
-    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, None, {}, [])
+    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, {}, None, {}, [])
     for name, doc in documents:
         merged.files.append(name)
         for section in (
@@ -174,6 +188,7 @@ def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> 
             "gateways",
             "credentials",
             "admins",
+            "approvals",
         ):
             target = getattr(merged, section)
             for key, value in getattr(doc, section).items():
@@ -208,6 +223,7 @@ def _compile(
     problems: list[str],
     known_workload_issuers: Iterable[str] | None,
     known_secret_backends: Iterable[str] | None = None,
+    known_notification_channels: Iterable[str] | None = None,
 ) -> tuple[Policy, list[str]]:
     from broker.policy.model import Limits
 
@@ -246,6 +262,12 @@ def _compile(
         check_roles(origin, f"person_bindings[{index}]", binding.roles)
         person_roles.setdefault((binding.idp, binding.subject), set()).update(binding.roles)
 
+    def selectors(origin: str, where: str, written: Iterable[str]) -> Selectors:
+        compiled, found = compile_selectors(written)
+        problems.extend(f"{origin}: {where}: {problem}" for problem in found)
+        check_roles(origin, where, sorted(compiled.roles))
+        return compiled
+
     everything_granted = PermissionSet.of(p for r in merged.roles.values() for p in r.permissions)
     workload_issuers = None if known_workload_issuers is None else set(known_workload_issuers)
     seen_workloads: dict[tuple[str, str], str] = {}
@@ -254,24 +276,7 @@ def _compile(
         origin = merged.origin[f"agents.{name}"]
         where = f"{origin}: agents.{name}"
         ceiling = PermissionSet.of(spec.ceiling)
-        groups: set[tuple[str, str]] = set()
-        idp_roles: set[tuple[str, str]] = set()
-        people: set[tuple[str, str]] = set()
-        act_roles: set[str] = set()
-        for selector in spec.act_for:
-            kind, _, rest = selector.partition(":")
-            idps, _, value = rest.partition("/")
-            if kind == "role":
-                act_roles.add(rest)
-                check_roles(origin, f"agents.{name}.act_for", [rest])
-            elif kind == "person":
-                people.add((idps, value))
-            elif kind == "idp-role":
-                idp_roles.update((idp, value) for idp in idps.split(","))
-            elif normalise_group(value):
-                groups.update((idp, normalise_group(value)) for idp in idps.split(","))
-            else:
-                problems.append(f"{where}.act_for: {selector!r} names an empty group")
+        act_for = selectors(origin, f"agents.{name}.act_for", spec.act_for)
         for target in spec.may_delegate_to:
             if target not in merged.agents:
                 problems.append(f"{where}.may_delegate_to: unknown agent {target!r}")
@@ -312,9 +317,7 @@ def _compile(
                 "(a default is what a request without an audience gets)"
             )
         require_audience = (
-            spec.require_audience
-            if spec.require_audience is not None
-            else limits.require_audience  # type: ignore[attr-defined]
+            spec.require_audience if spec.require_audience is not None else limits.require_audience  # type: ignore[attr-defined]
         )
         agents[name] = CompiledAgent(
             name=name,
@@ -324,10 +327,7 @@ def _compile(
             audiences=frozenset(spec.audiences),
             default_audiences=tuple(dict.fromkeys(spec.default_audiences)),
             require_audience=bool(require_audience) and not spec.default_audiences,
-            act_for_groups=frozenset(groups),
-            act_for_idp_roles=frozenset(idp_roles),
-            act_for_people=frozenset(people),
-            act_for_roles=frozenset(act_roles),
+            act_for=act_for,
             may_delegate_to=frozenset(spec.may_delegate_to),
         )
 
@@ -369,6 +369,10 @@ def _compile(
                 if credential_name not in merged.credentials:
                     problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
 
+    approval_rules = _compile_approvals(
+        merged, problems, warnings, selectors, everything_granted, known_notification_channels
+    )
+
     policy = Policy(
         version=version,
         roles=roles,
@@ -384,8 +388,62 @@ def _compile(
         max_delegation_depth=limits.max_delegation_depth,  # type: ignore[attr-defined]
         files=tuple(merged.files),
         group_cost_centres=tuple(group_cost_centres.items()),
+        approval_rules=approval_rules,
     )
     return policy, warnings
+
+
+def _compile_approvals(
+    merged: _Merged,
+    problems: list[str],
+    warnings: list[str],
+    selectors: Callable[[str, str, Iterable[str]], Selectors],
+    everything_granted: PermissionSet,
+    known_notification_channels: Iterable[str] | None,
+) -> tuple[CompiledApprovalRule, ...]:
+    """Check and compile the ``approvals:`` rules (in name order)."""
+    channels = None if known_notification_channels is None else set(known_notification_channels)
+    compiled: list[CompiledApprovalRule] = []
+    for name in sorted(merged.approvals):
+        rule = merged.approvals[name]
+        origin = merged.origin[f"approvals.{name}"]
+        where = f"{origin}: approvals.{name}"
+        for agent in rule.agents or ():
+            if agent not in merged.agents:
+                problems.append(f"{where}.agents: unknown agent {agent!r}")
+        for channel in rule.channels:
+            if channels is not None and channel not in channels:
+                configured = ", ".join(sorted(channels)) or "none"
+                problems.append(
+                    f"{where}.channels: no notification channel {channel!r} is configured "
+                    f"(configured: {configured})"
+                )
+        for pattern in rule.permissions:
+            if not pattern_overlaps(pattern, everything_granted):
+                warnings.append(f"{where}.permissions: {pattern!r} is granted by no role")
+        people = (
+            None
+            if rule.people is None
+            else selectors(origin, f"approvals.{name}.people", rule.people)
+        )
+        approvers = rule.approver_selectors
+        compiled.append(
+            CompiledApprovalRule(
+                name=name,
+                permissions=PermissionSet.of(rule.permissions),
+                agents=None if rule.agents is None else frozenset(rule.agents),
+                people=people,
+                consent=rule.consent,
+                approvers=approvers,
+                approver_selectors=selectors(origin, f"approvals.{name}.approvers", approvers),
+                quorum=rule.quorum,
+                request_expiry_seconds=rule.request_expiry_seconds,
+                token_lifetime_seconds=rule.token_lifetime_seconds,
+                channels=tuple(rule.channels),
+                description=rule.description,
+            )
+        )
+    return tuple(compiled)
 
 
 def load_policy_tests(directory: Path) -> list[tuple[str, AnyPolicyTestCase]]:

@@ -61,10 +61,24 @@ def _selector(value: str) -> str:
     return value
 
 
+def _approver(value: str) -> str:
+    if value == "person":
+        return value
+    try:
+        return _selector(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is neither 'person' (the person the agent acts for: consent) nor a "
+            "selector ('group:<idp>/<group>', 'idp-role:<idp>/<IdP role>', "
+            "'person:<idp>/<subject>' or 'role:<role>')"
+        ) from None
+
+
 Permission = Annotated[str, AfterValidator(_permission)]
 PermissionPattern = Annotated[str, AfterValidator(_pattern)]
 Selector = Annotated[str, AfterValidator(_selector)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Approver = Annotated[str, AfterValidator(_approver)]
 RoleName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
 
 
@@ -340,6 +354,84 @@ class Limits(_Strict):
     )
 
 
+MIN_REQUEST_EXPIRY_SECONDS = 30
+MAX_REQUEST_EXPIRY_SECONDS = 86400
+
+
+def _distinct(value: list[str]) -> list[str]:
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise ValueError(f"listed more than once: {', '.join(repeated)}")
+    return value
+
+
+class ApprovalRule(_Strict):
+    """Granted permissions matching `permissions`, for the `agents` and `people` named (each
+    omitted: any), need an approval before they are granted: by the person themselves
+    (``person``: consent) and/or by people the `approvers` selectors name, `quorum` distinct
+    ones. Approval only lifts this requirement: it never grants what the person's roles, the
+    agents' ceilings or a parent token do not allow."""
+
+    description: str = ""
+    permissions: list[PermissionPattern] = Field(
+        min_length=1, description="Patterns; a granted permission matching one needs approval."
+    )
+    agents: list[Name] | None = Field(
+        None,
+        min_length=1,
+        description="The rule applies when one of these agents is in the delegation chain "
+        "(omitted: any agent).",
+    )
+    people: list[Selector] | None = Field(
+        None,
+        min_length=1,
+        description="The rule applies to requests for these people (omitted: everyone).",
+    )
+    approvers: Annotated[list[Approver], AfterValidator(_distinct)] = Field(
+        min_length=1,
+        description="Who may approve: 'person' (the person the agent acts for: consent) "
+        "and/or selectors group:/idp-role:/person:/role:. Nobody in the agent chain, and not "
+        "the person unless 'person' is listed, may approve.",
+    )
+    quorum: int = Field(1, ge=1, le=100, description="How many distinct eligible approvers.")
+    request_expiry_seconds: int = Field(
+        300,
+        ge=MIN_REQUEST_EXPIRY_SECONDS,
+        le=MAX_REQUEST_EXPIRY_SECONDS,
+        description="How long a request for approval stays open.",
+    )
+    token_lifetime_seconds: int | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="The longest an approved token lives (bounded by every other cap).",
+    )
+    channels: Annotated[list[Name], AfterValidator(_distinct)] = Field(
+        default_factory=list,
+        description="Notification channels (broker settings notifications.channels) that "
+        "announce a request for approval.",
+    )
+
+    @model_validator(mode="after")
+    def _quorum_reachable(self) -> ApprovalRule:
+        # Where approvers names only people, no more than that many distinct approvers exist.
+        only_people = all(a == "person" or a.startswith("person:") for a in self.approvers)
+        if only_people and self.quorum > len(self.approvers):
+            raise ValueError(
+                f"quorum {self.quorum} can never be met: only {len(self.approvers)} "
+                "approver(s) can ever approve (approvers names only people)"
+            )
+        return self
+
+    @property
+    def consent(self) -> bool:
+        return "person" in self.approvers
+
+    @property
+    def approver_selectors(self) -> tuple[str, ...]:
+        return tuple(a for a in self.approvers if a != "person")
+
+
 class PolicyDocument(_Strict):
     """One policy file. Every section is optional; files in a directory are merged."""
 
@@ -351,6 +443,11 @@ class PolicyDocument(_Strict):
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
     credentials: dict[Name, Credential] = Field(default_factory=dict)
     admins: dict[Name, Admin] = Field(default_factory=dict)
+    approvals: dict[Name, ApprovalRule] = Field(
+        default_factory=dict,
+        description="Approval rules by name: permissions that need a person's approval "
+        "(OpenID CIBA) before they are granted.",
+    )
     limits: Limits | None = None
 
 

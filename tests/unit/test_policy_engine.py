@@ -304,6 +304,7 @@ def test_every_reason_code_is_exercised() -> None:
         Reason.NO_SCOPE,
         Reason.NO_AUDIENCE,
         Reason.AUDIENCE_REQUIRED,  # tests/unit/test_policy_identity.py
+        Reason.APPROVAL_REQUIRED,  # tests/unit/test_policy_approvals.py
     }
     assert covered == set(Reason)
 
