@@ -28,7 +28,15 @@ from broker.errors import (
     UnauthorizedClient,
 )
 from broker.oauth_request import OAuthForm
-from broker.policy import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
+from broker.policy import (
+    Decision,
+    ExchangeRequest,
+    ParentGrant,
+    Person,
+    Policy,
+    Reason,
+    decide,
+)
 from broker.revocation import Revocations, check_exchange_allowed
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer, TokenTooLarge
@@ -208,9 +216,12 @@ class TokenExchangeGrant:
         max_lifetime_seconds: int,
         revocations: Revocations,
         state: StateStore,
+        issuer_url: str,
         tracer: Tracer | SilentTracer | None = None,
     ) -> None:
         self._tracer = tracer or SilentTracer()
+        # Where an agent asks for what needs approval (OpenID CIBA), named in the refusal.
+        self._approval_endpoint = issuer_url.rstrip("/") + "/oauth2/bc-authorize"
         self._revocations = revocations
         self._state = state
         self._subjects = subjects
@@ -340,9 +351,10 @@ class TokenExchangeGrant:
             span.set_attribute("broker.policy_version", decision.policy_version)
         record["agent_chain"] = list(decision.actor_chain)
         if not decision.allowed:
-            raise _ERRORS[decision.error or "invalid_grant"](
-                decision.description, reason=decision.reason
-            )
+            description = decision.description
+            if decision.reason == Reason.APPROVAL_REQUIRED:
+                description += f"; request it with OpenID CIBA at POST {self._approval_endpoint}"
+            raise _ERRORS[decision.error or "invalid_grant"](description, reason=decision.reason)
 
         lifetime = self._lifetime(decision, provenance, parent)
         with self._tracer.start_as_current_span("issue token"):

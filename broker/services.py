@@ -191,6 +191,7 @@ def build_services(
         max_lifetime_seconds=tokens.max_lifetime_seconds,
         revocations=revocations,
         state=state,
+        issuer_url=settings.issuer,
         tracer=tracing.tracer,
     )
     introspection = Introspection(

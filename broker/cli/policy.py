@@ -8,7 +8,9 @@ granted and 2 when it would be denied, so scripts can branch on the decision.
 from __future__ import annotations
 
 import json
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn, cast
 
@@ -25,6 +27,7 @@ from broker.policy.access import (
     explain_fetch,
     explain_introspection,
 )
+from broker.policy.approvals import may_approve
 from broker.policy.engine import (
     Decision,
     ExchangeRequest,
@@ -43,7 +46,7 @@ from broker.policy.loader import (
 )
 from broker.policy.loader import load_policy_tests as _load_policy_tests
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission, PolicyDocument, PolicyTestFile
-from broker.policy.testing import run_policy_tests
+from broker.policy.testing import named_person, run_policy_tests
 from broker.types import normalise_groups
 
 policy_app = typer.Typer(
@@ -183,6 +186,7 @@ def walk_chain(
     agents: list[str],
     scopes: tuple[str, ...] | None,
     audiences: tuple[str, ...] = (),
+    approved: frozenset[str] = frozenset(),
 ) -> tuple[int, ExchangeRequest, Decision]:
     """Decide each hop of a delegation chain as `decide_chain` does, stopping at a denial.
 
@@ -192,7 +196,12 @@ def walk_chain(
     parent: ParentGrant | None = None
     for index, agent in enumerate(agents):
         request = ExchangeRequest(
-            person=person, agent=agent, scopes=scopes, audiences=audiences, parent=parent
+            person=person,
+            agent=agent,
+            scopes=scopes,
+            audiences=audiences,
+            parent=parent,
+            approved=approved,
         )
         decision = decide(policy, request)
         if not decision.allowed or index == len(agents) - 1:
@@ -284,6 +293,29 @@ def explain_command(
             help="revocations:write, policy:reload or credentials:refresh (with --admin).",
         ),
     ] = None,
+    approved: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--approved",
+            help="A permission an approval covers (repeatable), as after an approved OpenID "
+            "CIBA request.",
+        ),
+    ] = None,
+    approver: Annotated[
+        str | None,
+        typer.Option(
+            "--approver",
+            help="Also explain whether this person (IDP/SUBJECT) may approve the request.",
+        ),
+    ] = None,
+    approver_group: Annotated[
+        list[str] | None,
+        typer.Option("--approver-group", help="One of the approver's groups (repeatable)."),
+    ] = None,
+    approver_idp_role: Annotated[
+        list[str] | None,
+        typer.Option("--approver-idp-role", help="One of the approver's IdP roles (repeatable)."),
+    ] = None,
     directory: DirOption = DEFAULT_DIR,
 ) -> None:
     """Explain the decision for a request (exit 0 granted, 2 denied).
@@ -294,6 +326,8 @@ def explain_command(
     A credential fetch (--gateway, --credential, and the token's shape), an introspection
     (--introspect CLIENT --audience ...) or an admin call (--admin NAME --permission ...):
     the decision the broker makes for it, as the policy tests of that kind run it.
+    Permissions that need approval are listed with their rule, who may approve and the quorum;
+    with --approver, whether that person may approve each rule.
     """
     if admin is not None or introspect is not None:
         _explain_other(directory, admin, permission, credential, introspect, audience)
@@ -327,20 +361,50 @@ def explain_command(
             scopes=frozenset(scopes),
             audiences=audiences,
             previous=previous,
+            approved=frozenset(_split(approved, None)),
         )
         typer.echo(explain_fetch(policy, fetch))
         if not decide_fetch(policy, fetch).allowed:
             raise typer.Exit(EXIT_DENIED)
         return
-    index, request, decision = walk_chain(policy, the_person, agents, scopes, audiences)
+    covered = frozenset(_split(approved, None))
+    index, request, decision = walk_chain(policy, the_person, agents, scopes, audiences, covered)
     if not decision.allowed and index < len(agents) - 1:
         typer.echo(
             f"denied at hop {index + 1} of {len(agents)} (agent {agents[index]!r}); "
             "later hops were not evaluated"
         )
     typer.echo(explain(policy, request))
+    if approver is not None:
+        typer.echo(_explain_approver(policy, request, approver, approver_group, approver_idp_role))
     if not decision.allowed:
         raise typer.Exit(EXIT_DENIED)
+
+
+def _explain_approver(
+    policy: Policy,
+    request: ExchangeRequest,
+    approver: str,
+    groups: list[str] | None,
+    idp_roles: list[str] | None,
+) -> str:
+    """Whether `approver` may approve each rule a request for approval of `request` needs."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*/.+", approver):
+        _fail(f"--approver must be IDP/SUBJECT, got {approver!r}")
+    who = named_person(approver, _split(groups, ","), _split(idp_roles, ","))
+    asked = decide(policy, replace(request, for_approval=True))
+    if not asked.allowed or not asked.approvals:
+        return f"approver {who.person_id}: nothing in this request needs approval"
+    lines = []
+    for requirement in asked.approvals:
+        refusal = may_approve(
+            policy, requirement, who, person=request.person, agent_chain=asked.actor_chain
+        )
+        lines.append(
+            f"approver {who.person_id}: rule {requirement.rule}: "
+            + ("may approve" if refusal is None else f"may not approve ({refusal})")
+        )
+    return "\n".join(lines)
 
 
 def _explain_other(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from cachetools import LRUCache
 
 from broker.errors import AccessDenied, InvalidClient
+from broker.policy.approvals import approved_in
 from broker.policy.engine import Person, Policy, Standing, standing
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission
 from broker.types import BrokerToken
@@ -44,15 +45,17 @@ class AccessReason(enum.StrEnum):
 
 
 class RememberedStandings:
-    """`standing` for a token's person (with the groups and IdP roles it carries) and agent chain,
-    computed once per policy version and remembered: the credential fetch and introspection paths
-    are hot, and the answer changes only when the policy does."""
+    """`standing` for a token's person (with the groups and IdP roles it carries), agent chain
+    and approval (`approvals.approved_in`), computed once per policy version and remembered:
+    the credential fetch and introspection paths are hot, and the answer changes only when the
+    policy does."""
 
     def __init__(self, maxsize: int = 10_000) -> None:
         self._found: LRUCache[tuple[object, ...], Standing] = LRUCache(maxsize=maxsize)
 
     def of(self, policy: Policy, token: BrokerToken) -> Standing:
         provenance = token.provenance
+        approved = approved_in(token.claims) if policy.approval_rules else frozenset()
         key = (
             policy.version,
             provenance.idp,
@@ -60,10 +63,13 @@ class RememberedStandings:
             provenance.groups,
             provenance.idp_roles,
             token.actor_chain,
+            approved,
         )
         found = self._found.get(key)
         if found is None:
-            found = self._found[key] = standing(policy, Person.of(provenance), token.actor_chain)
+            found = self._found[key] = standing(
+                policy, Person.of(provenance), token.actor_chain, approved
+            )
         return found
 
 
@@ -130,6 +136,8 @@ class FetchRequest:
     """The audiences the agent token is addressed to."""
     previous: bool = False
     """``?version=previous``."""
+    approved: frozenset[str] = frozenset()
+    """The permissions the token's approval covers (`approvals.approved_in`)."""
 
 
 def is_gateway(policy: Policy, client_id: str) -> bool:
@@ -175,7 +183,7 @@ def decide_fetch(
             f"{name!r} requires",
         )
     if standing_now is None:
-        standing_now = standing(policy, request.person, request.actor_chain)
+        standing_now = standing(policy, request.person, request.actor_chain, request.approved)
     withdrawn = standing_now.withdrawn(credential.requires)
     if withdrawn is not None:
         return _denied(
@@ -321,7 +329,7 @@ def explain_fetch(policy: Policy, request: FetchRequest) -> str:
         f"token audience: {' '.join(request.audiences) or '-'}",
     ]
     if credential is not None:
-        held = standing(policy, person, request.actor_chain)
+        held = standing(policy, person, request.actor_chain, request.approved)
         withdrawn = held.withdrawn(credential.requires)
         still = "yes" if withdrawn is None else f"no: {Standing.describe(withdrawn)}"
         lines.append(f"policy grants {credential.requires} to this person and chain now: {still}")

@@ -222,3 +222,20 @@ def quorum_met(
 def approved_permissions(requirements: Iterable[ApprovalRequirement]) -> frozenset[str]:
     """Every permission the requirements govern: what a request's approval covers."""
     return frozenset(p for requirement in requirements for p in requirement.permissions)
+
+
+APPROVAL_CLAIM = "approval"
+APPROVED_PERMISSIONS_MEMBER = "permissions"
+
+
+def approved_in(claims: Mapping[str, object]) -> frozenset[str]:
+    """The permissions a broker token's approval covers: the strings of its ``approval``
+    claim's ``permissions`` member. Anything else (no claim, another shape) covers nothing:
+    a token whose approval cannot be read loses what an approval rule governs."""
+    approval = claims.get(APPROVAL_CLAIM)
+    if not isinstance(approval, Mapping):
+        return frozenset()
+    permissions = approval.get(APPROVED_PERMISSIONS_MEMBER)
+    if not isinstance(permissions, list | tuple):
+        return frozenset()
+    return frozenset(p for p in permissions if isinstance(p, str))

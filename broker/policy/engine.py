@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker.policy.approvals import (
     ApprovalRequirement,
@@ -576,4 +576,32 @@ def explain(policy: Policy, request: ExchangeRequest) -> str:
     if decision.allowed:
         lines.append(f"granted:        {' '.join(decision.scopes)}")
         lines.append(f"max lifetime:   {decision.max_lifetime_seconds}s")
+    if request.approved:
+        lines.append(f"approved:       {' '.join(sorted(request.approved))}")
+    lines.extend(_approval_lines(policy, request))
     return "\n".join(lines)
+
+
+def _approval_lines(policy: Policy, request: ExchangeRequest) -> list[str]:
+    """What a request for approval of `request` (OpenID CIBA) would need: each rule, the
+    permissions it governs, who may approve, the quorum, the expiry and the token lifetime."""
+    if not policy.approval_rules:
+        return []
+    asked = decide(policy, replace(request, for_approval=True))
+    if not asked.allowed or not asked.approvals:
+        return []
+    lines = ["needs approval (request it with OpenID CIBA, POST /oauth2/bc-authorize):"]
+    for requirement in asked.approvals:
+        who = (["the person (consent)"] if requirement.consent else []) + list(
+            requirement.approvers
+        )
+        lifetime = requirement.token_lifetime_seconds
+        lines += [
+            f"  rule {requirement.rule}: {' '.join(requirement.permissions)}",
+            f"    approvers:  {', '.join(who)}; quorum {requirement.quorum}"
+            + ("" if requirement.consent else "; not the person, nobody in the agent chain"),
+            f"    request expires after {requirement.request_expiry_seconds}s; approved token "
+            f"lives at most {f'{lifetime}s' if lifetime else 'as long as otherwise allowed'}; "
+            f"channels: {', '.join(requirement.channels) or '-'}",
+        ]
+    return lines

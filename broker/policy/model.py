@@ -477,13 +477,53 @@ class PolicyTestCase(_Strict):
         Literal["invalid_scope", "invalid_target", "unauthorized_client", "invalid_grant"] | None
     ) = None
     expect_reason: str | None = Field(
-        None, description="A reason code (e.g. person_lacks_scope) the denial must include."
+        None,
+        description="A reason code (e.g. person_lacks_scope, approval_required) the denial "
+        "must include.",
+    )
+    approved: list[Permission] = Field(
+        default_factory=list,
+        description="Permissions an approval covers (as after an approved OpenID CIBA "
+        "request): approval rules governing them do not hold them back.",
     )
 
     @model_validator(mode="after")
     def _one_expectation(self) -> PolicyTestCase:
         if (self.expect_granted is None) == (self.expect_error is None):
             raise ValueError("a policy test needs exactly one of expect_granted or expect_error")
+        return self
+
+
+class ApprovalTestCase(_Strict):
+    """A request for approval: person P with groups G via agent chain A asks for S (as with
+    OpenID CIBA); may `approver` (with their own groups and IdP roles) approve it? The request
+    must need approval. ``eligible``: the approver may approve at least one rule it needs (those
+    of `expect_rules`, when given, exactly); ``refused``: none, for `expect_reason` when given
+    (not_eligible, self_approval, in_agent_chain)."""
+
+    kind: Literal["approval"]
+    name: str
+    person: str = Field(pattern=_PERSON_PATTERN, description="<idp>/<subject>")
+    groups: list[str] = Field(default_factory=list)
+    idp_roles: list[str] = Field(default_factory=list)
+    agents: list[Name] = Field(min_length=1, description="The delegation chain, first agent first.")
+    scope: list[str] | None = None
+    audience: list[str] = Field(default_factory=list)
+    approver: str = Field(pattern=_PERSON_PATTERN, description="The approver, <idp>/<subject>.")
+    approver_groups: list[str] = Field(default_factory=list)
+    approver_idp_roles: list[str] = Field(default_factory=list)
+    expect: Literal["eligible", "refused"]
+    expect_rules: list[Name] | None = Field(
+        None, description="With eligible: exactly the rules the approver's approval counts for."
+    )
+    expect_reason: Literal["not_eligible", "self_approval", "in_agent_chain"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ApprovalTestCase:
+        if self.expect == "eligible" and self.expect_reason is not None:
+            raise ValueError("expect_reason is for expect: refused")
+        if self.expect == "refused" and self.expect_rules is not None:
+            raise ValueError("expect_rules is for expect: eligible")
         return self
 
 
@@ -506,6 +546,9 @@ class FetchTestCase(_Strict):
     scope: list[str] = Field(description="The scopes the token carries.")
     audience: list[str] = Field(min_length=1, description="The audiences the token carries.")
     version: Literal["current", "previous"] = "current"
+    approved: list[Permission] = Field(
+        default_factory=list, description="The permissions the token's approval covers."
+    )
     expect: Literal["allowed", "denied"]
     expect_reason: str | None = Field(None, description=_REASON_DESCRIPTION)
 
@@ -542,11 +585,13 @@ AnyPolicyTestCase = Annotated[
     Annotated[PolicyTestCase, Tag("exchange")]
     | Annotated[FetchTestCase, Tag("fetch")]
     | Annotated[IntrospectionTestCase, Tag("introspection")]
-    | Annotated[AdminTestCase, Tag("admin")],
+    | Annotated[AdminTestCase, Tag("admin")]
+    | Annotated[ApprovalTestCase, Tag("approval")],
     Discriminator(
         _test_kind,
         custom_error_type="invalid_test_kind",
-        custom_error_message="kind must be exchange (the default), fetch, introspection or admin",
+        custom_error_message="kind must be exchange (the default), fetch, introspection, admin "
+        "or approval",
     ),
 ]
 

@@ -8,6 +8,10 @@ A ``fetch`` test names a gateway, a credential and the shape of the agent token 
 (person, groups, chain, scopes, audiences); an ``introspection`` test a client and the token's
 audiences; an ``admin`` test an admin client and a permission. They run the very functions the
 broker runs (`broker.policy.access`) and expect ``allowed`` or ``denied`` (with a reason).
+
+An ``approval`` test names a request for approval (person, chain, scopes, as for an exchange)
+and an approver (with their own groups and IdP roles) and expects them ``eligible`` to approve
+it or ``refused`` (with a reason), as the approvals service decides (`broker.policy.approvals`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from broker.policy.access import (
     decide_fetch,
     decide_introspection,
 )
+from broker.policy.approvals import may_approve
 from broker.policy.engine import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
 from broker.policy.model import (
     AdminTestCase,
     AnyPolicyTestCase,
+    ApprovalTestCase,
     FetchTestCase,
     IntrospectionTestCase,
     PolicyTestCase,
@@ -46,15 +52,26 @@ def decide_chain(
     agents: list[str],
     scopes: tuple[str, ...] | None,
     audiences: tuple[str, ...] = (),
+    *,
+    approved: frozenset[str] = frozenset(),
+    for_approval: bool = False,
 ) -> Decision:
-    """Run `decide` along a delegation chain; returns the first denial or the last grant."""
+    """Run `decide` along a delegation chain; returns the first denial or the last grant.
+    `approved` is what an approval covers at every hop (a token's approval carries down the
+    chain); with `for_approval` every hop decides a request for approval."""
     parent: ParentGrant | None = None
     decision: Decision | None = None
     for agent in agents:
         decision = decide(
             policy,
             ExchangeRequest(
-                person=person, agent=agent, scopes=scopes, audiences=audiences, parent=parent
+                person=person,
+                agent=agent,
+                scopes=scopes,
+                audiences=audiences,
+                parent=parent,
+                approved=approved,
+                for_approval=for_approval,
             ),
         )
         if not decision.allowed:
@@ -88,6 +105,7 @@ def fetch_request(case: FetchTestCase) -> FetchRequest:
         scopes=frozenset(case.scope),
         audiences=tuple(case.audience),
         previous=case.version == "previous",
+        approved=frozenset(case.approved),
     )
 
 
@@ -123,7 +141,56 @@ def _judge_access(
     return PolicyTestResult(file, case, True, got)
 
 
+def approval_verdicts(policy: Policy, case: ApprovalTestCase) -> tuple[Decision, dict[str, str]]:
+    """The request for approval's decision, and for each rule it needs: None-or-refusal of the
+    approver, as ``{rule: "eligible" | refusal code}``."""
+    person = named_person(case.person, case.groups, case.idp_roles)
+    decision = decide_chain(
+        policy,
+        person,
+        list(case.agents),
+        tuple(case.scope) if case.scope is not None else None,
+        tuple(case.audience),
+        for_approval=True,
+    )
+    approver = named_person(case.approver, case.approver_groups, case.approver_idp_roles)
+    verdicts = {
+        requirement.rule: may_approve(
+            policy, requirement, approver, person=person, agent_chain=decision.actor_chain
+        )
+        or "eligible"
+        for requirement in decision.approvals
+    }
+    return decision, verdicts
+
+
+def _judge_approval(policy: Policy, file: str, case: ApprovalTestCase) -> PolicyTestResult:
+    decision, verdicts = approval_verdicts(policy, case)
+    if not decision.allowed:
+        detail = f"the request is refused: {decision.error}: {decision.description}"
+        return PolicyTestResult(file, case, False, detail)
+    if not verdicts:
+        return PolicyTestResult(file, case, False, "nothing in this request needs approval")
+    eligible = sorted(rule for rule, verdict in verdicts.items() if verdict == "eligible")
+    got = ", ".join(f"{rule}: {verdict}" for rule, verdict in verdicts.items())
+    if case.expect == "eligible":
+        if not eligible:
+            return PolicyTestResult(file, case, False, f"expected eligible, got {got}")
+        if case.expect_rules is not None and sorted(case.expect_rules) != eligible:
+            detail = f"expected eligible for {sorted(case.expect_rules)}, got {got}"
+            return PolicyTestResult(file, case, False, detail)
+        return PolicyTestResult(file, case, True, got)
+    if eligible:
+        return PolicyTestResult(file, case, False, f"expected refused, got {got}")
+    if case.expect_reason is not None and case.expect_reason not in verdicts.values():
+        detail = f"expected refusal {case.expect_reason}, got {got}"
+        return PolicyTestResult(file, case, False, detail)
+    return PolicyTestResult(file, case, True, got)
+
+
 def run_case(policy: Policy, file: str, case: AnyPolicyTestCase) -> PolicyTestResult:
+    if isinstance(case, ApprovalTestCase):
+        return _judge_approval(policy, file, case)
     if not isinstance(case, PolicyTestCase):
         return _judge_access(file, case, access_decision(policy, case))
     decision = decide_chain(
@@ -132,6 +199,7 @@ def run_case(policy: Policy, file: str, case: AnyPolicyTestCase) -> PolicyTestRe
         list(case.agents),
         tuple(case.scope) if case.scope is not None else None,
         tuple(case.audience),
+        approved=frozenset(case.approved),
     )
     if case.expect_granted is not None:
         if not decision.allowed:

@@ -323,11 +323,37 @@ def test_explain_ceiling_excludes_scope() -> None:
         "support-leads",
         "--agent",
         "triage-agent",
+        "--agent",
+        "summariser-agent",
         "--scope",
-        "tickets:close",
+        "tickets:write",
     )
     assert code == 2
-    assert "- tickets:close: denied: ceiling_excludes_scope" in out
+    assert "agent chain:    summariser-agent <- triage-agent" in out
+    assert "- tickets:write: denied: ceiling_excludes_scope" in out
+
+
+def test_explain_shows_what_needs_approval_and_who_may_approve() -> None:
+    request = ("-p", "dev/dave", "-g", "support-leads", "-a", "triage-agent")
+    code, out, _ = explain(
+        *request, "-s", "tickets:close tickets:refund", "--approver", "dev/carol",
+        "--approver-group", "finance",
+    )  # fmt: skip
+    assert code == 2
+    assert "reason:         approval_required: scope needs approval: 'tickets:close' " in out
+    assert "- tickets:refund: denied: approval_required" in out
+    assert "  rule close-tickets-consent: tickets:close\n" in out
+    assert "    approvers:  the person (consent); quorum 1\n" in out
+    assert "approved token lives at most 600s" in out
+    assert "  rule refunds-need-finance: tickets:refund\n" in out
+    assert "approvers:  group:dev,keycloak,keycloak-saml/finance; quorum 1; not the person" in out
+    assert "approver dev/carol: rule close-tickets-consent: may not approve (not_eligible)" in out
+    assert "approver dev/carol: rule refunds-need-finance: may approve" in out
+    # With the approval: granted, for no longer than the rule allows, nothing left to approve.
+    code, out, _ = explain(*request, "-s", "tickets:close", "--approved", "tickets:close")
+    assert code == 0
+    assert "granted:        tickets:close" in out and "max lifetime:   600s" in out
+    assert "needs approval" not in out
 
 
 def test_explain_agent_may_not_act_for_person() -> None:

@@ -494,7 +494,15 @@ def test_broker_token_is_not_a_persons_id_token(
     ("person", "agent", "scope", "error", "phrase"),
     [
         ("alice", "triage-agent", "tickets:write", "invalid_scope", "the person does not hold it"),
-        ("dave", "triage-agent", "tickets:close", "invalid_scope", "ceiling excludes it"),
+        ("dave", "triage-agent", "repo:read", "invalid_scope", "ceiling excludes it"),
+        (
+            "dave",
+            "triage-agent",
+            "tickets:close",
+            "invalid_scope",
+            "'tickets:close' (approval rule 'close-tickets-consent'); request it with OpenID "
+            "CIBA at POST http",
+        ),
         ("carol", "triage-agent", "llm:openai:chat", "unauthorized_client", "may not act for"),
         (
             "alice",
@@ -524,6 +532,25 @@ def test_escalation_attempts_are_refused(
     assert record["outcome"] == "denied"
     assert record["error"] == error
     assert record["person"] == f"dev/{person}"
+
+
+def test_a_permission_needing_approval_is_refused_saying_where_to_ask(
+    broker: RunningBroker, idp: DevIdentityProvider
+) -> None:
+    form = exchange_form(idp.mint("dave"), scope="tickets:read tickets:refund")
+    response = _post(broker, form, triage())
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "invalid_scope",
+        "error_description": "scope needs approval: 'tickets:refund' (approval rule "
+        "'refunds-need-finance'); request it with OpenID CIBA at POST "
+        f"{broker.url}/oauth2/bc-authorize",
+    }
+    record = broker.decisions.records[-1]
+    assert (record["outcome"], record["reason"]) == ("denied", "approval_required")
+    # Asked for by default (no scope): what needs approval is left out, the rest granted.
+    granted = _exchange_ok(broker, exchange_form(idp.mint("dave")), triage())
+    assert granted["scope"] == "tickets:read kb:read"
 
 
 def test_audience_not_allowed_for_agent_is_invalid_target(
