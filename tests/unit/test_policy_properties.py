@@ -13,12 +13,18 @@ through `Policy.rights_of` or `PermissionSet`. Properties:
 (c) a re-exchange grant is a subset of its parent grant, in scopes and audiences;
 (d) `decide` never raises, for any request, chain or parent token;
 (e) a token carries only the groups and IdP roles the policy uses (`Policy.identity_used`), and
-    every decision along the chain is the same for that trimmed person as for the whole one.
+    every decision along the chain is the same for that trimmed person as for the whole one;
+(f) approval rules: without an approval covering it, a permission an applicable rule governs is
+    never granted (an explicit request for it is refused, a default left out); a request for
+    approval (`for_approval`) or an approval (`approved`, any set) never grants beyond
+    (a) to (c), and `Decision.approvals` lists exactly the applicable rules and the granted
+    permissions each governs that the approval does not cover.
 
 The generated policies use every form of the language that names people: bindings of groups or
 of IdP roles (a separate namespace: generated IdP roles reuse group names), for one IdP or a list,
-selectors naming several IdPs, and the audience settings (`default_audiences`,
-`require_audience` per agent and in `limits`).
+selectors naming several IdPs, the audience settings (`default_audiences`,
+`require_audience` per agent and in `limits`), and approval rules (for some agents or any, for
+some people or everyone, with token lifetimes).
 
 On a first hop (no parent token) the independent model also predicts the decision itself, so
 the engine can neither grant too much nor refuse what the policy allows.
@@ -31,7 +37,7 @@ import json
 import random
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +92,7 @@ class Spec:
     person_bindings: list[dict[str, Any]]
     agents: dict[str, dict[str, Any]]
     limits: dict[str, Any]
+    approvals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -94,6 +101,7 @@ class Spec:
             "person_bindings": self.person_bindings,
             "agents": self.agents,
             "limits": self.limits,
+            "approvals": self.approvals,
         }
 
 
@@ -193,9 +201,7 @@ def specs(draw: st.DrawFn, person: Person) -> Spec:
     )
     selectors = st.one_of(
         st.builds(lambda i, g: f"group:{i}/{g}", idp_selector_lists, st.sampled_from(GROUPS)),
-        st.builds(
-            lambda i, r: f"idp-role:{i}/{r}", idp_selector_lists, st.sampled_from(IDP_ROLES)
-        ),
+        st.builds(lambda i, r: f"idp-role:{i}/{r}", idp_selector_lists, st.sampled_from(IDP_ROLES)),
         st.builds(lambda i, s: f"person:{i}/{s}", st.sampled_from(IDPS), st.sampled_from(SUBJECTS)),
         st.sampled_from(role_names).map(lambda r: f"role:{r}"),
     )
@@ -257,7 +263,28 @@ def specs(draw: st.DrawFn, person: Person) -> Spec:
         "max_delegation_depth": 4 if dice.chance(60) else draw(st.sampled_from([3, 2, 1])),
         "require_audience": dice.chance(20),
     }
-    return Spec(roles, group_bindings, person_bindings, agents, limits)
+    approvals: dict[str, dict[str, Any]] = {}
+    for index in range(draw(st.integers(1, 3)) if dice.chance(60) else 0):
+        rule: dict[str, Any] = {
+            "permissions": draw(
+                st.lists(st.one_of(st.sampled_from(held), patterns), min_size=1, max_size=3)
+            ),
+            "approvers": ["person"]
+            if dice.chance(50)
+            else draw(st.lists(selectors, min_size=1, max_size=2, unique=True)),
+        }
+        if dice.chance(40):
+            rule["agents"] = draw(
+                st.lists(st.sampled_from(agent_names), min_size=1, max_size=2, unique=True)
+            )
+        if dice.chance(40):
+            rule["people"] = draw(
+                st.lists(st.one_of(selectors, st.sampled_from(for_person)), min_size=1, max_size=2)
+            )
+        if dice.chance(40):
+            rule["token_lifetime_seconds"] = draw(st.sampled_from([30, 600, 10000]))
+        approvals[f"rule{index}"] = rule
+    return Spec(roles, group_bindings, person_bindings, agents, limits, approvals)
 
 
 @dataclass(frozen=True)
@@ -267,6 +294,10 @@ class Scenario:
     chain: list[str]
     requests: list[tuple[tuple[str, ...] | None, tuple[str, ...]]]
     """(scopes, audiences) per hop; all equal when the scenario is for `decide_chain`."""
+    approved: frozenset[str] = frozenset()
+    """What an approval covers, at every hop."""
+    for_approval: bool = False
+    """Every hop decides a request for approval."""
 
 
 @st.composite
@@ -295,6 +326,7 @@ def scenarios(draw: st.DrawFn, *, same_request_each_hop: bool = False) -> Scenar
             for c in concrete(p)
         }
     )
+
     # The model below is only used to bias generation towards grants; checks stay independent.
     def good_for(agents: list[str]) -> list[str]:
         """Scopes the person holds and every one of `agents` admits."""
@@ -322,8 +354,8 @@ def scenarios(draw: st.DrawFn, *, same_request_each_hop: bool = False) -> Scenar
             count = 0 if roll >= 0.93 else dice.rng.randint(1, 3)
             scopes = tuple(one_scope(good) for _ in range(count))
         own = spec.agents.get(chain[hop], {}).get("audiences", [])
-        audience = st.sampled_from(own) if own and dice.chance(85) else st.sampled_from(
-            [*AUDIENCES, "u4"]
+        audience = (
+            st.sampled_from(own) if own and dice.chance(85) else st.sampled_from([*AUDIENCES, "u4"])
         )
         audiences = dice.pick(
             draw, (70, st.just(())), (30, st.lists(audience, min_size=1, max_size=2).map(tuple))
@@ -334,7 +366,27 @@ def scenarios(draw: st.DrawFn, *, same_request_each_hop: bool = False) -> Scenar
         requests = [request(len(chain) - 1)] * len(chain)
     else:
         requests = [request(hop) for hop in range(len(chain))]
-    return Scenario(spec, person, chain, requests)
+    defaults = spec.agents.get(chain[0], {}).get("default_scopes", [])
+    asked = {
+        scope
+        for scopes, _ in requests
+        for scope in (defaults if scopes is None else scopes)
+        if _PERMISSION.fullmatch(scope)
+    }
+    if asked and dice.chance(60):
+        # A rule for what is asked, so that approvals often matter (and are often met).
+        focus: dict[str, Any] = {
+            "permissions": [draw(st.sampled_from(sorted(asked)))],
+            "approvers": ["person"],
+        }
+        if chain[0] in spec.agents and dice.chance(30):
+            focus["agents"] = [chain[0]]
+        spec = replace(spec, approvals={**spec.approvals, "focus": focus})
+    approved: frozenset[str] = frozenset()
+    if spec.approvals and dice.chance(50):
+        approved = frozenset(c for c in candidates if dice.chance(50))
+    for_approval = bool(spec.approvals) and dice.chance(30)
+    return Scenario(spec, person, chain, requests, approved, for_approval)
 
 
 def load(spec: Spec) -> Policy:
@@ -378,8 +430,12 @@ def ceiling_admits(spec: Spec, agent: str, permission: str) -> bool:
 
 
 def may_act_for(spec: Spec, agent: str, person: Person) -> bool:
+    return selected(spec, spec.agents[agent]["act_for"], person)
+
+
+def selected(spec: Spec, selectors: list[str], person: Person) -> bool:
     held = roles_of(spec, person)
-    for selector in spec.agents[agent]["act_for"]:
+    for selector in selectors:
         kind, _, rest = selector.partition(":")
         if kind == "role" and rest in held:
             return True
@@ -392,6 +448,35 @@ def may_act_for(spec: Spec, agent: str, person: Person) -> bool:
         if kind == "person" and (idps, value) == (person.idp, person.subject):
             return True
     return False
+
+
+def applicable_rules(spec: Spec, person: Person, chain: tuple[str, ...]) -> list[str]:
+    """The approval rules (by name, in name order) for `person` through `chain`."""
+    return [
+        name
+        for name, rule in sorted(spec.approvals.items())
+        if ("agents" not in rule or set(rule["agents"]) & set(chain))
+        and ("people" not in rule or selected(spec, rule["people"], person))
+    ]
+
+
+def governing(spec: Spec, person: Person, chain: tuple[str, ...], permission: str) -> list[str]:
+    """The applicable approval rules that govern `permission`."""
+    return [
+        name
+        for name in applicable_rules(spec, person, chain)
+        if any(matches(p, permission) for p in spec.approvals[name]["permissions"])
+    ]
+
+
+def held_back(spec: Spec, request: ExchangeRequest, chain: tuple[str, ...], scope: str) -> bool:
+    """Whether an approval rule keeps `scope` from this request (none covers it, and the request
+    is not one for approval)."""
+    return (
+        not request.for_approval
+        and scope not in request.approved
+        and bool(governing(spec, request.person, chain, scope))
+    )
 
 
 def requires_audience(spec: Spec, agent: str) -> bool:
@@ -431,9 +516,16 @@ def expected_first_hop(spec: Spec, request: ExchangeRequest) -> bool:
             and ceiling_admits(spec, request.agent, scope)
         )
 
+    def approved(scope: str) -> bool:
+        return not held_back(spec, request, (request.agent,), scope)
+
     if request.scopes is None:
-        return any(allowed(s) for s in agent["default_scopes"])
-    return bool(request.scopes) and all(allowed(s) for s in request.scopes)
+        return any(allowed(s) and approved(s) for s in agent["default_scopes"])
+    return (
+        bool(request.scopes)
+        and all(allowed(s) for s in request.scopes)
+        and all(approved(s) for s in request.scopes)
+    )
 
 
 def check_grant(
@@ -472,9 +564,32 @@ def check_grant(
         assert may_act_for(spec, name, person), (name, person)
     assert set(decision.audiences) <= set(agent["audiences"])
     assert len(chain) <= spec.limits["max_delegation_depth"]
+    governed_rules = {name for s in decision.scopes for name in governing(spec, person, chain, s)}
+    rule_lifetimes = [
+        spec.approvals[name]["token_lifetime_seconds"]
+        for name in governed_rules
+        if "token_lifetime_seconds" in spec.approvals[name]
+    ]
     assert decision.max_lifetime_seconds == min(
-        agent["max_token_lifetime_seconds"], spec.limits["max_token_lifetime_seconds"]
+        agent["max_token_lifetime_seconds"],
+        spec.limits["max_token_lifetime_seconds"],
+        *rule_lifetimes,
     )
+    # (f) nothing an approval rule holds back is granted; a request for approval lists exactly
+    # the rules and what each governs that the approval does not cover.
+    for scope in decision.scopes:
+        assert not held_back(spec, request, chain, scope), (scope, request.approved)
+    expected_approvals = []
+    if request.for_approval:
+        for name in applicable_rules(spec, person, chain):
+            governed = tuple(
+                s
+                for s in decision.scopes
+                if name in governing(spec, person, chain, s) and s not in request.approved
+            )
+            if governed:
+                expected_approvals.append((name, governed))
+    assert [(a.rule, a.permissions) for a in decision.approvals] == expected_approvals
     # (b) granted within what was asked for (all of it, for an explicit request) or defaults.
     if request.scopes is not None:
         assert set(decision.scopes) == set(request.scopes)
@@ -511,10 +626,16 @@ def test_chains_with_a_request_per_hop(scenario: Scenario) -> None:
     policy = load(spec)
     parent: ParentGrant | None = None
     for agent, (scopes, audiences) in zip(scenario.chain, scenario.requests, strict=True):
-        request = ExchangeRequest(person, agent, scopes, audiences, parent)
+        request = ExchangeRequest(
+            person, agent, scopes, audiences, parent, scenario.approved, scenario.for_approval
+        )
         decision = decide(policy, request)  # (d): never raises
         check_grant(spec, person, request, decision)
         hop = len(decision.actor_chain)
+        if decision.approvals:
+            event("a request for approval lists rules to satisfy")
+        if request.approved & set(decision.scopes):
+            event("granted what an approval covers")
         if not decision.allowed:
             event(f"denied at hop {hop}: {decision.reason}")
             break
@@ -529,12 +650,22 @@ def test_decide_chain_matches_hop_by_hop_decisions(scenario: Scenario) -> None:
     spec, person, chain = scenario.spec, scenario.person, scenario.chain
     scopes, audiences = scenario.requests[0]
     policy = load(spec)
-    final = decide_chain(policy, person, chain, scopes, audiences)
+    final = decide_chain(
+        policy,
+        person,
+        chain,
+        scopes,
+        audiences,
+        approved=scenario.approved,
+        for_approval=scenario.for_approval,
+    )
     parent: ParentGrant | None = None
     grants: list[Decision] = []
     decision: Decision | None = None
     for agent in chain:
-        request = ExchangeRequest(person, agent, scopes, audiences, parent)
+        request = ExchangeRequest(
+            person, agent, scopes, audiences, parent, scenario.approved, scenario.for_approval
+        )
         decision = decide(policy, request)
         check_grant(spec, person, request, decision)
         if not decision.allowed:
@@ -566,22 +697,30 @@ def reachable(spec: Spec, agent: str) -> set[str]:
 
 def used_by_policy(spec: Spec, person: Person, agent: str) -> tuple[set[str], set[str]]:
     """The person's groups and IdP roles that a binding at their IdP names, or an ``act_for``
-    of `agent` or of an agent it may delegate to."""
+    of `agent` or of an agent it may delegate to, or the ``people`` of an approval rule for any
+    agent or for one of those."""
     groups: set[str] = set()
     idp_roles: set[str] = set()
     for binding in spec.group_bindings:
         if person.idp in idps_of(binding):
             groups.update({binding.get("group")} & person.groups)
             idp_roles.update({binding.get("idp_role")} & person.idp_roles)
-    for name in reachable(spec, agent):
-        for selector in spec.agents[name]["act_for"]:
-            kind, _, rest = selector.partition(":")
-            idps, _, value = rest.partition("/")
-            if person.idp in idps.split(","):
-                if kind == "group" and value in person.groups:
-                    groups.add(value)
-                if kind == "idp-role" and value in person.idp_roles:
-                    idp_roles.add(value)
+    names = reachable(spec, agent)
+    people_selectors = [
+        selector
+        for rule in spec.approvals.values()
+        if "agents" not in rule or set(rule["agents"]) & names
+        for selector in rule.get("people", [])
+    ]
+    act_for = [s for name in names for s in spec.agents[name]["act_for"]]
+    for selector in act_for + people_selectors:
+        kind, _, rest = selector.partition(":")
+        idps, _, value = rest.partition("/")
+        if person.idp in idps.split(","):
+            if kind == "group" and value in person.groups:
+                groups.add(value)
+            if kind == "idp-role" and value in person.idp_roles:
+                idp_roles.add(value)
     return groups, idp_roles
 
 
@@ -600,8 +739,10 @@ def test_tokens_carry_only_what_the_policy_uses_and_decide_the_same(scenario: Sc
         assert used.groups == expected_groups
         assert used.idp_roles == expected_roles
         assert (used.idp, used.subject) == (person.idp, person.subject)
-        decision = decide(policy, ExchangeRequest(used, agent, scopes, audiences, parent))
-        assert decision == decide(policy, ExchangeRequest(person, agent, scopes, audiences, parent))
+        extra = (scenario.approved, scenario.for_approval)
+        decision = decide(policy, ExchangeRequest(used, agent, scopes, audiences, parent, *extra))
+        whole = ExchangeRequest(person, agent, scopes, audiences, parent, *extra)
+        assert decision == decide(policy, whole)
         event(f"carried {len(used.groups)} of {len(person.groups)} groups")
         if not decision.allowed:
             break
@@ -637,9 +778,8 @@ def test_arbitrary_requests_and_parent_tokens(scenario: Scenario, data: st.DataO
         held = {*(scopes or ()), *spec.agents[agent]["default_scopes"]}
         parent = ParentGrant(
             actor_chain=(draw(st.sampled_from(delegators)), *tail),
-            scopes=frozenset(
-                draw(st.lists(st.one_of(permissions, requested_scope), max_size=3))
-            ) | {s for s in held if dice.chance(80)},
+            scopes=frozenset(draw(st.lists(st.one_of(permissions, requested_scope), max_size=3)))
+            | {s for s in held if dice.chance(80)},
             audiences=tuple(a for a in [*AUDIENCES, "u4"] if dice.chance(70)),
         )
     elif kind < 0.7:
@@ -655,12 +795,20 @@ def test_arbitrary_requests_and_parent_tokens(scenario: Scenario, data: st.DataO
         scopes = draw(odd_strings)
     if dice.chance(10):
         audiences = draw(odd_strings)
-    request = ExchangeRequest(person, agent, scopes, audiences, parent)
+    approved = scenario.approved
+    if dice.chance(20):
+        approved |= draw(st.frozensets(st.one_of(arbitrary_text, permissions), max_size=3))
+    request = ExchangeRequest(
+        person, agent, scopes, audiences, parent, approved, scenario.for_approval
+    )
     decision = decide(load(spec), request)  # (d): never raises, whatever it is given
     event("granted" if decision.allowed else f"denied: {decision.reason}")
     if decision.allowed:
         check_grant(spec, person, request, decision, parent_from_broker=False)
     else:
         assert decision.error in {
-            "invalid_scope", "invalid_target", "unauthorized_client", "invalid_grant"
+            "invalid_scope",
+            "invalid_target",
+            "unauthorized_client",
+            "invalid_grant",
         }

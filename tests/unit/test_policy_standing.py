@@ -9,15 +9,20 @@ its independent model:
 (f) everything `decide` grants along a chain is in standing under the same policy (a fresh
     token is never refused at fetch);
 (g) removing a permission from the person's roles, or from any ceiling of the chain, withdraws
-    it; and `standing` never raises.
+    it; and `standing` never raises;
+(h) what an approval rule applicable to the person and chain governs stays only where the
+    token's approval covers it.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from broker.policy import ParentGrant, Person, Reason, decide, standing
+from broker.policy.approvals import approved_permissions
 from broker.policy.engine import ExchangeRequest
 from tests.unit.test_policy_properties import (
     SETTINGS,
@@ -25,6 +30,7 @@ from tests.unit.test_policy_properties import (
     Spec,
     ceiling_admits,
     concrete,
+    governing,
     load,
     may_act_for,
     person_holds,
@@ -51,10 +57,11 @@ def test_standing_never_exceeds_person_and_every_ceiling(
 ) -> None:
     spec, person = scenario.spec, scenario.person
     chain = tuple(reversed(scenario.chain))  # most recent agent first, as in `act`
-    held = standing(load(spec), person, chain)
+    held = standing(load(spec), person, chain, scenario.approved)
     for scope in [*_candidates(spec), *extra]:
         if held.withdrawn(scope) is None:
             event("some scope in standing")
+            assert scope in scenario.approved or not governing(spec, person, chain, scope)
             assert person_holds(spec, person, scope)
             for name in chain:
                 assert name in spec.agents
@@ -69,10 +76,15 @@ def test_what_decide_grants_is_in_standing(scenario: Scenario) -> None:
     policy = load(spec)
     parent: ParentGrant | None = None
     for agent, (scopes, audiences) in zip(scenario.chain, scenario.requests, strict=True):
-        decision = decide(policy, ExchangeRequest(person, agent, scopes, audiences, parent))
+        request = ExchangeRequest(
+            person, agent, scopes, audiences, parent, scenario.approved, scenario.for_approval
+        )
+        decision = decide(policy, request)
         if not decision.allowed:
             break
-        held = standing(policy, person, decision.actor_chain)
+        # What an approved request for approval yields carries what the approval covered.
+        approved = scenario.approved | approved_permissions(decision.approvals)
+        held = standing(policy, person, decision.actor_chain, approved)
         assert held.policy_version == policy.version
         for scope in decision.scopes:
             assert held.withdrawn(scope) is None, (scope, decision.actor_chain)
@@ -98,18 +110,40 @@ def test_removing_a_right_or_a_ceiling_withdraws_it(
             name: [p for p in perms if not _covers(p, scope)] or ["zz:none"]
             for name, perms in spec.roles.items()
         }
-        narrowed = Spec(roles, spec.group_bindings, spec.person_bindings, spec.agents, spec.limits)
+        narrowed = replace(spec, roles=roles)
         expected = Reason.PERSON_LACKS_SCOPE
     else:  # one agent of the chain loses it from its ceiling
         name = data.draw(st.sampled_from(sorted(set(chain))))
         agents = dict(spec.agents)
         ceiling = [p for p in agents[name]["ceiling"] if not _covers(p, scope)]
         agents[name] = {**agents[name], "ceiling": ceiling}
-        narrowed = Spec(spec.roles, spec.group_bindings, spec.person_bindings, agents, spec.limits)
+        narrowed = replace(spec, agents=agents)
         expected = Reason.CEILING_EXCLUDES_SCOPE
     after = standing(load(narrowed), person, chain)
     # act_for through a role may go with the right: then the whole chain is withdrawn.
     assert after.withdrawn(scope) in {expected, Reason.NOT_ACT_FOR}
+
+
+@SETTINGS
+@given(scenario=scenarios(), data=st.data())
+def test_a_new_approval_rule_withdraws_what_it_governs_unless_approved(
+    scenario: Scenario, data: st.DataObject
+) -> None:
+    spec, person = scenario.spec, scenario.person
+    chain = tuple(reversed(scenario.chain))
+    before = standing(load(spec), person, chain, scenario.approved)
+    in_standing = [s for s in _candidates(spec) if before.withdrawn(s) is None]
+    if not in_standing:
+        return
+    scope = data.draw(st.sampled_from(in_standing))
+    rule: dict[str, object] = {"permissions": [scope], "approvers": ["person"]}
+    if data.draw(st.booleans()):
+        rule["agents"] = [data.draw(st.sampled_from(sorted(set(chain))))]
+    event("a new rule" + (" for an agent of the chain" if "agents" in rule else ""))
+    policy = load(replace(spec, approvals={**spec.approvals, "new": rule}))
+    without = standing(policy, person, chain, scenario.approved - {scope})
+    assert without.withdrawn(scope) is Reason.APPROVAL_REQUIRED
+    assert standing(policy, person, chain, scenario.approved | {scope}).withdrawn(scope) is None
 
 
 def _covers(pattern: str, scope: str) -> bool:
