@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,17 +25,21 @@ from broker.policy import (
     load_policy,
     standing,
 )
+from broker.policy.access import RememberedStandings
 from broker.policy.approvals import (
     ApprovalRequirement,
     Refusal,
     applicable_rules,
     approval_requirements,
+    approved_in,
     approved_permissions,
     eligible_approvals,
     may_approve,
     outstanding,
     quorum_met,
 )
+from broker.policy.loader import configured_names
+from broker.types import BrokerToken, Provenance, TokenType
 
 _AUTH = "authentication: {method: client_secret_basic, secret_ref: 'env:X'}"
 
@@ -482,3 +487,61 @@ def test_eligibility_follows_the_requirement_when_the_rule_has_changed(
     assert may_approve(edited, requirement, STRANGER, person=WRITER, agent_chain=("main",)) == (
         "not_eligible"
     )
+
+
+# -- a token's approval, at credential fetch -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        ({}, frozenset()),
+        ({"approval": "yes"}, frozenset()),
+        ({"approval": {"id": "a1"}}, frozenset()),
+        ({"approval": {"permissions": "docs:delete"}}, frozenset()),
+        ({"approval": {"permissions": ["docs:delete", 7, None]}}, frozenset({"docs:delete"})),
+    ],
+)
+def test_a_token_approval_covers_only_the_permissions_it_lists(
+    claims: dict[str, object], expected: frozenset[str]
+) -> None:
+    assert approved_in(claims) == expected
+
+
+def _token(claims: dict[str, object]) -> BrokerToken:
+    provenance = Provenance(
+        "corp", "wanda", frozenset({"writers"}), None, TokenType.ID_TOKEN, 1_800_003_600
+    )
+    return BrokerToken(
+        jti="j",
+        subject="corp/wanda",
+        client_id="main",
+        scopes=frozenset({"docs:delete"}),
+        audiences=("api",),
+        actor_chain=("main",),
+        provenance=provenance,
+        policy_version="v",
+        issued_at=1_800_000_000,
+        expires_at=1_800_000_600,
+        parent_jti=None,
+        claims=claims,
+    )
+
+
+def test_remembered_standings_honour_the_token_approval(policy: Policy) -> None:
+    remembered = RememberedStandings()
+    plain = remembered.of(policy, _token({}))
+    assert plain.withdrawn("docs:delete") is Reason.APPROVAL_REQUIRED
+    approved = remembered.of(policy, _token({"approval": {"permissions": ["docs:delete"]}}))
+    assert approved.withdrawn("docs:delete") is None
+    # Remembered apart: the approved token's answer is not the plain one's, nor the reverse.
+    assert remembered.of(policy, _token({})).withdrawn("docs:delete") is Reason.APPROVAL_REQUIRED
+
+
+def test_configured_names_carry_notification_channels_where_settings_have_them() -> None:
+    bare = SimpleNamespace(workload_issuers=[], secret_backends=[])
+    assert "known_notification_channels" not in configured_names(bare)  # type: ignore[arg-type]
+    channels = SimpleNamespace(channels={"ops-webhook": object(), "slack": object()})
+    settings = SimpleNamespace(workload_issuers=[], secret_backends=[], notifications=channels)
+    names = configured_names(settings)  # type: ignore[arg-type]
+    assert names["known_notification_channels"] == ("ops-webhook", "slack")
