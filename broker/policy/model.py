@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -232,6 +233,33 @@ class RateLimits(_Strict):
     credential_fetches_per_minute: int | None = Field(None, ge=1)
 
 
+class Backchannel(_Strict):
+    """How the agent receives the answer to an OpenID CIBA request for approval: it polls the
+    token endpoint (``poll``), or the broker calls `client_notification_endpoint` once the
+    request is decided (``ping``) and the agent then redeems it."""
+
+    token_delivery_mode: Literal["poll", "ping"] = "poll"  # noqa: S105 - a mode, not a secret
+    client_notification_endpoint: str | None = Field(
+        None,
+        max_length=2048,
+        description="With ping: the agent's https URL (plain http only on loopback).",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_for_ping(self) -> Backchannel:
+        endpoint = self.client_notification_endpoint
+        ping = self.token_delivery_mode != "poll"  # noqa: S105 - a mode, not a secret
+        if ping and endpoint is None:
+            raise ValueError("ping needs a client_notification_endpoint")
+        if not ping and endpoint is not None:
+            raise ValueError("client_notification_endpoint is only for token_delivery_mode ping")
+        if endpoint is not None:
+            require_https_unless_loopback(endpoint)
+            if urlsplit(endpoint).fragment:
+                raise ValueError("client_notification_endpoint must not have a fragment")
+        return self
+
+
 class Agent(_Strict):
     description: str = ""
     authentication: ClientAuthentications | None = Field(
@@ -267,6 +295,11 @@ class Agent(_Strict):
         None,
         max_length=128,
         description="Who pays for the credential fetches this agent starts (broker usage report).",
+    )
+    backchannel: Backchannel = Field(
+        default_factory=Backchannel,
+        description="How it receives the answer to an OpenID CIBA request for approval "
+        "(default: it polls).",
     )
 
     @model_validator(mode="after")

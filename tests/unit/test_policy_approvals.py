@@ -545,3 +545,51 @@ def test_configured_names_carry_notification_channels_where_settings_have_them()
     settings = SimpleNamespace(workload_issuers=[], secret_backends=[], notifications=channels)
     names = configured_names(settings)  # type: ignore[arg-type]
     assert names["known_notification_channels"] == ("ops-webhook", "slack")
+
+
+# -- the agent's CIBA backchannel ------------------------------------------------------------------
+
+
+def _agent_with(backchannel: str) -> str:
+    return f"""
+    agents:
+      pinger:
+        {_AUTH}
+        ceiling: [docs:read]
+        audiences: [api]
+        act_for: ["role:reader"]
+        backchannel: {backchannel}
+    """
+
+
+def test_an_agent_polls_unless_it_registers_a_ping_endpoint(tmp_path: Path) -> None:
+    policy = _load(tmp_path, BASE)
+    assert policy.agents["main"].spec.backchannel.token_delivery_mode == "poll"
+    assert policy.agents["main"].spec.backchannel.client_notification_endpoint is None
+    ping = "{token_delivery_mode: ping, client_notification_endpoint: 'https://a.example/cb'}"
+    pinger = _load(tmp_path, BASE, _agent_with(ping)).agents["pinger"]
+    assert pinger.spec.backchannel.client_notification_endpoint == "https://a.example/cb"
+    loopback = "{token_delivery_mode: ping, client_notification_endpoint: 'http://127.0.0.1:9/cb'}"
+    assert _load(tmp_path, BASE, _agent_with(loopback)).agents["pinger"]
+
+
+@pytest.mark.parametrize(
+    ("backchannel", "expected"),
+    [
+        ("{token_delivery_mode: ping}", "ping needs a client_notification_endpoint"),
+        ("{client_notification_endpoint: 'https://a.example/cb'}", "only for token_delivery_mode"),
+        ("{token_delivery_mode: push}", "'poll' or 'ping'"),
+        (
+            "{token_delivery_mode: ping, client_notification_endpoint: 'http://a.example/cb'}",
+            "must use https",
+        ),
+        (
+            "{token_delivery_mode: ping, client_notification_endpoint: 'https://a.example/#x'}",
+            "must not have a fragment",
+        ),
+    ],
+)
+def test_a_malformed_backchannel_is_refused(
+    tmp_path: Path, backchannel: str, expected: str
+) -> None:
+    assert expected in _problems(tmp_path, BASE, _agent_with(backchannel))
