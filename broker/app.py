@@ -71,6 +71,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         policy_watcher.install_sighup_handler()
         yield
         await policy_watcher.stop()
+        await services.approvals.aclose()
         await services.cache.close()
         await services.http.aclose()
         await asyncio.to_thread(services.decisions.close)  # flush audit sinks (S3 batches)

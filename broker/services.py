@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from broker.approvals.service import ApprovalService
+from broker.approvals.store import build_approval_store
 from broker.audit import (
     DecisionLog,
     DecisionSink,
@@ -63,6 +65,8 @@ class BrokerServices:
     metrics: BrokerMetrics
     tracing: Tracing
     readiness: Readiness
+    approvals: ApprovalService
+    """Approval requests (OpenID CIBA) and their decisions, in the shared state."""
     grants: Mapping[str, GrantHandler]
     """The token endpoint's grant handlers by ``grant_type``."""
 
@@ -218,6 +222,13 @@ def build_services(
         revocations=revocations,
         state=state,
     )
+    approvals = ApprovalService(
+        build_approval_store(state, clock),
+        policy=policies.current,
+        decisions=decisions,
+        clock=clock,
+        http=http,
+    )
     metrics.bind(policies=policies, cache=cache, decisions=decisions)
     keyring.on_active_key_change(
         lambda previous, active, published: decisions.record(
@@ -245,6 +256,7 @@ def build_services(
         state=state,
         metrics=metrics,
         tracing=tracing,
+        approvals=approvals,
         grants={exchange.grant_type: exchange},
         readiness=Readiness(
             policies=policies,

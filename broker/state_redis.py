@@ -28,7 +28,7 @@ import asyncio
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -185,6 +185,19 @@ class RedisStateStore:
         self._revoke_tokens = self._redis.register_script(_REVOKE_TOKENS)
         self._revoke_before = self._redis.register_script(_REVOKE_BEFORE)
         self._rate_limit = self._redis.register_script(_RATE_LIMIT)
+
+    @property
+    def client(self) -> Redis:
+        """The pooled client, for stores that share this connection (approvals)."""
+        return self._redis
+
+    @property
+    def key_prefix(self) -> str:
+        return self._prefix
+
+    def guard(self, operation: str) -> AbstractAsyncContextManager[None]:
+        """`_guard` for stores sharing this client: the same deadline, `StateUnavailable`."""
+        return self._guard(operation)
 
     @asynccontextmanager
     async def _guard(self, operation: str) -> AsyncIterator[None]:
