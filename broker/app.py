@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.endpoints.admin import admin_routes
+from broker.endpoints.approvals import ciba_routes
 from broker.endpoints.credentials import credential_routes
 from broker.endpoints.edge import NO_STORE, Edge, GetRoute, PostRoute, Routes, claimed_client_id
 from broker.endpoints.oauth import authorization_server_metadata, oauth_routes
@@ -119,6 +120,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     mount(app, edge, admin_routes(edge, policy_watcher))
     mount(app, edge, credential_routes(edge))
     mount(app, edge, ops_routes(edge))
+    mount(app, edge, ciba_routes(edge))
     return app
 
 

@@ -18,6 +18,12 @@ Hierarchy::
         ├── InvalidScope                 400 invalid_scope
         ├── InvalidTarget                400 invalid_target (RFC 8707 / RFC 8693)
         ├── AccessDenied                 403 access_denied
+        ├── AuthorizationPending         400 authorization_pending (OpenID CIBA §11)
+        ├── SlowDown                     400 slow_down (CIBA §11)
+        ├── ExpiredToken                 400 expired_token (CIBA §11)
+        ├── ApprovalDeniedError          400 access_denied (CIBA §11: at the token endpoint)
+        ├── InvalidAuthorizationDetails  400 invalid_authorization_details (RFC 9396)
+        ├── InvalidBindingMessage        400 invalid_binding_message (CIBA §13)
         ├── InvalidToken                 401 invalid_token (RFC 6750, presented agent token)
         ├── InsufficientScope            403 insufficient_scope (RFC 6750)
         ├── NotFound                     404 not_found
@@ -75,6 +81,42 @@ class RequestTooLarge(InvalidRequest):
 
 class UnsupportedMediaType(InvalidRequest):
     status_code = 415
+
+
+class AuthorizationPending(OAuthError):
+    """CIBA: nobody has decided the request yet; poll again after the interval."""
+
+    error = "authorization_pending"
+
+
+class SlowDown(OAuthError):
+    """CIBA: polled sooner than the interval; the interval grows by 5 seconds."""
+
+    error = "slow_down"
+
+
+class ExpiredToken(OAuthError):
+    """CIBA: the ``auth_req_id`` expired before anyone decided; ask again."""
+
+    error = "expired_token"
+
+
+class ApprovalDeniedError(OAuthError):
+    """CIBA: an approver denied the request (``access_denied`` with the token endpoint's 400)."""
+
+    error = "access_denied"
+
+
+class InvalidAuthorizationDetails(OAuthError):
+    """RFC 9396 §5: ``authorization_details`` is malformed or not acceptable."""
+
+    error = "invalid_authorization_details"
+
+
+class InvalidBindingMessage(OAuthError):
+    """CIBA §13: the ``binding_message`` is invalid or unacceptable."""
+
+    error = "invalid_binding_message"
 
 
 class InvalidClient(OAuthError):

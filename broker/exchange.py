@@ -37,6 +37,7 @@ from broker.policy import (
     Reason,
     decide,
 )
+from broker.policy.approvals import approved_in
 from broker.revocation import Revocations, check_exchange_allowed
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer, TokenTooLarge
@@ -55,7 +56,7 @@ SUBJECT_TOKEN_TYPES = frozenset(
 ISSUABLE_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.JWT})
 DEFAULT_MAX_SUBJECT_TOKEN_BYTES = 16384
 
-_ERRORS: Mapping[str, type[OAuthError]] = {
+DECISION_ERRORS: Mapping[str, type[OAuthError]] = {
     "invalid_scope": InvalidScope,
     "invalid_target": InvalidTarget,
     "unauthorized_client": UnauthorizedClient,
@@ -72,6 +73,35 @@ class Subject:
     vouched_at: int | None = None
     """For a person's SSO token: the earliest time it vouches for (sign-in, else issue),
     compared with the person's revocation time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A token request checked up to the policy decision (`TokenExchangeGrant.prepare`)."""
+
+    policy: Policy
+    actor: AuthenticatedClient
+    parent: BrokerToken | None
+    person: Person
+    """The person as the policy uses them (`Policy.identity_used`)."""
+    provenance: Provenance
+    scopes: tuple[str, ...] | None
+    targets: tuple[str, ...]
+    issued_type: TokenType
+    subject_time: float | None = None
+    """For a person's SSO token: the earliest time it vouches for (`Subject.vouched_at`)."""
+
+
+def inherited_approval(parent: BrokerToken, scopes: tuple[str, ...]) -> dict[str, Any] | None:
+    """A re-exchanged token keeps its parent's approval, narrowed to the permissions it still
+    carries (None when it carries none of them)."""
+    approval = parent.claims.get("approval")
+    if not isinstance(approval, Mapping):
+        return None
+    kept = [p for p in approved_in(parent.claims) if p in scopes]
+    if not kept:
+        return None
+    return {**approval, "permissions": sorted(kept)}
 
 
 class SubjectTokenVerifier:
@@ -273,9 +303,18 @@ class TokenExchangeGrant:
             )
             raise
 
-    async def _handle(
-        self, form: OAuthForm, client: AuthenticatedClient | None, record: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def prepare(
+        self,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        record: dict[str, Any],
+        *,
+        rate_limit: str = "exchange",
+    ) -> Prepared:
+        """Everything before the decision, shared with the CIBA endpoint (which presents the
+        subject the same way): parse the request, resolve the agent, count its rate, verify
+        the subject, keep what the policy uses of the person, and check revocations. Fills
+        `record` as it goes (what the audit record says about a refusal)."""
         policy = self._policy()  # the whole request is decided under one policy version
         record["policy_version"] = policy.version
         if client is not None:
@@ -300,7 +339,7 @@ class TokenExchangeGrant:
         if agent is not None:
             await enforce_rate_limit(
                 self._state,
-                f"exchange:{actor.client_id}",
+                f"{rate_limit}:{actor.client_id}",
                 agent.spec.rate_limits.exchanges_per_minute,
                 "token exchange",
             )
@@ -333,20 +372,45 @@ class TokenExchangeGrant:
             actor=actor.client_id,
             actor_credential_time=actor.issued_at,
         )
+        return Prepared(
+            policy=policy,
+            actor=actor,
+            parent=parent,
+            person=used,
+            provenance=provenance,
+            scopes=scopes,
+            targets=targets,
+            issued_type=issued_type,
+            subject_time=subject.vouched_at,
+        )
+
+    def exchange_request(
+        self, prepared: Prepared, *, for_approval: bool = False
+    ) -> ExchangeRequest:
+        """The policy question for a prepared request (a re-exchange keeps what the parent
+        token's approval covered: it only narrows)."""
+        parent = prepared.parent
+        return ExchangeRequest(
+            person=prepared.person,
+            agent=prepared.actor.client_id,
+            scopes=prepared.scopes,
+            audiences=prepared.targets,
+            parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
+            if parent
+            else None,
+            approved=approved_in(parent.claims) if parent else frozenset(),
+            for_approval=for_approval,
+        )
+
+    async def _handle(
+        self, form: OAuthForm, client: AuthenticatedClient | None, record: dict[str, Any]
+    ) -> dict[str, Any]:
+        prepared = await self.prepare(form, client, record)
+        policy, actor, parent = prepared.policy, prepared.actor, prepared.parent
+        provenance, issued_type = prepared.provenance, prepared.issued_type
 
         with self._tracer.start_as_current_span("policy decision") as span:
-            decision = decide(
-                policy,
-                ExchangeRequest(
-                    person=used,
-                    agent=actor.client_id,
-                    scopes=scopes,
-                    audiences=targets,
-                    parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
-                    if parent
-                    else None,
-                ),
-            )
+            decision = decide(policy, self.exchange_request(prepared))
             span.set_attribute("broker.decision", "allowed" if decision.allowed else "denied")
             span.set_attribute("broker.policy_version", decision.policy_version)
         record["agent_chain"] = list(decision.actor_chain)
@@ -354,7 +418,9 @@ class TokenExchangeGrant:
             description = decision.description
             if decision.reason == Reason.APPROVAL_REQUIRED:
                 description += f"; request it with OpenID CIBA at POST {self._approval_endpoint}"
-            raise _ERRORS[decision.error or "invalid_grant"](description, reason=decision.reason)
+            raise DECISION_ERRORS[decision.error or "invalid_grant"](
+                description, reason=decision.reason
+            )
 
         lifetime = self._lifetime(decision, provenance, parent)
         with self._tracer.start_as_current_span("issue token"):
@@ -368,6 +434,7 @@ class TokenExchangeGrant:
                 policy_version=decision.policy_version,
                 parent_jti=parent.jti if parent else None,
                 lineage=parent.lineage if parent else (),
+                approval=inherited_approval(parent, decision.scopes) if parent else None,
             )
         self._decisions.record(
             "token.exchange",
@@ -388,33 +455,50 @@ class TokenExchangeGrant:
         }
 
     def _issue(self, **claims: Any) -> IssuedToken:
-        """Sign the token, or refuse clearly if it would be larger than the broker accepts
-        back (it would fail every later use: fetch, re-exchange, introspection)."""
-        try:
-            return self._issuer.issue(**claims)
-        except TokenTooLarge as exc:
-            raise InvalidRequest(
-                f"the token would be {exc.size} bytes, more than the {exc.limit} bytes this "
-                "broker accepts; request fewer scopes or audiences",
-                reason="token_too_large",
-            ) from None
+        return issue_or_refuse(self._issuer, **claims)
 
     def _lifetime(
         self, decision: Decision, provenance: Provenance, parent: BrokerToken | None
     ) -> int:
         """An agent token never outlives the person's session, nor its parent token."""
-        now = self._clock.now()
-        limits = [
+        return bounded_lifetime(
+            self._clock.now(),
             decision.max_lifetime_seconds,
             self._max_lifetime,
-            int(provenance.session_expires_at - now),
-        ]
-        if parent is not None:
-            limits.append(int(parent.expires_at - now))
-        lifetime = min(limits)
-        if lifetime < 1:
-            raise InvalidGrant(
-                "the subject token expires too soon to issue a token",
-                reason="subject_session_expired",
-            )
-        return lifetime
+            provenance.session_expires_at,
+            parent.expires_at if parent is not None else None,
+        )
+
+
+def issue_or_refuse(issuer: TokenIssuer, **claims: Any) -> IssuedToken:
+    """Sign the token, or refuse clearly if it would be larger than the broker accepts back
+    (it would fail every later use: fetch, re-exchange, introspection)."""
+    try:
+        return issuer.issue(**claims)
+    except TokenTooLarge as exc:
+        raise InvalidRequest(
+            f"the token would be {exc.size} bytes, more than the {exc.limit} bytes this "
+            "broker accepts; request fewer scopes or audiences",
+            reason="token_too_large",
+        ) from None
+
+
+def bounded_lifetime(
+    now: float,
+    decided: int,
+    global_max: int,
+    session_expires_at: int,
+    parent_expires_at: int | None,
+) -> int:
+    """The lifetime of an agent token: what the policy decided, under the global cap, never
+    past the person's session nor its parent token."""
+    limits = [decided, global_max, int(session_expires_at - now)]
+    if parent_expires_at is not None:
+        limits.append(int(parent_expires_at - now))
+    lifetime = min(limits)
+    if lifetime < 1:
+        raise InvalidGrant(
+            "the subject token expires too soon to issue a token",
+            reason="subject_session_expired",
+        )
+    return lifetime

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from broker.approvals.ciba import BC_AUTHORIZE_PATH
+from broker.approvals.ciba import GRANT_TYPE as CIBA_GRANT_TYPE
 from broker.client_auth import CLIENT_ASSERTION_TYPE
 from broker.exchange import GRANT_TYPE, ISSUABLE_TOKEN_TYPES, SUBJECT_TOKEN_TYPES
 from broker.types import TokenType
@@ -111,10 +113,19 @@ _TOKEN_RESPONSE = {
         "scope": _SCOPE,
     },
 }
+_CIBA_RESPONSE = {
+    "type": "object",
+    "required": ["auth_req_id", "expires_in", "interval"],
+    "properties": {
+        "auth_req_id": _string("Poll the token endpoint with it (CIBA grant)."),
+        "expires_in": {"type": "integer", "minimum": 1},
+        "interval": {"type": "integer", "minimum": 1},
+    },
+}
 _INTROSPECTION_RESPONSE = {
     "type": "object",
     "required": ["active"],
-    "description": "RFC 7662 §2.2; an inactive token is only `{\"active\": false}`.",
+    "description": 'RFC 7662 §2.2; an inactive token is only `{"active": false}`.',
     "properties": {
         "active": {"type": "boolean"},
         "token_type": _string("`Bearer`."),
@@ -230,19 +241,25 @@ OPERATIONS: tuple[Operation, ...] = (
         "post",
         "/oauth2/token",
         "exchangeToken",
-        "Token exchange (RFC 8693)",
+        "Token exchange (RFC 8693) and approved requests (OpenID CIBA)",
         "Exchange a person's SSO token (or a token this broker issued, for delegation) for a "
-        "short-lived agent token. The only grant; no refresh tokens. The caller is an agent: "
-        "HTTP Basic, `private_key_jwt` in the body, or a workload identity as `actor_token`.",
+        "short-lived agent token; or, with the CIBA grant and an `auth_req_id` from "
+        "`/oauth2/bc-authorize`, poll for the token an approval yields (`authorization_pending`, "
+        "`slow_down`, `access_denied`, `expired_token`). No refresh tokens. The caller is an "
+        "agent: HTTP Basic, `private_key_jwt` in the body, or a workload identity as "
+        "`actor_token`.",
         "OAuth 2.0",
         "agent",
         _TOKEN_RESPONSE,
         body="form",
         fields={
-            "grant_type": _string("The token-exchange grant.", enum=[GRANT_TYPE]),
+            "grant_type": _string(
+                "The token-exchange grant, or the CIBA grant.", enum=[GRANT_TYPE, CIBA_GRANT_TYPE]
+            ),
+            "auth_req_id": _string("CIBA grant: the id `/oauth2/bc-authorize` answered."),
             "subject_token": _string(
-                "A person's OIDC ID token, JWT access token or SAML assertion, or an agent token "
-                "of this broker (re-exchange for a sub-agent).",
+                "Token exchange: a person's OIDC ID token, JWT access token or SAML assertion, "
+                "or an agent token of this broker (re-exchange for a sub-agent).",
                 minLength=1,
             ),
             "subject_token_type": _string(
@@ -273,7 +290,49 @@ OPERATIONS: tuple[Operation, ...] = (
             ),
             **_CLIENT_AUTH_FIELDS,
         },
-        required=("grant_type", "subject_token", "subject_token_type"),
+        required=("grant_type",),
+        repeatable=("audience", "resource"),
+        errors=_POST_ERRORS,
+    ),
+    Operation(
+        "post",
+        BC_AUTHORIZE_PATH,
+        "backchannelAuthentication",
+        "Ask for approval (OpenID CIBA backchannel authentication)",
+        "Open an approval request for permissions the policy grants only with a person's "
+        "approval. The subject is presented as for the token exchange; the answer's "
+        "`auth_req_id` is then polled at the token endpoint with the CIBA grant.",
+        "OAuth 2.0",
+        "agent",
+        _CIBA_RESPONSE,
+        body="form",
+        fields={
+            "subject_token": _string(
+                "The person's SSO token, or an agent token of this broker (sub-agent).",
+                minLength=1,
+            ),
+            "subject_token_type": _string(
+                "RFC 8693 token type of `subject_token`.",
+                enum=sorted(str(t) for t in SUBJECT_TOKEN_TYPES),
+            ),
+            "scope": _string("Space-separated permissions, among them those needing approval."),
+            "audience": {"type": "array", "items": {"type": "string"}},
+            "resource": {"type": "array", "items": {"type": "string", "format": "uri"}},
+            "binding_message": _string("Shown to the approver (at most 256 characters)."),
+            "requested_expiry": _string("Seconds the request may wait (a positive integer)."),
+            "authorization_details": _string(
+                "RFC 9396 JSON array of objects with a `type`, shown to the approver and "
+                "carried into the token."
+            ),
+            "client_notification_token": _string("Ping-mode agents: the bearer for the ping."),
+            "actor_token": _string("The agent's workload JWT."),
+            "actor_token_type": _string(
+                "With `actor_token`.",
+                enum=_optional([str(TokenType.JWT), str(TokenType.ACCESS_TOKEN)]),
+            ),
+            **_CLIENT_AUTH_FIELDS,
+        },
+        required=("subject_token", "subject_token_type"),
         repeatable=("audience", "resource"),
         errors=_POST_ERRORS,
     ),
@@ -476,8 +535,8 @@ _HEADERS: dict[str, Any] = {
     },
     "CacheControl": {"schema": {"type": "string"}},
     "WWWAuthenticate": {
-        "description": "`Basic realm=\"broker\"` for client authentication, "
-        "`Bearer error=\"invalid_token\"` for a refused agent token.",
+        "description": '`Basic realm="broker"` for client authentication, '
+        '`Bearer error="invalid_token"` for a refused agent token.',
         "schema": {"type": "string"},
     },
     "RetryAfter": {"description": "Seconds.", "schema": {"type": "integer", "minimum": 0}},

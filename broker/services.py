@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from broker.approvals.ciba import BackchannelAuthentication, CibaGrant
 from broker.approvals.service import ApprovalService
 from broker.approvals.store import build_approval_store
 from broker.audit import (
@@ -67,6 +68,8 @@ class BrokerServices:
     readiness: Readiness
     approvals: ApprovalService
     """Approval requests (OpenID CIBA) and their decisions, in the shared state."""
+    backchannel: BackchannelAuthentication
+    """OpenID CIBA's backchannel authentication endpoint (opens approval requests)."""
     grants: Mapping[str, GrantHandler]
     """The token endpoint's grant handlers by ``grant_type``."""
 
@@ -180,6 +183,9 @@ def build_services(
         state=state,
     )
     workloads = build_workload_verifiers(settings.workload_issuers, http, clock)
+    exchange_issuer = TokenIssuer(
+        keyring, settings.issuer, clock, max_bytes=broker_tokens.max_bytes
+    )
     exchange = TokenExchangeGrant(
         subjects=SubjectTokenVerifier(
             adapters,
@@ -189,7 +195,7 @@ def build_services(
         ),
         workload_actors=WorkloadActorResolver(workloads, policies.current),
         policy=policies.current,
-        issuer=TokenIssuer(keyring, settings.issuer, clock, max_bytes=broker_tokens.max_bytes),
+        issuer=exchange_issuer,
         decisions=decisions,
         clock=clock,
         max_lifetime_seconds=tokens.max_lifetime_seconds,
@@ -229,6 +235,15 @@ def build_services(
         clock=clock,
         http=http,
     )
+    ciba = CibaGrant(
+        approvals=approvals,
+        policy=policies.current,
+        issuer=exchange_issuer,
+        revocations=revocations,
+        decisions=decisions,
+        clock=clock,
+        max_lifetime_seconds=tokens.max_lifetime_seconds,
+    )
     metrics.bind(policies=policies, cache=cache, decisions=decisions)
     keyring.on_active_key_change(
         lambda previous, active, published: decisions.record(
@@ -257,7 +272,10 @@ def build_services(
         metrics=metrics,
         tracing=tracing,
         approvals=approvals,
-        grants={exchange.grant_type: exchange},
+        backchannel=BackchannelAuthentication(
+            exchange=exchange, approvals=approvals, decisions=decisions, policy=policies.current
+        ),
+        grants={exchange.grant_type: exchange, ciba.grant_type: ciba},
         readiness=Readiness(
             policies=policies,
             keyring=keyring,

@@ -305,6 +305,7 @@ class TokenIssuer:
         policy_version: str,
         parent_jti: str | None,
         lineage: tuple[str, ...] = (),
+        approval: Mapping[str, Any] | None = None,
     ) -> IssuedToken:
         now = int(self._clock.now())
         jti = secrets.token_urlsafe(18)
@@ -327,6 +328,8 @@ class TokenIssuer:
         if parent_jti is not None:
             claims["parent_jti"] = parent_jti
             claims["lineage"] = [*lineage, parent_jti]
+        if approval is not None:
+            claims["approval"] = dict(approval)
         key = self._keyring.active
         token = jwt.encode(
             claims,
@@ -438,6 +441,8 @@ class BrokerTokenVerifier:
                     raise ValueError(f"{name} is not a short string")
             if not claims["jti"]:
                 raise ValueError("jti is empty")
+            if "approval" in claims:
+                check_approval_claim(claims["approval"])
             broker_token = BrokerToken(
                 jti=claims["jti"],
                 subject=str(claims["sub"]),
@@ -458,6 +463,40 @@ class BrokerTokenVerifier:
             raise TokenRejected(
                 "token issued by this broker is malformed", debug=str(exc)
             ) from None
+
+
+def _strings(value: object, name: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= 256 for v in value):
+        raise ValueError(f"approval.{name} is not a list of short strings")
+
+
+def check_approval_claim(approval: object) -> None:
+    """The ``approval`` claim of a token issued for an approved request (OpenID CIBA): its
+    shape, strictly (ValueError otherwise), so nothing downstream reads a malformed one."""
+    if not isinstance(approval, Mapping):
+        raise ValueError("approval is not an object")
+    if not isinstance(approval.get("id"), str) or len(approval["id"]) > 64:
+        raise ValueError("approval.id is not a short string")
+    for name in ("approved_by", "rules", "permissions"):
+        _strings(approval.get(name), name)
+    approved_at = approval.get("approved_at")
+    if not isinstance(approved_at, int) or isinstance(approved_at, bool):
+        raise ValueError("approval.approved_at is not an integer")
+    details = approval.get("authorization_details")
+    if details is not None and not (
+        isinstance(details, list) and all(isinstance(d, Mapping) for d in details)
+    ):
+        raise ValueError("approval.authorization_details is not a list of objects")
+    unknown = set(approval) - {
+        "id",
+        "approved_by",
+        "approved_at",
+        "rules",
+        "permissions",
+        "authorization_details",
+    }
+    if unknown:
+        raise ValueError("approval has unknown members")
 
 
 def _claims_another_issuer(token: str, issuer: str) -> bool:

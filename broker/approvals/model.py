@@ -60,6 +60,7 @@ class ParentRef:
     expires_at: int
     lineage: tuple[str, ...] = ()
     approved: tuple[str, ...] = ()
+    issued_at: int = 0
     """What the parent token's own approval covered (a re-exchange keeps it, narrowed)."""
 
 
@@ -104,6 +105,9 @@ class ApprovalRecord:
     decided_at: float | None = None
     request_id: str | None = None
     """The broker request id of the bc-authorize call (for the audit trail)."""
+    subject_time: float | None = None
+    """When the person's SSO token vouches for (sign-in, else issue): checked again against
+    the person's revocation when the approval is redeemed."""
 
     @property
     def approval_permissions(self) -> tuple[str, ...]:
@@ -186,6 +190,7 @@ class ApprovalRecord:
                     "expires_at": self.parent.expires_at,
                     "lineage": list(self.parent.lineage),
                     "approved": list(self.parent.approved),
+                    "issued_at": self.parent.issued_at,
                 },
                 "policy_version": self.policy_version,
                 "delivery": {"mode": self.delivery.mode, "endpoint": self.delivery.endpoint},
@@ -205,6 +210,7 @@ class ApprovalRecord:
                 ],
                 "decided_at": self.decided_at,
                 "request_id": self.request_id,
+                "subject_time": self.subject_time,
             },
             separators=(",", ":"),
             allow_nan=False,
@@ -249,6 +255,7 @@ class ApprovalRecord:
                     expires_at=int(parent["expires_at"]),
                     lineage=tuple(map(str, parent["lineage"])),
                     approved=tuple(map(str, parent["approved"])),
+                    issued_at=int(parent.get("issued_at", 0)),
                 ),
                 policy_version=str(data["policy_version"]),
                 delivery=Delivery(delivery["mode"], delivery["endpoint"]),
@@ -266,6 +273,9 @@ class ApprovalRecord:
                 ),
                 decided_at=None if data["decided_at"] is None else float(data["decided_at"]),
                 request_id=data.get("request_id"),
+                subject_time=None
+                if data.get("subject_time") is None
+                else float(data["subject_time"]),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not an approval record: {type(exc).__name__}") from None

@@ -96,6 +96,7 @@ class ApprovalService:
         delivery: Delivery,
         notification_token: Sensitive | None,
         request_id: str,
+        subject_time: float | None = None,
     ) -> tuple[str, ApprovalRecord]:
         """Store a new pending request, record it, tell the rules' channels; returns the
         ``auth_req_id`` for the agent (stored nowhere: the record is filed under its hash,
@@ -128,6 +129,7 @@ class ApprovalService:
             delivery=delivery,
             notification_token=notification_token,
             request_id=request_id,
+            subject_time=subject_time,
         )
         await self._store.create(record)
         self._record(record, "approval.requested", "pending", expires_in=lifetime)

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from broker.approvals.ciba import BC_AUTHORIZE_PATH
 from broker.client_auth import AuthenticatedClient
 from broker.endpoints.edge import Edge, GetRoute, PostRoute, Routes
 from broker.errors import InvalidClient
@@ -42,6 +43,10 @@ def authorization_server_metadata(
         "introspection_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
         "service_documentation": "https://github.com/example/agent-identity-broker#readme",
         "openapi_uri": f"{issuer}{OPENAPI_PATH}",  # extension: the OpenAPI 3.1 description
+        # OpenID CIBA: approval requests for what the policy grants only with approval.
+        "backchannel_authentication_endpoint": f"{issuer}{BC_AUTHORIZE_PATH}",
+        "backchannel_token_delivery_modes_supported": ["poll", "ping"],
+        "backchannel_user_code_parameter_supported": False,
     }
 
 
