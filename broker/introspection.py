@@ -40,6 +40,7 @@ _EXPOSED_CLAIMS = (
     "provenance",
     "policy_version",
     "parent_jti",
+    "approval",
 )
 
 

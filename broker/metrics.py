@@ -22,13 +22,14 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
+    from broker.approvals.model import ApprovalRecord
     from broker.audit import DecisionLog
     from broker.cache import CredentialCache
     from broker.policy.store import PolicyStore
@@ -45,6 +46,7 @@ _CACHE_STATS = (
     ("rejection_hints", "Rejected-version hints from gateways naming the version held."),
     ("hint_refreshes", "Backend rounds started by rejected-version hints."),
 )
+APPROVAL_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 86400.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -78,7 +80,35 @@ class BrokerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.approval_decision_seconds = Histogram(
+            "broker_approval_decision_seconds",
+            "Time from an approval request to its decision (approved, denied or expired), by "
+            "approval rule and outcome.",
+            ("rule", "outcome"),
+            buckets=APPROVAL_BUCKETS,
+            registry=self.registry,
+        )
+        self.approvals_pending = Gauge(
+            "broker_approvals_pending",
+            "Approval requests waiting for a decision, in the shared state (as last seen by "
+            "this replica).",
+            registry=self.registry,
+        )
         self._bound = False
+
+    def observe_approval_decided(self, record: ApprovalRecord) -> None:
+        """An approval request reached a decision: time to decision, per rule (names from the
+        policy, so the label set stays bounded)."""
+        if record.decided_at is None:
+            return
+        waited = max(0.0, record.decided_at - record.created_at)
+        for rule in record.rules:  # names the policy validated (a bounded set)
+            self.approval_decision_seconds.labels(rule[:64], label_value(record.state)).observe(
+                waited
+            )
+
+    def set_approvals_pending(self, count: int) -> None:
+        self.approvals_pending.set(count)
 
     # DecisionSink
     def write(self, record: Mapping[str, Any]) -> None:

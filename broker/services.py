@@ -234,6 +234,8 @@ def build_services(
         decisions=decisions,
         clock=clock,
         http=http,
+        on_decided=metrics.observe_approval_decided,
+        on_pending_count=metrics.set_approvals_pending,
     )
     ciba = CibaGrant(
         approvals=approvals,

@@ -61,6 +61,7 @@ class ApprovalService:
         notify: Notify | None = None,
         interval_seconds: int = DEFAULT_INTERVAL_SECONDS,
         on_decided: Callable[[ApprovalRecord], None] | None = None,
+        on_pending_count: Callable[[int], None] | None = None,
     ) -> None:
         self._store = store
         self._policy = policy
@@ -70,6 +71,7 @@ class ApprovalService:
         self._notify = notify
         self._interval = interval_seconds
         self._on_decided = on_decided
+        self._on_pending_count = on_pending_count
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -133,6 +135,7 @@ class ApprovalService:
         )
         await self._store.create(record)
         self._record(record, "approval.requested", "pending", expires_in=lifetime)
+        await self._count_pending()
         if self._notify is not None:
             try:
                 self._notify(record)
@@ -282,9 +285,19 @@ class ApprovalService:
             self._decided(after)
         return after
 
+    async def _count_pending(self) -> None:
+        """Tell the metrics how many requests wait (the shared count; never fails a request)."""
+        if self._on_pending_count is None:
+            return
+        try:
+            self._on_pending_count(await self._store.pending_count())
+        except Exception as exc:
+            log.warning("pending approvals could not be counted: %s", type(exc).__name__)
+
     def _decided(self, record: ApprovalRecord) -> None:
         if self._on_decided is not None:
             self._on_decided(record)
+        self._spawn(self._count_pending())
         if record.delivery.mode == "ping" and record.delivery.endpoint and self._http:
             self._spawn(self._ping(record))
 

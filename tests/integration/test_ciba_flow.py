@@ -123,12 +123,20 @@ def test_refused_exchange_names_where_to_ask_then_approval_yields_the_token(env:
         r["event"] for r in running.decisions.records if str(r["event"]).startswith("approval.")
     ]
     assert events[-3:] == ["approval.requested", "approval.approved", "approval.redeemed"]
-    redeemed = (
-        running.decisions.records[-1]
-        if running.decisions.records[-1]["event"] == "approval.redeemed"
-        else None
+    [redeemed] = [r for r in running.decisions.records if r["event"] == "approval.redeemed"]
+    assert redeemed["jti"] == claims["jti"] and redeemed["approval_id"] == listed.id
+    metrics = httpx.get(f"{running.url}/metrics").text
+    assert (
+        'broker_approval_decision_seconds_count{outcome="approved",rule="refunds-need-finance"}'
+        in metrics
     )
-    assert redeemed is None or redeemed["jti"] == claims["jti"]
+    assert "broker_approvals_pending 0.0" in metrics
+    introspected = httpx.post(
+        f"{running.url}/oauth2/introspect",
+        data={"token": token_response["access_token"]},
+        auth=("tickets-api", SECRETS["TICKETS_API_SECRET"]),
+    ).json()
+    assert introspected["active"] is True and introspected["approval"] == approval
 
     # a sub-agent's re-exchange keeps the approval only for what it still carries
     child = httpx.post(
