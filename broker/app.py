@@ -73,6 +73,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
         yield
         await policy_watcher.stop()
         await services.approvals.aclose()
+        await services.notifier.aclose()
         await services.cache.close()
         await services.http.aclose()
         await asyncio.to_thread(services.decisions.close)  # flush audit sinks (S3 batches)

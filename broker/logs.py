@@ -47,6 +47,7 @@ def client_request_id(value: str | None) -> str | None:
         return value
     return None
 
+
 LogFormat = Literal["json", "text"]
 
 _REDACTIONS = (
@@ -114,6 +115,9 @@ class RedactingTextFormatter(logging.Formatter):
         return text
 
 
+QUIET_HTTP_LOGGERS = ("httpx", "httpcore")
+
+
 def configure_logging(
     level: str = "INFO", log_format: LogFormat = "json", stream: TextIO | None = None
 ) -> logging.Handler:
@@ -136,4 +140,8 @@ def configure_logging(
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    for name in QUIET_HTTP_LOGGERS:
+        # httpx logs every request's full URL at INFO: a Slack or Teams webhook URL is a
+        # secret, and a URL may carry credentials. The broker logs its own calls' outcomes.
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler

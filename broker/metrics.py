@@ -94,7 +94,17 @@ class BrokerMetrics:
             "this replica).",
             registry=self.registry,
         )
+        self.notifications = Counter(
+            "broker_notifications",
+            "Notification deliveries by configured channel and outcome (delivered, failed).",
+            ("channel", "outcome"),
+            registry=self.registry,
+        )
         self._bound = False
+
+    def count_notification(self, channel: str, outcome: str) -> None:
+        """Channel names come from the configuration (or ``unknown``): a bounded label set."""
+        self.notifications.labels(channel[:64], label_value(outcome)).inc()
 
     def observe_approval_decided(self, record: ApprovalRecord) -> None:
         """An approval request reached a decision: time to decision, per rule (names from the

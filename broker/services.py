@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 from broker.approvals.ciba import BackchannelAuthentication, CibaGrant
+from broker.approvals.notifications import approval_requested, channels_of
 from broker.approvals.service import ApprovalService
 from broker.approvals.store import build_approval_store
 from broker.audit import (
@@ -32,6 +33,7 @@ from broker.exchange import SubjectTokenVerifier, TokenExchangeGrant
 from broker.grants import GrantHandler
 from broker.introspection import Introspection
 from broker.metrics import BrokerMetrics
+from broker.notify import Notifier, build_channels
 from broker.policy.loader import configured_names
 from broker.policy.store import PolicyStore
 from broker.readiness import Readiness
@@ -66,6 +68,8 @@ class BrokerServices:
     metrics: BrokerMetrics
     tracing: Tracing
     readiness: Readiness
+    notifier: Notifier
+    """Notification channels (webhook, Slack, Teams, e-mail), delivering in the background."""
     approvals: ApprovalService
     """Approval requests (OpenID CIBA) and their decisions, in the shared state."""
     backchannel: BackchannelAuthentication
@@ -228,6 +232,11 @@ def build_services(
         revocations=revocations,
         state=state,
     )
+    notifier = Notifier(
+        build_channels(settings.notifications.channels, http),
+        decisions,
+        on_outcome=metrics.count_notification,
+    )
     approvals = ApprovalService(
         build_approval_store(state, clock),
         policy=policies.current,
@@ -236,6 +245,9 @@ def build_services(
         http=http,
         on_decided=metrics.observe_approval_decided,
         on_pending_count=metrics.set_approvals_pending,
+        notify=lambda record: notifier.notify(
+            channels_of(record), approval_requested(record, settings.issuer)
+        ),
     )
     ciba = CibaGrant(
         approvals=approvals,
@@ -273,6 +285,7 @@ def build_services(
         state=state,
         metrics=metrics,
         tracing=tracing,
+        notifier=notifier,
         approvals=approvals,
         backchannel=BackchannelAuthentication(
             exchange=exchange, approvals=approvals, decisions=decisions, policy=policies.current

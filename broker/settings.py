@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -232,6 +232,81 @@ class DevOpenBaoConfig(_Strict):
     port: int = Field(8200, ge=1, le=65535)
 
 
+class _ChannelDelivery(_Strict):
+    timeout_seconds: float = Field(5.0, gt=0.0, le=60.0, description="Per attempt.")
+    max_attempts: int = Field(4, ge=1, le=10)
+    deadline_seconds: float = Field(30.0, gt=0.0, le=600.0, description="All attempts together.")
+
+
+class WebhookChannelConfig(_ChannelDelivery):
+    """A generic webhook: JSON, signed (``X-Broker-Signature: sha256=<HMAC>`` over
+    ``<X-Broker-Timestamp>.<body>``), with an ``Idempotency-Key``."""
+
+    kind: Literal["webhook"]
+    url: str = Field(description="https (or http on loopback).")
+    secret_ref: SecretReference = Field(description="The HMAC key: env:NAME or file:/path.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return require_https_unless_loopback(value)
+
+
+class SlackChannelConfig(_ChannelDelivery):
+    """A Slack incoming webhook (its URL is a secret: give a reference)."""
+
+    kind: Literal["slack"]
+    url_ref: SecretReference
+
+
+class TeamsChannelConfig(_ChannelDelivery):
+    """A Microsoft Teams workflow webhook ("When a Teams webhook request is received")."""
+
+    kind: Literal["teams"]
+    url_ref: SecretReference
+
+
+class EmailChannelConfig(_ChannelDelivery):
+    """E-mail through an SMTP relay: STARTTLS (default) or implicit TLS; ``none`` only to a
+    loopback relay."""
+
+    kind: Literal["email"]
+    host: str = Field(min_length=1)
+    port: int = Field(587, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    sender: str = Field(min_length=3, description="The From address.")
+    to: list[str] = Field(default_factory=list, description="Always sent to these addresses.")
+    to_recipients: bool = Field(
+        False, description="Also to the addresses a notification names (e.g. the person's)."
+    )
+    username: str | None = None
+    password_ref: SecretReference | None = None
+    ca_file: Path | None = Field(None, description="CA bundle for a relay with a private CA.")
+
+    @model_validator(mode="after")
+    def _secure_unless_loopback(self) -> EmailChannelConfig:
+        if self.security == "none" and not is_loopback_url(f"smtp://{self.host}"):
+            raise ValueError("security: none is allowed only for a loopback SMTP relay")
+        if not self.to and not self.to_recipients:
+            raise ValueError("an email channel needs `to` addresses or to_recipients: true")
+        return self
+
+
+ChannelConfig = Annotated[
+    WebhookChannelConfig | SlackChannelConfig | TeamsChannelConfig | EmailChannelConfig,
+    Field(discriminator="kind"),
+]
+
+
+class NotificationSettings(_Strict):
+    """Where notifications go (approval requests, later budget alerts): named channels, which
+    policy rules name in ``channels:``."""
+
+    channels: dict[Annotated[str, Field(pattern=NAME_PATTERN)], ChannelConfig] = Field(
+        default_factory=dict
+    )
+
+
 class StateConfig(_Strict):
     """Shared state (single-use ids, revocations, rate limits). `redis` when running replicas."""
 
@@ -378,6 +453,7 @@ class BrokerSettings(BaseSettings):
     dev_openbao: DevOpenBaoConfig = DevOpenBaoConfig()
     state: StateConfig = StateConfig()
     audit: AuditConfig = AuditConfig()
+    notifications: NotificationSettings = NotificationSettings()
     expose_error_debug: bool = Field(False, description="Add private error detail to responses.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = Field(

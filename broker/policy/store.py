@@ -115,6 +115,7 @@ class PolicyStore:
         *,
         known_workload_issuers: Iterable[str] | None = None,
         known_secret_backends: Iterable[str] | None = None,
+        known_notification_channels: Iterable[str] | None = None,
         decisions: DecisionLog | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -125,6 +126,9 @@ class PolicyStore:
         )
         self._known_secret_backends = (
             None if known_secret_backends is None else tuple(known_secret_backends)
+        )
+        self._known_notification_channels = (
+            None if known_notification_channels is None else tuple(known_notification_channels)
         )
         self._decisions = decisions
         self._clock = clock or SystemClock()
@@ -213,6 +217,7 @@ class PolicyStore:
             self._directory,
             known_workload_issuers=self._known_workload_issuers,
             known_secret_backends=self._known_secret_backends,
+            known_notification_channels=self._known_notification_channels,
         )
 
     def _validate(self) -> LoadedPolicy:
