@@ -23,10 +23,12 @@ install-test: system-packages $(VENV)/.installed-test compose
 ## make system-packages: the programs the suite runs that pip cannot install, from the machine's
 ## apt where missing: xmlsec1 (the pysaml2 test IdP signs with it), redis-server (the suite
 ## starts its own on free ports), PostgreSQL's initdb/postgres (OpenBao's database engine tests
-## start their own cluster), and curl/xz for `make compose` when it has to fetch compose.
+## start their own cluster), chromium (the approvals page tests drive Debian's chromium through
+## Playwright: its own browser downloads are not used), and curl/xz for `make compose` when it
+## has to fetch compose.
 ## As root: apt-get install (apt-get update first only if the install fails without it);
 ## otherwise one line naming the packages and the command, and make stops.
-SYSTEM_PROGRAMS  ?= xmlsec1=xmlsec1 redis-server=redis-server initdb=postgresql
+SYSTEM_PROGRAMS  ?= xmlsec1=xmlsec1 redis-server=redis-server initdb=postgresql chromium=chromium
 COMPOSE_PROGRAMS ?= curl=curl xz=xz-utils
 POSTGRES_BINDIRS ?= /usr/lib/postgresql/*/bin
 SYSTEM_PACKAGES_UID ?= $(shell id -u)

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from broker.approvals.web import install_approvals
 from broker.endpoints.admin import admin_routes
 from broker.endpoints.approvals import ciba_routes
 from broker.endpoints.credentials import credential_routes
@@ -122,6 +123,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     mount(app, edge, credential_routes(edge))
     mount(app, edge, ops_routes(edge))
     mount(app, edge, ciba_routes(edge))
+    install_approvals(app, edge)
     return app
 
 

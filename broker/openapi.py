@@ -26,7 +26,7 @@ OPENAPI_PATH = "/openapi.json"
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 Body = Literal["form", "form_or_json", "none"]
-Caller = Literal["agent", "gateway", "resource_server", "admin", "anyone"]
+Caller = Literal["agent", "gateway", "resource_server", "admin", "approver", "anyone"]
 
 _ERROR_TEXT: Mapping[int, str] = {
     400: "Malformed request or refused grant (`invalid_request`, `invalid_grant`, "
@@ -100,6 +100,32 @@ class Operation:
 
 
 _SCOPE = _string("Space-separated permissions.")
+_APPROVAL = {
+    "type": "object",
+    "required": ["id", "state", "person", "agent_chain", "approval_permissions", "expires_in"],
+    "description": "An approval request as its approvers see it (never the agent's `auth_req_id`).",
+    "properties": {
+        "id": _string("The approval's public reference (`apr_...`)."),
+        "state": _string("Where it stands.", enum=["pending", "approved", "denied"]),
+        "person": _string("The person the agents act for, `<idp>/<subject>`."),
+        "agent_chain": {"type": "array", "items": {"type": "string"}},
+        "approval_permissions": {"type": "array", "items": {"type": "string"}},
+        "scope": _SCOPE,
+        "audiences": {"type": "array", "items": {"type": "string"}},
+        "binding_message": {"type": ["string", "null"]},
+        "authorization_details": {
+            "type": ["array", "null"],
+            "description": "RFC 9396 details, verbatim as the agent sent them.",
+        },
+        "rules": {"type": "array", "items": {"type": "object"}},
+        "approvals_so_far": {"type": "integer", "minimum": 0},
+        "outstanding": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "created_at": {"type": "integer"},
+        "expires_at": {"type": "integer"},
+        "expires_in": {"type": "integer", "minimum": 0},
+    },
+}
+_APPROVER_ERRORS = (401, 403, 404, 429, 500, 503)
 _TOKEN_RESPONSE = {
     "type": "object",
     "required": ["access_token", "issued_token_type", "token_type", "expires_in", "scope"],
@@ -459,6 +485,70 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "get",
+        "/v1/approvals",
+        "listApprovals",
+        "Approval requests the caller may decide",
+        "Open requests (OpenID CIBA) the approver may decide and has not decided yet. "
+        "Authenticated by the approver's own SSO token (`Authorization: Bearer`): verified by "
+        "the broker's adapter for its issuer and carrying an audience of "
+        "`approvals.api_audiences`; anything else is `invalid_token` (401).",
+        "Approvals",
+        "approver",
+        {
+            "type": "object",
+            "required": ["approver", "approvals"],
+            "properties": {
+                "approver": _string("The caller's person id."),
+                "approvals": {"type": "array", "items": _APPROVAL},
+            },
+        },
+        errors=(401, 429, 500, 503),
+    ),
+    Operation(
+        "get",
+        "/v1/approvals/{approval_id}",
+        "getApproval",
+        "One approval request",
+        "403 `insufficient_scope` names why the caller may not decide it (`not_eligible`, "
+        "`self_approval`, `in_agent_chain`); 404 for an unknown, expired or decided request.",
+        "Approvals",
+        "approver",
+        _APPROVAL,
+        errors=_APPROVER_ERRORS,
+    ),
+    Operation(
+        "post",
+        "/v1/approvals/{approval_id}/decision",
+        "decideApproval",
+        "Approve or deny an approval request",
+        "The approver's decision counts once; a denial decides, the last approval a quorum "
+        "needed approves. 403 `insufficient_scope` for an approver who may not decide it, "
+        "`access_denied` for one who already did; 404 for an unknown, expired or decided "
+        "request.",
+        "Approvals",
+        "approver",
+        {
+            "type": "object",
+            "required": ["id", "decision", "state", "outstanding"],
+            "properties": {
+                "id": {"type": "string"},
+                "decision": _string("As sent.", enum=["approve", "deny"]),
+                "state": _string(
+                    "Where the request now stands.", enum=["pending", "approved", "denied"]
+                ),
+                "outstanding": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
+        },
+        body="form_or_json",
+        fields={
+            "decision": _string("The decision.", enum=["approve", "deny"]),
+            "comment": _string("Optional; kept in the audit record (at most 500 characters)."),
+        },
+        required=("decision",),
+        errors=(400, 401, 403, 404, 413, 415, 429, 500, 503),
+    ),
+    Operation(
+        "get",
         "/.well-known/oauth-authorization-server",
         "serverMetadata",
         "Authorization server metadata (RFC 8414)",
@@ -590,6 +680,21 @@ _CALLER_TEXT: Mapping[Caller, str] = {
     "gateway": "Caller: a gateway of the policy (`gateways:`).",
     "resource_server": "Caller: a resource server or gateway of the policy.",
     "admin": "Caller: an admin client of the policy (`admins:`).",
+    "approver": "Caller: an approver, with their own SSO token.",
+}
+_SECURITY: Mapping[Caller, list[dict[str, list[str]]]] = {
+    "anyone": [],
+    "approver": [{"approverBearer": []}],
+}
+_PATH_PARAMETERS: Mapping[str, dict[str, Any]] = {
+    "name": {
+        "description": "A credential name of the policy.",
+        "schema": {"type": "string", "minLength": 1},
+    },
+    "approval_id": {
+        "description": "An approval's reference (`apr_...`).",
+        "schema": {"type": "string", "minLength": 1},
+    },
 }
 
 
@@ -600,19 +705,12 @@ def _operation(op: Operation) -> dict[str, Any]:
         "summary": op.summary,
         "description": f"{op.description} {caller}" if caller else op.description,
         "tags": [op.tag],
-        "security": [] if op.caller == "anyone" else _CLIENT_SECURITY,
+        "security": _SECURITY.get(op.caller, _CLIENT_SECURITY),
     }
     parameters: list[dict[str, Any]] = []
-    if "{name}" in op.path:
-        parameters.append(
-            {
-                "name": "name",
-                "in": "path",
-                "required": True,
-                "description": "A credential name of the policy.",
-                "schema": {"type": "string", "minLength": 1},
-            }
-        )
+    for name, spec in _PATH_PARAMETERS.items():
+        if f"{{{name}}}" in op.path:
+            parameters.append({"name": name, "in": "path", "required": True, **spec})
     for name, spec in (op.query or {}).items():
         parameters.append({"name": name, "in": "query", "required": False, **spec})
     if op.method == "post":
@@ -669,7 +767,14 @@ def openapi_document(issuer: str) -> dict[str, Any]:
                     "secret, each form-urlencoded before Basic encoding. Alternatively, "
                     "`private_key_jwt` in the body (`client_assertion_type`, "
                     "`client_assertion`).",
-                }
+                },
+                "approverBearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "An approver's own SSO token (RFC 6750), from an identity "
+                    "provider of the broker, with an audience of `approvals.api_audiences`.",
+                },
             },
             "parameters": {
                 "XRequestId": {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -43,7 +43,11 @@ from broker.state import StateStore
 from broker.state_factory import build_state_store
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
 from broker.tracing import Tracing, build_tracing
-from idp_adapters.registry import build_identity_adapters, build_workload_verifiers
+from idp_adapters.registry import (
+    IdentityRoutes,
+    build_identity_adapters,
+    build_workload_verifiers,
+)
 from secret_backends.registry import build_secret_backends
 
 
@@ -76,6 +80,8 @@ class BrokerServices:
     """OpenID CIBA's backchannel authentication endpoint (opens approval requests)."""
     grants: Mapping[str, GrantHandler]
     """The token endpoint's grant handlers by ``grant_type``."""
+    identities: IdentityRoutes = field(default_factory=IdentityRoutes)
+    """People's identity adapters by exact issuer (approvers' sign-in and API tokens)."""
 
 
 SSO_HORIZON_SECONDS = 86400
@@ -291,6 +297,7 @@ def build_services(
             exchange=exchange, approvals=approvals, decisions=decisions, policy=policies.current
         ),
         grants={exchange.grant_type: exchange, ciba.grant_type: ciba},
+        identities=adapters,
         readiness=Readiness(
             policies=policies,
             keyring=keyring,

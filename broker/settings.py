@@ -225,6 +225,63 @@ class DevIdpConfig(_Strict):
     people_file: Path | None = Field(
         None, description="YAML of example people; defaults to the built-in list."
     )
+    redirect_uris: list[str] = Field(
+        default_factory=list,
+        description="Where its authorization code flow may redirect (exact URLs); default: "
+        "the broker's <issuer>/approvals/callback.",
+    )
+
+
+class ApprovalSignInConfig(_Strict):
+    """One identity provider approvers sign in with on the approvals page (OIDC authorization
+    code + PKCE). `client_id` must be one of that provider's `client_ids`: the ID token the
+    sign-in yields is verified by the broker's own adapter for it."""
+
+    idp: str = Field(pattern=NAME_PATTERN, description="A name in identity_providers.")
+    client_id: str = Field(min_length=1, description="The broker's client id at that IdP.")
+    client_secret_ref: SecretReference | None = Field(
+        None, description="env:NAME or file:/path; none: a public client (PKCE only)."
+    )
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    label: str | None = Field(None, description="The sign-in button's text (default: the idp).")
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, value: list[str]) -> list[str]:
+        if "openid" not in value:
+            raise ValueError("approvals.sign_in scopes must include openid")
+        return value
+
+
+class ApprovalsConfig(_Strict):
+    """The approver's side of approvals: the web page's sign-in and the JSON API's tokens.
+    See README, "Approvals"."""
+
+    sign_in: list[ApprovalSignInConfig] = Field(
+        default_factory=list,
+        description="Identity providers approvers sign in with at /approvals (none: the page "
+        "says sign-in is not configured).",
+    )
+    session_secret_ref: SecretReference | None = Field(
+        None,
+        description="env:NAME or file:/path: the key signing the approvals session cookie. "
+        "Unset: a key generated per process (sessions then end at a restart and do not span "
+        "replicas).",
+    )
+    session_max_age_seconds: int = Field(3600, ge=60, le=86400)
+    api_audiences: list[str] = Field(
+        default_factory=list,
+        description="Audiences an approver's SSO token must carry for /v1/approvals (each also "
+        "an accepted audience or client id of its identity provider). None: the API refuses "
+        "every token.",
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> ApprovalsConfig:
+        names = [s.idp for s in self.sign_in]
+        if len(names) != len(set(names)):
+            raise ValueError("approvals.sign_in: one entry per identity provider")
+        return self
 
 
 class DevOpenBaoConfig(_Strict):
@@ -451,6 +508,7 @@ class BrokerSettings(BaseSettings):
     )
     dev_idp: DevIdpConfig = DevIdpConfig()
     dev_openbao: DevOpenBaoConfig = DevOpenBaoConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     state: StateConfig = StateConfig()
     audit: AuditConfig = AuditConfig()
     notifications: NotificationSettings = NotificationSettings()
@@ -503,6 +561,19 @@ class BrokerSettings(BaseSettings):
         for idp in self.identity_providers:
             if idp.kind in {"kubernetes", "spiffe"}:
                 raise ValueError(f"{idp.name}: workload kinds belong in workload_issuers")
+        oidc = {p.name: p for p in self.identity_providers if p.kind in {"oidc", "dev"}}
+        for sign_in in self.approvals.sign_in:
+            idp_config = oidc.get(sign_in.idp)
+            if idp_config is None:
+                raise ValueError(
+                    f"approvals.sign_in: {sign_in.idp!r} is not an OIDC identity provider"
+                )
+            if sign_in.client_id not in idp_config.client_ids:
+                raise ValueError(
+                    f"approvals.sign_in: client_id {sign_in.client_id!r} is not among the "
+                    f"client_ids of identity provider {sign_in.idp!r} (its ID tokens would be "
+                    "refused)"
+                )
         for wl in self.workload_issuers:
             if wl.kind not in {"kubernetes", "spiffe"}:
                 raise ValueError(f"{wl.name}: workload_issuers take kind kubernetes or spiffe")

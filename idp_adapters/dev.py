@@ -11,31 +11,48 @@ What it serves (under the issuer URL):
 
 * ``GET /.well-known/openid-configuration`` -- discovery document;
 * ``GET /jwks.json`` -- all public keys, including rotated-out ones (so old tokens still verify);
-* ``POST /token`` (form ``person``, optional ``token_type`` = ``id_token`` | ``access_token``);
+* ``POST /token`` (form ``person``, optional ``token_type`` = ``id_token`` | ``access_token``,
+  optional ``audience`` for an access token);
+* ``GET /authorize`` -- the authorization code flow (OpenID Connect Core 3.1, PKCE S256
+  required): a page listing the example people as buttons; picking one (a form POST back to
+  ``/authorize``) redirects to the client's registered redirect URI with ``code`` and ``state``;
+* ``POST /token`` with ``grant_type=authorization_code`` (``code``, ``redirect_uri``,
+  ``client_id``, ``code_verifier``): the code is single use, lives 60 seconds and is bound to the
+  client id, the redirect URI and the PKCE challenge; answers an ID token (with the ``nonce``)
+  and an access token;
 * ``GET /people`` -- the example people.
 
-ID tokens: ``typ: JWT``, ``aud`` = the client id, no nonce. Access tokens: ``typ: at+jwt``,
-``aud`` = the audience, with ``scope`` and ``client_id`` (RFC 9068). Both carry ``groups``,
-``email`` and ``name``. Tests mint hostile tokens with `DevIdentityProvider.signing_key`.
+Redirect URIs must be registered (`redirect_uris`, `register_redirect_uri`); an unregistered one
+gets an error page, never a redirect. The page picks a person without any password: that is the
+point of a development IdP, and why it must never run in production.
+
+ID tokens: ``typ: JWT``, ``aud`` = the client id, no nonce (the code flow's carry its nonce).
+Access tokens: ``typ: at+jwt``, ``aud`` = the audience, with ``scope`` and ``client_id``
+(RFC 9068). Both carry ``groups``, ``email`` and ``name``. Tests mint hostile tokens with
+`DevIdentityProvider.signing_key`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import logging
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
+import jinja2
 import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from broker import settings as broker_settings
 from broker.clock import Clock, SystemClock
@@ -53,6 +70,81 @@ _ISSUED_TYPE_BY_KIND: Mapping[str, TokenType] = MappingProxyType(
 DEV_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 DEV_SCOPE = "openid profile email"
 RSA_KEY_BITS = 2048
+CODE_LIFETIME_SECONDS = 60
+MAX_PENDING_CODES = 1000
+AUTHORIZATION_PARAMETERS = (
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "nonce",
+    "code_challenge",
+    "code_challenge_method",
+)
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+_PAGES = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+_AUTHORIZE_PAGE = _PAGES.from_string(
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Development sign-in</title>
+<style>body{font-family:sans-serif;max-width:40em;margin:2em auto}
+button{display:block;width:100%;margin:.4em 0;padding:.6em;text-align:left}
+.warn{background:#fee;border:1px solid #c00;padding:.5em}</style></head>
+<body>
+<p class="warn">DEVELOPMENT identity provider: anyone may sign in as anyone.
+Never in production.</p>
+<h1>Sign in to {{ client_id }}</h1>
+<p>Pick who you are; you will be sent back to <code>{{ redirect_uri }}</code>.</p>
+<form method="post" action="{{ action }}">
+{% for name, value in parameters %}<input type="hidden" name="{{ name }}" value="{{ value }}">
+{% endfor %}
+{% for key, person in people %}<button type="submit" name="person" value="{{ key }}">
+{{ person.name }} ({{ key }}{% if person.groups %}; groups: {{ person.groups | join(", ") }}{%
+endif %})</button>
+{% endfor %}
+<button type="submit" name="cancel" value="1">Cancel</button>
+</form>
+</body></html>
+"""
+)
+_ERROR_PAGE = _PAGES.from_string(
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign-in refused</title></head>
+<body><h1>Sign-in refused</h1><p>{{ message }}</p></body></html>
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _IssuedCode:
+    """What an authorization code is bound to (kept in memory, used once)."""
+
+    person: str
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    nonce: str | None
+    expires_at: float
+
+
+class _AuthorizationRefused(Exception):
+    """An authorization request that cannot go back to the client (unknown client or redirect
+    URI): shown as a page, never redirected."""
+
+
+def _s256(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +212,11 @@ class DevIdentityProvider:
         audience: str = "broker",
         algorithm: str = "RS256",
         clock: Clock | None = None,
+        redirect_uris: Iterable[str] = (),
     ) -> None:
         """`issuer` must be an http(s) loopback URL; `people` are keyed by the name used in
-        `mint` (normally the subject); `clock` defaults to the system clock."""
+        `mint` (normally the subject); `clock` defaults to the system clock; `redirect_uris` are
+        where the authorization code flow may send `client_id`'s codes (exact match)."""
         if not is_loopback_url(issuer) or urlsplit(issuer).scheme not in {"http", "https"}:
             raise ValueError("the development identity provider only runs on a loopback URL")
         if algorithm not in DEV_ALGORITHMS:
@@ -135,6 +229,10 @@ class DevIdentityProvider:
         self._clock: Clock = clock or SystemClock()
         self._lock = threading.Lock()
         self._keys: tuple[tuple[str, rsa.RSAPrivateKey], ...] = ()
+        self._redirect_uris: set[str] = set()
+        self._codes: dict[str, _IssuedCode] = {}
+        for uri in redirect_uris:
+            self.register_redirect_uri(uri)
         self.rotate_keys()
 
     @property
@@ -168,6 +266,23 @@ class DevIdentityProvider:
     @property
     def token_endpoint(self) -> str:
         return f"{self._issuer.rstrip('/')}/token"
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return f"{self._issuer.rstrip('/')}/authorize"
+
+    @property
+    def redirect_uris(self) -> frozenset[str]:
+        return frozenset(self._redirect_uris)
+
+    def register_redirect_uri(self, uri: str) -> None:
+        """Let the authorization code flow redirect to `uri` (an absolute http(s) URL without a
+        fragment; compared exactly)."""
+        parts = urlsplit(uri)
+        if parts.scheme not in {"http", "https"} or not parts.netloc or parts.fragment:
+            raise ValueError("a redirect URI is an absolute http(s) URL without a fragment")
+        with self._lock:
+            self._redirect_uris.add(uri)
 
     @property
     def signing_key(self) -> tuple[str, rsa.RSAPrivateKey]:
@@ -210,10 +325,15 @@ class DevIdentityProvider:
             "issuer": self._issuer,
             "jwks_uri": self.jwks_uri,
             "token_endpoint": self.token_endpoint,
-            "response_types_supported": ["id_token"],
+            "authorization_endpoint": self.authorization_endpoint,
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none", "client_secret_basic"],
+            "scopes_supported": DEV_SCOPE.split(),
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": [self._algorithm],
-            "claims_supported": ["sub", "groups", "email", "name", "auth_time"],
+            "claims_supported": ["sub", "groups", "email", "name", "auth_time", "nonce"],
             "development_only": True,
         }
 
@@ -289,6 +409,148 @@ class DevIdentityProvider:
         )
         return self.sign(claims, typ=_TYP_BY_KIND[token_type], headers=headers)
 
+    # --- the authorization code flow (development sign-in pages) -----------------------------
+
+    def check_authorization_request(self, values: Mapping[str, str]) -> dict[str, str]:
+        """The authorization request's parameters, checked. Raises `_AuthorizationRefused` when
+        the client or redirect URI is unknown (nothing may be sent there), ValueError
+        ``(error, description)`` for a request to refuse at the redirect URI."""
+        client_id = values.get("client_id", "")
+        redirect_uri = values.get("redirect_uri", "")
+        if client_id != self._client_id:
+            raise _AuthorizationRefused("unknown client_id")
+        if redirect_uri not in self._redirect_uris:
+            raise _AuthorizationRefused(
+                "redirect_uri is not registered with this development identity provider"
+            )
+        if values.get("response_type") != "code":
+            raise ValueError("unsupported_response_type", "only response_type=code")
+        if values.get("code_challenge_method") != "S256" or not values.get("code_challenge"):
+            raise ValueError("invalid_request", "PKCE is required: code_challenge with S256")
+        if "openid" not in values.get("scope", "").split():
+            raise ValueError("invalid_scope", "scope must include openid")
+        return {name: values[name] for name in AUTHORIZATION_PARAMETERS if values.get(name)}
+
+    def issue_code(self, person: str, request: Mapping[str, str]) -> str:
+        """A fresh single-use code for `person` bound to the checked `request`."""
+        if person not in self._people:
+            raise KeyError(person)
+        code = secrets.token_urlsafe(32)
+        now = self._clock.now()
+        issued = _IssuedCode(
+            person=person,
+            client_id=request["client_id"],
+            redirect_uri=request["redirect_uri"],
+            code_challenge=request["code_challenge"],
+            nonce=request.get("nonce"),
+            expires_at=now + CODE_LIFETIME_SECONDS,
+        )
+        with self._lock:
+            self._codes = {k: v for k, v in self._codes.items() if v.expires_at > now}
+            if len(self._codes) >= MAX_PENDING_CODES:
+                raise ValueError("temporarily_unavailable", "too many pending codes")
+            self._codes[code] = issued
+        return code
+
+    def redeem_code(
+        self, code: str, *, client_id: str, redirect_uri: str, code_verifier: str
+    ) -> _IssuedCode:
+        """The code's binding, once: raises ValueError ``(error, description)`` when the code
+        is unknown, used, expired, or not bound to this client, redirect URI and verifier."""
+        with self._lock:
+            issued = self._codes.pop(code, None)  # single use, whatever follows
+        if issued is None or issued.expires_at <= self._clock.now():
+            raise ValueError("invalid_grant", "unknown, used or expired code")
+        if issued.client_id != client_id or issued.redirect_uri != redirect_uri:
+            raise ValueError("invalid_grant", "the code was issued to another client or redirect")
+        try:
+            verified = secrets.compare_digest(_s256(code_verifier), issued.code_challenge)
+        except (UnicodeEncodeError, TypeError):
+            verified = False
+        if not verified:
+            raise ValueError("invalid_grant", "code_verifier does not match the code_challenge")
+        return issued
+
+    def _authorize_page(self, request: Mapping[str, str], action: str) -> HTMLResponse:
+        html = _AUTHORIZE_PAGE.render(
+            client_id=request["client_id"],
+            redirect_uri=request["redirect_uri"],
+            action=action,
+            parameters=sorted(request.items()),
+            people=sorted(((key, p) for key, p in self._people.items()), key=lambda item: item[0]),
+        )
+        headers = {
+            **_PAGE_HEADERS,
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+            f"form-action 'self' {_origin(request['redirect_uri'])}; frame-ancestors 'none'",
+        }
+        return HTMLResponse(html, headers=headers)
+
+    @staticmethod
+    def _refused_page(message: str) -> HTMLResponse:
+        headers = {
+            **_PAGE_HEADERS,
+            "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+        }
+        return HTMLResponse(_ERROR_PAGE.render(message=message), status_code=400, headers=headers)
+
+    @staticmethod
+    def _back_to_client(redirect_uri: str, state: str | None, **params: str) -> Response:
+        if state:
+            params["state"] = state
+        separator = "&" if urlsplit(redirect_uri).query else "?"
+        location = f"{redirect_uri}{separator}{urlencode(params)}"
+        return RedirectResponse(location, status_code=303, headers={"Cache-Control": "no-store"})
+
+    def _authorization_code_grant(
+        self, form: Mapping[str, list[str]], authorization: str
+    ) -> JSONResponse:
+        def one(name: str) -> str:
+            values = form.get(name) or [""]
+            return values[0] if len(values) == 1 else ""
+
+        client_id = one("client_id")
+        scheme, _, encoded = authorization.partition(" ")
+        if scheme.lower() == "basic" and encoded:
+            try:
+                decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                decoded = ""
+            basic_client = unquote(decoded.partition(":")[0])
+            if client_id and basic_client != client_id:
+                return _token_error("invalid_client", "client_id differs from HTTP Basic")
+            client_id = basic_client
+        if client_id != self._client_id:
+            return _token_error("invalid_client", "unknown client", status=401)
+        try:
+            issued = self.redeem_code(
+                one("code"),
+                client_id=client_id,
+                redirect_uri=one("redirect_uri"),
+                code_verifier=one("code_verifier"),
+            )
+        except ValueError as exc:
+            error, description = exc.args
+            return _token_error(error, description)
+        lifetime = 3600
+        extra = {"nonce": issued.nonce, "azp": client_id} if issued.nonce else {"azp": client_id}
+        id_token = self.mint(issued.person, lifetime=lifetime, extra_claims=extra)
+        access_token = self.mint(
+            issued.person,
+            token_type="access_token",  # noqa: S106 (a token kind, not a secret)
+            lifetime=lifetime,
+        )
+        return JSONResponse(
+            {
+                "access_token": access_token,
+                "id_token": id_token,
+                "token_type": "Bearer",
+                "expires_in": lifetime,
+                "scope": DEV_SCOPE,
+            },
+            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        )
+
     def asgi_app(self) -> FastAPI:
         """The issuer's HTTP endpoints (see the module docstring), under the issuer's path."""
         _log.warning(
@@ -329,9 +591,63 @@ class DevIdentityProvider:
                 }
             )
 
+        authorize_path = f"{prefix}/authorize"
+
+        @app.get(authorize_path)
+        async def authorize(request: Request) -> Response:
+            values = {k: v for k, v in request.query_params.items()}
+            try:
+                checked = self.check_authorization_request(values)
+            except _AuthorizationRefused as exc:
+                return self._refused_page(str(exc))
+            except ValueError as exc:
+                error, description = exc.args
+                return self._back_to_client(
+                    values["redirect_uri"],
+                    values.get("state"),
+                    error=error,
+                    error_description=description,
+                )
+            return self._authorize_page(checked, self.authorization_endpoint)
+
+        @app.post(authorize_path)
+        async def choose(request: Request) -> Response:
+            form = parse_qs((await request.body()).decode("utf-8", "replace"))
+            values = {k: v[0] for k, v in form.items() if len(v) == 1}
+            try:
+                checked = self.check_authorization_request(values)
+            except _AuthorizationRefused as exc:
+                return self._refused_page(str(exc))
+            except ValueError as exc:
+                error, description = exc.args
+                return self._back_to_client(
+                    values["redirect_uri"],
+                    values.get("state"),
+                    error=error,
+                    error_description=description,
+                )
+            state = checked.get("state")
+            if values.get("cancel"):
+                return self._back_to_client(checked["redirect_uri"], state, error="access_denied")
+            person = values.get("person", "")
+            if person not in self._people:
+                return self._refused_page("unknown person")
+            try:
+                code = self.issue_code(person, checked)
+            except ValueError as exc:
+                error, description = exc.args
+                return self._back_to_client(
+                    checked["redirect_uri"], state, error=error, error_description=description
+                )
+            return self._back_to_client(checked["redirect_uri"], state, code=code)
+
         @app.post(f"{prefix}/token")
         async def token(request: Request) -> JSONResponse:
             form = parse_qs((await request.body()).decode("utf-8", "replace"))
+            if (form.get("grant_type") or [""])[0] == "authorization_code":
+                return self._authorization_code_grant(
+                    form, request.headers.get("authorization", "")
+                )
             person = (form.get("person") or [""])[0]
             kind = (form.get("token_type") or ["id_token"])[0]
             if kind not in _TYP_BY_KIND:
@@ -353,7 +669,14 @@ class DevIdentityProvider:
                     status_code=400,
                 )
             lifetime = 3600
-            minted = self.mint(person, token_type=kind, lifetime=lifetime)  # type: ignore[arg-type]
+            audience = (form.get("audience") or [""])[0]
+            extra = {"aud": audience} if audience and kind == "access_token" else None
+            minted = self.mint(
+                person,
+                token_type=kind,  # type: ignore[arg-type]
+                lifetime=lifetime,
+                extra_claims=extra,
+            )
             issued = _ISSUED_TYPE_BY_KIND[kind]
             return JSONResponse(
                 {
@@ -366,3 +689,12 @@ class DevIdentityProvider:
             )
 
         return app
+
+
+def _token_error(error: str, description: str, *, status: int = 400) -> JSONResponse:
+    headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="dev-idp"'
+    return JSONResponse(
+        {"error": error, "error_description": description}, status_code=status, headers=headers
+    )

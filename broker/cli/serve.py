@@ -190,6 +190,10 @@ def _dev_client_secrets(policy_dir: Path, store: Path) -> dict[str, str]:
     return known
 
 
+DEV_APPROVALS_AUDIENCE = "broker-approvals"
+"""The audience of dev IdP access tokens for the approvers' JSON API (``POST /token`` with
+``person``, ``token_type=access_token`` and ``audience=broker-approvals``)."""
+
 WALKTHROUGH = """
 ==============================================================================
  Agent identity broker: DEVELOPMENT MODE (built-in IdP, generated keys)
@@ -304,9 +308,16 @@ def dev_settings(config: Path | None, state_dir: Path = Path("var/dev")) -> Brok
         "kind": "dev",
         "issuer": idp_url,
         "client_ids": ["broker-dev"],
-        "audiences": ["broker"],
+        "audiences": ["broker", DEV_APPROVALS_AUDIENCE],
         "algorithms": ["RS256"],
     }
+    # Approvers sign in at <issuer>/approvals through the dev IdP's page (the configured
+    # approvals: section wins); the JSON API takes dev IdP tokens minted for its own audience.
+    approvals = base.approvals.model_dump()
+    if not approvals["sign_in"]:
+        approvals["sign_in"] = [{"idp": "dev", "client_id": "broker-dev", "label": "the dev IdP"}]
+    if not approvals["api_audiences"]:
+        approvals["api_audiences"] = [DEV_APPROVALS_AUDIENCE]
     bao_url = f"http://{base.dev_openbao.host}:{base.dev_openbao.port}"
     dev_vault_config = {
         "name": "vault",
@@ -319,6 +330,7 @@ def dev_settings(config: Path | None, state_dir: Path = Path("var/dev")) -> Brok
         identity_providers=[dev_idp_config, *[p.model_dump() for p in base.identity_providers]],
         secret_backends=[dev_vault_config, *[b.model_dump() for b in base.secret_backends]],
         allow_development_components=True,
+        approvals=approvals,
         # configured values (file or BROKER_SIGNING_KEYS__DIRECTORY, BROKER_AUDIT__FILE) win
         signing_keys={
             **base.signing_keys.model_dump(),
@@ -352,7 +364,11 @@ def dev(
     os.environ.update(client_secrets)
 
     people = load_dev_people(settings.dev_idp.people_file)
-    provider = DevIdentityProvider(idp_url, people)
+    provider = DevIdentityProvider(
+        idp_url,
+        people,
+        redirect_uris=settings.dev_idp.redirect_uris or [f"{settings.issuer}/approvals/callback"],
+    )
     # Every port first: a busy one is one line naming it, before anything has started.
     broker_sock = _port_in_use(settings.http.host, settings.http.port, "the broker", "http.port")
     idp_sock = _port_in_use(
