@@ -17,10 +17,12 @@ state, so an old cookie is refused at every replica. The cookie key comes from
 end at a restart and do not span replicas.
 
 Every form carries a CSRF token (HMAC of the session's CSRF secret, the request id and the
-action); a POST is also refused when its ``Origin`` is not the broker's or it is
-``Sec-Fetch-Site: cross-site``. ``next`` is only ever a relative path under ``/approvals``.
-Pages are jinja2 templates (autoescaped) under ``broker/approvals/templates``; every answer is
-``no-store``, unframeable, scriptless (CSP) and sends no referrer.
+action); a POST is also refused when its ``Origin`` is not the broker's (``null``, which
+browsers send under ``no-referrer``, only with ``Sec-Fetch-Site: same-origin``) or its
+``Sec-Fetch-Site`` is anything but ``same-origin``. ``next`` is only ever a relative path
+under ``/approvals``. Pages are jinja2 templates (autoescaped) under
+``broker/approvals/templates``; every answer is ``no-store``, unframeable, scriptless (CSP) and
+sends no referrer.
 
 The pages are a small Starlette application mounted at ``/approvals`` (its own middleware, its
 own cookie path); they are for browsers and not part of the OpenAPI description. The JSON API
@@ -57,6 +59,8 @@ from broker.approvals.api import install_approval_api
 from broker.approvals.errors import AlreadyDecided, ApprovalNotFound, NotEligible
 from broker.approvals.model import ApprovalRecord, ApprovalState
 from broker.endpoints.edge import Edge
+from broker.errors import OAuthError
+from broker.oauth_request import read_form
 from broker.policy import Person
 from broker.services import BrokerServices
 from broker.settings import ApprovalSignInConfig, BrokerSettings, IdentityProviderConfig
@@ -71,6 +75,7 @@ PREFIX = "/approvals"
 SESSION_COOKIE = "broker_approvals"
 MAX_NEXT_CHARS = 512
 MAX_COMMENT_CHARS = 500
+MAX_FORM_BYTES = 8192
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 _NEXT = re.compile(r"^/approvals(?:[/?][A-Za-z0-9_\-/?=&.]*)?$")
 _APPROVAL_ID = re.compile(r"^apr_[0-9a-f]{32}$")
@@ -254,10 +259,19 @@ class ApprovalPages:
         return self.redirect(f"{PREFIX}/sign-in?next={quote(safe_next(target), safe='/')}")
 
     def _cross_site(self, request: Request) -> bool:
+        """Whether a POST did not come from the broker's own pages (on top of the CSRF token).
+        The pages send ``Referrer-Policy: no-referrer``, under which browsers send
+        ``Origin: null`` on a form POST (Fetch: the request's origin is serialised as null): so
+        ``null`` passes only with ``Sec-Fetch-Site: same-origin``, which only the browser can
+        set. Any other foreign ``Origin``, and any ``Sec-Fetch-Site`` but ``same-origin``
+        (``cross-site``, or ``same-site``: another port or subdomain), is refused."""
         origin = request.headers.get("origin")
-        if origin is not None and origin != self._origin:
+        fetch_site = request.headers.get("sec-fetch-site")
+        if fetch_site is not None and fetch_site.lower() != "same-origin":
             return True
-        return request.headers.get("sec-fetch-site", "").lower() == "cross-site"
+        if origin is None or origin == self._origin:
+            return False
+        return not (origin == "null" and fetch_site is not None)
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -559,12 +573,13 @@ class ApprovalPages:
 
 
 async def _form(request: Request) -> dict[str, str]:
-    """The page form's single-valued fields (bounded; anything odd is simply absent)."""
+    """The page form's fields, read as every form of the broker is (bounded, single-valued);
+    a malformed or oversized body is an empty form (then refused), never a 500."""
     try:
-        async with request.form(max_files=0, max_fields=16) as form:
-            return {k: v for k, v in form.items() if isinstance(v, str) and len(v) <= 4096}
-    except Exception:  # a malformed body is a refused form, never a 500
+        form = await read_form(request, max_bytes=MAX_FORM_BYTES)
+    except OAuthError:
         return {}
+    return dict(form.items())
 
 
 def _token_ok(given: object, expected: str) -> bool:

@@ -16,6 +16,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
+from broker.client_secrets import generate_client_secret, hash_client_secret
 from idp_adapters.dev import DevIdentityProvider, DevPerson
 from tests.support.harness import (
     EXAMPLE_PEOPLE,
@@ -30,6 +31,10 @@ from tests.support.harness import (
 API_AUDIENCE = "broker-approvals"
 TICKETS = "https://tickets.internal.example"
 CIBA = "urn:openid:params:grant-type:ciba"
+TEST_AGENT = "approvals-test-agent"
+"""An agent of this support only (the example policy's own tests never name it), for the
+approval rules a test adds."""
+TEST_AGENT_SECRET = generate_client_secret()
 PEOPLE = {
     **EXAMPLE_PEOPLE,
     "frank": DevPerson("frank", ("finance",), "frank@example.com", "Frank Finance"),
@@ -47,12 +52,12 @@ class ApprovalStack:
         return self.broker.url
 
     def agent(self, name: str = "triage-agent") -> tuple[str, str]:
+        if name == TEST_AGENT:
+            return name, TEST_AGENT_SECRET
         variable = name.upper().replace("-", "_") + "_SECRET"
         return name, self.secrets[variable]
 
-    def ask(
-        self, person: str, scope: str, *, agent: str = "triage-agent", **extra: str
-    ) -> str:
+    def ask(self, person: str, scope: str, *, agent: str = "triage-agent", **extra: str) -> str:
         """Open an approval request as `agent` for `person`; returns the auth_req_id."""
         form = exchange_form(self.idp.mint(person), scope=scope, audience=TICKETS)
         form.pop("grant_type")
@@ -94,6 +99,19 @@ def run_approval_stack(
     ``dev``, as the example policy's approver selectors expect), the JSON API accepting that
     IdP's access tokens for `API_AUDIENCE`, and the example clients' secrets set."""
     secrets = example_client_secrets()
+    policy_extra = dict(policy_extra or {})
+    policy_extra["agents"] = {
+        TEST_AGENT: {
+            "authentication": {
+                "method": "client_secret_basic",
+                "secret_hash": hash_client_secret(TEST_AGENT_SECRET),
+            },
+            "ceiling": ["tickets:read", "tickets:comment", "tickets:write"],
+            "audiences": [TICKETS],
+            "act_for": ["group:dev/support", "group:dev/support-leads", "person:dev/bob"],
+        },
+        **policy_extra.get("agents", {}),
+    }
     secrets_file = tmp_path / "dev-secrets.yaml"
     write_provider_keys(secrets_file, "sk-approvals")
     patch = pytest.MonkeyPatch()
@@ -167,7 +185,9 @@ def sign_in_http(client: httpx.Client, stack: ApprovalStack, person: str, next_:
     return str(callback.headers["location"])
 
 
-def decision_form(client: httpx.Client, stack: ApprovalStack, approval_id: str, action: str) -> dict:
+def decision_form(
+    client: httpx.Client, stack: ApprovalStack, approval_id: str, action: str
+) -> dict:
     """The fields of the detail page's approve or deny form."""
     page = client.get(f"{stack.url}/approvals/{approval_id}")
     assert page.status_code == 200, page.text

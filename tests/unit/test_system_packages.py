@@ -17,7 +17,7 @@ from pathlib import Path
 from tests.support.harness import REPO
 
 MAKE = shutil.which("make") or "/usr/bin/make"
-ALL_MISSING = "xmlsec1 redis-server postgresql curl xz-utils"
+ALL_MISSING = "xmlsec1 redis-server postgresql chromium curl xz-utils"
 
 
 def _fake_bin(tmp_path: Path, *programs: str) -> Path:
@@ -80,7 +80,7 @@ def test_not_root_stops_at_once_with_one_line_naming_packages_and_command(
 
 
 def test_make_test_stops_before_anything_else_when_a_package_is_missing(tmp_path: Path) -> None:
-    fake = _fake_bin(tmp_path, "redis-server", "initdb", "curl", "xz")  # no xmlsec1
+    fake = _fake_bin(tmp_path, "redis-server", "initdb", "chromium", "curl", "xz")  # no xmlsec1
     result = _make(tmp_path, fake, "test", SYSTEM_PACKAGES_UID="1000")
     assert result.returncode != 0
     (line,) = result.stderr.splitlines()
@@ -93,7 +93,7 @@ def test_make_test_stops_before_anything_else_when_a_package_is_missing(tmp_path
 
 
 def test_root_installs_only_what_is_missing(tmp_path: Path) -> None:
-    fake = _fake_bin(tmp_path, "xmlsec1", "initdb", "curl", "xz")
+    fake = _fake_bin(tmp_path, "xmlsec1", "initdb", "chromium", "curl", "xz")
     apt = _fake_apt_get(tmp_path)
     result = _make(tmp_path, fake, "system-packages", SYSTEM_PACKAGES_UID="0", APT_GET=str(apt))
     assert result.returncode == 0, result.stderr
@@ -106,7 +106,7 @@ def test_root_updates_the_package_lists_only_when_the_install_fails_without(
     tmp_path: Path,
 ) -> None:
     apt = _fake_apt_get(tmp_path, needs_update=True)
-    fake = _fake_bin(tmp_path, "redis-server", "initdb", "curl", "xz")
+    fake = _fake_bin(tmp_path, "redis-server", "initdb", "chromium", "curl", "xz")
     for tool in ("grep",):  # the fake apt-get's own needs
         os.symlink(shutil.which(tool) or f"/usr/bin/{tool}", fake / tool)
     result = _make(tmp_path, fake, "system-packages", SYSTEM_PACKAGES_UID="0", APT_GET=str(apt))
@@ -119,7 +119,7 @@ def test_root_updates_the_package_lists_only_when_the_install_fails_without(
 
 
 def test_nothing_happens_when_everything_is_there(tmp_path: Path) -> None:
-    fake = _fake_bin(tmp_path, "xmlsec1", "redis-server", "initdb", "curl", "xz")
+    fake = _fake_bin(tmp_path, "xmlsec1", "redis-server", "initdb", "chromium", "curl", "xz")
     apt = _fake_apt_get(tmp_path)
     result = _make(tmp_path, fake, "system-packages", SYSTEM_PACKAGES_UID="1000", APT_GET=str(apt))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
@@ -128,7 +128,7 @@ def test_nothing_happens_when_everything_is_there(tmp_path: Path) -> None:
 
 def test_postgresql_is_found_where_debian_puts_it(tmp_path: Path) -> None:
     """Debian's initdb is not on PATH but under /usr/lib/postgresql/<version>/bin."""
-    fake = _fake_bin(tmp_path, "xmlsec1", "redis-server", "curl", "xz")
+    fake = _fake_bin(tmp_path, "xmlsec1", "redis-server", "chromium", "curl", "xz")
     versioned = tmp_path / "postgresql" / "17" / "bin"
     versioned.mkdir(parents=True)
     shutil.copy(fake / "xmlsec1", versioned / "initdb")
