@@ -30,9 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import math
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -44,6 +54,10 @@ __all__ = [
     "JWT",
     "AgentClient",
     "AgentToken",
+    "ApprovalDenied",
+    "ApprovalExpired",
+    "ApprovalRequest",
+    "ApprovalTimeout",
     "AsyncAgentClient",
     "AsyncCredentialAuth",
     "AsyncGatewayClient",
@@ -58,6 +72,7 @@ TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 JWT = "urn:ietf:params:oauth:token-type:jwt"
+CIBA = "urn:openid:params:grant-type:ciba"
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -97,6 +112,34 @@ class BrokerUnavailable(BrokerClientError):
 
     def __init__(self, description: str) -> None:
         super().__init__("temporarily_unavailable", description, 503, retry_after=1.0)
+
+
+class ApprovalDenied(BrokerClientError):
+    """An approver denied the request (CIBA ``access_denied``)."""
+
+
+class ApprovalExpired(BrokerClientError):
+    """Nobody decided before the request expired (CIBA ``expired_token``); ask again."""
+
+
+class ApprovalTimeout(BrokerClientError):
+    """`request_approval` stopped waiting (its own `timeout`) before anyone decided. The
+    request still stands at the broker until it expires: `wait_for_approval` can resume."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__("timeout", description, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    """An approval request the broker accepted (OpenID CIBA): poll it with
+    `wait_for_approval`. `auth_req_id` redeems the approval once: keep it like a secret."""
+
+    auth_req_id: str = field(repr=False)
+    expires_at: float
+    """Seconds since the epoch, after which the broker answers ``expired_token``."""
+    interval: float
+    """Seconds between polls (grows by 5 on every ``slow_down``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +269,74 @@ def _token_text(agent_token: AgentToken | str) -> str:
     return agent_token.access_token if isinstance(agent_token, AgentToken) else agent_token
 
 
+def _approval_form(
+    subject_token: str,
+    subject_token_type: str,
+    scope: str | None,
+    audiences: tuple[str, ...],
+    binding_message: str | None,
+    authorization_details: list[dict[str, Any]] | None,
+    requested_expiry: int | None,
+) -> dict[str, str | list[str]]:
+    form = _exchange_form(subject_token, subject_token_type, scope, audiences)
+    del form["grant_type"]
+    if binding_message is not None:
+        form["binding_message"] = binding_message
+    if authorization_details is not None:
+        form["authorization_details"] = json.dumps(authorization_details, separators=(",", ":"))
+    if requested_expiry is not None:
+        form["requested_expiry"] = str(int(requested_expiry))
+    return form
+
+
+def _approval_request(response: httpx.Response, started: float) -> ApprovalRequest:
+    _raise_for_error(response)
+    body = _json_object(response)
+    try:
+        return ApprovalRequest(
+            auth_req_id=str(body["auth_req_id"]),
+            expires_at=started + float(body["expires_in"]),
+            interval=max(1.0, float(body.get("interval") or 5)),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BrokerClientError(
+            "invalid_response", "the answer lacks auth_req_id or expires_in", 200
+        ) from None
+
+
+def _poll_form(request: ApprovalRequest) -> dict[str, str]:
+    return {"grant_type": CIBA, "auth_req_id": request.auth_req_id}
+
+
+def _poll_outcome(response: httpx.Response, started: float, interval: float) -> AgentToken | float:
+    """The token once approved; otherwise the interval to wait before the next poll
+    (``slow_down`` adds 5 seconds, as CIBA says); raises on a final refusal."""
+    if response.is_success:
+        return _agent_token(response, started, None)
+    try:
+        _raise_for_error(response)
+    except BrokerClientError as refused:
+        if refused.error == "authorization_pending":
+            return interval
+        if refused.error == "slow_down":
+            return interval + 5
+        if refused.error == "access_denied":
+            raise ApprovalDenied(refused.error, refused.description, refused.status) from None
+        if refused.error == "expired_token":
+            raise ApprovalExpired(refused.error, refused.description, refused.status) from None
+        raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _next_poll_at(now: float, wait: float, request: ApprovalRequest, deadline: float) -> float:
+    """When to poll next; raises `ApprovalTimeout` past our own deadline (the broker's
+    expiry is left to the broker to say)."""
+    at = now + wait
+    if at > deadline:
+        raise ApprovalTimeout("stopped waiting for the approval (timeout)")
+    return at
+
+
 def _credential_form(agent_token: AgentToken | str, rejected_version: str | None) -> dict:
     form = {"token": _token_text(agent_token)}
     if rejected_version is not None:
@@ -313,9 +424,7 @@ class _ProviderHeader:
         self.last_version: str | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(credential={self._credential!r}, header={self._header!r})"
-        )
+        return f"{type(self).__name__}(credential={self._credential!r}, header={self._header!r})"
 
     def _usable(self, fetched: Credential) -> Credential:
         if fetched.value is None:
@@ -387,8 +496,7 @@ class _GatewayIdentity:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(broker_url={self.broker_url!r}, "
-            f"gateway_id={self.gateway_id!r})"
+            f"{type(self).__name__}(broker_url={self.broker_url!r}, gateway_id={self.gateway_id!r})"
         )
 
 
@@ -471,6 +579,84 @@ class AgentClient(_AgentIdentity, _HttpOwner):
         """Re-exchange a parent agent's token as this (sub-)agent: the result carries a nested
         ``act`` and can only narrow the parent's scope and audience."""
         return self.exchange(_token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience)
+
+    def ask_approval(
+        self,
+        subject_token: str,
+        subject_token_type: str = ID_TOKEN,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+        *,
+        binding_message: str | None = None,
+        authorization_details: list[dict[str, Any]] | None = None,
+        requested_expiry: int | None = None,
+    ) -> ApprovalRequest:
+        """Ask for what the policy grants only with a person's approval (OpenID CIBA
+        backchannel authentication). The subject is presented as for `exchange`."""
+        started = self._clock()
+        response = self._http.post(
+            f"{self.broker_url}/oauth2/bc-authorize",
+            data=_approval_form(
+                subject_token,
+                subject_token_type,
+                _space_list(scope),
+                _audiences(audience),
+                binding_message,
+                authorization_details,
+                requested_expiry,
+            ),
+            auth=self._auth,
+        )
+        return _approval_request(response, started)
+
+    def wait_for_approval(
+        self,
+        request: ApprovalRequest,
+        *,
+        timeout: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> AgentToken:
+        """Poll at the interval the broker asks (slowing down when told) until the request is
+        approved (the token), denied (`ApprovalDenied`), expired (`ApprovalExpired`), or
+        `timeout` seconds pass (`ApprovalTimeout`)."""
+        deadline = self._clock() + timeout if timeout is not None else math.inf
+        interval = request.interval
+        next_at = _next_poll_at(self._clock(), interval, request, deadline)
+        while True:
+            sleep(max(0.0, next_at - self._clock()))
+            started = self._clock()
+            response = self._http.post(
+                f"{self.broker_url}/oauth2/token", data=_poll_form(request), auth=self._auth
+            )
+            outcome = _poll_outcome(response, started, interval)
+            if isinstance(outcome, AgentToken):
+                return outcome
+            interval = outcome
+            next_at = _next_poll_at(self._clock(), interval, request, deadline)
+
+    def request_approval(
+        self,
+        subject_token: str,
+        subject_token_type: str = ID_TOKEN,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+        *,
+        binding_message: str | None = None,
+        authorization_details: list[dict[str, Any]] | None = None,
+        requested_expiry: int | None = None,
+        timeout: float | None = None,
+    ) -> AgentToken:
+        """`ask_approval`, then `wait_for_approval`: the token once someone approves."""
+        request = self.ask_approval(
+            subject_token,
+            subject_token_type,
+            scope,
+            audience,
+            binding_message=binding_message,
+            authorization_details=authorization_details,
+            requested_expiry=requested_expiry,
+        )
+        return self.wait_for_approval(request, timeout=timeout)
 
 
 class GatewayClient(_GatewayIdentity, _HttpOwner):
@@ -676,6 +862,81 @@ class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
         return await self.exchange(
             _token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience
         )
+
+    async def ask_approval(
+        self,
+        subject_token: str,
+        subject_token_type: str = ID_TOKEN,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+        *,
+        binding_message: str | None = None,
+        authorization_details: list[dict[str, Any]] | None = None,
+        requested_expiry: int | None = None,
+    ) -> ApprovalRequest:
+        """See `AgentClient.ask_approval`."""
+        started = self._clock()
+        response = await self._http.post(
+            f"{self.broker_url}/oauth2/bc-authorize",
+            data=_approval_form(
+                subject_token,
+                subject_token_type,
+                _space_list(scope),
+                _audiences(audience),
+                binding_message,
+                authorization_details,
+                requested_expiry,
+            ),
+            auth=self._auth,
+        )
+        return _approval_request(response, started)
+
+    async def wait_for_approval(
+        self,
+        request: ApprovalRequest,
+        *,
+        timeout: float | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> AgentToken:
+        """See `AgentClient.wait_for_approval`."""
+        deadline = self._clock() + timeout if timeout is not None else math.inf
+        interval = request.interval
+        next_at = _next_poll_at(self._clock(), interval, request, deadline)
+        while True:
+            await sleep(max(0.0, next_at - self._clock()))
+            started = self._clock()
+            response = await self._http.post(
+                f"{self.broker_url}/oauth2/token", data=_poll_form(request), auth=self._auth
+            )
+            outcome = _poll_outcome(response, started, interval)
+            if isinstance(outcome, AgentToken):
+                return outcome
+            interval = outcome
+            next_at = _next_poll_at(self._clock(), interval, request, deadline)
+
+    async def request_approval(
+        self,
+        subject_token: str,
+        subject_token_type: str = ID_TOKEN,
+        scope: str | Iterable[str] | None = None,
+        audience: str | Iterable[str] | None = None,
+        *,
+        binding_message: str | None = None,
+        authorization_details: list[dict[str, Any]] | None = None,
+        requested_expiry: int | None = None,
+        timeout: float | None = None,
+    ) -> AgentToken:
+        """See `AgentClient.request_approval`."""
+        request = await self.ask_approval(
+            subject_token,
+            subject_token_type,
+            scope,
+            audience,
+            binding_message=binding_message,
+            authorization_details=authorization_details,
+            requested_expiry=requested_expiry,
+        )
+        return await self.wait_for_approval(request, timeout=timeout)
 
 
 class AsyncGatewayClient(_GatewayIdentity, _AsyncHttpOwner):

@@ -179,3 +179,78 @@ def test_denied_request_and_no_approval_needed(env: Any) -> None:
     assert bad.json()["error"] == "invalid_binding_message"
     bad = ask(running, person_token, login_hint="dave")
     assert bad.json()["error"] == "invalid_request"
+
+
+def test_client_request_approval_polls_until_approved(env: Any) -> None:
+    from broker.client import AgentClient
+
+    running, idp = env
+    clock = running.services.clock
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the broker's clock moves as the client waits
+        polls.append(seconds)
+        clock.advance(seconds)
+        if len(polls) == 2:  # the first poll found it pending; carol approves now
+            [waiting] = asyncio.run(running.services.approvals.pending_for(CAROL))
+            decide(running, waiting.id, CAROL, True)
+
+    with AgentClient(running.url, *TRIAGE, clock=clock.now) as agent:
+        request = agent.ask_approval(
+            idp.mint("dave"),
+            scope="tickets:read tickets:refund",
+            audience=TICKETS,
+            binding_message="Refund 12 EUR",
+            authorization_details=[{"type": "refund", "amount": "12.00"}],
+        )
+        assert request.auth_req_id not in repr(request)
+        token = agent.wait_for_approval(request, sleep=sleep)
+    assert polls == [request.interval, request.interval]
+    claims = jwt.decode(token.access_token, options={"verify_signature": False})
+    assert claims["approval"]["authorization_details"] == [{"type": "refund", "amount": "12.00"}]
+    assert token.scopes == ("tickets:read", "tickets:refund")
+
+
+def test_async_client_denied_expired_and_timeout(env: Any) -> None:
+    from broker.client import (
+        ApprovalDenied,
+        ApprovalExpired,
+        ApprovalTimeout,
+        AsyncAgentClient,
+    )
+
+    running, idp = env
+    clock = running.services.clock
+
+    async def scenario() -> None:
+        async with AsyncAgentClient(running.url, *TRIAGE, clock=clock.now) as agent:
+            person = idp.mint("dave")
+            ask = {"scope": "tickets:read tickets:refund", "audience": TICKETS}
+
+            async def deny_then_wait(seconds: float) -> None:
+                clock.advance(seconds)
+                for waiting in await running.services.approvals.pending_for(CAROL):
+                    await running.services.approvals.decide(
+                        waiting.id, CAROL, approve=False, comment="no", via="api"
+                    )
+
+            request = await agent.ask_approval(person, **ask)
+            with pytest.raises(ApprovalDenied):
+                await agent.wait_for_approval(request, sleep=deny_then_wait)
+
+            async def expire(seconds: float) -> None:
+                clock.advance(100)  # past the request's 60 s (records outlive it by 600 s)
+
+            request = await agent.ask_approval(person, **ask, requested_expiry=60)
+            assert request.expires_at - clock.now() <= 60
+            with pytest.raises(ApprovalExpired):
+                await agent.wait_for_approval(request, sleep=expire)
+
+            async def wait(seconds: float) -> None:
+                clock.advance(seconds)
+
+            request = await agent.ask_approval(person, **ask)
+            with pytest.raises(ApprovalTimeout):
+                await agent.wait_for_approval(request, timeout=12, sleep=wait)
+
+    asyncio.run(scenario())
