@@ -270,6 +270,46 @@ WALKTHROUGH = """
     {broker_cmd} usage report {audit_file} --by agent --policy-dir {policy_dir}
     {broker_cmd} keys list --keys-dir {keys_dir}
 
+ 9. Escalation to a human: a refund needs a finance approver. Dave (support lead) asks the
+    triage agent for one; the exchange is refused and names where to ask; the agent asks
+    (OpenID CIBA) and keeps the auth_req_id:
+
+    DAVE_TOKEN=$(curl -s -X POST {idp}/token -d person=dave \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["id_token"])')
+    curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+      -d subject_token="$DAVE_TOKEN" \
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
+      -d scope="tickets:read tickets:refund" -d audience=https://tickets.internal.example
+    AUTH_REQ_ID=$(curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/bc-authorize \
+      -d subject_token="$DAVE_TOKEN" \
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
+      -d scope="tickets:read tickets:refund" -d audience=https://tickets.internal.example \
+      -d binding_message="Refund 120 EUR on order 4711" \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["auth_req_id"])')
+    curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \
+      -d grant_type=urn:openid:params:grant-type:ciba -d auth_req_id="$AUTH_REQ_ID"
+
+10. Carol (finance) approves: open {issuer}/approvals in a browser and sign in as carol at
+    the dev IdP's page, or, as a chat bot would, with her own token through the JSON API:
+
+    CAROL_TOKEN=$(curl -s -X POST {idp}/token -d person=carol -d token_type=access_token \
+      -d audience=broker-approvals \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
+    APPROVAL=$(curl -s -H "Authorization: Bearer $CAROL_TOKEN" {issuer}/v1/approvals \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["approvals"][0]["id"])')
+    curl -s -H "Authorization: Bearer $CAROL_TOKEN" -H "Content-Type: application/json" \
+      -X POST {issuer}/v1/approvals/$APPROVAL/decision -d '{{"decision": "approve"}}'
+
+11. The agent polls again (at the interval it was given) and receives the token, with an
+    approval claim naming who approved what:
+
+    sleep 5
+    APPROVED_TOKEN=$(curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \
+      -d grant_type=urn:openid:params:grant-type:ciba -d auth_req_id="$AUTH_REQ_ID" \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
+    {broker_cmd} token decode "$APPROVED_TOKEN"
+
  Decision records are printed below as JSON lines. Ctrl-C stops everything.
 ==============================================================================
 """

@@ -432,8 +432,10 @@ def _check_walkthrough(results: list[tuple[str, int, str]]) -> str:
             expected = {2}  # the walkthrough explains a refusal: exit 2 is "denied"
         assert status in expected, f"{command!r} exited {status}:\n{output}"
         assert "Traceback" not in output, f"{command!r}:\n{output}"
-        if '"error"' in output:  # only the refusal the walkthrough shows on purpose
-            assert "invalid_scope" in output, f"{command!r}:\n{output}"
+        if '"error"' in output:  # only the refusals the walkthrough shows on purpose
+            assert "invalid_scope" in output or "authorization_pending" in output, (
+                f"{command!r}:\n{output}"
+            )
     return "\n".join(output for _, _, output in results)
 
 
@@ -447,6 +449,8 @@ def test_the_printed_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path)
     assert '"value": "sk-demo-openai-' in output.replace('":"', '": "')  # the fetch
     assert "invalid_scope" in output  # step 5's refusal
     assert "triage-agent" in output and "fetches" in output  # usage report
+    assert "/oauth2/bc-authorize" in output  # step 9: the refusal names where to ask
+    assert '"approved_by": [' in output and "dev/carol" in output  # step 11's token
     assert (state / "audit.jsonl").stat().st_size > 0
 
 
@@ -465,6 +469,7 @@ def test_the_readme_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path) 
     assert '"sub": "dev/alice"' in output
     assert "sk-demo-openai-" in output
     assert "triage-agent" in output  # usage report by agent
+    assert '"approved_by": [' in output and "dev/carol" in output  # step 9's token
 
 
 def test_dev_writes_the_audit_file_and_honours_overrides(

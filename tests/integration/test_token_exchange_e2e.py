@@ -602,7 +602,10 @@ def test_metadata_and_jwks(broker: RunningBroker) -> None:
     metadata = httpx.get(f"{broker.url}/.well-known/oauth-authorization-server").json()
     assert metadata["issuer"] == broker.url
     assert metadata["token_endpoint"] == broker.token_endpoint
-    assert metadata["grant_types_supported"] == [TOKEN_EXCHANGE, "urn:openid:params:grant-type:ciba"]
+    assert metadata["grant_types_supported"] == [
+        TOKEN_EXCHANGE,
+        "urn:openid:params:grant-type:ciba",
+    ]
     assert metadata["backchannel_authentication_endpoint"] == f"{broker.url}/oauth2/bc-authorize"
     assert metadata["backchannel_token_delivery_modes_supported"] == ["poll", "ping"]
     assert "private_key_jwt" in metadata["token_endpoint_auth_methods_supported"]
