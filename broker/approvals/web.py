@@ -565,11 +565,13 @@ class ApprovalPages:
         async def page_not_found(request: Request, exc: Exception) -> Response:
             return self.not_found(None)
 
-        return Starlette(
+        pages = Starlette(
             routes=routes,
             middleware=middleware,
             exception_handlers={404: page_not_found, 405: page_not_found},
         )
+        pages.router.redirect_slashes = False  # no redirect built from the request's Host
+        return pages
 
 
 async def _form(request: Request) -> dict[str, str]:
