@@ -101,6 +101,9 @@ class ApprovalRecord:
     delivery: Delivery = field(default_factory=Delivery)
     notification_token: Sensitive | None = None
     """Ping mode: the bearer token the agent gave for its notification endpoint."""
+    ping_auth_req_id: Sensitive | None = None
+    """Ping mode only: the agent's ``auth_req_id``, which the ping must name (CIBA §10.2).
+    Poll-mode records keep no trace of it but its hash (`id`)."""
     votes: tuple[Vote, ...] = ()
     decided_at: float | None = None
     request_id: str | None = None
@@ -197,6 +200,9 @@ class ApprovalRecord:
                 "notification_token": self.notification_token.reveal()
                 if self.notification_token
                 else None,
+                "ping_auth_req_id": self.ping_auth_req_id.reveal()
+                if self.ping_auth_req_id
+                else None,
                 "votes": [
                     {
                         "approver": v.approver,
@@ -260,6 +266,9 @@ class ApprovalRecord:
                 policy_version=str(data["policy_version"]),
                 delivery=Delivery(delivery["mode"], delivery["endpoint"]),
                 notification_token=Sensitive(token) if isinstance(token, str) else None,
+                ping_auth_req_id=Sensitive(data["ping_auth_req_id"])
+                if isinstance(data.get("ping_auth_req_id"), str)
+                else None,
                 votes=tuple(
                     Vote(
                         approver=str(v["approver"]),

@@ -130,6 +130,7 @@ class ApprovalService:
             policy_version=policy_version,
             delivery=delivery,
             notification_token=notification_token,
+            ping_auth_req_id=Sensitive(auth_req_id) if delivery.mode == "ping" else None,
             request_id=request_id,
             subject_time=subject_time,
         )
@@ -310,6 +311,7 @@ class ApprovalService:
         """CIBA ping: tell the agent's notification endpoint that its request is decided
         (retried a little; the outcome is recorded, the token never is)."""
         assert self._http is not None and record.delivery.endpoint is not None
+        assert record.ping_auth_req_id is not None
         headers = {"Content-Type": "application/json"}
         if record.notification_token is not None:
             headers["Authorization"] = f"Bearer {record.notification_token.reveal()}"
@@ -318,7 +320,7 @@ class ApprovalService:
             try:
                 response = await self._http.post(
                     record.delivery.endpoint,
-                    json={"auth_req_id": record.id},
+                    json={"auth_req_id": record.ping_auth_req_id.reveal()},
                     headers=headers,
                     timeout=5.0,
                 )
