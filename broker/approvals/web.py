@@ -37,6 +37,7 @@ import json
 import logging
 import re
 import secrets
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,6 @@ from urllib.parse import quote, urlsplit
 import httpx
 import jinja2
 from authlib.integrations.base_client import OAuthError as AuthlibError
-from authlib.integrations.starlette_client import OAuth
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -68,6 +68,10 @@ from broker.state import StateUnavailable
 from broker.types import TokenType
 from idp_adapters.base import IdentityError, IdentityProviderUnavailable
 from secret_backends.config import resolve_secret_reference
+
+with warnings.catch_warnings():  # authlib announces a future httpx2 move at import
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from authlib.integrations.starlette_client import OAuth
 
 log = logging.getLogger("broker.approvals.web")
 
