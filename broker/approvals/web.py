@@ -82,6 +82,7 @@ MAX_COMMENT_CHARS = 500
 MAX_FORM_BYTES = 8192
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 _NEXT = re.compile(r"^/approvals(?:[/?][A-Za-z0-9_\-/?=&.]*)?$")
+_SOURCE = re.compile(r"https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?")  # a CSP host-source
 _APPROVAL_ID = re.compile(r"^apr_[0-9a-f]{32}$")
 _ENDED = "approvals-session:"
 REFUSALS = {
@@ -183,15 +184,25 @@ class ApprovalPages:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self._form_origins = " ".join(sorted({_origin(p.issuer) for p in self._sign_idps()}))
 
-    def _sign_idps(self) -> list[IdentityProviderConfig]:
-        return [self._idps[s.idp] for s in self._config.sign_in]
+    def _form_origins(self) -> str:
+        """Where a form's submission may lead (CSP ``form-action``, which browsers also apply
+        to the redirects that follow): each sign-in IdP's authorization endpoint, known once
+        its discovery document is loaded, and its issuer's origin until then."""
+        origins: set[str] = set()
+        for name in self._sign_in:
+            client = self._oauth.create_client(name)
+            metadata = getattr(client, "server_metadata", None) or {}
+            endpoint = metadata.get("authorization_endpoint")
+            for url in (self._idps[name].issuer, endpoint):
+                if isinstance(url, str) and _SOURCE.fullmatch(_origin(url)):
+                    origins.add(_origin(url))
+        return " ".join(sorted(origins))
 
     # --- rendering ------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        form_action = " ".join(filter(None, ["'self'", self._form_origins]))
+        form_action = " ".join(filter(None, ["'self'", self._form_origins()]))
         return {
             "Cache-Control": "no-store",
             "Pragma": "no-cache",
