@@ -39,6 +39,7 @@ from broker.errors import (
 from broker.logs import new_request_id, request_id_var
 from broker.oauth_request import read_form_or_json
 from broker.policy import Person
+from broker.revocation import person_key
 from broker.state import StateUnavailable
 from broker.types import TokenType
 from idp_adapters.base import IdentityError, IdentityProviderUnavailable
@@ -117,6 +118,13 @@ class ApprovalApi:
             raise InvalidToken(f"the token was refused: {exc.reason}") from None
         if self._audiences.isdisjoint(claim_audiences(unverified)):
             raise InvalidToken("the token is not meant for the approvals API (audience)")
+        revoked = person_key(principal.person_id)
+        status = await self._services.state.revocation_status([], [revoked])
+        before = status.not_before.get(revoked)
+        if before is not None and (
+            principal.earliest_time is None or principal.earliest_time < before
+        ):
+            raise InvalidToken("the token predates the person's revocation; sign in again")
         return Person(principal.idp, principal.subject, principal.groups, principal.idp_roles)
 
     async def list(self, request: Request) -> dict[str, Any]:

@@ -10,8 +10,9 @@ approver is the same `Person` the policy sees anywhere else.
 The session is a signed cookie (Starlette's `SessionMiddleware`, itsdangerous), scoped to
 ``/approvals``, ``SameSite=Lax``, ``Secure`` unless the broker is a loopback ``http`` issuer, and
 kept at most ``approvals.session_max_age_seconds``. At sign-in it is cleared and rebuilt
-(fixation): it then holds only the approver's person id, groups, IdP roles, display name, a
-session id and a CSRF secret, never a token. Signing out ends the session id in the shared
+(fixation): it then holds only the approver's person id, groups, IdP roles, display name, the
+sign-in time, a session id and a CSRF secret, never a token. A person revoked after that
+sign-in (``/v1/admin/revocations``) is signed out. Signing out ends the session id in the shared
 state, so an old cookie is refused at every replica. The cookie key comes from
 ``approvals.session_secret_ref``; without one it is generated per process (logged): sessions then
 end at a restart and do not span replicas.
@@ -62,6 +63,7 @@ from broker.endpoints.edge import Edge
 from broker.errors import OAuthError
 from broker.oauth_request import read_form
 from broker.policy import Person
+from broker.revocation import person_key
 from broker.services import BrokerServices
 from broker.settings import ApprovalSignInConfig, BrokerSettings, IdentityProviderConfig
 from broker.state import StateUnavailable
@@ -260,8 +262,15 @@ class ApprovalPages:
         if approver.person.idp not in self._sign_in:
             request.session.clear()
             return None
-        status = await self._services.state.revocation_status([_ENDED + approver.sid], [])
-        if status.revoked_ids:
+        revoked = person_key(approver.person.person_id)
+        status = await self._services.state.revocation_status([_ENDED + approver.sid], [revoked])
+        signed_in_at = data.get("at")
+        if status.revoked_ids or (
+            revoked in status.not_before
+            and not (
+                isinstance(signed_in_at, int | float) and signed_in_at >= status.not_before[revoked]
+            )
+        ):  # signed out, or the person was revoked after (or without a time for) this sign-in
             request.session.clear()
             return None
         return approver
@@ -371,6 +380,19 @@ class ApprovalPages:
             return self.message(
                 403, "Sign-in refused", f"The identity token was refused: {exc.reason}."
             )
+        signed_in_at = principal.earliest_time
+        revoked = person_key(principal.person_id)
+        status = await self._services.state.revocation_status([], [revoked])
+        if revoked in status.not_before and (
+            signed_in_at is None or signed_in_at < status.not_before[revoked]
+        ):
+            request.session.clear()
+            self._refused(idp_name, "subject_revoked")
+            return self.message(
+                403,
+                "Sign-in refused",
+                "Your access was revoked; sign in at your identity provider again.",
+            )
         name = principal.attributes.get("name") or principal.attributes.get("email") or ""
         request.session.clear()  # fixation: nothing from before the sign-in is kept
         sid = secrets.token_urlsafe(18)
@@ -382,6 +404,7 @@ class ApprovalPages:
             "name": str(name)[:128] or principal.person_id,
             "sid": sid,
             "csrf": secrets.token_urlsafe(32),
+            "at": signed_in_at,
         }
         self._services.decisions.record(
             "approver.signed_in",

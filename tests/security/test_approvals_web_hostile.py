@@ -21,6 +21,7 @@ import jwt
 import pytest
 
 from broker.approvals.web import SESSION_COOKIE, csrf_token, safe_next
+from broker.client_secrets import generate_client_secret, hash_client_secret
 from tests.support.approvals import (
     TEST_AGENT,
     ApprovalStack,
@@ -31,7 +32,17 @@ from tests.support.approvals import (
 )
 from tests.support.harness import run_broker
 
+ADMIN_SECRET = generate_client_secret()
 QUORUM_RULE = {
+    "admins": {
+        "approvals-test-admin": {
+            "authentication": {
+                "method": "client_secret_basic",
+                "secret_hash": hash_client_secret(ADMIN_SECRET),
+            },
+            "permissions": ["revocations:write"],
+        }
+    },
     "approvals": {
         "writes-need-two-in-finance": {
             "description": "Two people in finance approve ticket writes (a test rule).",
@@ -41,7 +52,7 @@ QUORUM_RULE = {
             "quorum": 2,
             "request_expiry_seconds": 300,
         }
-    }
+    },
 }
 JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.")
 
@@ -191,7 +202,16 @@ def test_the_session_is_rebuilt_at_sign_in_and_a_planted_cookie_gets_nothing(
     assert after != planted
     session = cookie_payload(after)
     assert set(session) == {"approver"}  # nothing from before the sign-in survives
-    assert set(session["approver"]) == {"idp", "subject", "groups", "roles", "name", "sid", "csrf"}
+    assert set(session["approver"]) == {
+        "idp",
+        "subject",
+        "groups",
+        "roles",
+        "name",
+        "sid",
+        "csrf",
+        "at",
+    }
     first_sid = session["approver"]["sid"]
     with httpx.Client(cookies={SESSION_COOKIE: planted}) as attacker:
         denied = attacker.get(f"{stack.url}/approvals/")
@@ -520,3 +540,25 @@ def test_an_eligible_approver_decides_through_the_api(stack: ApprovalStack) -> N
     }
     assert api(stack, "GET", path, carol).status_code == 404  # decided: gone
     assert stack.poll(auth_req_id).status_code == 200
+
+
+def test_a_revoked_person_can_no_longer_approve(stack: ApprovalStack) -> None:
+    refund(stack, "revoked approver")
+    old_token = stack.api_token("frank")
+    with signed_in(stack, "frank") as frank:
+        assert "revoked approver" in frank.get(f"{stack.url}/approvals/").text
+        time.sleep(1.1)  # the revocation is later than this sign-in (times are in seconds)
+        revoked = httpx.post(
+            f"{stack.url}/v1/admin/revocations",
+            json={"person": "dev/frank"},
+            auth=("approvals-test-admin", ADMIN_SECRET),
+        )
+        assert revoked.status_code == 200, revoked.text
+        signed_out = frank.get(f"{stack.url}/approvals/")
+        assert signed_out.status_code == 303 and "/sign-in" in signed_out.headers["location"]
+    refused = api(stack, "GET", "/v1/approvals", old_token)
+    assert refused.status_code == 401 and "revocation" in refused.json()["error_description"]
+    time.sleep(1.1)
+    with signed_in(stack, "frank") as again:  # a sign-in after the revocation is served
+        assert "revoked approver" in again.get(f"{stack.url}/approvals/").text
+    assert api(stack, "GET", "/v1/approvals", stack.api_token("frank")).status_code == 200
