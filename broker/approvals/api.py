@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 
 from broker.approvals.errors import AlreadyDecided, ApprovalNotFound, NotEligible
 from broker.approvals.model import ApprovalRecord, ApprovalState
+from broker.audit import AuditUnavailable, recorded_request_var
 from broker.endpoints.edge import NO_STORE, Edge
 from broker.errors import (
     AccessDenied,
@@ -34,9 +35,15 @@ from broker.errors import (
     InvalidToken,
     NotFound,
     OAuthError,
+    ServerError,
     TemporarilyUnavailable,
 )
-from broker.logs import new_request_id, request_id_var
+from broker.logs import (
+    client_request_id,
+    client_request_id_var,
+    new_request_id,
+    request_id_var,
+)
 from broker.oauth_request import read_form_or_json
 from broker.policy import Person
 from broker.revocation import person_key
@@ -176,27 +183,41 @@ class ApprovalApi:
             "outstanding": record.outstanding() if record.state is ApprovalState.PENDING else {},
         }
 
-    def endpoint(self, handler: Any) -> Any:
-        """One shape: a request id, JSON answers, every error in RFC 6749 §5.2 terms."""
+    def endpoint(self, handler: Any, route: str) -> Any:
+        """One shape: a request id, JSON answers, every error in RFC 6749 §5.2 terms, every
+        refusal recorded (``request.denied``, naming the route template and the source only,
+        as for any unauthenticated caller), and no answer before its records are durable."""
         edge = self._edge
+        decisions = self._services.decisions
 
         async def endpoint(request: Request) -> JSONResponse:
             request_id = new_request_id()
             token = request_id_var.set(request_id)
+            client_token = client_request_id_var.set(
+                client_request_id(request.headers.get("x-request-id"))
+            )
             try:
-                body = await handler(request)
-                return JSONResponse(body, headers={**NO_STORE, "X-Request-Id": request_id})
-            except OAuthError as err:
-                return edge.error_response(err, request_id)
-            except StateUnavailable:
-                return edge.error_response(
-                    TemporarilyUnavailable(
+                try:
+                    body = await handler(request)
+                    response = JSONResponse(body, headers={**NO_STORE, "X-Request-Id": request_id})
+                except StateUnavailable:
+                    raise TemporarilyUnavailable(
                         "the broker's state cannot be reached", headers={"Retry-After": "5"}
-                    ),
-                    request_id,
-                )
+                    ) from None
+                except OAuthError as err:
+                    if recorded_request_var.get() != request_id:
+                        edge.record_refusal(route, err, None, request_id, request, None)
+                    response = edge.error_response(err, request_id)
+                try:  # answer nothing whose record is not yet durable (group commit)
+                    await decisions.wait_durable()
+                except AuditUnavailable:
+                    response = edge.error_response(
+                        ServerError("the audit trail cannot be written; refusing"), request_id
+                    )
+                return response
             finally:
                 request_id_var.reset(token)
+                client_request_id_var.reset(client_token)
 
         return endpoint
 
@@ -212,8 +233,8 @@ def _not_eligible(reason: str) -> InsufficientScope:
 
 def install_approval_api(app: FastAPI, edge: Edge) -> None:
     api = ApprovalApi(edge)
-    app.add_route(API_PREFIX, api.endpoint(api.list), methods=["GET"])
-    app.add_route(f"{API_PREFIX}/{{approval_id}}", api.endpoint(api.get), methods=["GET"])
-    app.add_route(
-        f"{API_PREFIX}/{{approval_id}}/decision", api.endpoint(api.decide), methods=["POST"]
-    )
+    one = f"{API_PREFIX}/{{approval_id}}"
+    decision = f"{API_PREFIX}/{{approval_id}}/decision"
+    app.add_route(API_PREFIX, api.endpoint(api.list, API_PREFIX), methods=["GET"])
+    app.add_route(one, api.endpoint(api.get, one), methods=["GET"])
+    app.add_route(decision, api.endpoint(api.decide, decision), methods=["POST"])
