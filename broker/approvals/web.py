@@ -59,6 +59,7 @@ from starlette.routing import Route
 from broker.approvals.api import install_approval_api
 from broker.approvals.errors import AlreadyDecided, ApprovalNotFound, NotEligible
 from broker.approvals.model import ApprovalRecord, ApprovalState
+from broker.audit import AuditUnavailable
 from broker.endpoints.edge import Edge
 from broker.errors import OAuthError
 from broker.oauth_request import read_form
@@ -486,6 +487,14 @@ class ApprovalPages:
         if self._cross_site(request) or not _token_ok(
             form.get("csrf"), csrf_token(approver.csrf, approval_id, action)
         ):
+            self._services.decisions.record(
+                "approval.refused",
+                outcome="denied",
+                reason="csrf",
+                approval_id=approval_id[:64],
+                approver=approver.person.person_id,
+                via="web",
+            )
             return self.message(
                 403, "Refused", "The form was not sent from this page (CSRF check).", approver
             )
@@ -571,11 +580,18 @@ class ApprovalPages:
                 if not self._sign_in:
                     return self.not_configured()
                 try:
-                    return await handler(request)
+                    response = await handler(request)
                 except StateUnavailable:
                     return self.message(
                         503, "Temporarily unavailable", "The broker's state cannot be reached."
                     )
+                try:  # answer nothing whose record (a decision, a sign-in) is not yet durable
+                    await self._services.decisions.wait_durable()
+                except AuditUnavailable:
+                    return self.message(
+                        500, "Refused", "The audit trail cannot be written; nothing was done."
+                    )
+                return response
 
             return endpoint
 
