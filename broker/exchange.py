@@ -290,17 +290,7 @@ class TokenExchangeGrant:
         try:
             return await self._handle(form, client, requested)
         except OAuthError as err:
-            if "client_id" not in requested:  # the caller is unknown: not what it asked for
-                requested.pop("requested_scopes", None)
-                requested.pop("requested_audiences", None)
-            self._decisions.record(
-                "token.exchange",
-                outcome="denied",
-                error=err.error,
-                reason=err.reason,
-                description=err.description,
-                **requested,
-            )
+            record_denial(self._decisions, "token.exchange", err, requested)
             raise
 
     async def prepare(
@@ -468,6 +458,24 @@ class TokenExchangeGrant:
             provenance.session_expires_at,
             parent.expires_at if parent is not None else None,
         )
+
+
+def record_denial(
+    decisions: DecisionLog, event: str, err: OAuthError, record: dict[str, Any]
+) -> None:
+    """The ``denied`` record of a token request: what `record` gathered so far (before the
+    caller is known, not what it asked for)."""
+    if "client_id" not in record:
+        record.pop("requested_scopes", None)
+        record.pop("requested_audiences", None)
+    decisions.record(
+        event,
+        outcome="denied",
+        error=err.error,
+        reason=err.reason,
+        description=err.description,
+        **record,
+    )
 
 
 def issue_or_refuse(issuer: TokenIssuer, **claims: Any) -> IssuedToken:

@@ -48,6 +48,7 @@ from broker.exchange import (
     TokenExchangeGrant,
     bounded_lifetime,
     issue_or_refuse,
+    record_denial,
 )
 from broker.oauth_request import OAuthForm
 from broker.policy import ExchangeRequest, ParentGrant, Policy, decide
@@ -168,17 +169,7 @@ class BackchannelAuthentication:
         try:
             return await self._handle(form, client, record, request_id)
         except OAuthError as err:
-            if "client_id" not in record:  # the caller is unknown: not what it asked for
-                record.pop("requested_scopes", None)
-                record.pop("requested_audiences", None)
-            self._decisions.record(
-                "approval.request",
-                outcome="denied",
-                error=err.error,
-                reason=err.reason,
-                description=err.description,
-                **record,
-            )
+            record_denial(self._decisions, "approval.request", err, record)
             raise
 
     async def _handle(
@@ -454,14 +445,7 @@ class CibaGrant:
                 approval=claim,
             )
         except OAuthError as err:
-            self._decisions.record(
-                "token.ciba",
-                outcome="denied",
-                error=err.error,
-                reason=err.reason,
-                description=err.description,
-                **record,
-            )
+            record_denial(self._decisions, "token.ciba", err, record)
             raise
         self._decisions.record(
             "token.ciba",

@@ -41,7 +41,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Full jitter: a random wait up to base * 2^(attempt-1), capped."""
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))  # noqa: S311
+        cap = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return random.uniform(0, cap)  # noqa: S311 (jitter, not a secret)
 
 
 async def post_json(
@@ -161,19 +162,27 @@ def _slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")[:3000]
 
 
-class SlackChannel:
-    kind = "slack"
+class JsonWebhookChannel:
+    """A channel that POSTs `body(notification)` to a secret URL (Slack, Teams)."""
 
     def __init__(
-        self, name: str, url: Sensitive, http: httpx.AsyncClient, retry: RetryPolicy
+        self,
+        name: str,
+        kind: str,
+        url: Sensitive,
+        body: Callable[[Notification], dict[str, Any]],
+        http: httpx.AsyncClient,
+        retry: RetryPolicy,
     ) -> None:
         self.name = name
+        self.kind = kind
         self._url = url
+        self._body = body
         self._http = http
         self._retry = retry
 
     async def send(self, notification: Notification) -> int:
-        return await post_json(self._http, self._url, slack_blocks(notification), self._retry)
+        return await post_json(self._http, self._url, self._body(notification), self._retry)
 
 
 def adaptive_card(notification: Notification) -> dict[str, Any]:
@@ -206,18 +215,3 @@ def adaptive_card(notification: Notification) -> dict[str, Any]:
             {"contentType": "application/vnd.microsoft.card.adaptive", "content": card}
         ],
     }
-
-
-class TeamsChannel:
-    kind = "teams"
-
-    def __init__(
-        self, name: str, url: Sensitive, http: httpx.AsyncClient, retry: RetryPolicy
-    ) -> None:
-        self.name = name
-        self._url = url
-        self._http = http
-        self._retry = retry
-
-    async def send(self, notification: Notification) -> int:
-        return await post_json(self._http, self._url, adaptive_card(notification), self._retry)

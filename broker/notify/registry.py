@@ -9,7 +9,13 @@ import httpx
 
 from broker.notify.base import Channel
 from broker.notify.email import EmailChannel
-from broker.notify.http import RetryPolicy, SlackChannel, TeamsChannel, WebhookChannel
+from broker.notify.http import (
+    JsonWebhookChannel,
+    RetryPolicy,
+    WebhookChannel,
+    adaptive_card,
+    slack_blocks,
+)
 from broker.settings import (
     ChannelConfig,
     EmailChannelConfig,
@@ -56,12 +62,14 @@ def build_channels(
                 _retry(config),
             )
         elif isinstance(config, SlackChannelConfig):
-            channels[name] = SlackChannel(
-                name, _secret_url(name, config.url_ref), http, _retry(config)
+            url = _secret_url(name, config.url_ref)
+            channels[name] = JsonWebhookChannel(
+                name, "slack", url, slack_blocks, http, _retry(config)
             )
         elif isinstance(config, TeamsChannelConfig):
-            channels[name] = TeamsChannel(
-                name, _secret_url(name, config.url_ref), http, _retry(config)
+            url = _secret_url(name, config.url_ref)
+            channels[name] = JsonWebhookChannel(
+                name, "teams", url, adaptive_card, http, _retry(config)
             )
         elif isinstance(config, EmailChannelConfig):
             channels[name] = EmailChannel(
