@@ -321,7 +321,9 @@ class ApprovalPages:
         request.session.clear()
         request.session["sign_in"] = {"idp": choice, "next": target}
         try:
-            return await client.authorize_redirect(request, self._callback)
+            redirect = await client.authorize_redirect(request, self._callback)
+            redirect.headers.update(self._headers())
+            return redirect
         except (httpx.HTTPError, AuthlibError, ValueError, KeyError) as exc:
             log.warning("approvals sign-in: %s unreachable: %s", choice, type(exc).__name__)
             return self.message(

@@ -22,6 +22,7 @@ import pytest
 
 from broker.approvals.web import SESSION_COOKIE, csrf_token, safe_next
 from broker.client_secrets import generate_client_secret, hash_client_secret
+from idp_adapters._loopback import reserve_loopback_socket
 from tests.support.approvals import (
     TEST_AGENT,
     ApprovalStack,
@@ -562,3 +563,29 @@ def test_a_revoked_person_can_no_longer_approve(stack: ApprovalStack) -> None:
     with signed_in(stack, "frank") as again:  # a sign-in after the revocation is served
         assert "revoked approver" in again.get(f"{stack.url}/approvals/").text
     assert api(stack, "GET", "/v1/approvals", stack.api_token("frank")).status_code == 200
+
+
+def test_an_unreachable_identity_provider_is_a_clear_503(tmp_path: Path) -> None:
+    closed = reserve_loopback_socket()  # bound, never listening: connections are refused
+    try:
+        issuer = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        idp = {"name": "corp", "issuer": issuer, "client_ids": ["web"], "audiences": ["x"]}
+        approvals = {"sign_in": [{"idp": "corp", "client_id": "web"}]}
+        with run_broker(tmp_path, [idp], approvals=approvals) as running:
+            answer = httpx.get(f"{running.url}/approvals/sign-in")
+            assert answer.status_code == 503 and "cannot be reached" in answer.text
+            assert answer.headers["cache-control"] == "no-store"
+    finally:
+        closed.close()
+
+
+def test_the_redirect_to_the_identity_provider_is_not_cached(stack: ApprovalStack) -> None:
+    started = httpx.get(f"{stack.url}/approvals/sign-in")
+    assert started.status_code == 302
+    assert started.headers["location"].startswith(stack.idp.authorization_endpoint + "?")
+    assert started.headers["cache-control"] == "no-store"
+    assert started.headers["referrer-policy"] == "no-referrer"
+    query = parse_qs(urlsplit(started.headers["location"]).query)
+    assert query["code_challenge_method"] == ["S256"] and query["code_challenge"]
+    assert query["nonce"] and query["state"]
+    assert query["redirect_uri"] == [f"{stack.url}/approvals/callback"]
