@@ -162,6 +162,12 @@ def test_decisions_without_the_pages_csrf_token_or_from_elsewhere_are_refused(
             refused = carol.post(url, data=good, headers=headers)
             assert refused.status_code == 403, headers
         assert "csrf refund" in carol.get(f"{stack.url}/approvals/").text  # still pending
+        refusals = [
+            r["reason"]
+            for r in stack.broker.decisions.records
+            if r["event"] == "approval.refused" and r.get("approval_id") == target
+        ]
+        assert refusals == ["csrf"] * 8  # every forged or foreign form is on the record
         # A browser's own same-origin POST under no-referrer: Origin null, Sec-Fetch-Site.
         accepted = carol.post(
             url, data=good, headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"}
