@@ -298,6 +298,9 @@ def test_no_secret_in_logs_across_hostile_requests(
     running, idp = env
     person_token = idp.mint("dave")
     caplog.set_level("DEBUG")
+    # The broker's logging setup holds httpx at WARNING (it logs full URLs); another test in
+    # the same process may have run it. Here its request lines are wanted, to check them.
+    caplog.set_level("DEBUG", logger="httpx")
     for details in HOSTILE_DETAILS.values():
         ask(running, person_token, authorization_details=details)
     asked = ask(running, person_token, client_notification_token="ping-secret-xyz")
