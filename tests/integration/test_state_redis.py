@@ -90,7 +90,9 @@ async def test_two_replicas_share_used_ids_revocations_and_rate_counts(
 async def test_concurrent_use_once_across_replicas(
     make_store: Callable[..., RedisStateStore],
 ) -> None:
-    replicas = [make_store() for _ in range(3)]
+    # A burst of 60 new connections: generous timeouts, so a busy machine tests the race, not
+    # the connect latency (the deadline's own behaviour is tested below).
+    replicas = [make_store(socket_timeout=3.0, connect_timeout=3.0) for _ in range(3)]
     results = await asyncio.gather(
         *(replicas[i % 3].use_once("assertion:c:race", 60) for i in range(60))
     )
@@ -100,7 +102,7 @@ async def test_concurrent_use_once_across_replicas(
 async def test_concurrent_rate_limit_across_replicas_never_exceeds_limit(
     make_store: Callable[..., RedisStateStore],
 ) -> None:
-    a, b = make_store(), make_store()
+    a, b = (make_store(socket_timeout=3.0, connect_timeout=3.0) for _ in range(2))
     results = await asyncio.gather(
         *((a if i % 2 else b).rate_limit("exchange:burst", 10, 60) for i in range(40))
     )
