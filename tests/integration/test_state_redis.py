@@ -56,7 +56,11 @@ async def make_store(redis_server: RedisServer) -> AsyncIterator[Callable[..., R
 class TestRedisStateStoreContract(StateStoreContract):
     @pytest.fixture
     def kit(self, make_store: Callable[..., RedisStateStore]) -> StateKit:
-        return StateKit(make_store(), SystemClock(), asyncio.sleep)
+        # The contract is about answers, not latency: generous timeouts, so a burst of new
+        # connections on a busy machine is not a failure (test_hung_server_times_out_then_recovers
+        # holds the deadline).
+        store = make_store(socket_timeout=3.0, connect_timeout=3.0)
+        return StateKit(store, SystemClock(), asyncio.sleep)
 
 
 # -- replicas ------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ async def test_concurrent_use_once_across_replicas(
     make_store: Callable[..., RedisStateStore],
 ) -> None:
     # A burst of 60 new connections: generous timeouts, so a busy machine tests the race, not
-    # the connect latency (the deadline's own behaviour is tested below).
+    # the connect latency (test_hung_server_times_out_then_recovers holds the deadline).
     replicas = [make_store(socket_timeout=3.0, connect_timeout=3.0) for _ in range(3)]
     results = await asyncio.gather(
         *(replicas[i % 3].use_once("assertion:c:race", 60) for i in range(60))
