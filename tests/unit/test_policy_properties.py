@@ -69,7 +69,7 @@ MALFORMED = ["", "*", "A:b", "a::b", "a:", ":a", "a:*:b", " a", "a b", "a:*", "*
 _PERMISSION = re.compile(r"[a-z0-9][a-z0-9_.\-]*(:[a-z0-9][a-z0-9_.\-]*)*")
 
 SETTINGS = settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
