@@ -97,7 +97,7 @@ class _UsableKey:
         return jwt.PyJWK(dict(self.jwk), algorithm=alg)
 
 
-def _load_key(jwk: Any) -> _UsableKey | None:
+def load_public_key(jwk: Any) -> _UsableKey | None:
     """Return the usable verification key described by `jwk`, or None (with the reason logged)."""
     if not isinstance(jwk, dict):
         return None
@@ -154,7 +154,7 @@ def parse_jwks(document: Mapping[str, Any]) -> tuple[_UsableKey, ...]:
         raise ValueError("a JWK Set needs a 'keys' list")
     if len(keys) > MAX_KEYS_PER_SET:
         raise ValueError(f"a JWK Set may hold at most {MAX_KEYS_PER_SET} keys")
-    return tuple(key for key in map(_load_key, keys) if key is not None)
+    return tuple(key for key in map(load_public_key, keys) if key is not None)
 
 
 def _require_supported(alg: str) -> None:

@@ -127,6 +127,29 @@ def _verify_signature(signing_input: bytes, signature: bytes, key: jwt.PyJWK, al
         raise TokenRejected("token signature is invalid")
 
 
+def split_jws(token: str, *, max_bytes: int) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """A compact JWS parsed strictly, nothing verified: (header, payload, signing input,
+    signature). For proofs that carry their own key (DPoP), which `verify_jwt` does not take."""
+    if not isinstance(token, str) or not token.isascii():
+        raise TokenRejected("token is malformed")
+    if len(token) > max_bytes:
+        raise TokenRejected("token is too large")
+    segments = token.split(".")
+    if len(segments) != 3 or not segments[2]:
+        raise TokenRejected("token is malformed", debug=f"{len(segments)} segments, expected 3")
+    header = _decode_json_segment(segments[0], "header")
+    payload = _decode_json_segment(segments[1], "payload")
+    try:
+        signature = _b64url_decode(segments[2])
+    except ValueError:
+        raise TokenRejected("token signature is malformed") from None
+    return header, payload, f"{segments[0]}.{segments[1]}".encode(), signature
+
+
+verify_signature = _verify_signature
+"""Check `signature` over `signing_input` with `key` (bound to `alg`); `TokenRejected` if not."""
+
+
 def unverified_claims(token: str, *, max_bytes: int) -> dict[str, Any]:
     """The payload of a compact JWS, parsed as strictly as `verify_jwt` parses it, NOT verified.
 
