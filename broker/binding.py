@@ -91,7 +91,12 @@ class TokenBinding:
             )
         try:
             await self._verifier.verify(
-                proof, method="POST", url=url, access_token=subject_token, jkt=jkt
+                proof,
+                method="POST",
+                url=url,
+                access_token=subject_token,
+                jkt=jkt,
+                check_nonce=False,  # the parent agent's proof: made without our nonce
             )
         except DPoPError as exc:
             raise _refusal(exc, what=f"{SUBJECT_PROOF_PARAMETER}: ") from None
@@ -105,9 +110,11 @@ class TokenBinding:
         gateway: str,
         gateway_url: str | None,
         method: str | None,
+        hinted: bool = False,
     ) -> None:
         """A bound agent token at the credential endpoint: the agent's own proof, forwarded by
-        the gateway, made for the gateway."""
+        the gateway, made for the gateway. One proof serves one fetch, and one more with a
+        rejected-version hint (`hinted`: the provider refused the key just served)."""
         if gateway_url is None:
             raise DPoPProofRefused(
                 f"the agent token is bound to a key (DPoP) and gateway {gateway!r} has no "
@@ -126,7 +133,13 @@ class TokenBinding:
                     reason="dpop_proof_missing",
                 )
             await self._verifier.verify(
-                proof, method=htm, url_base=gateway_url, access_token=token, jkt=jkt
+                proof,
+                method=htm,
+                url_base=gateway_url,
+                access_token=token,
+                jkt=jkt,
+                check_nonce=False,  # made for the gateway, which has its own nonces if any
+                replay_scope="fetch-hint" if hinted else "fetch",
             )
         except DPoPError as exc:
             raise _refusal(exc, at_resource=True, what="agent's DPoP proof: ") from None

@@ -215,6 +215,7 @@ class CredentialService:
                 gateway=client.client_id,
                 gateway_url=gateway_spec.url if gateway_spec is not None else None,
                 method=form.non_empty("dpop_method"),
+                hinted=rejected_version is not None,
             )
         await check_not_revoked(self._revocations, agent_token, InvalidToken)
         agent = policy.agents.get(agent_token.client_id)
