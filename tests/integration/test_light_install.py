@@ -5,6 +5,8 @@ One venv per module: `python -m venv`, then its own pip installs a copy of the p
 (the packages pyproject.toml lists, copied to tmp so no build output lands in the repository),
 dependencies from the package index or pip's cache. Everything then runs in that venv with a
 working directory outside the repository and no PYTHONPATH, so only the installed copy imports.
+The `broker` command's own rule (a missing server dependency is one line and exit 2; a missing
+module of the project still a traceback) is also checked in this environment, one module hidden.
 """
 
 from __future__ import annotations
@@ -188,3 +190,35 @@ def test_broker_command_without_the_server_extra_says_what_to_install(
         (line,) = result.stderr.splitlines()  # one line, no traceback
         assert line.startswith(SERVER_EXTRA_HINT), line
         assert "missing module:" in line
+
+
+def _broker_main_hiding(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`broker ARGS` in this environment (the server installed) with `module` unimportable."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None  # import {module} now raises ModuleNotFoundError\n"
+        f"sys.argv = ['broker', *{list(args)!r}]\n"
+        "from broker.cli import main\n"
+        "main()\n"
+    )
+    env = _clean_env()
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def test_broker_command_names_the_server_extra_when_one_server_dependency_is_missing() -> None:
+    result = _broker_main_hiding("yaml", "--help")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f"{SERVER_EXTRA_HINT} (missing module: yaml)"]
+
+
+def test_broker_command_still_fails_loudly_when_a_module_of_its_own_is_missing() -> None:
+    # A missing module of the project is a bug, not a missing extra: the traceback stays.
+    result = _broker_main_hiding("broker.cli.keys", "--help")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ModuleNotFoundError" in result.stderr
+    assert SERVER_EXTRA_HINT not in result.stderr
