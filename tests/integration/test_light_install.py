@@ -39,6 +39,10 @@ LIGHT_MODULES = (
     "idp_adapters.jwt_verify",
 )
 
+# What the `kit` extra adds for the kit's Starlette/FastAPI adapter. `broker.kit.starlette` joins
+# KIT_EXTRA_MODULES when the kit lands.
+KIT_EXTRA_MODULES = ("starlette",)
+
 # The server's dependencies that must not come with the light install (import names).
 SERVER_ONLY_MODULES = ("hvac", "boto3", "onelogin", "fastapi", "redis", "typer", "pydantic")
 
@@ -90,9 +94,8 @@ class LightVenv:
         )
 
 
-@pytest.fixture(scope="module")
-def light_venv(tmp_path_factory: pytest.TempPathFactory) -> LightVenv:
-    base = tmp_path_factory.mktemp("light-install")
+def _install(base: Path, extras: str = "") -> LightVenv:
+    """A fresh venv under `base` holding the project (with `extras`, e.g. "[kit]")."""
     source = _copy_project(base / "src")
     workdir = base / "work"
     workdir.mkdir()
@@ -103,12 +106,17 @@ def light_venv(tmp_path_factory: pytest.TempPathFactory) -> LightVenv:
         cwd=workdir, env=env, check=True, timeout=RUN_TIMEOUT_SECONDS,
     )
     installed = subprocess.run(
-        [str(venv.python), "-m", "pip", "install", "--quiet", str(source)],
+        [str(venv.python), "-m", "pip", "install", "--quiet", f"{source}{extras}"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS,
         check=False,
     )
     assert installed.returncode == 0, installed.stderr[-4000:]
     return venv
+
+
+@pytest.fixture(scope="module")
+def light_venv(tmp_path_factory: pytest.TempPathFactory) -> LightVenv:
+    return _install(tmp_path_factory.mktemp("light-install"))
 
 
 CHECK = textwrap.dedent(
@@ -222,3 +230,20 @@ def test_broker_command_still_fails_loudly_when_a_module_of_its_own_is_missing()
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "ModuleNotFoundError" in result.stderr
     assert SERVER_EXTRA_HINT not in result.stderr
+
+
+def test_kit_extra_adds_starlette_and_still_none_of_the_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    venv = _install(tmp_path_factory.mktemp("kit-install"), "[kit]")
+    modules = LIGHT_MODULES + KIT_EXTRA_MODULES
+    result = venv.run(
+        venv.python, "-c", CHECK, json.dumps(modules), json.dumps(SERVER_ONLY_MODULES)
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert set(report["files"]) == set(modules)
+    for name, file in report["files"].items():
+        assert Path(file).is_relative_to(venv.root), (name, file)
+    assert report["server_only_found"] == []
+    assert report["server_only_loaded"] == []
