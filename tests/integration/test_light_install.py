@@ -1,7 +1,8 @@
 """The light install: the project without extras, in a fresh virtual environment, gives a tool the
 agent client, DPoP and the resource-server kit, and none of the broker server's dependencies.
 
-One venv per module: `python -m venv`, then its own pip installs a copy of the project's sources
+One venv for the bare project (shared by its tests) and one each for the `kit` and `mcp` extras:
+`python -m venv`, then its own pip installs a copy of the project's sources
 (the packages pyproject.toml lists, copied to tmp so no build output lands in the repository),
 dependencies from the package index or pip's cache. Everything then runs in that venv with a
 working directory outside the repository and no PYTHONPATH, so only the installed copy imports.
@@ -39,12 +40,15 @@ LIGHT_MODULES = (
     "idp_adapters.jwt_verify",
 )
 
-# What the `kit` extra adds for the kit's Starlette/FastAPI adapter. `broker.kit.starlette` joins
-# KIT_EXTRA_MODULES when the kit lands.
+# What the `kit` extra adds for the kit's Starlette/FastAPI adapter, and the `mcp` extra for its
+# MCP SDK token verifier. `broker.kit.starlette` and `broker.kit.mcp` join these when the kit lands.
 KIT_EXTRA_MODULES = ("starlette",)
+MCP_EXTRA_MODULES = ("mcp", "mcp.server.auth.provider")
 
 # The server's dependencies that must not come with the light install (import names).
 SERVER_ONLY_MODULES = ("hvac", "boto3", "onelogin", "fastapi", "redis", "typer", "pydantic")
+# The MCP SDK itself brings pydantic (and typer only with its `cli` extra).
+NOT_WITH_MCP_MODULES = tuple(m for m in SERVER_ONLY_MODULES if m != "pydantic")
 
 PIP_TIMEOUT_SECONDS = 300  # an upper bound for a cold pip cache; a warm one takes seconds
 RUN_TIMEOUT_SECONDS = 60
@@ -232,14 +236,23 @@ def test_broker_command_still_fails_loudly_when_a_module_of_its_own_is_missing()
     assert SERVER_EXTRA_HINT not in result.stderr
 
 
-def test_kit_extra_adds_starlette_and_still_none_of_the_server(
+@pytest.mark.parametrize(
+    ("extra", "extra_modules", "absent"),
+    [
+        ("[kit]", KIT_EXTRA_MODULES, SERVER_ONLY_MODULES),
+        ("[mcp]", MCP_EXTRA_MODULES, NOT_WITH_MCP_MODULES),
+    ],
+    ids=["kit", "mcp"],
+)
+def test_kit_and_mcp_extras_add_their_framework_and_still_none_of_the_server(
     tmp_path_factory: pytest.TempPathFactory,
+    extra: str,
+    extra_modules: tuple[str, ...],
+    absent: tuple[str, ...],
 ) -> None:
-    venv = _install(tmp_path_factory.mktemp("kit-install"), "[kit]")
-    modules = LIGHT_MODULES + KIT_EXTRA_MODULES
-    result = venv.run(
-        venv.python, "-c", CHECK, json.dumps(modules), json.dumps(SERVER_ONLY_MODULES)
-    )
+    venv = _install(tmp_path_factory.mktemp(f"install-{extra.strip('[]')}"), extra)
+    modules = LIGHT_MODULES + extra_modules
+    result = venv.run(venv.python, "-c", CHECK, json.dumps(modules), json.dumps(absent))
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout)
     assert set(report["files"]) == set(modules)
