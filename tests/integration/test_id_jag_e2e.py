@@ -50,7 +50,8 @@ from tests.support.harness import (
 ID_JAG = "urn:ietf:params:oauth:token-type:id-jag"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SECRETS = {
-    name: generate_client_secret() for name in ("mcp-agent", "other-agent", "narrow-agent")
+    name: generate_client_secret()
+    for name in ("mcp-agent", "other-agent", "narrow-agent", "revoker")
 }
 MCP_SOCKET = reserve_loopback_socket()
 MCP_URL = f"http://127.0.0.1:{MCP_SOCKET.getsockname()[1]}/mcp"
@@ -75,7 +76,11 @@ def _policy(external_issuer: str) -> dict[str, Any]:
                 "ceiling": ["tickets:read", "tickets:comment", "kb:read"],
                 "default_scopes": ["tickets:read"],
                 "audiences": [MCP_URL, OTHER_RESOURCE],
-                "act_for": ["group:dev/support", "person:corp/ext-alice"],
+                "act_for": [
+                    "group:dev/support",
+                    "group:dev/support-leads",
+                    "person:corp/ext-alice",
+                ],
                 "may_delegate_to": ["narrow-agent"],
             },
             "narrow-agent": {
@@ -93,6 +98,12 @@ def _policy(external_issuer: str) -> dict[str, Any]:
             },
         },
         "person_bindings": [{"idp": "corp", "subject": "ext-alice", "roles": ["support"]}],
+        "admins": {
+            "revoker": {
+                "authentication": _basic("revoker"),
+                "permissions": ["revocations:write"],
+            }
+        },
         "authorization_servers": {
             "tickets-mcp": {
                 "description": "This broker, as the tickets MCP server's authorization server",
@@ -628,3 +639,28 @@ def test_metadata_advertises_the_id_jag_profile(broker: RunningBroker) -> None:
         "urn:ietf:params:oauth:grant-profile:id-jag"
     ]
     assert ID_JAG in metadata["token_types_supported"]
+
+
+def test_revocations_after_an_id_jag_was_issued_hold_at_its_redemption(
+    broker: RunningBroker, idp: DevIdentityProvider
+) -> None:
+    def revoke(**what: str) -> None:
+        response = httpx.post(
+            f"{broker.url}/v1/admin/revocations",
+            data=what,
+            auth=("revoker", SECRETS["revoker"]),
+        )
+        assert response.status_code == 200, response.text
+
+    by_id = _id_jag(broker, idp).json()["access_token"]
+    revoke(jti=jwt.decode(by_id, options={"verify_signature": False})["jti"])
+    refused = _redeem(broker, by_id)
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+
+    # The person (dave, a support lead) is revoked after the ID-JAG was issued.
+    daves = _id_jag(broker, idp, person="dave").json()
+    assert "access_token" in daves, daves
+    time.sleep(1.1)  # a not-before after the ID-JAG's iat (whole seconds)
+    revoke(person="dev/dave")
+    refused = _redeem(broker, daves["access_token"])
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
