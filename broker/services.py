@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from broker.approvals.ciba import BackchannelAuthentication, CibaGrant
+from broker.approvals.ciba import BC_AUTHORIZE_PATH, BackchannelAuthentication, CibaGrant
 from broker.approvals.notifications import approval_requested, channels_of
 from broker.approvals.service import ApprovalService
 from broker.approvals.store import build_approval_store
@@ -358,7 +358,11 @@ def build_services(
         notifier=notifier,
         approvals=approvals,
         backchannel=BackchannelAuthentication(
-            exchange=exchange, approvals=approvals, decisions=decisions, policy=policies.current
+            exchange=exchange,
+            approvals=approvals,
+            decisions=decisions,
+            policy=policies.current,
+            endpoint_url=settings.issuer + BC_AUTHORIZE_PATH,
         ),
         grants={
             exchange.grant_type: exchange,

@@ -158,11 +158,14 @@ class BackchannelAuthentication:
         approvals: ApprovalService,
         decisions: DecisionLog,
         policy: Callable[[], Policy],
+        endpoint_url: str,
     ) -> None:
         self._exchange = exchange
         self._approvals = approvals
         self._decisions = decisions
         self._policy = policy
+        self._endpoint_url = endpoint_url
+        """This endpoint's URL: what a bound subject token's proof is made for."""
 
     async def handle(
         self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
@@ -192,7 +195,9 @@ class BackchannelAuthentication:
         binding_message = _binding_message(form)
         details = _authorization_details(form)
         requested_expiry = _requested_expiry(form)
-        prepared = await self._exchange.prepare(form, client, record, rate_limit="ciba")
+        prepared = await self._exchange.prepare(
+            form, client, record, rate_limit="ciba", endpoint_url=self._endpoint_url
+        )
         if prepared.issued_type is not TokenType.ACCESS_TOKEN:
             raise InvalidRequest("an approved request is redeemed for an access token only")
         agent = prepared.policy.agents.get(prepared.actor.client_id)
@@ -256,6 +261,16 @@ class BackchannelAuthentication:
         }
 
 
+def _bound_if(record: ApprovalRecord, dpop: DPoPProof | None) -> None:
+    """A parent token bound to a key (DPoP) yields only a bound token."""
+    TokenBinding.require(
+        record.client_id,
+        False,
+        dpop,
+        parent_bound=record.parent is not None and record.parent.jkt is not None,
+    )
+
+
 def _parent_ref(parent: BrokerToken) -> ParentRef:
     from broker.policy.approvals import approved_in
 
@@ -268,6 +283,7 @@ def _parent_ref(parent: BrokerToken) -> ParentRef:
         lineage=parent.lineage,
         approved=tuple(sorted(approved_in(parent.claims))),
         issued_at=parent.issued_at,
+        jkt=parent.jkt,
     )
 
 
@@ -348,7 +364,9 @@ class CibaGrant:
         try:
             if len(auth_req_id) > MAX_AUTH_REQ_ID_CHARS:
                 raise ApprovalNotFound("unknown auth_req_id")
-            approval = await self._approvals.poll(auth_req_id, client.client_id)
+            approval = await self._approvals.poll(
+                auth_req_id, client.client_id, before_redeeming=lambda r: _bound_if(r, dpop)
+            )
         except (ApprovalPending, PollTooSoon) as waiting:
             recorded_request_var.set(request_id)  # a poll is not a decision: no record
             if isinstance(waiting, PollTooSoon):

@@ -62,6 +62,8 @@ class ParentRef:
     approved: tuple[str, ...] = ()
     issued_at: int = 0
     """What the parent token's own approval covered (a re-exchange keeps it, narrowed)."""
+    jkt: str | None = None
+    """The key the parent token is bound to (DPoP): the approved token must be bound too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,7 @@ class ApprovalRecord:
                     "lineage": list(self.parent.lineage),
                     "approved": list(self.parent.approved),
                     "issued_at": self.parent.issued_at,
+                    "jkt": self.parent.jkt,
                 },
                 "policy_version": self.policy_version,
                 "delivery": {"mode": self.delivery.mode, "endpoint": self.delivery.endpoint},
@@ -262,6 +265,7 @@ class ApprovalRecord:
                     lineage=tuple(map(str, parent["lineage"])),
                     approved=tuple(map(str, parent["approved"])),
                     issued_at=int(parent.get("issued_at", 0)),
+                    jkt=str(parent["jkt"]) if parent.get("jkt") is not None else None,
                 ),
                 policy_version=str(data["policy_version"]),
                 delivery=Delivery(delivery["mode"], delivery["endpoint"]),

@@ -144,9 +144,17 @@ class ApprovalService:
                 log.error("approval notification failed: %s", type(exc).__name__)
         return auth_req_id, record
 
-    async def poll(self, auth_req_id: str, client_id: str) -> ApprovalRecord:
+    async def poll(
+        self,
+        auth_req_id: str,
+        client_id: str,
+        *,
+        before_redeeming: Callable[[ApprovalRecord], None] | None = None,
+    ) -> ApprovalRecord:
         """The CIBA grant's question. Returns the approved record, atomically marked redeemed
-        (a second redemption finds nothing); otherwise raises what the agent is told."""
+        (a second redemption finds nothing); otherwise raises what the agent is told.
+        `before_redeeming` may refuse the redemption (raising) and leave the approval for a
+        corrected request (a missing DPoP proof, say)."""
         approval_id = reference(auth_req_id)
         record = await self._store.load(approval_id)
         if record is None or not secrets.compare_digest(record.client_id, client_id):
@@ -168,6 +176,8 @@ class ApprovalService:
             raise ApprovalDenied("the request was denied")
         if record.state is ApprovalState.PENDING:
             raise ApprovalPending("nobody has decided yet")
+        if before_redeeming is not None:
+            before_redeeming(record)
 
         def redeem(current: ApprovalRecord) -> ApprovalRecord:
             if current.state is not ApprovalState.APPROVED:

@@ -6,6 +6,7 @@ across two brokers sharing a real Redis. Hostile proofs are refused in the proto
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -24,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.client import AgentClient, GatewayClient
 from broker.client_secrets import generate_client_secret, hash_client_secret
+from broker.clock import FrozenClock
 from broker.dpop import DPoPKey, access_token_hash
 from broker.examples.gateway import GatewayConfig, create_gateway_app
 from broker.examples.provider import StandInProvider
+from broker.policy import Person
 from idp_adapters._loopback import reserve_loopback_socket, serve_in_thread
 from idp_adapters.dev import DevIdentityProvider
 from tests.support.harness import (
@@ -621,3 +624,89 @@ def test_clients_bind_delegate_and_call_the_example_gateway_with_proofs(
             call, json=body, headers=agent.headers_for("POST", call, child)
         )
         assert parent_presenting.status_code == 401
+
+
+# -- approvals (OpenID CIBA) --------------------------------------------------------------------
+
+CIBA = "urn:openid:params:grant-type:ciba"
+ALICE = Person("dev", "alice", frozenset({"support"}))
+
+
+def test_an_approval_asked_for_with_a_bound_parent_yields_only_a_bound_token(
+    tmp_path: Path, idp: DevIdentityProvider, example_secrets: dict[str, str]
+) -> None:
+    clock = FrozenClock(time.time())
+    extra = {
+        **POLICY_EXTRA,
+        "approvals": {
+            "sub-llm-consent": {
+                "permissions": ["llm:openai:chat"],
+                "agents": ["bound-sub"],
+                "approvers": ["person"],
+            }
+        },
+    }
+    with run_broker(
+        tmp_path, [oidc_provider_config(idp)], policy_extra=extra, clock=clock
+    ) as running:
+        parent_key, sub_key = DPoPKey(), DPoPKey()
+        now = clock.now()
+        parent = _token(
+            running,
+            exchange_form(
+                idp.mint("alice"), scope="tickets:read llm:openai:chat", audience=TICKETS
+            ),
+            ("bound-agent", SECRETS["bound"]),
+            proof=parent_key.proof("POST", running.token_endpoint, issued_at=now),
+        ).json()["access_token"]
+        bc_authorize = f"{running.url}/oauth2/bc-authorize"
+        form = {
+            "subject_token": parent,
+            "subject_token_type": ACCESS_TOKEN,
+            "scope": "llm:openai:chat",
+            "audience": TICKETS,
+        }
+        sub = ("bound-sub", SECRETS["sub"])
+        # The parent's proof must be made for this endpoint.
+        for proof in (
+            None,
+            parent_key.proof("POST", running.token_endpoint, access_token=parent, issued_at=now),
+        ):
+            data = dict(form) if proof is None else {**form, "subject_token_dpop": proof}
+            refused = httpx.post(bc_authorize, data=data, auth=sub)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"] == "invalid_dpop_proof"
+        asked = httpx.post(
+            bc_authorize,
+            data={
+                **form,
+                "subject_token_dpop": parent_key.proof(
+                    "POST", bc_authorize, access_token=parent, issued_at=now
+                ),
+            },
+            auth=sub,
+        )
+        assert asked.status_code == 200, asked.text
+        auth_req_id = asked.json()["auth_req_id"]
+        [waiting] = asyncio.run(running.services.approvals.pending_for(ALICE))
+        asyncio.run(
+            running.services.approvals.decide(
+                waiting.id, ALICE, approve=True, comment=None, via="api"
+            )
+        )
+        clock.advance(asked.json()["interval"] + 1)
+        poll = {"grant_type": CIBA, "auth_req_id": auth_req_id}
+        unbound = httpx.post(running.token_endpoint, data=poll, auth=sub)
+        assert unbound.status_code == 400 and unbound.json()["error"] == "invalid_dpop_proof"
+        clock.advance(asked.json()["interval"] + 1)
+        bound = httpx.post(
+            running.token_endpoint,
+            data=poll,
+            auth=sub,
+            headers={"DPoP": sub_key.proof("POST", running.token_endpoint, issued_at=clock.now())},
+        )
+        assert bound.status_code == 200, bound.text
+        assert bound.json()["token_type"] == "DPoP"
+        claims = _claims(bound.json()["access_token"])
+        assert claims["cnf"] == {"jkt": sub_key.jkt}
+        assert claims["approval"]["permissions"] == ["llm:openai:chat"]
