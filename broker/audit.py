@@ -967,8 +967,9 @@ class DecisionLog:
         """Write a signed ``audit.checkpoint`` for every record so far (None without a signer)."""
         if self._signer is None:
             return None
-        record = self._append(CHECKPOINT, {"outcome": "vouched", **self._sign(final=False)},
-                              vouching=True)
+        record = self._append(
+            CHECKPOINT, {"outcome": "vouched", **self._sign(final=False)}, vouching=True
+        )
         if self._committer is not None:
             with contextlib.suppress(OSError, RuntimeError):
                 self._committer.sync_now()
@@ -1220,9 +1221,7 @@ def _public_jwk_from_key_file(path: Path) -> dict[str, Any]:
     return {**public, "kid": record["kid"], "alg": record["alg"], "use": "sig"}
 
 
-def load_verification_keys(
-    sources: Sequence[str], *, http: Any = None
-) -> dict[str, jwt.PyJWK]:
+def load_verification_keys(sources: Sequence[str], *, http: Any = None) -> dict[str, jwt.PyJWK]:
     """Public keys by ``kid`` from each source: a JWKS (or JWK) file, the broker's signing key
     directory (every key file in it, retired ones included), or the URL of a published JWKS
     (fetched with `http`, an ``httpx.Client``, or a new one). Keep copies of the JWKS: retired

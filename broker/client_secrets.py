@@ -100,9 +100,7 @@ def hash_client_secret(secret: str, *, method: HashMethod = "scrypt") -> str:
     raw = secret.encode("utf-8")
     if method == "scrypt":
         digest = _scrypt(raw, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, HASH_BYTES)
-        return (
-            f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
-        )
+        return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64encode(salt)}${_b64encode(digest)}"
     if method == "sha256":
         if len(secret) < MIN_SHA256_SECRET_LENGTH:
             raise ValueError(

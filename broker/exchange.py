@@ -492,9 +492,7 @@ def policy_question(prepared: Prepared, *, for_approval: bool = False) -> Exchan
         agent=prepared.actor.client_id,
         scopes=prepared.scopes,
         audiences=prepared.targets,
-        parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
-        if parent
-        else None,
+        parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences) if parent else None,
         approved=approved_in(parent.claims) if parent else frozenset(),
         for_approval=for_approval,
     )

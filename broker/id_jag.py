@@ -45,6 +45,7 @@ from broker.errors import (
     UnauthorizedClient,
 )
 from broker.exchange import (
+    DECISION_ERRORS,
     Prepared,
     bounded_lifetime,
     policy_question,
@@ -53,6 +54,7 @@ from broker.exchange import (
 )
 from broker.oauth_request import OAuthForm
 from broker.policy import ExchangeRequest, ParentGrant, Person, Policy, decide
+from broker.policy.id_jag import decide_id_jag
 from broker.revocation import Revocations, check_exchange_allowed
 from broker.settings import IdJagConfig
 from broker.state import StateStore, StateUnavailable
@@ -108,29 +110,23 @@ class IdJagIssuance:
         audience = _one(form, "audience")
         resource = _one(form, "resource")
         record.update(issued_token_type=str(TokenType.ID_JAG), id_jag_audience=audience)
-        found = policy.authorization_server(audience, self._own_issuer)
-        if found is None:
-            raise InvalidTarget(
-                "audience is not an authorization server registered in the policy",
-                reason="unknown_authorization_server",
+        verdict = decide_id_jag(
+            policy,
+            policy_question(prepared),
+            audience=audience,
+            resource=resource,
+            own_issuer=self._own_issuer,
+        )
+        record["authorization_server"] = verdict.server
+        if verdict.decision is not None:
+            record["agent_chain"] = list(verdict.decision.actor_chain)
+        if not verdict.allowed or verdict.decision is None:
+            if verdict.decision is not None:
+                raise refuse(verdict.decision, self._approval_endpoint)
+            raise DECISION_ERRORS[verdict.error or "invalid_grant"](
+                verdict.description, reason=verdict.reason
             )
-        name, server = found
-        record["authorization_server"] = name
-        if resource not in server.resources:
-            raise InvalidTarget(
-                f"resource is not one authorization server {name!r} serves",
-                reason="unknown_resource",
-            )
-        if actor.client_id not in server.agents:
-            raise UnauthorizedClient(
-                f"agent {actor.client_id!r} may not obtain ID-JAGs for authorization "
-                f"server {name!r}",
-                reason="id_jag_not_allowed",
-            )
-        decision = decide(policy, policy_question(replace(prepared, targets=(resource,))))
-        record["agent_chain"] = list(decision.actor_chain)
-        if not decision.allowed:
-            raise refuse(decision, self._approval_endpoint)
+        decision = verdict.decision
         lifetime = min(
             self._lifetime,
             bounded_lifetime(
@@ -144,10 +140,10 @@ class IdJagIssuance:
         try:
             issued = self._issuer.issue_id_jag(
                 provenance=prepared.provenance,
-                client_id=server.client_ids.get(actor.client_id, actor.client_id),
+                client_id=verdict.client_id or actor.client_id,
                 actor_chain=decision.actor_chain,
                 scopes=decision.scopes,
-                audience=self._own_issuer if server.issuer == "self" else server.issuer,
+                audience=audience,
                 resource=resource,
                 lifetime_seconds=lifetime,
                 policy_version=decision.policy_version,

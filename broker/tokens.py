@@ -354,7 +354,6 @@ class TokenIssuer:
             claims=claims,
         )
 
-
     def issue_id_jag(
         self,
         *,

@@ -137,9 +137,7 @@ def verify(
     result = verify_trail(files, keys=verification_keys, copies=copies)
     status = result.status
     typer.echo(result.summary(), err=status != "intact")
-    raise typer.Exit(
-        {"intact": EXIT_INTACT, "open": EXIT_OPEN, "tampered": EXIT_TAMPERED}[status]
-    )
+    raise typer.Exit({"intact": EXIT_INTACT, "open": EXIT_OPEN, "tampered": EXIT_TAMPERED}[status])
 
 
 @audit_app.command("query")

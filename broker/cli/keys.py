@@ -25,6 +25,7 @@ def dev_key_directory(settings: BrokerSettings, state_dir: Path) -> Path:
         return settings.signing_keys.directory
     return state_dir / "keys"
 
+
 keys_app = typer.Typer(help="Manage the broker's token signing keys.", no_args_is_help=True)
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML configuration.")]
 

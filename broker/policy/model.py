@@ -574,6 +574,37 @@ class PolicyTestCase(_Strict):
         return self
 
 
+class IdJagTestCase(_Strict):
+    """An ID-JAG request: person P with groups G via agent chain A (the last agent asks) for
+    authorization server `authorization_server` (its name here) and `resource`, requesting S;
+    expect the ID-JAG's scopes T or a denial."""
+
+    kind: Literal["id_jag"]
+    name: str
+    person: str = Field(pattern=_PERSON_PATTERN, description="<idp>/<subject>")
+    groups: list[str] = Field(default_factory=list)
+    idp_roles: list[str] = Field(default_factory=list)
+    agents: list[Name] = Field(min_length=1, description="The delegation chain, first agent first.")
+    authorization_server: Name = Field(description="Its name under authorization_servers.")
+    resource: str = Field(min_length=1)
+    scope: list[str] | None = None
+    expect_granted: list[str] | None = None
+    expect_error: (
+        Literal["invalid_scope", "invalid_target", "unauthorized_client", "invalid_grant"] | None
+    ) = None
+    expect_reason: str | None = Field(
+        None,
+        description="A reason code the denial must include (unknown_resource, "
+        "id_jag_not_allowed, person_lacks_scope, ...).",
+    )
+
+    @model_validator(mode="after")
+    def _one_expectation(self) -> IdJagTestCase:
+        if (self.expect_granted is None) == (self.expect_error is None):
+            raise ValueError("a policy test needs exactly one of expect_granted or expect_error")
+        return self
+
+
 class ApprovalTestCase(_Strict):
     """A request for approval: person P with groups G via agent chain A asks for S (as with
     OpenID CIBA); may `approver` (with their own groups and IdP roles) approve it? The request
@@ -666,12 +697,13 @@ AnyPolicyTestCase = Annotated[
     | Annotated[FetchTestCase, Tag("fetch")]
     | Annotated[IntrospectionTestCase, Tag("introspection")]
     | Annotated[AdminTestCase, Tag("admin")]
-    | Annotated[ApprovalTestCase, Tag("approval")],
+    | Annotated[ApprovalTestCase, Tag("approval")]
+    | Annotated[IdJagTestCase, Tag("id_jag")],
     Discriminator(
         _test_kind,
         custom_error_type="invalid_test_kind",
-        custom_error_message="kind must be exchange (the default), fetch, introspection, admin "
-        "or approval",
+        custom_error_message="kind must be exchange (the default), fetch, introspection, admin, "
+        "approval or id_jag",
     ),
 ]
 

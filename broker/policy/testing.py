@@ -9,6 +9,10 @@ A ``fetch`` test names a gateway, a credential and the shape of the agent token 
 audiences; an ``admin`` test an admin client and a permission. They run the very functions the
 broker runs (`broker.policy.access`) and expect ``allowed`` or ``denied`` (with a reason).
 
+An ``id_jag`` test names an ID-JAG request (person, chain, scopes, an authorization server of
+the policy by name and one of its resources) and expects the ID-JAG's scopes or a denial, as
+`broker.policy.id_jag.decide_id_jag` decides at the token exchange.
+
 An ``approval`` test names a request for approval (person, chain, scopes, as for an exchange)
 and an approver (with their own groups and IdP roles) and expects them ``eligible`` to approve
 it or ``refused`` (with a reason), as the approvals service decides (`broker.policy.approvals`).
@@ -27,11 +31,13 @@ from broker.policy.access import (
 )
 from broker.policy.approvals import may_approve
 from broker.policy.engine import Decision, ExchangeRequest, ParentGrant, Person, Policy, decide
+from broker.policy.id_jag import IdJagDecision, decide_id_jag
 from broker.policy.model import (
     AdminTestCase,
     AnyPolicyTestCase,
     ApprovalTestCase,
     FetchTestCase,
+    IdJagTestCase,
     IntrospectionTestCase,
     PolicyTestCase,
 )
@@ -188,9 +194,70 @@ def _judge_approval(policy: Policy, file: str, case: ApprovalTestCase) -> Policy
     return PolicyTestResult(file, case, True, got)
 
 
+SELF_ISSUER = "self"
+"""What a policy test uses as this broker's issuer (``issuer: self`` servers)."""
+
+
+def id_jag_verdict(policy: Policy, case: IdJagTestCase) -> IdJagDecision:
+    """The ID-JAG decision for a test case: the chain's earlier hops exchange for the resource,
+    the last agent asks for the ID-JAG."""
+    person = named_person(case.person, case.groups, case.idp_roles)
+    scopes = tuple(case.scope) if case.scope is not None else None
+    server = policy.authorization_servers.get(case.authorization_server)
+    audience = server.issuer if server is not None else case.authorization_server
+    parent: ParentGrant | None = None
+    if len(case.agents) > 1:
+        hops = decide_chain(policy, person, list(case.agents[:-1]), scopes, (case.resource,))
+        if not hops.allowed:
+            return IdJagDecision(False, hops.error, str(hops.reason), hops.description)
+        parent = ParentGrant(hops.actor_chain, frozenset(hops.scopes), hops.audiences)
+    return decide_id_jag(
+        policy,
+        ExchangeRequest(
+            person=person, agent=case.agents[-1], scopes=scopes, audiences=(), parent=parent
+        ),
+        audience=audience,
+        resource=case.resource,
+        own_issuer=SELF_ISSUER,
+    )
+
+
+def _judge_id_jag(policy: Policy, file: str, case: IdJagTestCase) -> PolicyTestResult:
+    verdict = id_jag_verdict(policy, case)
+    granted = verdict.decision.scopes if verdict.allowed and verdict.decision else ()
+    if case.expect_granted is not None:
+        if not verdict.allowed:
+            detail = (
+                f"expected an ID-JAG for {case.expect_granted}, "
+                f"got {verdict.error}: {verdict.description}"
+            )
+            return PolicyTestResult(file, case, False, detail)
+        if sorted(granted) != sorted(case.expect_granted):
+            detail = f"expected {sorted(case.expect_granted)}, granted {sorted(granted)}"
+            return PolicyTestResult(file, case, False, detail)
+        return PolicyTestResult(file, case, True, "ID-JAG for " + " ".join(granted))
+    if verdict.allowed:
+        detail = f"expected {case.expect_error}, but granted {' '.join(granted)}"
+        return PolicyTestResult(file, case, False, detail)
+    if verdict.error != case.expect_error:
+        detail = f"expected {case.expect_error}, got {verdict.error}: {verdict.description}"
+        return PolicyTestResult(file, case, False, detail)
+    reasons = {verdict.reason}
+    if verdict.decision is not None:
+        reasons |= {str(r) for r in verdict.decision.reasons} | {
+            str(r) for v in verdict.decision.scope_verdicts for r in v.reasons
+        }
+    if case.expect_reason is not None and case.expect_reason not in reasons:
+        detail = f"expected reason {case.expect_reason}, got {sorted(reasons)}"
+        return PolicyTestResult(file, case, False, detail)
+    return PolicyTestResult(file, case, True, f"denied {verdict.error}: {verdict.reason}")
+
+
 def run_case(policy: Policy, file: str, case: AnyPolicyTestCase) -> PolicyTestResult:
     if isinstance(case, ApprovalTestCase):
         return _judge_approval(policy, file, case)
+    if isinstance(case, IdJagTestCase):
+        return _judge_id_jag(policy, file, case)
     if not isinstance(case, PolicyTestCase):
         return _judge_access(file, case, access_decision(policy, case))
     decision = decide_chain(
