@@ -85,6 +85,13 @@ class KitError(Exception):
         headers.append(("Cache-Control", "no-store"))
         return headers
 
+    def header_map(self) -> dict[str, str]:
+        """`headers` as a dict (challenges comma-joined): for frameworks that take a dict."""
+        merged: dict[str, str] = {}
+        for name, value in self.headers:
+            merged[name] = f"{merged[name]}, {value}" if name in merged else value
+        return merged
+
     def body(self) -> bytes:
         """A JSON body naming the error (RFC 6750 leaves the body open; this mirrors RFC 6749)."""
         document = {"error": self.error or "unauthorized", "error_description": self.description}
