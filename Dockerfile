@@ -3,7 +3,7 @@
 # configuration, policies, signing keys and secret references are mounted at run time
 # (docker-compose.yml shows one way).
 
-# ---- build: wheels for the package and its dependencies (compilers stay in this stage) ----
+# ---- build: wheels for the package with its `server` extra (compilers stay in this stage) ----
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # python3-saml's xmlsec binding builds against libxmlsec1 where no binary wheel fits the platform.
@@ -16,7 +16,7 @@ COPY pyproject.toml README.md ./
 COPY broker ./broker
 COPY idp_adapters ./idp_adapters
 COPY secret_backends ./secret_backends
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels '.[server]'
 
 # ---- runtime ----
 FROM python:3.11-slim
@@ -27,7 +27,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libxml2 libxmlsec1 libxmlsec1-openssl \
  && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels agent-identity-broker
+    pip install --no-index --find-links /wheels 'agent-identity-broker[server]'
 # A fixed uid, so volumes prepared by the stack's init service can be handed to it.
 RUN groupadd --system --gid 10001 broker \
  && useradd --system --uid 10001 --gid broker --home-dir /var/lib/broker --shell /usr/sbin/nologin broker \

@@ -9,12 +9,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The broker server is the project with its `server` extra (the bare project is the light client
+# and resource-server kit); a change to pyproject.toml re-installs.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[server]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -99,7 +101,7 @@ test: install-test
 
 ## make bench: benchmarks with same-run baselines (the test and bench extras)
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[server,test,bench]'
 	touch $@ $(VENV)/.installed-test $(VENV)/.installed
 
 bench: $(VENV)/.installed-bench

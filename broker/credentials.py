@@ -20,10 +20,11 @@ decision record carries ``refresh_hint``, the ``rejected_version`` and the ``hin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from broker.audit import DecisionLog
+from broker.binding import TokenBinding
 from broker.cache import (
     CacheEvent,
     CachePolicy,
@@ -110,7 +111,9 @@ class CredentialService:
         clock: Clock,
         revocations: Revocations,
         state: StateStore,
+        binding: TokenBinding,
     ) -> None:
+        self._binding = binding
         self._revocations = revocations
         self._state = state
         self._verifier = verifier
@@ -142,10 +145,11 @@ class CredentialService:
         *,
         version: str | None,
         request_id: str,
+        dpop: Sequence[str] = (),
     ) -> dict[str, Any]:
         record: dict[str, Any] = {"request_id": request_id, "credential": name}
         try:
-            return await self._fetch(name, form, gateway, version, record)
+            return await self._fetch(name, form, gateway, version, record, dpop)
         except OAuthError as err:
             self._decisions.record(
                 "credential.fetch",
@@ -164,6 +168,7 @@ class CredentialService:
         client: AuthenticatedClient | None,
         version: str | None,
         record: dict[str, Any],
+        dpop: Sequence[str],
     ) -> dict[str, Any]:
         policy = self._policy()
         record["policy_version"] = policy.version
@@ -199,6 +204,19 @@ class CredentialService:
                 debug=exc.debug,
                 reason="agent_token_rejected",
             ) from None
+        if agent_token.jkt is not None:
+            # A bound token unlocks nothing without its agent's proof, made for this gateway.
+            record["jkt"] = agent_token.jkt
+            gateway_spec = policy.gateways.get(client.client_id)
+            await self._binding.presented(
+                dpop,
+                token=token,
+                jkt=agent_token.jkt,
+                gateway=client.client_id,
+                gateway_url=gateway_spec.url if gateway_spec is not None else None,
+                method=form.non_empty("dpop_method"),
+                hinted=rejected_version is not None,
+            )
         await check_not_revoked(self._revocations, agent_token, InvalidToken)
         agent = policy.agents.get(agent_token.client_id)
         if agent is not None:

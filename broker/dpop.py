@@ -129,8 +129,10 @@ def normalize_htu(url: str) -> str:
         port = parts.port
     except ValueError:
         raise InvalidDPoPProof("DPoP proof htu is not a valid URL") from None
-    netloc = host if port is None or (scheme, port) in {("https", 443), ("http", 80)} else (
-        f"{host}:{port}"
+    netloc = (
+        host
+        if port is None or (scheme, port) in {("https", 443), ("http", 80)}
+        else (f"{host}:{port}")
     )
     return urlunsplit((scheme, netloc, parts.path or "/", "", ""))
 
@@ -228,10 +230,15 @@ class DPoPVerifier:
         url_base: str | None = None,
         access_token: str | None = None,
         jkt: str | None = None,
+        check_nonce: bool = True,
+        replay_scope: str = "",
     ) -> DPoPProof:
         """Verify `proof` for a request: `method`, and `url` (exactly) or `url_base` (a path
         under it); with `access_token`, ``ath`` must be its hash; with `jkt`, the key must be
-        that one. Raises `InvalidDPoPProof` or `UseDPoPNonce`."""
+        that one. `check_nonce=False` for proofs made for another server (a gateway's, which
+        forwards them): this server's nonces are not theirs. `replay_scope` separates the
+        single-use records of distinct uses of one proof a caller may make (a gateway's second
+        fetch with a rejected-version hint). Raises `InvalidDPoPProof` or `UseDPoPNonce`."""
         try:
             header, claims, signing_input, signature = split_jws(proof, max_bytes=MAX_PROOF_BYTES)
         except TokenRejected as exc:
@@ -243,9 +250,7 @@ class DPoPVerifier:
             raise InvalidDPoPProof("DPoP proof typ must be dpop+jwt")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms or alg not in KEY_REQUIREMENTS:
-            raise InvalidDPoPProof(
-                "DPoP proof alg must be one of " + " ".join(self.algorithms)
-            )
+            raise InvalidDPoPProof("DPoP proof alg must be one of " + " ".join(self.algorithms))
         if "crit" in header:
             raise InvalidDPoPProof("DPoP proof uses critical header extensions")
         jwk = header.get("jwk")
@@ -283,7 +288,7 @@ class DPoPVerifier:
             raise InvalidDPoPProof("DPoP proof iat is in the future")
         if iat < now - self._max_age:
             raise InvalidDPoPProof(f"DPoP proof is older than {self._max_age} seconds")
-        if self._nonces is not None and not self._nonces.valid(claims.get("nonce")):
+        if check_nonce and self._nonces is not None and not self._nonces.valid(claims.get("nonce")):
             raise UseDPoPNonce(
                 "DPoP proof must carry the server's nonce", nonce=self._nonces.current()
             )
@@ -298,7 +303,9 @@ class DPoPVerifier:
         thumbprint = jwk_thumbprint(jwk)
         if jkt is not None and not hmac.compare_digest(thumbprint, jkt):
             raise InvalidDPoPProof("DPoP proof is not signed by the key the token is bound to")
-        replay_key = self._prefix + b64url(hashlib.sha256(f"{thumbprint}.{jti}".encode()).digest())
+        replay_key = self._prefix + b64url(
+            hashlib.sha256(f"{thumbprint}.{jti}.{replay_scope}".encode()).digest()
+        )
         if not await self._replay.use_once(replay_key, self._max_age + self._skew + 1):
             raise InvalidDPoPProof("DPoP proof jti has been used before")
         return DPoPProof(jkt=thumbprint, jti=jti, htm=htm, htu=htu, iat=int(iat))

@@ -24,6 +24,9 @@ Hierarchy::
         ├── ApprovalDeniedError          400 access_denied (CIBA §11: at the token endpoint)
         ├── InvalidAuthorizationDetails  400 invalid_authorization_details (RFC 9396)
         ├── InvalidBindingMessage        400 invalid_binding_message (CIBA §13)
+        ├── InvalidDPoPProof             400 invalid_dpop_proof (RFC 9449 §5, token endpoint)
+        │   └── DPoPProofRefused         401 invalid_dpop_proof (RFC 9449 §7.1, + WWW-Authenticate)
+        ├── UseDPoPNonce                 400 use_dpop_nonce (RFC 9449 §8, + DPoP-Nonce)
         ├── InvalidToken                 401 invalid_token (RFC 6750, presented agent token)
         ├── InsufficientScope            403 insufficient_scope (RFC 6750)
         ├── NotFound                     404 not_found
@@ -155,6 +158,33 @@ class InvalidTarget(OAuthError):
 class AccessDenied(OAuthError):
     error = "access_denied"
     status_code = 403
+
+
+class InvalidDPoPProof(OAuthError):
+    """A DPoP proof is missing where it is required, malformed, or proves the wrong thing."""
+
+    error = "invalid_dpop_proof"
+
+
+class DPoPProofRefused(InvalidDPoPProof):
+    """The agent's DPoP proof for a bound token presented to a resource (the credential
+    endpoint): 401 with a ``DPoP`` challenge."""
+
+    status_code = 401
+
+    def __init__(self, description: str, **kwargs: object) -> None:
+        super().__init__(description, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("WWW-Authenticate", 'DPoP error="invalid_dpop_proof"')
+
+
+class UseDPoPNonce(OAuthError):
+    """The server wants its nonce in the DPoP proof: retry with the ``DPoP-Nonce`` given."""
+
+    error = "use_dpop_nonce"
+
+    def __init__(self, description: str, *, nonce: str, **kwargs: object) -> None:
+        super().__init__(description, **kwargs)  # type: ignore[arg-type]
+        self.headers["DPoP-Nonce"] = nonce
 
 
 class InvalidToken(OAuthError):

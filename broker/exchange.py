@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from opentelemetry.trace import Tracer
 
 from broker.audit import DecisionLog
+from broker.binding import TokenBinding
 from broker.client_auth import AuthenticatedClient, WorkloadActorResolver
 from broker.clock import Clock
+from broker.dpop import DPoPProof
 from broker.errors import (
     InvalidClient,
     InvalidGrant,
@@ -43,6 +45,9 @@ from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier, TokenIssuer, TokenTooLarge
 from broker.tracing import SilentTracer
 from broker.types import BrokerToken, IssuedToken, Provenance, Sensitive, TokenType
+
+if TYPE_CHECKING:
+    from broker.id_jag import IdJagIssuance
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwt_verify import unverified_claims
 from idp_adapters.registry import IdentityRoutes
@@ -53,7 +58,7 @@ REPEATABLE_PARAMETERS = frozenset({"audience", "resource"})
 SUBJECT_TOKEN_TYPES = frozenset(
     {TokenType.ACCESS_TOKEN, TokenType.ID_TOKEN, TokenType.JWT, TokenType.SAML2}
 )
-ISSUABLE_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.JWT})
+ISSUABLE_TOKEN_TYPES = frozenset({TokenType.ACCESS_TOKEN, TokenType.JWT, TokenType.ID_JAG})
 DEFAULT_MAX_SUBJECT_TOKEN_BYTES = 16384
 
 DECISION_ERRORS: Mapping[str, type[OAuthError]] = {
@@ -247,9 +252,15 @@ class TokenExchangeGrant:
         revocations: Revocations,
         state: StateStore,
         issuer_url: str,
+        binding: TokenBinding,
+        token_endpoint: str,
+        id_jags: IdJagIssuance | None = None,
         tracer: Tracer | SilentTracer | None = None,
     ) -> None:
         self._tracer = tracer or SilentTracer()
+        self._binding = binding
+        self._token_endpoint = token_endpoint
+        self._id_jags = id_jags
         # Where an agent asks for what needs approval (OpenID CIBA), named in the refusal.
         self._approval_endpoint = issuer_url.rstrip("/") + "/oauth2/bc-authorize"
         self._revocations = revocations
@@ -284,11 +295,16 @@ class TokenExchangeGrant:
         return actor
 
     async def handle(
-        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+        self,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        *,
+        request_id: str,
+        dpop: DPoPProof | None = None,
     ) -> dict[str, Any]:
         requested: dict[str, Any] = {"request_id": request_id}
         try:
-            return await self._handle(form, client, requested)
+            return await self._handle(form, client, requested, dpop)
         except OAuthError as err:
             record_denial(self._decisions, "token.exchange", err, requested)
             raise
@@ -300,6 +316,7 @@ class TokenExchangeGrant:
         record: dict[str, Any],
         *,
         rate_limit: str = "exchange",
+        endpoint_url: str | None = None,
     ) -> Prepared:
         """Everything before the decision, shared with the CIBA endpoint (which presents the
         subject the same way): parse the request, resolve the agent, count its rate, verify
@@ -352,6 +369,11 @@ class TokenExchangeGrant:
             provenance=provenance.to_claim(),
             parent_jti=parent.jti if parent else None,
         )
+        if parent is not None and parent.jkt is not None:
+            # A bound parent token is accepted only with a proof by its key.
+            await self._binding.subject(
+                form, subject_token, parent.jkt, url=endpoint_url or self._token_endpoint
+            )
         # One state round trip: the parent token, the person, every agent of the chain and
         # the asking agent (and what its credential was issued at) against revocations.
         await check_exchange_allowed(
@@ -377,27 +399,32 @@ class TokenExchangeGrant:
     def exchange_request(
         self, prepared: Prepared, *, for_approval: bool = False
     ) -> ExchangeRequest:
-        """The policy question for a prepared request (a re-exchange keeps what the parent
-        token's approval covered: it only narrows)."""
-        parent = prepared.parent
-        return ExchangeRequest(
-            person=prepared.person,
-            agent=prepared.actor.client_id,
-            scopes=prepared.scopes,
-            audiences=prepared.targets,
-            parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
-            if parent
-            else None,
-            approved=approved_in(parent.claims) if parent else frozenset(),
-            for_approval=for_approval,
-        )
+        """The policy question for a prepared request (`policy_question`)."""
+        return policy_question(prepared, for_approval=for_approval)
 
     async def _handle(
-        self, form: OAuthForm, client: AuthenticatedClient | None, record: dict[str, Any]
+        self,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        record: dict[str, Any],
+        dpop: DPoPProof | None,
     ) -> dict[str, Any]:
         prepared = await self.prepare(form, client, record)
         policy, actor, parent = prepared.policy, prepared.actor, prepared.parent
         provenance, issued_type = prepared.provenance, prepared.issued_type
+        agent = policy.agents.get(actor.client_id)
+        TokenBinding.require(
+            actor.client_id,
+            agent is not None and agent.spec.dpop == "required",
+            dpop,
+            parent_bound=parent is not None and parent.jkt is not None,
+        )
+        if dpop is not None:
+            record["jkt"] = dpop.jkt
+        if issued_type is TokenType.ID_JAG:
+            if self._id_jags is None:
+                raise InvalidRequest("this broker does not issue ID-JAGs")
+            return await self._id_jags.issue(form, prepared, record, dpop)
 
         with self._tracer.start_as_current_span("policy decision") as span:
             decision = decide(policy, self.exchange_request(prepared))
@@ -405,12 +432,7 @@ class TokenExchangeGrant:
             span.set_attribute("broker.policy_version", decision.policy_version)
         record["agent_chain"] = list(decision.actor_chain)
         if not decision.allowed:
-            description = decision.description
-            if decision.reason == Reason.APPROVAL_REQUIRED:
-                description += f"; request it with OpenID CIBA at POST {self._approval_endpoint}"
-            raise DECISION_ERRORS[decision.error or "invalid_grant"](
-                description, reason=decision.reason
-            )
+            raise refuse(decision, self._approval_endpoint)
 
         lifetime = self._lifetime(decision, provenance, parent)
         with self._tracer.start_as_current_span("issue token"):
@@ -425,6 +447,7 @@ class TokenExchangeGrant:
                 parent_jti=parent.jti if parent else None,
                 lineage=parent.lineage if parent else (),
                 approval=inherited_approval(parent, decision.scopes) if parent else None,
+                jkt=dpop.jkt if dpop else None,
             )
         self._decisions.record(
             "token.exchange",
@@ -439,7 +462,7 @@ class TokenExchangeGrant:
         return {
             "access_token": issued.token,
             "issued_token_type": str(issued_type),
-            "token_type": "Bearer",
+            "token_type": "DPoP" if dpop else "Bearer",
             "expires_in": lifetime,
             "scope": " ".join(decision.scopes),
         }
@@ -458,6 +481,31 @@ class TokenExchangeGrant:
             provenance.session_expires_at,
             parent.expires_at if parent is not None else None,
         )
+
+
+def policy_question(prepared: Prepared, *, for_approval: bool = False) -> ExchangeRequest:
+    """The policy question for a prepared request (a re-exchange keeps what the parent token's
+    approval covered: it only narrows)."""
+    parent = prepared.parent
+    return ExchangeRequest(
+        person=prepared.person,
+        agent=prepared.actor.client_id,
+        scopes=prepared.scopes,
+        audiences=prepared.targets,
+        parent=ParentGrant(parent.actor_chain, parent.scopes, parent.audiences)
+        if parent
+        else None,
+        approved=approved_in(parent.claims) if parent else frozenset(),
+        for_approval=for_approval,
+    )
+
+
+def refuse(decision: Decision, approval_endpoint: str) -> OAuthError:
+    """A refused decision in the protocol's terms (naming where to ask for approval)."""
+    description = decision.description
+    if decision.reason == Reason.APPROVAL_REQUIRED:
+        description += f"; request it with OpenID CIBA at POST {approval_endpoint}"
+    return DECISION_ERRORS[decision.error or "invalid_grant"](description, reason=decision.reason)
 
 
 def record_denial(

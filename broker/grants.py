@@ -1,6 +1,6 @@
 """The token endpoint, composed of grant handlers (RFC 6749 §4, §5).
 
-Each grant (token exchange, CIBA, and later jwt-bearer) is a small class with its own
+Each grant (token exchange, CIBA, jwt-bearer with an ID-JAG) is a small class with its own
 collaborators; `TokenEndpoint` only reads ``grant_type`` and dispatches. A new grant is a new
 handler registered in `broker.services.build_services`, not a new branch in a route.
 """
@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from broker.client_auth import AuthenticatedClient
+from broker.dpop import DPoPProof
 from broker.errors import InvalidRequest, UnsupportedGrantType
 from broker.oauth_request import OAuthForm
 
@@ -24,9 +25,15 @@ class GrantHandler(Protocol):
     """Form parameters it accepts more than once (e.g. ``audience``, ``resource``)."""
 
     async def handle(
-        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+        self,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        *,
+        request_id: str,
+        dpop: DPoPProof | None = None,
     ) -> dict[str, Any]:
-        """The token response body, or raise an `OAuthError` (recorded by the handler)."""
+        """The token response body, or raise an `OAuthError` (recorded by the handler).
+        `dpop`: the request's verified DPoP proof, whose key the issued token is bound to."""
         ...
 
 
@@ -47,7 +54,12 @@ class TokenEndpoint:
         return frozenset().union(*(g.repeatable for g in self._grants.values()))
 
     async def handle(
-        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+        self,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        *,
+        request_id: str,
+        dpop: DPoPProof | None = None,
     ) -> dict[str, Any]:
         grant_type = form.non_empty("grant_type")
         if grant_type is None:
@@ -55,4 +67,4 @@ class TokenEndpoint:
         grant = self._grants.get(grant_type)
         if grant is None:
             raise UnsupportedGrantType(f"supported grant types: {self._supported}")
-        return await grant.handle(form, client, request_id=request_id)
+        return await grant.handle(form, client, request_id=request_id, dpop=dpop)

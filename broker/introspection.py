@@ -41,6 +41,7 @@ _EXPOSED_CLAIMS = (
     "policy_version",
     "parent_jti",
     "approval",
+    "cnf",  # RFC 9449 §6.2: the key a DPoP-bound token is bound to
 )
 
 
@@ -140,7 +141,10 @@ class Introspection:
             client_id=client.client_id,
             request_id=request_id,
         )
-        response: dict[str, Any] = {"active": True, "token_type": "Bearer"}
+        response: dict[str, Any] = {
+            "active": True,
+            "token_type": "DPoP" if verified.jkt else "Bearer",
+        }
         response.update({k: verified.claims[k] for k in _EXPOSED_CLAIMS if k in verified.claims})
         response["scope"] = " ".join(scopes)
         return response

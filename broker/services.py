@@ -7,7 +7,9 @@ only routes requests to them.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,13 +26,16 @@ from broker.audit import (
     build_sinks,
     keeps_trail,
 )
+from broker.binding import TokenBinding
 from broker.cache import CredentialCache
 from broker.client_auth import ClientAuthenticator, FailedAuthThrottle, WorkloadActorResolver
 from broker.client_secrets import BoundedSecretVerifier
 from broker.clock import Clock, SystemClock
 from broker.credentials import CredentialService, record_cache_event
+from broker.dpop import DPoPNonces, DPoPVerifier
 from broker.exchange import SubjectTokenVerifier, TokenExchangeGrant
 from broker.grants import GrantHandler
+from broker.id_jag import IdJagIssuance, JwtBearerGrant
 from broker.introspection import Introspection
 from broker.metrics import BrokerMetrics
 from broker.notify import Notifier, build_channels
@@ -48,7 +53,10 @@ from idp_adapters.registry import (
     build_identity_adapters,
     build_workload_verifiers,
 )
+from secret_backends.config import resolve_secret_reference
 from secret_backends.registry import build_secret_backends
+
+log = logging.getLogger("broker")
 
 
 @dataclass
@@ -80,6 +88,8 @@ class BrokerServices:
     """OpenID CIBA's backchannel authentication endpoint (opens approval requests)."""
     grants: Mapping[str, GrantHandler]
     """The token endpoint's grant handlers by ``grant_type``."""
+    binding: TokenBinding
+    """Where DPoP proofs are asked for and checked (token endpoint, credential fetch)."""
     identities: IdentityRoutes = field(default_factory=IdentityRoutes)
     """People's identity adapters by exact issuer (approvers' sign-in and API tokens)."""
 
@@ -107,6 +117,23 @@ def acceptance_window(settings: BrokerSettings) -> int:
         SSO_HORIZON_SECONDS,
     )
     return lifetime + max(leeways)
+
+
+def dpop_nonces(settings: BrokerSettings, clock: Clock) -> DPoPNonces | None:
+    """Server-provided DPoP nonces when the configuration asks for them: from the shared
+    ``dpop.nonce_secret_ref``, else a key of this process (logged: not across replicas)."""
+    config = settings.dpop
+    if not config.require_nonce:
+        return None
+    if config.nonce_secret_ref:
+        secret = resolve_secret_reference(config.nonce_secret_ref).reveal().encode()
+    else:
+        log.warning(
+            "dpop.nonce_secret_ref is not set: DPoP nonces are derived from a key generated for "
+            "this process (a nonce from one replica is refused by another)"
+        )
+        secret = secrets.token_bytes(32)
+    return DPoPNonces(secret, window_seconds=config.nonce_window_seconds, clock=clock)
 
 
 def build_services(
@@ -196,6 +223,17 @@ def build_services(
     exchange_issuer = TokenIssuer(
         keyring, settings.issuer, clock, max_bytes=broker_tokens.max_bytes
     )
+    binding = TokenBinding(
+        DPoPVerifier(
+            clock=clock,
+            replay=state,
+            algorithms=settings.dpop.algorithms,
+            max_age_seconds=settings.dpop.max_age_seconds,
+            future_skew_seconds=settings.dpop.future_skew_seconds,
+            nonces=dpop_nonces(settings, clock),
+        ),
+        token_endpoint=settings.token_endpoint,
+    )
     exchange = TokenExchangeGrant(
         subjects=SubjectTokenVerifier(
             adapters,
@@ -212,7 +250,32 @@ def build_services(
         revocations=revocations,
         state=state,
         issuer_url=settings.issuer,
+        binding=binding,
+        token_endpoint=settings.token_endpoint,
+        id_jags=IdJagIssuance(
+            issuer=exchange_issuer,
+            decisions=decisions,
+            clock=clock,
+            own_issuer=settings.issuer,
+            config=settings.id_jag,
+            max_lifetime_seconds=tokens.max_lifetime_seconds,
+        ),
         tracer=tracing.tracer,
+    )
+    jwt_bearer = JwtBearerGrant(
+        config=settings.id_jag,
+        keyring=keyring,
+        own_algorithms=tuple(sorted(SUPPORTED_JWS_ALGORITHMS)),
+        http=http,
+        policy=policies.current,
+        issuer=exchange_issuer,
+        decisions=decisions,
+        clock=clock,
+        state=state,
+        revocations=revocations,
+        own_issuer=settings.issuer,
+        max_lifetime_seconds=tokens.max_lifetime_seconds,
+        leeway_seconds=tokens.leeway_seconds,
     )
     introspection = Introspection(
         verifier=broker_tokens,
@@ -237,6 +300,7 @@ def build_services(
         clock=clock,
         revocations=revocations,
         state=state,
+        binding=binding,
     )
     notifier = Notifier(
         build_channels(settings.notifications.channels, http),
@@ -296,7 +360,12 @@ def build_services(
         backchannel=BackchannelAuthentication(
             exchange=exchange, approvals=approvals, decisions=decisions, policy=policies.current
         ),
-        grants={exchange.grant_type: exchange, ciba.grant_type: ciba},
+        grants={
+            exchange.grant_type: exchange,
+            ciba.grant_type: ciba,
+            jwt_bearer.grant_type: jwt_bearer,
+        },
+        binding=binding,
         identities=adapters,
         readiness=Readiness(
             policies=policies,

@@ -284,6 +284,60 @@ class ApprovalsConfig(_Strict):
         return self
 
 
+class DPoPConfig(_Strict):
+    """DPoP (RFC 9449): how proofs are checked. Bearer stays the default; an agent's policy
+    entry can require DPoP (``dpop: required``). See README, "DPoP"."""
+
+    algorithms: list[Literal["ES256", "ES384", "ES512", "PS256", "RS256", "EdDSA"]] = Field(
+        default_factory=lambda: ["ES256", "ES384", "ES512", "PS256", "RS256", "EdDSA"],
+        min_length=1,
+        description="Proof algorithms accepted (asymmetric only).",
+    )
+    max_age_seconds: int = Field(
+        60, ge=5, le=600, description="How old a proof's iat may be (its jti is kept as long)."
+    )
+    future_skew_seconds: int = Field(5, ge=0, le=60)
+    require_nonce: bool = Field(
+        False,
+        description="Every proof must carry a nonce this broker issued (answered with "
+        "use_dpop_nonce and a DPoP-Nonce header).",
+    )
+    nonce_secret_ref: SecretReference | None = Field(
+        None,
+        description="env:NAME or file:/path: the key nonces are derived from, shared by every "
+        "replica. Unset: one per process (nonces then do not span replicas).",
+    )
+    nonce_window_seconds: int = Field(300, ge=30, le=3600)
+
+
+class IdJagIssuerConfig(_Strict):
+    """An enterprise IdP whose Identity Assertion JWT Authorization Grants (ID-JAG) the
+    jwt-bearer grant accepts, besides the broker's own."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="The person's idp.")
+    issuer: str
+    jwks_uri: str
+    algorithms: list[str] = Field(default_factory=lambda: ["ES256", "RS256", "PS256", "EdDSA"])
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        require_https_unless_loopback(value)
+        return value
+
+
+class IdJagConfig(_Strict):
+    """Enterprise-managed authorization (ID-JAG): as the enterprise's token service, the
+    broker issues ID-JAGs for authorization servers registered in the policy; as an MCP
+    server's authorization server it redeems them (jwt-bearer). See README, "ID-JAG"."""
+
+    lifetime_seconds: int = Field(300, ge=10, le=3600, description="Of the ID-JAGs issued.")
+    accept_own: bool = Field(
+        True, description="The jwt-bearer grant accepts ID-JAGs this broker issued."
+    )
+    trusted_issuers: list[IdJagIssuerConfig] = Field(default_factory=list)
+
+
 class DevOpenBaoConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8200, ge=1, le=65535)
@@ -509,6 +563,8 @@ class BrokerSettings(BaseSettings):
     dev_idp: DevIdpConfig = DevIdpConfig()
     dev_openbao: DevOpenBaoConfig = DevOpenBaoConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
+    dpop: DPoPConfig = DPoPConfig()
+    id_jag: IdJagConfig = IdJagConfig()
     state: StateConfig = StateConfig()
     audit: AuditConfig = AuditConfig()
     notifications: NotificationSettings = NotificationSettings()

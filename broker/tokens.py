@@ -25,11 +25,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from broker.clock import Clock
+from broker.dpop import cnf_jkt
 from broker.types import BrokerToken, IssuedToken, Provenance
 from idp_adapters.base import TokenRejected
 from idp_adapters.jwt_verify import verify_jwt
 
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
+ID_JAG_TYP = "oauth-id-jag+jwt"
+"""The ``typ`` of an Identity Assertion JWT Authorization Grant: never accepted as a token."""
 NOT_ISSUED_HERE = (
     "token is not an agent token issued by this broker (a person's identity provider token, "
     "say): exchange it for one at the token endpoint first"
@@ -306,6 +309,7 @@ class TokenIssuer:
         parent_jti: str | None,
         lineage: tuple[str, ...] = (),
         approval: Mapping[str, Any] | None = None,
+        jkt: str | None = None,
     ) -> IssuedToken:
         now = int(self._clock.now())
         jti = secrets.token_urlsafe(18)
@@ -330,6 +334,8 @@ class TokenIssuer:
             claims["lineage"] = [*lineage, parent_jti]
         if approval is not None:
             claims["approval"] = dict(approval)
+        if jkt is not None:
+            claims["cnf"] = {"jkt": jkt}  # RFC 9449 §6: bound to the agent's DPoP key
         key = self._keyring.active
         token = jwt.encode(
             claims,
@@ -345,6 +351,63 @@ class TokenIssuer:
             expires_in=lifetime_seconds,
             scopes=scopes,
             audiences=audiences,
+            claims=claims,
+        )
+
+
+    def issue_id_jag(
+        self,
+        *,
+        provenance: Provenance,
+        client_id: str,
+        actor_chain: tuple[str, ...],
+        scopes: tuple[str, ...],
+        audience: str,
+        resource: str,
+        lifetime_seconds: int,
+        policy_version: str,
+        jkt: str | None = None,
+    ) -> IssuedToken:
+        """An Identity Assertion JWT Authorization Grant (draft-ietf-oauth-identity-assertion-
+        authz-grant §3.1) for the authorization server `audience`: ``typ`` oauth-id-jag+jwt, the
+        person as ``sub``, the client as known there, the resource and scopes granted, the agent
+        chain in ``act`` and the person's provenance (what this broker's own jwt-bearer grant
+        rebuilds the person from)."""
+        now = int(self._clock.now())
+        jti = secrets.token_urlsafe(18)
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "sub": provenance.person_id,
+            "aud": audience,
+            "client_id": client_id,
+            "jti": jti,
+            "iat": now,
+            "exp": now + lifetime_seconds,
+            "resource": resource,
+            "scope": " ".join(scopes),
+            "act": _nest_act(actor_chain),
+            "provenance": provenance.to_claim(),
+            "policy_version": policy_version,
+        }
+        if provenance.auth_time is not None:
+            claims["auth_time"] = provenance.auth_time
+        if jkt is not None:
+            claims["cnf"] = {"jkt": jkt}
+        key = self._keyring.active
+        token = jwt.encode(
+            claims,
+            key.private_key,
+            algorithm=key.algorithm,
+            headers={"kid": key.kid, "typ": ID_JAG_TYP},
+        )
+        if len(token) > self._max_bytes:
+            raise TokenTooLarge(len(token), self._max_bytes)
+        return IssuedToken(
+            jti=jti,
+            token=token,
+            expires_in=lifetime_seconds,
+            scopes=scopes,
+            audiences=(audience,),
             claims=claims,
         )
 
@@ -443,6 +506,7 @@ class BrokerTokenVerifier:
                 raise ValueError("jti is empty")
             if "approval" in claims:
                 check_approval_claim(claims["approval"])
+            jkt = cnf_jkt(claims)
             broker_token = BrokerToken(
                 jti=claims["jti"],
                 subject=str(claims["sub"]),
@@ -457,6 +521,7 @@ class BrokerTokenVerifier:
                 parent_jti=claims.get("parent_jti"),
                 claims=claims,
                 lineage=_lineage(claims),
+                jkt=jkt,
             )
             return broker_token, str(verified.header["kid"])
         except (KeyError, ValueError, TypeError) as exc:

@@ -15,6 +15,8 @@ class TokenType(enum.StrEnum):
     ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"  # noqa: S105
     JWT = "urn:ietf:params:oauth:token-type:jwt"
     SAML2 = "urn:ietf:params:oauth:token-type:saml2"
+    ID_JAG = "urn:ietf:params:oauth:token-type:id-jag"
+    """An Identity Assertion JWT Authorization Grant (draft-ietf-oauth-identity-assertion-authz)."""
     REFRESH_TOKEN = "urn:ietf:params:oauth:token-type:refresh_token"  # noqa: S105
 
 
@@ -162,6 +164,8 @@ class BrokerToken:
     claims: Mapping[str, object]
     lineage: tuple[str, ...] = ()
     """The ``jti`` of every ancestor token, root first (so revoking one reaches all below it)."""
+    jkt: str | None = None
+    """The key the token is bound to (DPoP ``cnf.jkt``), or None for a bearer token."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,10 @@ from broker.approvals.errors import SlowDown as PollTooSoon
 from broker.approvals.model import ApprovalRecord, Delivery, ParentRef
 from broker.approvals.service import ApprovalService
 from broker.audit import DecisionLog, recorded_request_var
+from broker.binding import TokenBinding
 from broker.client_auth import AuthenticatedClient
 from broker.clock import Clock
+from broker.dpop import DPoPProof
 from broker.errors import (
     ApprovalDeniedError,
     AuthorizationPending,
@@ -324,10 +326,22 @@ class CibaGrant:
         self._max_lifetime = max_lifetime_seconds
 
     async def handle(
-        self, form: OAuthForm, client: AuthenticatedClient | None, *, request_id: str
+        self,
+        form: OAuthForm,
+        client: AuthenticatedClient | None,
+        *,
+        request_id: str,
+        dpop: DPoPProof | None = None,
     ) -> dict[str, Any]:
         if client is None:
             raise InvalidClient("client authentication is required")
+        agent = self._policy().agents.get(client.client_id)
+        TokenBinding.require(
+            client.client_id,
+            agent is not None and agent.spec.dpop == "required",
+            dpop,
+            parent_bound=False,
+        )
         auth_req_id = form.non_empty("auth_req_id")
         if auth_req_id is None:
             raise InvalidRequest("auth_req_id is required")
@@ -362,10 +376,14 @@ class CibaGrant:
                 reason="state_unavailable",
                 headers={"Retry-After": "1"},
             ) from None
-        return await self._issue(approval, client, request_id)
+        return await self._issue(approval, client, request_id, dpop)
 
     async def _issue(
-        self, approval: ApprovalRecord, client: AuthenticatedClient, request_id: str
+        self,
+        approval: ApprovalRecord,
+        client: AuthenticatedClient,
+        request_id: str,
+        dpop: DPoPProof | None,
     ) -> dict[str, Any]:
         policy = self._policy()
         record: dict[str, Any] = {
@@ -443,6 +461,7 @@ class CibaGrant:
                 parent_jti=parent.jti if parent else None,
                 lineage=parent.lineage if parent else (),
                 approval=claim,
+                jkt=dpop.jkt if dpop else None,
             )
         except OAuthError as err:
             record_denial(self._decisions, "token.ciba", err, record)
@@ -456,13 +475,14 @@ class CibaGrant:
             approved_by=list(approval.approvers),
             jti=issued.jti,
             expires_in=lifetime,
+            jkt=dpop.jkt if dpop else None,
             **record,
         )
         self._approvals.record_redeemed(approval, issued.jti, request_id)
         return {
             "access_token": issued.token,
             "issued_token_type": str(TokenType.ACCESS_TOKEN),
-            "token_type": "Bearer",
+            "token_type": "DPoP" if dpop else "Bearer",
             "expires_in": lifetime,
             "scope": " ".join(decision.scopes),
         }

@@ -1,35 +1,35 @@
-"""The `broker` command: `serve`, `dev`, `healthcheck`, `policy ...`, `keys ...`, `token decode`,
-`audit ...`, `usage report`."""
+"""The `broker` console script. The commands live in `broker.cli.commands` and need the `server`
+extra; this module imports none of it, so that a light install (the client or the resource-server
+kit only) gets one line saying what to install instead of a traceback."""
 
 from __future__ import annotations
 
-import typer
+import sys
+from typing import Any
 
-from broker.cli.audit import audit_app, usage_app
-from broker.cli.healthcheck import healthcheck
-from broker.cli.keys import keys_app
-from broker.cli.policy import policy_app
-from broker.cli.serve import dev, serve
-from broker.cli.token import decode
+SERVER_EXTRA_HINT = "the broker server needs: pip install 'agent-identity-broker[server]'"
 
-app = typer.Typer(
-    name="broker",
-    help="Identity-delegation and secrets broker for AI agents.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command()(serve)
-app.command()(dev)
-app.command()(healthcheck)
-app.add_typer(policy_app, name="policy")
-app.add_typer(keys_app, name="keys")
-app.add_typer(audit_app, name="audit")
-app.add_typer(usage_app, name="usage")
-token_app = typer.Typer(help="Inspect tokens.", no_args_is_help=True)
-token_app.command("decode")(decode)
-app.add_typer(token_app, name="token")
+# A missing module of the project itself is a bug, not a missing extra: that one still raises.
+_OWN_PACKAGES = frozenset({"broker", "idp_adapters", "secret_backends"})
 
 
 def main() -> None:
-    app()
+    try:
+        from broker.cli.commands import app
+
+        app()
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").partition(".")[0]
+        if not missing or missing in _OWN_PACKAGES or missing in sys.stdlib_module_names:
+            raise
+        print(f"{SERVER_EXTRA_HINT} (missing module: {missing})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    # `from broker.cli import app` (the Typer application), imported only when asked for.
+    if name == "app":
+        from broker.cli.commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ def credential_routes(edge: Edge) -> Routes:
             client,
             version=request.query_params.get("version"),
             request_id=request_id,
+            dpop=request.headers.getlist("dpop"),
         )
 
     async def refresh_credential(

@@ -12,7 +12,9 @@ from broker.approvals.ciba import BC_AUTHORIZE_PATH
 from broker.client_auth import AuthenticatedClient
 from broker.endpoints.edge import Edge, GetRoute, PostRoute, Routes
 from broker.errors import InvalidClient
+from broker.exchange import ISSUABLE_TOKEN_TYPES
 from broker.grants import TokenEndpoint
+from broker.id_jag import JWT_BEARER_GRANT_TYPE, id_jag_metadata
 from broker.oauth_request import OAuthForm
 from broker.openapi import OPENAPI_PATH
 from broker.revocation import RevocationEndpoints
@@ -24,7 +26,7 @@ ASSERTION_ALGORITHMS = ["ES256", "RS256", "PS256", "EdDSA"]
 
 
 def authorization_server_metadata(
-    settings: BrokerSettings, grant_types: tuple[str, ...]
+    settings: BrokerSettings, grant_types: tuple[str, ...], dpop_algorithms: list[str]
 ) -> dict[str, Any]:
     """RFC 8414 metadata."""
     issuer = settings.issuer
@@ -47,12 +49,20 @@ def authorization_server_metadata(
         "backchannel_authentication_endpoint": f"{issuer}{BC_AUTHORIZE_PATH}",
         "backchannel_token_delivery_modes_supported": ["poll", "ping"],
         "backchannel_user_code_parameter_supported": False,
+        # RFC 9449 §5.1: DPoP proofs accepted on every grant (asymmetric algorithms only).
+        "dpop_signing_alg_values_supported": dpop_algorithms,
+        # RFC 8693 token types it issues, including ID-JAGs for registered authorization
+        # servers (draft-ietf-oauth-identity-assertion-authz-grant), which its jwt-bearer grant
+        # redeems (the ID-JAG grant profile, as MCP's SEP-990 discovers it).
+        "token_types_supported": [str(t) for t in sorted(ISSUABLE_TOKEN_TYPES)],
+        **(id_jag_metadata() if JWT_BEARER_GRANT_TYPE in grant_types else {}),
     }
 
 
 def oauth_routes(edge: Edge) -> Routes:
     services = edge.services
     token_endpoint = TokenEndpoint(services.grants)
+    binding = services.binding
     revocation = RevocationEndpoints(
         services.revocations, services.broker_tokens, services.policies.current
     )
@@ -60,9 +70,10 @@ def oauth_routes(edge: Edge) -> Routes:
     # Endpoints are plain Starlette routes (Request -> Response): FastAPI's dependency solving
     # is not needed here and costs measurable time per request on the hot path.
     async def token(
-        _: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
+        request: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
     ) -> dict:
-        return await token_endpoint.handle(form, client, request_id=request_id)
+        dpop = await binding.token_request(request.headers.getlist("dpop"))
+        return await token_endpoint.handle(form, client, request_id=request_id, dpop=dpop)
 
     async def introspect(
         _: Request, form: OAuthForm, client: AuthenticatedClient | None, request_id: str
@@ -76,7 +87,9 @@ def oauth_routes(edge: Edge) -> Routes:
     ) -> dict:
         return await revocation.revoke_presented(form, client, request_id=request_id)
 
-    metadata = authorization_server_metadata(edge.settings, token_endpoint.grant_types)
+    metadata = authorization_server_metadata(
+        edge.settings, token_endpoint.grant_types, binding.algorithms
+    )
 
     async def server_metadata(_: Request) -> JSONResponse:
         return JSONResponse(metadata)

@@ -20,7 +20,14 @@ from broker.policy.approvals import (
     CompiledApprovalRule,
     applicable_rules,
 )
-from broker.policy.model import Admin, Agent, Credential, Gateway, ResourceServer
+from broker.policy.model import (
+    Admin,
+    Agent,
+    AuthorizationServer,
+    Credential,
+    Gateway,
+    ResourceServer,
+)
 from broker.policy.permissions import EMPTY, PermissionSet, is_permission
 from broker.policy.selectors import Selectors
 from broker.types import Provenance, normalise_group
@@ -110,6 +117,18 @@ class Policy:
     """(idp, IdP role) -> broker roles: ``idp_role:`` bindings, apart from groups."""
     approval_rules: tuple[CompiledApprovalRule, ...] = ()
     """``approvals:`` rules in name order (empty: nothing ever needs approval)."""
+    authorization_servers: Mapping[str, AuthorizationServer] = field(default_factory=dict)
+    """Where agents may take ID-JAGs (enterprise-managed authorization), by name."""
+
+    def authorization_server(
+        self, issuer: str, own_issuer: str
+    ) -> tuple[str, AuthorizationServer] | None:
+        """The registered authorization server whose issuer is `issuer` (``self`` is this
+        broker, `own_issuer`), with its name."""
+        for name, server in self.authorization_servers.items():
+            if server.issuer == issuer or (server.issuer == "self" and issuer == own_issuer):
+                return name, server
+        return None
 
     def approval_rule(self, name: str) -> CompiledApprovalRule | None:
         return next((rule for rule in self.approval_rules if rule.name == name), None)

@@ -172,13 +172,14 @@ class _Merged:
     credentials: dict
     admins: dict
     approvals: dict
+    authorization_servers: dict
     limits: object
     origin: dict[str, str]
     files: list[str]
 
 
 def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> _Merged:
-    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, {}, None, {}, [])
+    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, {}, {}, None, {}, [])
     for name, doc in documents:
         merged.files.append(name)
         for section in (
@@ -189,6 +190,7 @@ def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> 
             "credentials",
             "admins",
             "approvals",
+            "authorization_servers",
         ):
             target = getattr(merged, section)
             for key, value in getattr(doc, section).items():
@@ -369,6 +371,22 @@ def _compile(
                 if credential_name not in merged.credentials:
                     problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
 
+    issuers_seen: dict[str, str] = {}
+    for name, server in merged.authorization_servers.items():
+        where = f"{merged.origin[f'authorization_servers.{name}']}: authorization_servers.{name}"
+        if server.issuer in issuers_seen:
+            problems.append(f"{where}.issuer: already the issuer of {issuers_seen[server.issuer]}")
+        issuers_seen[server.issuer] = name
+        for agent in [*server.agents, *server.client_ids]:
+            if agent not in merged.agents:
+                problems.append(f"{where}: unknown agent {agent!r}")
+        for resource in server.resources:
+            if not any(resource in spec.audiences for spec in merged.agents.values()):
+                warnings.append(
+                    f"{where}.resources: no agent lists {resource!r} in its audiences; no "
+                    "ID-JAG can be issued for it"
+                )
+
     approval_rules = _compile_approvals(
         merged, problems, warnings, selectors, everything_granted, known_notification_channels
     )
@@ -389,6 +407,7 @@ def _compile(
         files=tuple(merged.files),
         group_cost_centres=tuple(group_cost_centres.items()),
         approval_rules=approval_rules,
+        authorization_servers=dict(merged.authorization_servers),
     )
     return policy, warnings
 

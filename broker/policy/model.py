@@ -18,6 +18,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    field_validator,
     model_validator,
 )
 
@@ -301,6 +302,11 @@ class Agent(_Strict):
         description="How it receives the answer to an OpenID CIBA request for approval "
         "(default: it polls).",
     )
+    dpop: Literal["optional", "required"] = Field(
+        "optional",
+        description="required: every token it obtains is bound to its key (RFC 9449 DPoP); a "
+        "token request without a DPoP proof is refused. optional: bound when it sends a proof.",
+    )
 
     @model_validator(mode="after")
     def _authenticates_somehow(self) -> Agent:
@@ -345,6 +351,42 @@ class Gateway(ResourceServer):
     """A resource server that calls providers for agents and may receive `credentials`."""
 
     credentials: list[Name] = Field(default_factory=list)
+    url: str | None = Field(
+        None,
+        description="The URL agents call this gateway at: the DPoP proofs it forwards for "
+        "bound agent tokens must be made for it (or a path under it). Without it, a bound "
+        "token unlocks nothing through this gateway.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in {"https", "http"} or not parts.netloc or parts.query:
+                raise ValueError("url must be an absolute http(s) URL without a query")
+        return value
+
+
+class AuthorizationServer(_Strict):
+    """An authorization server of resources agents reach with enterprise-managed authorization
+    (an MCP server's, say): agents listed here may obtain Identity Assertion JWT Authorization
+    Grants (ID-JAG) for it, for the resources listed, within what the policy grants them."""
+
+    description: str = ""
+    issuer: str = Field(
+        min_length=1,
+        description="Its issuer identifier: the ID-JAG's aud, and the audience an agent names. "
+        "'self' is this broker (its jwt-bearer grant redeems the ID-JAG).",
+    )
+    resources: list[str] = Field(
+        min_length=1, description="Resources (e.g. MCP server URLs) it issues tokens for."
+    )
+    agents: list[Name] = Field(min_length=1, description="Who may obtain ID-JAGs for it.")
+    client_ids: dict[Name, str] = Field(
+        default_factory=dict,
+        description="How an agent is known as a client there (default: its name here).",
+    )
 
 
 AdminPermission = Literal["revocations:write", "policy:reload", "credentials:refresh"]
@@ -476,6 +518,11 @@ class PolicyDocument(_Strict):
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
     credentials: dict[Name, Credential] = Field(default_factory=dict)
     admins: dict[Name, Admin] = Field(default_factory=dict)
+    authorization_servers: dict[Name, AuthorizationServer] = Field(
+        default_factory=dict,
+        description="Authorization servers agents may obtain ID-JAGs for (enterprise-managed "
+        "authorization).",
+    )
     approvals: dict[Name, ApprovalRule] = Field(
         default_factory=dict,
         description="Approval rules by name: permissions that need a person's approval "

@@ -156,7 +156,9 @@ def test_check_strict_fails_on_warnings(policy_copy: Path) -> None:
 
 
 def test_check_as_installed_console_script(tmp_path: Path) -> None:
-    assert BROKER.exists(), "the project is not installed: run `pip install -e .` (make install)"
+    assert BROKER.exists(), (
+        "the project is not installed: run `pip install -e '.[server]'` (make install)"
+    )
     done = subprocess.run(
         [str(BROKER), "policy", "check"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )

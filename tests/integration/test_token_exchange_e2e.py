@@ -603,9 +603,18 @@ def test_metadata_and_jwks(broker: RunningBroker) -> None:
     assert metadata["issuer"] == broker.url
     assert metadata["token_endpoint"] == broker.token_endpoint
     assert metadata["grant_types_supported"] == [
+        "urn:ietf:params:oauth:grant-type:jwt-bearer",
         TOKEN_EXCHANGE,
         "urn:openid:params:grant-type:ciba",
     ]
+    # ID-JAG (enterprise-managed authorization): issued by the exchange, redeemed by jwt-bearer.
+    assert "urn:ietf:params:oauth:token-type:id-jag" in metadata["token_types_supported"]
+    assert metadata["authorization_grant_profiles_supported"] == [
+        "urn:ietf:params:oauth:grant-profile:id-jag"
+    ]
+    # DPoP: asymmetric algorithms only.
+    algs = metadata["dpop_signing_alg_values_supported"]
+    assert "ES256" in algs and not any(a.startswith("HS") or a == "none" for a in algs)
     assert metadata["backchannel_authentication_endpoint"] == f"{broker.url}/oauth2/bc-authorize"
     assert metadata["backchannel_token_delivery_modes_supported"] == ["poll", "ping"]
     assert "private_key_jwt" in metadata["token_endpoint_auth_methods_supported"]
