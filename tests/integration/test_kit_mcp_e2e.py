@@ -36,6 +36,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError
 
 from broker.client_secrets import generate_client_secret, hash_client_secret
+from broker.dpop import DPoPKey
 from broker.kit import ResourceServer
 from broker.kit.mcp import BrokerTokenVerifier, auth_settings, current_caller
 from broker.kit.starlette import BrokerAuth
@@ -172,6 +173,7 @@ def whoami_server(**kwargs: Any) -> MCPServer:
                 "agents": list(caller.agent_chain),
                 "client_id": caller.client_id,
                 "scopes": sorted(caller.scopes),
+                "jkt": caller.jkt,
             }
         )
 
@@ -267,6 +269,20 @@ def delegated_token(stack: Stack, audience: str) -> str:
     return response.json()["access_token"]
 
 
+def bound_token(stack: Stack, audience: str, key: DPoPKey) -> str:
+    """A token the broker binds to `key` (the agent's proof at the token endpoint)."""
+    response = httpx.post(
+        stack.broker.token_endpoint,
+        data=exchange_form(stack.idp.mint("alice"), audience=audience, scope="notes:read"),
+        auth=AGENT,
+        headers={"DPoP": key.proof("POST", stack.broker.token_endpoint)},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["token_type"] == "DPoP"
+    return response.json()["access_token"]
+
+
 def expired_token(stack: Stack, audience: str) -> str:
     stack.clock.offset = -600  # the broker (and the IdP) live ten minutes ago
     try:
@@ -275,9 +291,24 @@ def expired_token(stack: Stack, audience: str) -> str:
         stack.clock.offset = 0
 
 
-async def call_whoami(url: str, token: str) -> dict[str, Any]:
+class DPoPAuth(httpx2.Auth):
+    """Presents a bound token with a fresh proof for every request the MCP client makes."""
+
+    def __init__(self, token: str, key: DPoPKey, *, htu: str | None = None) -> None:
+        self.token, self.key, self.htu = token, key, htu
+
+    def auth_flow(self, request: httpx2.Request) -> Iterator[httpx2.Request]:
+        request.headers["Authorization"] = f"DPoP {self.token}"
+        request.headers["DPoP"] = self.key.proof(
+            request.method, self.htu or str(request.url), access_token=self.token
+        )
+        yield request
+
+
+async def call_whoami(url: str, token: str, auth: httpx2.Auth | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if auth is None else {}
     async with (
-        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=20) as http,
+        httpx2.AsyncClient(headers=headers, auth=auth, timeout=20) as http,
         streamable_http_client(url, http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
@@ -287,10 +318,10 @@ async def call_whoami(url: str, token: str) -> dict[str, Any]:
     return json.loads(result.content[0].text)  # type: ignore[union-attr]
 
 
-def sdk_client_refused(url: str, token: str) -> bool:
+def sdk_client_refused(url: str, token: str, auth: httpx2.Auth | None = None) -> bool:
     """Whether the SDK client's session fails with the MCP error a refused HTTP request becomes."""
     try:
-        anyio.run(call_whoami, url, token)
+        anyio.run(call_whoami, url, token, auth)
     except BaseExceptionGroup as group:
         leaves: list[BaseException] = []
         pending: list[BaseException] = [group]
@@ -344,6 +375,7 @@ def test_an_sdk_client_calls_a_tool_and_learns_the_person_and_agents(
         "agents": ["notes-helper", "notes-agent"],
         "client_id": "notes-helper",
         "scopes": ["notes:read"],
+        "jkt": None,
     }
 
 
@@ -430,3 +462,25 @@ def test_a_revoked_token_stops_working_once_the_cache_expires(
     fresh = agent_token(stack, url)
     httpx.post(f"{stack.broker.url}/oauth2/revoke", data={"token": fresh}, auth=AGENT, timeout=10)
     assert raw_initialize(url, fresh).status_code == 401
+
+
+def test_a_dpop_bound_token_reaches_the_tool_only_with_its_keys_proofs(
+    stack: Stack, servers: dict[str, RunningServer]
+) -> None:
+    url = stack.urls["middleware"]
+    key = DPoPKey()
+    token = bound_token(stack, url, key)
+    answer = anyio.run(call_whoami, url, token, DPoPAuth(token, key))
+    assert answer["person"] == "dev/alice" and answer["jkt"] == key.jkt
+    # Stolen without the key: as Bearer, or with proofs by another key, it is refused.
+    as_bearer = raw_initialize(url, token)
+    assert as_bearer.status_code == 401
+    assert as_bearer.headers["www-authenticate"].startswith('DPoP algs="')
+    assert params(as_bearer.headers["www-authenticate"])["error"] == "invalid_token"
+    assert sdk_client_refused(url, token, DPoPAuth(token, DPoPKey()))
+    assert sdk_client_refused(url, token, DPoPAuth(token, key, htu=stack.urls["kit"]))
+    # The SDK's own auth sees only Bearer tokens: the kit's verifier refuses a bound one there.
+    kit_url = stack.urls["kit"]
+    kit_token = bound_token(stack, kit_url, key)
+    assert raw_initialize(kit_url, kit_token).status_code == 401
+    assert sdk_client_refused(kit_url, kit_token, DPoPAuth(kit_token, key))
