@@ -151,6 +151,12 @@ class ResourceServer:
     broker puts in its tokens (the policy's agent ``audiences`` entry) and the ``resource`` of
     its RFC 9728 metadata. `single_audience` refuses tokens that name other audiences too (a
     token one of them could replay here). `dpop_required` refuses bearer tokens altogether.
+
+    `dpop_verifier` defaults to a `DPoPVerifier` remembering proof ``jti``s in this process:
+    a tool running several replicas passes one whose replay guard they share (any object with
+    ``use_once``, e.g. the broker's state store). `introspection` (the policy's
+    ``resource_servers:`` credentials) adds the revocation check. `http` is an
+    ``httpx.AsyncClient`` to use (default: one of its own, closed by `aclose`).
     """
 
     def __init__(
@@ -332,11 +338,11 @@ class ResourceServer:
         if scheme not in ("bearer", "dpop"):
             raise self.challenge()  # another scheme (Basic, ...): no credentials of ours
         token = rest.strip()
+        if len(token) > self._max_token_bytes:
+            raise self._error(InvalidToken, "token is too large", dpop_scheme=scheme == "dpop")
         if not token or _B64TOKEN.fullmatch(token) is None:
             raise self._error(InvalidRequest, "the Authorization header is malformed",
                               dpop_scheme=scheme == "dpop")
-        if len(token) > self._max_token_bytes:
-            raise self._error(InvalidToken, "token is too large", dpop_scheme=scheme == "dpop")
         return scheme, token
 
     async def _verify_token(self, token: str, *, dpop_scheme: bool) -> dict[str, Any]:

@@ -18,7 +18,10 @@ from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from broker.dpop import DPoPKey
 from broker.kit import Caller, ResourceServer
@@ -72,11 +75,20 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True, "caller": caller_of(request) is not None})
 
 
+async def live_notes(websocket: WebSocket) -> None:
+    caller = caller_of(websocket)
+    assert caller is not None
+    await websocket.accept()
+    await websocket.send_text(f"hello {caller.person} via {caller.agent}")
+    await websocket.close()
+
+
 def starlette_app(rs: ResourceServer) -> Starlette:
     app = Starlette(
         routes=[
             Route("/api/notes", whoami, methods=["GET", "POST"]),
             Route("/api/healthz", health),
+            WebSocketRoute("/api/live", live_notes),
         ],
         lifespan=_lifespan(rs),
     )
@@ -200,6 +212,17 @@ def test_dpop_bound_tokens_need_a_proof_for_this_request(api: Any) -> None:
         refused = httpx.post(url, headers={"Authorization": f"DPoP {bound}", "DPoP": proof})
         assert refused.status_code == 401
         assert params(refused.headers["www-authenticate"])["error"] == "invalid_dpop_proof"
+
+
+def test_websockets_are_authenticated_at_the_handshake(api: Any) -> None:
+    base, _ = api
+    url = base.replace("http://", "ws://") + "/api/live"
+    with connect(url, additional_headers={"Authorization": f"Bearer {token(api)}"}) as ws:
+        assert ws.recv(timeout=10) == "hello dev/alice via summariser-agent"
+    for headers in ({}, {"Authorization": f"Bearer {token(api, aud=base)}"}):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, additional_headers=headers, open_timeout=10)
+        assert refused.value.response.status_code == 403  # a close before accept
 
 
 # -- FastAPI: the require() dependency, no middleware --------------------------------------------
