@@ -53,6 +53,7 @@ from tests.support.harness import (
 )
 
 SERVERS = ("kit", "fastmcp", "middleware")
+ID_JAG = "urn:ietf:params:oauth:token-type:id-jag"
 AGENT_SECRET = generate_client_secret()
 HELPER_SECRET = generate_client_secret()
 RS_SECRET = generate_client_secret()
@@ -113,6 +114,14 @@ def _policy(urls: dict[str, str]) -> dict[str, Any]:
                 "audiences": list(urls.values()),
                 "act_for": ["group:dev/support"],
             },
+        },
+        "authorization_servers": {
+            "broker-for-mcp": {
+                "description": "This broker, as the notes MCP server's authorization server",
+                "issuer": "self",
+                "resources": [urls["kit"]],
+                "agents": ["notes-agent"],
+            }
         },
         "resource_servers": {
             "notes-mcp": {
@@ -484,3 +493,52 @@ def test_a_dpop_bound_token_reaches_the_tool_only_with_its_keys_proofs(
     kit_token = bound_token(stack, kit_url, key)
     assert raw_initialize(kit_url, kit_token).status_code == 401
     assert sdk_client_refused(kit_url, kit_token, DPoPAuth(kit_token, key))
+
+
+def test_an_id_jag_from_the_broker_redeemed_by_jwt_bearer_reaches_the_tool(
+    stack: Stack, servers: dict[str, RunningServer]
+) -> None:
+    """SEP-990's two legs against the broker: the agent's ID-JAG from the token exchange, then the
+    jwt-bearer request the MCP SDK's identity-assertion client sends (assertion, client_id,
+    resource, scope; the client's secret), and the token it gets calls the kit-protected tool."""
+    url = stack.urls["kit"]
+    leg1 = httpx.post(
+        stack.broker.token_endpoint,
+        data=exchange_form(
+            stack.idp.mint("alice"),
+            requested_token_type=ID_JAG,
+            audience=stack.broker.url,
+            resource=url,
+            scope="notes:read",
+        ),
+        auth=AGENT,
+        timeout=10,
+    )
+    assert leg1.status_code == 200, leg1.text
+    assert leg1.json()["issued_token_type"] == ID_JAG
+    id_jag = leg1.json()["access_token"]
+    # An ID-JAG is a grant, never an access token: the tool refuses it as one.
+    refused = raw_initialize(url, id_jag)
+    assert refused.status_code == 401
+    assert params(refused.headers["www-authenticate"])["error"] == "invalid_token"
+    leg2 = httpx.post(
+        stack.broker.token_endpoint,
+        data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "assertion": id_jag,
+            "client_id": "notes-agent",
+            "resource": url,
+            "scope": "notes:read",
+        },
+        auth=AGENT,
+        timeout=10,
+    )
+    assert leg2.status_code == 200, leg2.text
+    answer = anyio.run(call_whoami, url, leg2.json()["access_token"])
+    assert answer == {
+        "person": "dev/alice",
+        "agents": ["notes-agent"],
+        "client_id": "notes-agent",
+        "scopes": ["notes:read"],
+        "jkt": None,
+    }
