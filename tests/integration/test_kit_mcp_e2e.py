@@ -11,7 +11,10 @@ issues tokens for three MCP servers, each the SDK's streamable HTTP app served b
 
 An SDK client (streamable HTTP, the token in an httpx header) calls a tool that answers the person
 and the agent chain; a wrong audience, a missing scope and an expired token get the right status
-and ``WWW-Authenticate`` (checked with raw HTTP too).
+and ``WWW-Authenticate`` (checked with raw HTTP too). A revoked token stops working once the
+kit's introspection cache expires; a DPoP-bound token works only with its key's proofs (through
+the middleware); an ID-JAG the broker issued, redeemed at the broker's jwt-bearer grant, gives a
+token the tool accepts.
 """
 
 from __future__ import annotations
