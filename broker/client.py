@@ -48,6 +48,8 @@ from typing import Any, Self
 
 import httpx
 
+from broker.dpop import DPoPKey
+
 __all__ = [
     "ACCESS_TOKEN",
     "ID_TOKEN",
@@ -150,6 +152,9 @@ class AgentToken:
     scope: str
     expires_at: float
     issued_token_type: str
+    token_type: str = "Bearer"  # noqa: S105 - a token type, not a secret
+    """``DPoP`` when the token is bound to the agent's key: present it with a proof
+    (`AgentClient.headers_for`)."""
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -258,6 +263,7 @@ def _agent_token(response: httpx.Response, started: float, scope: str | None) ->
             scope=str(body.get("scope") or scope or ""),
             expires_at=started + float(body["expires_in"]),
             issued_token_type=str(body.get("issued_token_type") or ACCESS_TOKEN),
+            token_type=str(body.get("token_type") or "Bearer"),
         )
     except (KeyError, TypeError, ValueError):
         raise BrokerClientError(
@@ -337,11 +343,35 @@ def _next_poll_at(now: float, wait: float, request: ApprovalRequest, deadline: f
     return at
 
 
-def _credential_form(agent_token: AgentToken | str, rejected_version: str | None) -> dict:
+def _credential_form(
+    agent_token: AgentToken | str, rejected_version: str | None, dpop_method: str | None = None
+) -> dict:
     form = {"token": _token_text(agent_token)}
     if rejected_version is not None:
         form["rejected_version"] = rejected_version
+    if dpop_method is not None:
+        form["dpop_method"] = dpop_method
     return form
+
+
+def _subject_proof_form(subject_proof: str | None) -> dict[str, str] | None:
+    """The parent agent's proof for a bound parent token (RFC 9449, re-exchange)."""
+    return {"subject_token_dpop": subject_proof} if subject_proof is not None else None
+
+
+def _forwarded_proof(dpop_proof: str | None) -> dict[str, str] | None:
+    """The agent's DPoP proof, forwarded by the gateway for a bound agent token."""
+    return {"DPoP": dpop_proof} if dpop_proof is not None else None
+
+
+def _asks_for_nonce(response: httpx.Response) -> bool:
+    """RFC 9449 §8: the server wants its nonce in the proof (a retry with it follows)."""
+    if response.status_code not in (400, 401) or "dpop-nonce" not in response.headers:
+        return False
+    try:
+        return response.json().get("error") == "use_dpop_nonce"
+    except ValueError:
+        return False
 
 
 def _credential(response: httpx.Response, credential: str) -> Credential:
@@ -465,11 +495,54 @@ class _AgentIdentity:
         client_secret: str,
         refresh_margin_seconds: float,
         clock: Callable[[], float],
+        dpop: DPoPKey | bool,
     ) -> None:
         self.client_id = client_id
         self._auth = httpx.BasicAuth(client_id, client_secret)
         self._clock = clock
         self._tokens = _TokenCache(refresh_margin_seconds, clock)
+        self.dpop_key: DPoPKey | None = DPoPKey() if dpop is True else (dpop or None)
+        """The agent's DPoP key (RFC 9449): tokens are bound to it. None: bearer tokens."""
+        self._dpop_nonce: str | None = None
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.broker_url}/oauth2/token"
+
+    def _token_headers(self) -> dict[str, str]:
+        """A fresh DPoP proof for a token request, with the broker's latest nonce."""
+        if self.dpop_key is None:
+            return {}
+        return {"DPoP": self.dpop_key.proof("POST", self.token_endpoint, nonce=self._dpop_nonce)}
+
+    def _retry_with_nonce(self, response: httpx.Response) -> bool:
+        """Remember the broker's DPoP nonce; True when the request should be sent again."""
+        nonce = response.headers.get("dpop-nonce")
+        if nonce:
+            self._dpop_nonce = nonce
+        return self.dpop_key is not None and _asks_for_nonce(response)
+
+    def delegation_proof(self, agent_token: AgentToken | str) -> str:
+        """A proof by this agent's key that lets a sub-agent re-exchange `agent_token` (bound
+        to this key): hand it over with the token (``subject_token_dpop``; one use, fresh for
+        a minute)."""
+        if self.dpop_key is None:
+            raise ValueError("this client has no DPoP key; its tokens are bearer tokens")
+        return self.dpop_key.proof(
+            "POST", self.token_endpoint, access_token=_token_text(agent_token)
+        )
+
+    def headers_for(self, method: str, url: str, agent_token: AgentToken | str) -> dict[str, str]:
+        """The headers that present `agent_token` on a call to a tool or gateway: ``Bearer``,
+        or for a bound token ``DPoP`` with a fresh proof for this method and URL."""
+        token = _token_text(agent_token)
+        bound = isinstance(agent_token, AgentToken) and agent_token.token_type == "DPoP"  # noqa: S105
+        if self.dpop_key is None or (isinstance(agent_token, AgentToken) and not bound):
+            return {"Authorization": f"Bearer {token}"}
+        return {
+            "Authorization": f"DPoP {token}",
+            "DPoP": self.dpop_key.proof(method, url, access_token=token),
+        }
 
     @property
     def refresh_margin_seconds(self) -> float:
@@ -541,9 +614,10 @@ class AgentClient(_AgentIdentity, _HttpOwner):
         http: httpx.Client | None = None,
         refresh_margin_seconds: float = 30,
         clock: Callable[[], float] = time.time,
+        dpop: DPoPKey | bool = False,
     ) -> None:
         super().__init__(broker_url, http)
-        self._init_agent(client_id, client_secret, refresh_margin_seconds, clock)
+        self._init_agent(client_id, client_secret, refresh_margin_seconds, clock, dpop)
 
     def exchange(
         self,
@@ -551,6 +625,8 @@ class AgentClient(_AgentIdentity, _HttpOwner):
         subject_token_type: str = ID_TOKEN,
         scope: str | Iterable[str] | None = None,
         audience: str | Iterable[str] | None = None,
+        *,
+        extra: Mapping[str, str] | None = None,
     ) -> AgentToken:
         """An agent token for `subject_token`, from the cache while it has more than
         `refresh_margin_seconds` left, otherwise from the broker."""
@@ -560,14 +636,22 @@ class AgentClient(_AgentIdentity, _HttpOwner):
         if cached is not None:
             return cached
         started = self._clock()
-        response = self._http.post(
-            f"{self.broker_url}/oauth2/token",
-            data=_exchange_form(subject_token, subject_token_type, scope_text, audiences),
-            auth=self._auth,
-        )
+        form = _exchange_form(subject_token, subject_token_type, scope_text, audiences)
+        response = self._post_token({**form, **(extra or {})})
         token = _agent_token(response, started, scope_text)
         self._tokens.put(key, token)
         return token
+
+    def _post_token(self, form: Mapping[str, Any]) -> httpx.Response:
+        """POST to the token endpoint, with a DPoP proof when the agent has a key (and once
+        more with the broker's nonce when it asks for one)."""
+        for _ in range(2):
+            response = self._http.post(
+                self.token_endpoint, data=form, auth=self._auth, headers=self._token_headers()
+            )
+            if not self._retry_with_nonce(response):
+                break
+        return response
 
     def delegate(
         self,
@@ -575,10 +659,19 @@ class AgentClient(_AgentIdentity, _HttpOwner):
         *,
         scope: str | Iterable[str] | None = None,
         audience: str | Iterable[str] | None = None,
+        subject_proof: str | None = None,
     ) -> AgentToken:
         """Re-exchange a parent agent's token as this (sub-)agent: the result carries a nested
-        ``act`` and can only narrow the parent's scope and audience."""
-        return self.exchange(_token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience)
+        ``act`` and can only narrow the parent's scope and audience. A parent token bound to
+        the parent's key (DPoP) needs `subject_proof` (the parent's `delegation_proof`), and
+        this client's own key binds the result."""
+        return self.exchange(
+            _token_text(agent_token),
+            ACCESS_TOKEN,
+            scope=scope,
+            audience=audience,
+            extra=_subject_proof_form(subject_proof),
+        )
 
     def ask_approval(
         self,
@@ -625,9 +718,7 @@ class AgentClient(_AgentIdentity, _HttpOwner):
         while True:
             sleep(max(0.0, next_at - self._clock()))
             started = self._clock()
-            response = self._http.post(
-                f"{self.broker_url}/oauth2/token", data=_poll_form(request), auth=self._auth
-            )
+            response = self._post_token(_poll_form(request))
             outcome = _poll_outcome(response, started, interval)
             if isinstance(outcome, AgentToken):
                 return outcome
@@ -681,9 +772,15 @@ class GatewayClient(_GatewayIdentity, _HttpOwner):
         *,
         version: str | None = None,
         rejected_version: str | None = None,
+        dpop_proof: str | None = None,
+        dpop_method: str | None = None,
     ) -> Credential:
         """The credential `credential` for the agent call authorised by `agent_token`;
         `version="previous"` asks for the version before the last rotation (grace period).
+
+        A DPoP-bound agent token (``Authorization: DPoP``) unlocks a credential only with the
+        agent's own proof for the call it made to this gateway: forward its ``DPoP`` header as
+        `dpop_proof`, and the call's method as `dpop_method` when it is not POST.
 
         `rejected_version`: the version the provider just refused. The broker then checks its
         store for a newer one (only if that is the version it holds, at most once a second per
@@ -693,8 +790,9 @@ class GatewayClient(_GatewayIdentity, _HttpOwner):
         response = self._http.post(
             f"{self.broker_url}/v1/credentials/{credential}",
             params={"version": version} if version else None,
-            data=_credential_form(agent_token, rejected_version),
+            data=_credential_form(agent_token, rejected_version, dpop_method),
             auth=self._auth,
+            headers=_forwarded_proof(dpop_proof),
         )
         return _credential(response, credential)
 
@@ -706,6 +804,8 @@ class GatewayClient(_GatewayIdentity, _HttpOwner):
         header: str = "Authorization",
         scheme: str | None = "Bearer",
         retry_statuses: Collection[int] = (401,),
+        dpop_proof: str | None = None,
+        dpop_method: str | None = None,
     ) -> CredentialAuth:
         """An `httpx.Auth` for provider requests made with an `httpx.Client`: each request
         fetches `credential` (per call) and carries it as ``header: scheme value``; a provider
@@ -718,6 +818,8 @@ class GatewayClient(_GatewayIdentity, _HttpOwner):
             header=header,
             scheme=scheme,
             retry_statuses=retry_statuses,
+            dpop_proof=dpop_proof,
+            dpop_method=dpop_method,
         )
 
 
@@ -744,9 +846,12 @@ class CredentialAuth(_ProviderHeader, httpx.Auth):
         header: str = "Authorization",
         scheme: str | None = "Bearer",
         retry_statuses: Collection[int] = (401,),
+        dpop_proof: str | None = None,
+        dpop_method: str | None = None,
     ) -> None:
         super().__init__(credential, agent_token, header, scheme, retry_statuses)
         self._gateway = gateway
+        self._dpop = {"dpop_proof": dpop_proof, "dpop_method": dpop_method}
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         fetched = self._fetch(None)
@@ -764,7 +869,7 @@ class CredentialAuth(_ProviderHeader, httpx.Auth):
     def _fetch(self, rejected_version: str | None) -> Credential:
         try:
             fetched = self._gateway.fetch(
-                self._credential, self._agent_token, rejected_version=rejected_version
+                self._credential, self._agent_token, rejected_version=rejected_version, **self._dpop
             )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
@@ -810,9 +915,10 @@ class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
         http: httpx.AsyncClient | None = None,
         refresh_margin_seconds: float = 30,
         clock: Callable[[], float] = time.time,
+        dpop: DPoPKey | bool = False,
     ) -> None:
         super().__init__(broker_url, http)
-        self._init_agent(client_id, client_secret, refresh_margin_seconds, clock)
+        self._init_agent(client_id, client_secret, refresh_margin_seconds, clock, dpop)
         self._in_flight: dict[CacheKey, asyncio.Future[AgentToken]] = {}
 
     async def exchange(
@@ -821,6 +927,8 @@ class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
         subject_token_type: str = ID_TOKEN,
         scope: str | Iterable[str] | None = None,
         audience: str | Iterable[str] | None = None,
+        *,
+        extra: Mapping[str, str] | None = None,
     ) -> AgentToken:
         """An agent token for `subject_token` (see `AgentClient.exchange`)."""
         scope_text, audiences = _space_list(scope), _audiences(audience)
@@ -835,11 +943,8 @@ class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
         self._in_flight[key] = future
         try:
             started = self._clock()
-            response = await self._http.post(
-                f"{self.broker_url}/oauth2/token",
-                data=_exchange_form(subject_token, subject_token_type, scope_text, audiences),
-                auth=self._auth,
-            )
+            form = _exchange_form(subject_token, subject_token_type, scope_text, audiences)
+            response = await self._post_token({**form, **(extra or {})})
             token = _agent_token(response, started, scope_text)
         except BaseException as exc:
             future.set_exception(exc)
@@ -857,11 +962,26 @@ class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
         *,
         scope: str | Iterable[str] | None = None,
         audience: str | Iterable[str] | None = None,
+        subject_proof: str | None = None,
     ) -> AgentToken:
         """Re-exchange a parent agent's token as this (sub-)agent (see `AgentClient.delegate`)."""
         return await self.exchange(
-            _token_text(agent_token), ACCESS_TOKEN, scope=scope, audience=audience
+            _token_text(agent_token),
+            ACCESS_TOKEN,
+            scope=scope,
+            audience=audience,
+            extra=_subject_proof_form(subject_proof),
         )
+
+    async def _post_token(self, form: Mapping[str, Any]) -> httpx.Response:
+        """See `AgentClient._post_token`."""
+        for _ in range(2):
+            response = await self._http.post(
+                self.token_endpoint, data=form, auth=self._auth, headers=self._token_headers()
+            )
+            if not self._retry_with_nonce(response):
+                break
+        return response
 
     async def ask_approval(
         self,
@@ -905,9 +1025,7 @@ class AsyncAgentClient(_AgentIdentity, _AsyncHttpOwner):
         while True:
             await sleep(max(0.0, next_at - self._clock()))
             started = self._clock()
-            response = await self._http.post(
-                f"{self.broker_url}/oauth2/token", data=_poll_form(request), auth=self._auth
-            )
+            response = await self._post_token(_poll_form(request))
             outcome = _poll_outcome(response, started, interval)
             if isinstance(outcome, AgentToken):
                 return outcome
@@ -960,14 +1078,17 @@ class AsyncGatewayClient(_GatewayIdentity, _AsyncHttpOwner):
         *,
         version: str | None = None,
         rejected_version: str | None = None,
+        dpop_proof: str | None = None,
+        dpop_method: str | None = None,
     ) -> Credential:
         """The credential for the agent call authorised by `agent_token` (see
         `GatewayClient.fetch`)."""
         response = await self._http.post(
             f"{self.broker_url}/v1/credentials/{credential}",
             params={"version": version} if version else None,
-            data=_credential_form(agent_token, rejected_version),
+            data=_credential_form(agent_token, rejected_version, dpop_method),
             auth=self._auth,
+            headers=_forwarded_proof(dpop_proof),
         )
         return _credential(response, credential)
 
@@ -979,6 +1100,8 @@ class AsyncGatewayClient(_GatewayIdentity, _AsyncHttpOwner):
         header: str = "Authorization",
         scheme: str | None = "Bearer",
         retry_statuses: Collection[int] = (401,),
+        dpop_proof: str | None = None,
+        dpop_method: str | None = None,
     ) -> AsyncCredentialAuth:
         """An `httpx.Auth` for provider requests made with an `httpx.AsyncClient` (see
         `GatewayClient.auth`)."""
@@ -989,6 +1112,8 @@ class AsyncGatewayClient(_GatewayIdentity, _AsyncHttpOwner):
             header=header,
             scheme=scheme,
             retry_statuses=retry_statuses,
+            dpop_proof=dpop_proof,
+            dpop_method=dpop_method,
         )
 
 
@@ -1007,9 +1132,12 @@ class AsyncCredentialAuth(_ProviderHeader, httpx.Auth):
         header: str = "Authorization",
         scheme: str | None = "Bearer",
         retry_statuses: Collection[int] = (401,),
+        dpop_proof: str | None = None,
+        dpop_method: str | None = None,
     ) -> None:
         super().__init__(credential, agent_token, header, scheme, retry_statuses)
         self._gateway = gateway
+        self._dpop = {"dpop_proof": dpop_proof, "dpop_method": dpop_method}
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -1037,7 +1165,7 @@ class AsyncCredentialAuth(_ProviderHeader, httpx.Auth):
     async def _fetch(self, rejected_version: str | None) -> Credential:
         try:
             fetched = await self._gateway.fetch(
-                self._credential, self._agent_token, rejected_version=rejected_version
+                self._credential, self._agent_token, rejected_version=rejected_version, **self._dpop
             )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc

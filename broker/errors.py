@@ -14,6 +14,7 @@ Hierarchy::
         ├── InvalidGrant                 400 invalid_grant
         ├── UnauthorizedClient           400 unauthorized_client
         ├── UnsupportedGrantType         400 unsupported_grant_type
+        ├── UnsupportedResponseType      400 unsupported_response_type (no authorization endpoint)
         ├── UnsupportedTokenType         400 unsupported_token_type (RFC 7009)
         ├── InvalidScope                 400 invalid_scope
         ├── InvalidTarget                400 invalid_target (RFC 8707 / RFC 8693)
@@ -141,6 +142,12 @@ class UnauthorizedClient(OAuthError):
 
 class UnsupportedGrantType(OAuthError):
     error = "unsupported_grant_type"
+
+
+class UnsupportedResponseType(OAuthError):
+    """RFC 6749 §4.1.2.1: this broker has no authorization-code (or implicit) flow."""
+
+    error = "unsupported_response_type"
 
 
 class UnsupportedTokenType(OAuthError):

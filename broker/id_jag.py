@@ -57,7 +57,7 @@ from broker.revocation import Revocations, check_exchange_allowed
 from broker.settings import IdJagConfig
 from broker.state import StateStore, StateUnavailable
 from broker.tokens import ID_JAG_TYP, Keyring, TokenIssuer, TokenTooLarge, actor_chain_from_claim
-from broker.types import Provenance, TokenType
+from broker.types import BrokerToken, Provenance, TokenType
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
 from idp_adapters.jwks import JwksCache, SigningKeyResolver
 from idp_adapters.jwt_verify import unverified_claims, verify_jwt
@@ -386,11 +386,29 @@ class JwtBearerGrant:
         )
         used = policy.identity_used(Person.of(provenance), client.client_id)
         provenance = replace(provenance, groups=used.groups, idp_roles=used.idp_roles)
+        # This broker's own ID-JAG is checked as a parent token would be (its id, and the
+        # person and every agent of its chain against revocations after it was issued);
+        # another IdP's vouches for the person at its sign-in or issue time.
         await check_exchange_allowed(
             self._revocations,
             person=provenance.person_id,
             subject_time=provenance.auth_time or iat,
-            parent=None,
+            parent=None
+            if trusted.name
+            else BrokerToken(
+                jti=str(claims["jti"]),
+                subject=provenance.person_id,
+                client_id=client.client_id,
+                scopes=frozenset(granted_scopes),
+                audiences=(resource,),
+                actor_chain=chain,
+                provenance=provenance,
+                policy_version=str(claims.get("policy_version", "")),
+                issued_at=int(iat),
+                expires_at=int(exp),
+                parent_jti=None,
+                claims=claims,
+            ),
             actor=client.client_id,
             actor_credential_time=client.issued_at,
         )

@@ -20,6 +20,7 @@ from broker.approvals.ciba import BC_AUTHORIZE_PATH
 from broker.approvals.ciba import GRANT_TYPE as CIBA_GRANT_TYPE
 from broker.client_auth import CLIENT_ASSERTION_TYPE
 from broker.exchange import GRANT_TYPE, ISSUABLE_TOKEN_TYPES, SUBJECT_TOKEN_TYPES
+from broker.id_jag import JWT_BEARER_GRANT_TYPE
 from broker.types import TokenType
 
 OPENAPI_PATH = "/openapi.json"
@@ -267,20 +268,30 @@ OPERATIONS: tuple[Operation, ...] = (
         "post",
         "/oauth2/token",
         "exchangeToken",
-        "Token exchange (RFC 8693) and approved requests (OpenID CIBA)",
+        "Token exchange (RFC 8693), ID-JAG redemption (RFC 7523) and approved requests (CIBA)",
         "Exchange a person's SSO token (or a token this broker issued, for delegation) for a "
-        "short-lived agent token; or, with the CIBA grant and an `auth_req_id` from "
-        "`/oauth2/bc-authorize`, poll for the token an approval yields (`authorization_pending`, "
-        "`slow_down`, `access_denied`, `expired_token`). No refresh tokens. The caller is an "
-        "agent: HTTP Basic, `private_key_jwt` in the body, or a workload identity as "
-        "`actor_token`.",
+        "short-lived agent token, or for an ID-JAG (`requested_token_type` id-jag, `audience` a "
+        "registered authorization server, `resource` one of its resources; `token_type` N_A); "
+        "redeem an ID-JAG (`grant_type` jwt-bearer, `assertion`) for an agent token; or, with "
+        "the CIBA grant and an `auth_req_id` from `/oauth2/bc-authorize`, poll for the token an "
+        "approval yields (`authorization_pending`, `slow_down`, `access_denied`, "
+        "`expired_token`). A `DPoP` header (RFC 9449) binds the issued token to its key "
+        "(`token_type` DPoP; `invalid_dpop_proof`, `use_dpop_nonce` with a `DPoP-Nonce` "
+        "header). No refresh tokens. The caller is an agent: HTTP Basic, `private_key_jwt` in "
+        "the body, or a workload identity as `actor_token`.",
         "OAuth 2.0",
         "agent",
         _TOKEN_RESPONSE,
         body="form",
         fields={
             "grant_type": _string(
-                "The token-exchange grant, or the CIBA grant.", enum=[GRANT_TYPE, CIBA_GRANT_TYPE]
+                "The token-exchange grant, the jwt-bearer grant (an ID-JAG), or the CIBA grant.",
+                enum=[GRANT_TYPE, JWT_BEARER_GRANT_TYPE, CIBA_GRANT_TYPE],
+            ),
+            "assertion": _string("jwt-bearer grant: the ID-JAG (`oauth-id-jag+jwt`)."),
+            "subject_token_dpop": _string(
+                "Re-exchange of a DPoP-bound token: a proof by its key for this request, with "
+                "`ath` of `subject_token`."
             ),
             "auth_req_id": _string("CIBA grant: the id `/oauth2/bc-authorize` answered."),
             "subject_token": _string(
@@ -546,6 +557,18 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         required=("decision",),
         errors=(400, 401, 403, 404, 413, 415, 429, 500, 503),
+    ),
+    Operation(
+        "get",
+        "/oauth2/authorize",
+        "authorize",
+        "No authorization-code flow (RFC 6749 §3.1)",
+        "Listed in the metadata for clients that require an authorization endpoint (the MCP "
+        "SDK's); always 400 `unsupported_response_type`: agents use the token endpoint.",
+        "Discovery",
+        "anyone",
+        {"type": "object"},
+        errors=(400,),
     ),
     Operation(
         "get",

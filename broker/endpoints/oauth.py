@@ -11,16 +11,18 @@ from fastapi.responses import JSONResponse
 from broker.approvals.ciba import BC_AUTHORIZE_PATH
 from broker.client_auth import AuthenticatedClient
 from broker.endpoints.edge import Edge, GetRoute, PostRoute, Routes
-from broker.errors import InvalidClient
+from broker.errors import InvalidClient, UnsupportedResponseType
 from broker.exchange import ISSUABLE_TOKEN_TYPES
 from broker.grants import TokenEndpoint
 from broker.id_jag import JWT_BEARER_GRANT_TYPE, id_jag_metadata
+from broker.logs import new_request_id
 from broker.oauth_request import OAuthForm
 from broker.openapi import OPENAPI_PATH
 from broker.revocation import RevocationEndpoints
 from broker.settings import BrokerSettings
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path, not a secret)
+AUTHORIZE_PATH = "/oauth2/authorize"
 AUTH_METHODS = ["client_secret_basic", "private_key_jwt"]
 ASSERTION_ALGORITHMS = ["ES256", "RS256", "PS256", "EdDSA"]
 
@@ -34,6 +36,9 @@ def authorization_server_metadata(
         "issuer": issuer,
         "token_endpoint": settings.token_endpoint,
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
+        # No authorization-code flow: the endpoint answers unsupported_response_type. Listed
+        # because clients parsing RFC 8414 strictly (the MCP SDK's) require the member.
+        "authorization_endpoint": f"{issuer}{AUTHORIZE_PATH}",
         "introspection_endpoint": f"{issuer}/oauth2/introspect",
         "revocation_endpoint": f"{issuer}/oauth2/revoke",
         "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
@@ -94,6 +99,15 @@ def oauth_routes(edge: Edge) -> Routes:
     async def server_metadata(_: Request) -> JSONResponse:
         return JSONResponse(metadata)
 
+    async def authorize(_: Request) -> JSONResponse:
+        return edge.error_response(
+            UnsupportedResponseType(
+                "this broker has no authorization-code flow: agents obtain tokens at "
+                f"{TOKEN_PATH} (token exchange, ID-JAG, CIBA)"
+            ),
+            new_request_id(),
+        )
+
     async def jwks(_: Request) -> JSONResponse:
         return JSONResponse(services.keyring.jwks(), headers={"Cache-Control": "max-age=300"})
 
@@ -103,4 +117,5 @@ def oauth_routes(edge: Edge) -> Routes:
         PostRoute("/oauth2/revoke", revoke),
         GetRoute("/.well-known/oauth-authorization-server", server_metadata),
         GetRoute("/.well-known/jwks.json", jwks),
+        GetRoute(AUTHORIZE_PATH, authorize),
     ]

@@ -85,7 +85,7 @@ class Refusal:
         headers = {"Cache-Control": "no-store", "X-Request-Id": request_id}
         if self.status in (401, 403):
             challenge = f'Bearer realm="{realm}"'
-            if self.error in ("invalid_token", "insufficient_scope"):
+            if self.error in ("invalid_token", "insufficient_scope", "invalid_dpop_proof"):
                 safe = _UNSAFE_IN_HEADER.sub(" ", self.description)[:200]
                 challenge += f', error="{self.error}", error_description="{safe}"'
             headers["WWW-Authenticate"] = challenge
@@ -107,8 +107,8 @@ def refusal_for(err: BrokerClientError) -> Refusal:
     5xx so the agent does not drop a token that is fine.
     """
     described = err.description or err.error
-    if err.error == "invalid_token":
-        return Refusal(401, "invalid_token", described)
+    if err.error in ("invalid_token", "invalid_dpop_proof"):
+        return Refusal(401, err.error, described)
     if err.error == "insufficient_scope":
         return Refusal(403, "insufficient_scope", described)
     if err.error == "access_denied":
@@ -127,13 +127,20 @@ def refusal_for(err: BrokerClientError) -> Refusal:
     return Refusal(500, "server_error", "the gateway could not obtain the provider credential")
 
 
-def _bearer_token(request: Request) -> str | None:
-    """The token of ``Authorization: Bearer <token>`` (RFC 6750 §2.1), or None."""
+def _agent_token(request: Request) -> tuple[str, str | None] | None:
+    """The token of ``Authorization: Bearer <token>`` (RFC 6750 §2.1), or of ``DPoP <token>``
+    with the agent's ``DPoP`` proof (RFC 9449 §7.1: the broker checks it, made for this
+    gateway, when it serves the credential); None when there is neither."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
+    if not token or " " in token:
         return None
-    return token
+    if scheme.lower() == "bearer":
+        return token, None
+    proofs = request.headers.getlist("dpop")
+    if scheme.lower() == "dpop" and len(proofs) == 1:
+        return token, proofs[0]
+    return None
 
 
 def create_gateway_app(
@@ -150,9 +157,15 @@ def create_gateway_app(
     app = FastAPI(title="Example LLM gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
     def forward(
-        path: str, token: str, body: bytes, content_type: str | None
+        path: str, token: str, proof: str | None, body: bytes, content_type: str | None
     ) -> tuple[httpx.Response, CredentialAuth]:
-        auth = broker.auth(config.credential, token, header=config.header, scheme=config.scheme)
+        auth = broker.auth(
+            config.credential,
+            token,
+            header=config.header,
+            scheme=config.scheme,
+            dpop_proof=proof,  # the agent's, for this call: the broker checks it
+        )
         headers = {"content-type": content_type} if content_type else {}
         response = provider.post(path, content=body, headers=headers, auth=auth)
         response.read()
@@ -163,17 +176,20 @@ def create_gateway_app(
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", request_id):
             request_id = uuid.uuid4().hex
         path = request.url.path
-        token = _bearer_token(request)
-        if token is None:
-            log.info("refused request_id=%s path=%s reason=no_bearer_token", request_id, path)
+        presented = _agent_token(request)
+        if presented is None:
+            log.info("refused request_id=%s path=%s reason=no_agent_token", request_id, path)
             return Refusal(
-                401, "invalid_request", "an agent token is required (Authorization: Bearer)"
+                401,
+                "invalid_request",
+                "an agent token is required (Authorization: Bearer, or DPoP with its proof)",
             ).response(config.realm, request_id)
+        token, proof = presented
         body = await request.body()
         started = time.perf_counter()
         try:
             upstream, auth = await run_in_threadpool(
-                forward, path, token, body, request.headers.get("content-type")
+                forward, path, token, proof, body, request.headers.get("content-type")
             )
         except BrokerClientError as err:
             refusal = refusal_for(err)

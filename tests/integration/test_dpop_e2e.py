@@ -22,8 +22,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.client import AgentClient, GatewayClient
 from broker.client_secrets import generate_client_secret, hash_client_secret
 from broker.dpop import DPoPKey, access_token_hash
+from broker.examples.gateway import GatewayConfig, create_gateway_app
+from broker.examples.provider import StandInProvider
+from idp_adapters._loopback import reserve_loopback_socket, serve_in_thread
 from idp_adapters.dev import DevIdentityProvider
 from tests.support.harness import (
     ACCESS_TOKEN,
@@ -38,7 +42,9 @@ from tests.support.harness import (
 from tests.support.servers import OpenBaoServer, run_openbao, run_redis
 
 SECRETS = {name: generate_client_secret() for name in ("bound", "sub", "gw", "nourl")}
-GATEWAY_URL = "https://gateway.test/v1"
+GATEWAY_SOCKET = reserve_loopback_socket()
+"""The example gateway's address, reserved before the broker starts: its registered url."""
+GATEWAY_URL = f"http://127.0.0.1:{GATEWAY_SOCKET.getsockname()[1]}/v1"
 CANARY = "sk-dpop-" + secrets.token_hex(12)
 
 
@@ -411,7 +417,7 @@ def test_a_bound_token_unlocks_a_credential_only_with_the_agents_proof_for_the_g
             "POST", "https://elsewhere.test/v1/chat", access_token=token
         ),
         "proof for the gateway's sibling path": key.proof(
-            "POST", "https://gateway.test/v10", access_token=token
+            "POST", GATEWAY_URL + "0", access_token=token
         ),
         "proof for another method": key.proof("GET", call, access_token=token),
         "proof without ath": key.proof("POST", call),
@@ -490,6 +496,12 @@ def test_server_nonces_are_asked_for_and_accepted(
         )
         assert ok.status_code == 200, ok.text
         assert ok.json()["token_type"] == "DPoP"
+        # The client retries once with the nonce the broker asks for, by itself.
+        with AgentClient(
+            running.url, "triage-agent", example_secrets["TRIAGE_AGENT_SECRET"], dpop=True
+        ) as agent:
+            bound = agent.exchange(idp.mint("alice"), audience=TICKETS)
+        assert bound.token_type == "DPoP"
 
 
 def test_a_proof_is_single_use_across_replicas_sharing_redis(
@@ -547,3 +559,65 @@ def test_ath_is_the_base64url_sha256_of_the_token() -> None:
     expected = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=")
     assert access_token_hash(token) == expected.decode()
     assert hmac.compare_digest(access_token_hash(token), expected.decode())
+
+
+# -- the Python clients and the example gateway ----------------------------------------------
+
+
+def test_clients_bind_delegate_and_call_the_example_gateway_with_proofs(
+    broker: RunningBroker, idp: DevIdentityProvider
+) -> None:
+    """The agent client keeps a key and binds its tokens; the sub-agent re-exchanges with the
+    parent's delegation proof; each calls the example gateway with ``Authorization: DPoP`` and
+    a proof for the call; the gateway forwards it and the broker checks it for the gateway."""
+    provider = StandInProvider(CANARY)
+    with contextlib.ExitStack() as stack:
+        provider_server = stack.enter_context(serve_in_thread(provider.asgi_app()))
+        gateway = stack.enter_context(GatewayClient(broker.url, "dpop-gateway", SECRETS["gw"]))
+        upstream = stack.enter_context(httpx.Client(base_url=provider_server.url, timeout=10))
+        app = create_gateway_app(GatewayConfig(), gateway, upstream)
+        stack.enter_context(serve_in_thread(app, sock=GATEWAY_SOCKET))
+        agent = stack.enter_context(
+            AgentClient(broker.url, "bound-agent", SECRETS["bound"], dpop=True)
+        )
+        sub = stack.enter_context(AgentClient(broker.url, "bound-sub", SECRETS["sub"], dpop=True))
+        call = f"{GATEWAY_URL}/chat/completions"
+        body = {"messages": [{"role": "user", "content": "hello"}]}
+
+        token = agent.exchange(idp.mint("alice"), scope="llm:openai:chat", audience="llm-gateway")
+        assert token.token_type == "DPoP"
+        assert _claims(token.access_token)["cnf"] == {"jkt": agent.dpop_key.jkt}
+        ok = httpx.post(call, json=body, headers=agent.headers_for("POST", call, token))
+        assert ok.status_code == 200, ok.text
+        assert provider.stats().accepted >= 1
+
+        # The same token as a bearer token (stolen, say): the broker wants the agent's proof.
+        stolen = httpx.post(
+            call, json=body, headers={"Authorization": f"Bearer {token.access_token}"}
+        )
+        assert stolen.status_code == 401
+        assert stolen.json()["error"] == "invalid_dpop_proof"
+        # A proof replayed by whoever captured the call.
+        captured = agent.headers_for("POST", call, token)
+        assert httpx.post(call, json=body, headers=captured).status_code == 200
+        assert httpx.post(call, json=body, headers=captured).status_code == 401
+        # Another key's proof for the same token.
+        thief = DPoPKey()
+        forged = {
+            "Authorization": f"DPoP {token.access_token}",
+            "DPoP": thief.proof("POST", call, access_token=token.access_token),
+        }
+        assert httpx.post(call, json=body, headers=forged).status_code == 401
+
+        child = sub.delegate(
+            token, scope="llm:openai:chat", subject_proof=agent.delegation_proof(token)
+        )
+        assert child.token_type == "DPoP"
+        assert _claims(child.access_token)["cnf"] == {"jkt": sub.dpop_key.jkt}
+        via_sub = httpx.post(call, json=body, headers=sub.headers_for("POST", call, child))
+        assert via_sub.status_code == 200, via_sub.text
+        # The parent's key cannot present the child token.
+        parent_presenting = httpx.post(
+            call, json=body, headers=agent.headers_for("POST", call, child)
+        )
+        assert parent_presenting.status_code == 401
