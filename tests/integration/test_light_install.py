@@ -27,12 +27,12 @@ from broker.cli import SERVER_EXTRA_HINT
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# What a tool imports from the light install. The resource-server kit joins this list
-# (`broker.kit`) when it lands; its imports are already here (tokens, jwks, jwt_verify, clock).
+# What a tool imports from the light install: the client, DPoP and the resource-server kit.
 LIGHT_MODULES = (
     "broker",
     "broker.client",
     "broker.dpop",
+    "broker.kit",
     "broker.clock",
     "broker.types",
     "broker.tokens",
@@ -41,9 +41,9 @@ LIGHT_MODULES = (
 )
 
 # What the `kit` extra adds for the kit's Starlette/FastAPI adapter, and the `mcp` extra for its
-# MCP SDK token verifier. `broker.kit.starlette` and `broker.kit.mcp` join these when the kit lands.
-KIT_EXTRA_MODULES = ("starlette",)
-MCP_EXTRA_MODULES = ("mcp", "mcp.server.auth.provider")
+# MCP SDK token verifier.
+KIT_EXTRA_MODULES = ("starlette", "broker.kit.starlette")
+MCP_EXTRA_MODULES = ("mcp", "mcp.server.auth.provider", "broker.kit.mcp")
 
 # The server's dependencies that must not come with the light install (import names).
 SERVER_ONLY_MODULES = ("hvac", "boto3", "onelogin", "fastapi", "redis", "typer", "pydantic")
