@@ -13,6 +13,7 @@ from broker.policy import load_policy, load_policy_tests, run_policy_tests
 from broker.policy.model import (
     AdminTestCase,
     FetchTestCase,
+    IdJagTestCase,
     IntrospectionTestCase,
     PolicyDocument,
     PolicyTestCase,
@@ -45,6 +46,9 @@ def test_every_example_policy_test_passes() -> None:
     exchanges = [c for _, c in cases if isinstance(c, PolicyTestCase)]
     assert any(c.expect_granted is not None for c in exchanges)
     assert any(c.expect_error is not None for c in exchanges)
+    id_jags = [c for _, c in cases if isinstance(c, IdJagTestCase)]
+    assert any(c.expect_granted is not None for c in id_jags)
+    assert any(c.expect_error is not None for c in id_jags)
     for kind in (FetchTestCase, IntrospectionTestCase, AdminTestCase):
         expectations = {c.expect for _, c in cases if isinstance(c, kind)}
         assert expectations == {"allowed", "denied"}, kind.__name__
@@ -88,6 +92,15 @@ def test_every_example_policy_test_passes() -> None:
                 "    audiences: [https://tickets.internal.example, llm-gateway]\n",
             ),
             "the tickets api learns nothing about tokens for the llm gateway",
+        ),
+        # Another agent may obtain ID-JAGs for the tickets MCP server.
+        (
+            (
+                "authorization_servers.yaml",
+                "    agents: [triage-agent]\n",
+                "    agents: [triage-agent, coding-agent]\n",
+            ),
+            "the coding agent is not one of the tickets MCP server's agents",
         ),
     ],
 )
