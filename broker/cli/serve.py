@@ -310,6 +310,31 @@ WALKTHROUGH = """
       | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
     {broker_cmd} token decode "$APPROVED_TOKEN"
 
+12. Enterprise-managed MCP authorization (ID-JAG): the triage agent asks the broker, as the
+    enterprise's token service, for an identity assertion grant for the tickets MCP server
+    (token_type N_A), then redeems it at the broker, that server's authorization server, for an
+    MCP access token (grant jwt-bearer; the audience is the MCP server):
+
+    ID_JAG=$(curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+      -d requested_token_type=urn:ietf:params:oauth:token-type:id-jag \
+      -d subject_token="$PERSON_TOKEN" \
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
+      -d audience={issuer} -d resource=https://tickets-mcp.internal.example/mcp \
+      -d scope="tickets:read tickets:comment" \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
+    {broker_cmd} token decode "$ID_JAG"
+    curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \
+      -d grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer -d assertion="$ID_JAG"
+
+13. Tokens bound to the agent's key (DPoP, RFC 9449): the agent client keeps a key and binds
+    its token; the gateway forwards the agent's proof and is served the key; the token alone,
+    or the proof replayed, unlocks nothing:
+
+    {python_cmd} -m broker.examples.dpop_demo --broker {issuer} \
+      --person-token "$PERSON_TOKEN" --agent-secret {triage_secret} \
+      --gateway-secret {gateway_secret}
+
  Decision records are printed below as JSON lines. Ctrl-C stops everything.
 ==============================================================================
 """
@@ -489,6 +514,7 @@ def _run_dev_broker(
             bao_token=bao_token,
             bao_cmd=".venv/bin/bao",
             broker_cmd=".venv/bin/broker",
+            python_cmd=".venv/bin/python",
         )
     )
     server_config = uvicorn.Config(

@@ -451,6 +451,11 @@ def test_the_printed_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path)
     assert "triage-agent" in output and "fetches" in output  # usage report
     assert "/oauth2/bc-authorize" in output  # step 9: the refusal names where to ask
     assert '"approved_by": [' in output and "dev/carol" in output  # step 11's token
+    assert '"typ": "oauth-id-jag+jwt"' in output  # step 12: the ID-JAG decoded...
+    assert '"token_type":"Bearer"' in output.replace('": "', '":"')  # ...and redeemed
+    assert "token_type DPoP, bound to cnf.jkt" in output  # step 13
+    assert "the token alone (a stolen copy): refused, invalid_dpop_proof" in output
+    assert "the same proof again (a replay): refused, invalid_dpop_proof" in output
     assert (state / "audit.jsonl").stat().st_size > 0
 
 
@@ -470,6 +475,10 @@ def test_the_readme_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path) 
     assert "sk-demo-openai-" in output
     assert "triage-agent" in output  # usage report by agent
     assert '"approved_by": [' in output and "dev/carol" in output  # step 9's token
+    assert '"issued_token_type":"urn:ietf:params:oauth:token-type:access_token"' in (
+        output.replace('": "', '":"')
+    )  # step 10: the ID-JAG redeemed
+    assert "the same proof again (a replay): refused, invalid_dpop_proof" in output  # step 11
 
 
 def test_dev_writes_the_audit_file_and_honours_overrides(
