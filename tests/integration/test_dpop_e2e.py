@@ -23,7 +23,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.client import AgentClient, GatewayClient
+from broker.client import (
+    AgentClient,
+    AsyncAgentClient,
+    AsyncGatewayClient,
+    BrokerClientError,
+    GatewayClient,
+)
 from broker.client_secrets import generate_client_secret, hash_client_secret
 from broker.clock import FrozenClock
 from broker.dpop import DPoPKey, access_token_hash
@@ -710,3 +716,30 @@ def test_an_approval_asked_for_with_a_bound_parent_yields_only_a_bound_token(
         claims = _claims(bound.json()["access_token"])
         assert claims["cnf"] == {"jkt": sub_key.jkt}
         assert claims["approval"]["permissions"] == ["llm:openai:chat"]
+
+
+def test_the_async_clients_bind_and_forward_proofs_too(
+    broker: RunningBroker, idp: DevIdentityProvider
+) -> None:
+    async def run() -> tuple[str, str, str]:
+        async with (
+            AsyncAgentClient(broker.url, "bound-agent", SECRETS["bound"], dpop=True) as agent,
+            AsyncGatewayClient(broker.url, "dpop-gateway", SECRETS["gw"]) as gateway,
+        ):
+            token = await agent.exchange(
+                idp.mint("alice"), scope="llm:openai:chat", audience="llm-gateway"
+            )
+            call = f"{GATEWAY_URL}/chat/completions"
+            proof = agent.headers_for("POST", call, token)["DPoP"]
+            served = await gateway.fetch("openai-api-key", token, dpop_proof=proof)
+            try:
+                await gateway.fetch("openai-api-key", token)
+            except BrokerClientError as refused:
+                error = refused.error
+            else:
+                error = "served"
+            assert agent.dpop_key is not None
+            return token.token_type, served.value or "", error
+
+    token_type, value, refused = asyncio.run(run())
+    assert token_type == "DPoP" and value == CANARY and refused == "invalid_dpop_proof"
