@@ -46,7 +46,7 @@ from broker.policy.loader import (
 )
 from broker.policy.loader import load_policy_tests as _load_policy_tests
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission, PolicyDocument, PolicyTestFile
-from broker.policy.testing import named_person, run_policy_tests
+from broker.policy.testing import id_jag_verdict, named_person, run_policy_tests
 from broker.types import normalise_groups
 
 policy_app = typer.Typer(
@@ -316,6 +316,17 @@ def explain_command(
         list[str] | None,
         typer.Option("--approver-idp-role", help="One of the approver's IdP roles (repeatable)."),
     ] = None,
+    id_jag: Annotated[
+        str | None,
+        typer.Option(
+            "--id-jag",
+            help="Explain an ID-JAG request by the chain's last agent for this authorization "
+            "server (its name under authorization_servers), with --resource.",
+        ),
+    ] = None,
+    resource: Annotated[
+        str | None, typer.Option("--resource", help="With --id-jag: the resource asked for.")
+    ] = None,
     directory: DirOption = DEFAULT_DIR,
 ) -> None:
     """Explain the decision for a request (exit 0 granted, 2 denied).
@@ -350,6 +361,22 @@ def explain_command(
     audiences = tuple(_split(audience, None))
 
     policy = _load(directory).policy
+    if id_jag is not None:
+        if resource is None:
+            _fail("--id-jag needs --resource")
+        verdict = id_jag_verdict(policy, the_person, agents, scopes, id_jag, resource)
+        if verdict.allowed and verdict.decision is not None:
+            typer.echo(
+                f"ID-JAG for authorization server {verdict.server!r}, resource {resource}: "
+                f"granted {' '.join(verdict.decision.scopes)} "
+                f"(client_id there: {verdict.client_id})"
+            )
+            return
+        typer.echo(
+            f"ID-JAG for authorization server {id_jag!r}, resource {resource}: refused, "
+            f"{verdict.error}: {verdict.reason}: {verdict.description}"
+        )
+        raise typer.Exit(EXIT_DENIED)
     if gateway is not None or credential is not None:
         if gateway is None or credential is None or scopes is None or not audiences:
             _fail("a fetch needs --gateway, --credential, and the token's --scope and --audience")

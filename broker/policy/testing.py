@@ -198,32 +198,44 @@ SELF_ISSUER = "self"
 """What a policy test uses as this broker's issuer (``issuer: self`` servers)."""
 
 
-def id_jag_verdict(policy: Policy, case: IdJagTestCase) -> IdJagDecision:
-    """The ID-JAG decision for a test case: the chain's earlier hops exchange for the resource,
-    the last agent asks for the ID-JAG."""
-    person = named_person(case.person, case.groups, case.idp_roles)
-    scopes = tuple(case.scope) if case.scope is not None else None
-    server = policy.authorization_servers.get(case.authorization_server)
-    audience = server.issuer if server is not None else case.authorization_server
+def id_jag_verdict(
+    policy: Policy,
+    person: Person,
+    agents: list[str],
+    scopes: tuple[str, ...] | None,
+    authorization_server: str,
+    resource: str,
+) -> IdJagDecision:
+    """The ID-JAG decision for a named authorization server: the chain's earlier hops exchange
+    for the resource, the last agent asks for the ID-JAG."""
+    server = policy.authorization_servers.get(authorization_server)
+    audience = server.issuer if server is not None else authorization_server
     parent: ParentGrant | None = None
-    if len(case.agents) > 1:
-        hops = decide_chain(policy, person, list(case.agents[:-1]), scopes, (case.resource,))
+    if len(agents) > 1:
+        hops = decide_chain(policy, person, list(agents[:-1]), scopes, (resource,))
         if not hops.allowed:
             return IdJagDecision(False, hops.error, str(hops.reason), hops.description)
         parent = ParentGrant(hops.actor_chain, frozenset(hops.scopes), hops.audiences)
     return decide_id_jag(
         policy,
         ExchangeRequest(
-            person=person, agent=case.agents[-1], scopes=scopes, audiences=(), parent=parent
+            person=person, agent=agents[-1], scopes=scopes, audiences=(), parent=parent
         ),
         audience=audience,
-        resource=case.resource,
+        resource=resource,
         own_issuer=SELF_ISSUER,
     )
 
 
 def _judge_id_jag(policy: Policy, file: str, case: IdJagTestCase) -> PolicyTestResult:
-    verdict = id_jag_verdict(policy, case)
+    verdict = id_jag_verdict(
+        policy,
+        named_person(case.person, case.groups, case.idp_roles),
+        list(case.agents),
+        tuple(case.scope) if case.scope is not None else None,
+        case.authorization_server,
+        case.resource,
+    )
     granted = verdict.decision.scopes if verdict.allowed and verdict.decision else ()
     if case.expect_granted is not None:
         if not verdict.allowed:

@@ -586,3 +586,41 @@ def test_hash_secret_refusals(args: list[str], stdin: str | None, message: str) 
     assert code == 1
     assert out == ""
     assert message in err
+
+
+def test_explain_an_id_jag_request() -> None:
+    resource = "https://tickets-mcp.internal.example/mcp"
+    base = ("explain", "--person", "dev/alice", "--group", "support", "--agent", "triage-agent")
+    code, out, _ = run(
+        *base,
+        "--id-jag",
+        "tickets-mcp",
+        "--resource",
+        resource,
+        "--scope",
+        "tickets:read tickets:comment",
+    )
+    assert code == 0, out
+    assert "granted tickets:read tickets:comment" in out and "client_id there: triage-agent" in out
+    code, out, _ = run(
+        *base, "--id-jag", "tickets-mcp", "--resource", resource, "--scope", "tickets:write"
+    )
+    assert code == 2 and "invalid_scope: person_lacks_scope" in out
+    code, out, _ = run(*base, "--id-jag", "tickets-mcp", "--resource", "https://other.example/mcp")
+    assert code == 2 and "unknown_resource" in out
+    code, out, _ = run(
+        "explain",
+        "--person",
+        "dev/bob",
+        "--group",
+        "engineering",
+        "--agent",
+        "coding-agent",
+        "--id-jag",
+        "tickets-mcp",
+        "--resource",
+        resource,
+    )
+    assert code == 2 and "unauthorized_client: id_jag_not_allowed" in out
+    code, out, err = run(*base, "--id-jag", "tickets-mcp")
+    assert code != 0 and "--resource" in out + err
