@@ -454,7 +454,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "A registered gateway presents the agent token it received (`token`) and gets the "
         "credential that token unlocks, served from the broker's cache. The gateway "
         "authenticates itself (HTTP Basic or `private_key_jwt`); the agent token travels in "
-        "the body, never as the gateway's own authentication.",
+        "the body, never as the gateway's own authentication. A DPoP-bound agent token needs "
+        "the agent's own proof for its call to the gateway, forwarded in the `DPoP` header "
+        "(401 `invalid_dpop_proof` otherwise).",
         "Credentials",
         "gateway",
         _CREDENTIAL,
@@ -465,6 +467,11 @@ OPERATIONS: tuple[Operation, ...] = (
                 "The version the provider just refused: the broker re-checks its store if it "
                 "is the version it holds (at most once a second per credential).",
                 maxLength=256,
+            ),
+            "dpop_method": _string(
+                "DPoP-bound agent token: the method of the agent's call the forwarded proof "
+                "was made for (default POST).",
+                enum=_optional(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
             ),
             **_CLIENT_AUTH_FIELDS,
         },

@@ -99,6 +99,13 @@ POLICY_EXTRA: dict[str, Any] = {
 }
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_reserved_socket() -> Iterator[None]:
+    """The socket reserved at import is closed when the module ends, served or not."""
+    yield
+    GATEWAY_SOCKET.close()
+
 @pytest.fixture(scope="module")
 def example_secrets() -> Iterator[dict[str, str]]:
     mp = pytest.MonkeyPatch()

@@ -121,6 +121,13 @@ def _policy(external_issuer: str) -> dict[str, Any]:
     }
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_reserved_socket() -> Iterator[None]:
+    """The socket reserved at import is closed when the module ends, served or not."""
+    yield
+    MCP_SOCKET.close()
+
 @pytest.fixture(scope="module")
 def secrets_env() -> Iterator[dict[str, str]]:
     mp = pytest.MonkeyPatch()
