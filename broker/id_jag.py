@@ -322,8 +322,8 @@ class JwtBearerGrant:
         requested_resource = form.get_all("resource")
         if requested_resource and requested_resource != [resource]:
             raise InvalidTarget("resource differs from the ID-JAG's resource")
-        found = policy.authorization_server(self._own_issuer, self._own_issuer)
-        if found is None or resource not in found[1].resources:
+        registrations = policy.authorization_server(self._own_issuer, self._own_issuer)
+        if not any(resource in server.resources for _, server in registrations):
             raise InvalidTarget(
                 "the ID-JAG's resource is not one this broker issues tokens for",
                 reason="unknown_resource",

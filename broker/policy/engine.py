@@ -122,13 +122,15 @@ class Policy:
 
     def authorization_server(
         self, issuer: str, own_issuer: str
-    ) -> tuple[str, AuthorizationServer] | None:
-        """The registered authorization server whose issuer is `issuer` (``self`` is this
-        broker, `own_issuer`), with its name."""
-        for name, server in self.authorization_servers.items():
-            if server.issuer == issuer or (server.issuer == "self" and issuer == own_issuer):
-                return name, server
-        return None
+    ) -> list[tuple[str, AuthorizationServer]]:
+        """The registrations of the authorization server whose issuer is `issuer` (``self`` is
+        this broker, `own_issuer`), by name: several entries may register one server (each
+        with its resources and agents)."""
+        return [
+            (name, server)
+            for name, server in sorted(self.authorization_servers.items())
+            if server.issuer == issuer or (server.issuer == "self" and issuer == own_issuer)
+        ]
 
     def approval_rule(self, name: str) -> CompiledApprovalRule | None:
         return next((rule for rule in self.approval_rules if rule.name == name), None)

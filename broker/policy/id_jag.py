@@ -48,28 +48,32 @@ def decide_id_jag(
 ) -> IdJagDecision:
     """May ``request.agent`` obtain an ID-JAG for `audience` (an authorization server's issuer;
     ``self`` entries are this broker, `own_issuer`) and `resource`, and with which scopes?"""
-    found = policy.authorization_server(audience, own_issuer)
-    if found is None:
+    registrations = policy.authorization_server(audience, own_issuer)
+    if not registrations:
         return _refused(
             "invalid_target",
             UNKNOWN_AUTHORIZATION_SERVER,
             "audience is not an authorization server registered in the policy",
         )
-    name, server = found
-    if resource not in server.resources:
+    serving = [(n, s) for n, s in registrations if resource in s.resources]
+    if not serving:
+        names = ", ".join(repr(n) for n, _ in registrations)
         return _refused(
             "invalid_target",
             UNKNOWN_RESOURCE,
-            f"resource is not one authorization server {name!r} serves",
-            name,
+            f"resource is not one authorization server {names} serves",
+            registrations[0][0],
         )
-    if request.agent not in server.agents:
+    allowed = [(n, s) for n, s in serving if request.agent in s.agents]
+    if not allowed:
+        name = serving[0][0]
         return _refused(
             "unauthorized_client",
             ID_JAG_NOT_ALLOWED,
             f"agent {request.agent!r} may not obtain ID-JAGs for authorization server {name!r}",
             name,
         )
+    name, server = allowed[0]
     decision = decide(policy, replace(request, audiences=(resource,)))
     if not decision.allowed:
         return IdJagDecision(

@@ -371,12 +371,8 @@ def _compile(
                 if credential_name not in merged.credentials:
                     problems.append(f"{where}.credentials: unknown credential {credential_name!r}")
 
-    issuers_seen: dict[str, str] = {}
     for name, server in merged.authorization_servers.items():
         where = f"{merged.origin[f'authorization_servers.{name}']}: authorization_servers.{name}"
-        if server.issuer in issuers_seen:
-            problems.append(f"{where}.issuer: already the issuer of {issuers_seen[server.issuer]}")
-        issuers_seen[server.issuer] = name
         for agent in [*server.agents, *server.client_ids]:
             if agent not in merged.agents:
                 problems.append(f"{where}: unknown agent {agent!r}")

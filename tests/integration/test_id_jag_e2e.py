@@ -105,7 +105,7 @@ def _policy(external_issuer: str) -> dict[str, Any]:
             }
         },
         "authorization_servers": {
-            "tickets-mcp": {
+            "test-mcp": {
                 "description": "This broker, as the tickets MCP server's authorization server",
                 "issuer": "self",
                 "resources": [MCP_URL],
