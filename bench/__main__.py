@@ -8,9 +8,9 @@ import signal
 import sys
 from types import FrameType
 
-from bench import audit_sink, cache_hit, client_auth, credentials, exchange, state
+from bench import audit_sink, cache_hit, client_auth, credentials, dpop, exchange, state
 
-SECTIONS = ("exchange", "credentials", "cache", "state", "audit", "client_auth")
+SECTIONS = ("exchange", "credentials", "cache", "state", "audit", "client_auth", "dpop")
 """What ``--only`` may name, in the order a full run measures them."""
 
 _NUMBERS: list[tuple[str, type, str | None, str]] = [
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 audit_sink.main(min(options.seconds, 3.0))
             elif section == "client_auth":
                 client_auth.main()
+            elif section == "dpop":
+                dpop.main()
             else:
                 cache_hit.main()
             print("")
