@@ -48,6 +48,13 @@ from urllib.parse import quote, urlsplit
 import httpx
 import jinja2
 from authlib.integrations.base_client import OAuthError as AuthlibError
+
+try:  # Authlib's HTTP client is httpx2 where that is installed (the MCP SDK brings it)
+    import httpx2
+
+    HTTP_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx2.HTTPError)
+except ImportError:  # pragma: no cover - depends on what else is installed
+    HTTP_ERRORS = (httpx.HTTPError,)
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -324,7 +331,7 @@ class ApprovalPages:
             redirect = await client.authorize_redirect(request, self._callback)
             redirect.headers.update(self._headers())
             return redirect
-        except (httpx.HTTPError, AuthlibError, ValueError, KeyError) as exc:
+        except (*HTTP_ERRORS, AuthlibError, ValueError, KeyError) as exc:
             log.warning("approvals sign-in: %s unreachable: %s", choice, type(exc).__name__)
             return self.message(
                 503,
@@ -357,7 +364,7 @@ class ApprovalPages:
                 "The identity provider did not sign you in (or the answer was not for this "
                 "sign-in). Sign in again.",
             )
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
+        except (*HTTP_ERRORS, ValueError, KeyError) as exc:
             request.session.clear()
             log.warning("approvals sign-in: %s failed: %s", idp_name, type(exc).__name__)
             return self.message(
