@@ -28,6 +28,11 @@ class Attribution:
     credential: str
 
 
+def money(amount: Decimal) -> str:
+    """An amount as people read it: cents for large amounts, more digits for small ones."""
+    return f"{amount:,.2f}" if abs(amount) >= 10 else f"{amount:,.4f}"
+
+
 def applicable(policy: Policy, who: Attribution) -> list[tuple[str, Budget]]:
     """The budgets `who` counts against, by name."""
     found = []
@@ -94,8 +99,8 @@ def check_budgets(
         share = used / budget.amount * 100
         scope = f"{budget.scope.kind.replace('_', ' ')} {budget.scope.value}"
         line = (
-            f"budget {name} ({scope}, {budget.action}): {used:,.2f} of {budget.amount:,.2f} "
-            f"{budget.currency} ({share:.0f} %) for {period}"
+            f"budget {name} ({scope}, {budget.action}): {money(used)} of "
+            f"{money(budget.amount)} {budget.currency} ({share:.0f} %) for {period}"
         )
         lines.append(line)
         fits = used + (budget.reserve_per_call or Decimal(0)) <= budget.amount
@@ -103,6 +108,6 @@ def check_budgets(
             refusing = name
             description = (
                 f"this fetch would be refused: {scope} has spent {share:.0f} % of "
-                f"{budget.amount:,.2f} {budget.currency} for {period} (budget {name})"
+                f"{money(budget.amount)} {budget.currency} for {period} (budget {name})"
             )
     return BudgetVerdict(refusing is None, refusing, description, tuple(lines))

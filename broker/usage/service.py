@@ -51,7 +51,14 @@ from broker.policy.model import Budget
 from broker.state import StateStore, StateUnavailable
 from broker.tokens import BrokerTokenVerifier
 from broker.types import BrokerToken
-from broker.usage.budgets import Attribution, applicable, crossed, period_end, period_id
+from broker.usage.budgets import (
+    Attribution,
+    applicable,
+    crossed,
+    money,
+    period_end,
+    period_id,
+)
 from broker.usage.pricing import Priced, from_micro, price_call, to_micro
 from broker.usage.state import UsageState
 from idp_adapters.base import TokenRejected
@@ -87,7 +94,7 @@ class BudgetRefused(AccessDenied):
 
 
 def _money(micro: int) -> str:
-    return f"{from_micro(micro):,.2f}"
+    return money(from_micro(micro))
 
 
 @dataclass(frozen=True, slots=True)
