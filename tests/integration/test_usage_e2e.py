@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -379,3 +380,51 @@ def test_a_deny_budget_reserves_refuses_settles_and_releases(
         'broker_usage_cost_total{cost_centre="claims-ops",currency="EUR",model="m1",'
         'provider="testai"}' in metrics
     )
+
+
+def test_an_unreachable_state_store_refuses_fetches_under_a_deny_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: with Redis down, a fetch a deny budget governs is a 503 naming the budget
+    state (never served unaccounted), and readiness says the state store is down."""
+    from tests.support.servers import run_redis
+
+    write_provider_keys(tmp_path / "keys.yaml", "sk-usage-test")
+    with run_redis(tmp_path) as redis:
+        state = {
+            "kind": "redis",
+            "url": f"redis://127.0.0.1:{redis.port}/0",
+            "socket_timeout_seconds": 0.3,
+            "connect_timeout_seconds": 0.3,
+        }
+        monkeypatch.setenv("USAGE_HOOK_SECRET", HOOK_SECRET)
+        channels = {
+            "finance-hook": {
+                "kind": "webhook",
+                "url": "http://127.0.0.1:9/hook",
+                "secret_ref": "env:USAGE_HOOK_SECRET",
+            }
+        }
+        with run_example_stack(
+            tmp_path,
+            SECRETS,
+            tmp_path / "keys.yaml",
+            policy_extra=_policy_extra(),
+            state=state,
+            notifications={"channels": channels},
+        ) as (running, idp):
+            token = httpx.post(
+                running.token_endpoint,
+                data=exchange_form(
+                    idp.mint("alice"), scope="llm:openai:chat", audience="llm-gateway"
+                ),
+                auth=("budget-agent", USAGE_AGENT_SECRET),
+            ).json()["access_token"]
+            assert _fetch(running, token).status_code == 200
+            redis.stop()
+            refused = _fetch(running, token)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"] == "temporarily_unavailable"
+            assert "sk-usage-test" not in refused.text
+            ready = httpx.get(f"{running.url}/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["state"]["ok"] is False
