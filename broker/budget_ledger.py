@@ -13,8 +13,9 @@ Overspend bound: spent exceeds a limit only by what calls admitted within it cos
 reservations (see `broker.usage.service`).
 
 Redis layout: per (budget, period), under the hash tag ``{<prefix>budget:<name>:<period>}``:
-``:spent`` (an integer), ``:open`` (a hash: reservation id -> "amount expiry"), ``:done`` (the
-set of applied ids), so every key of one budget period is in one Cluster slot. An operation
+``:spent`` and ``:reserved`` (integers), ``:open`` (reservation id -> amount), ``:exp``
+(reservation ids by expiry), ``:done`` (applied ids), so every key of one budget period is in
+one Cluster slot. An operation
 spanning several budgets touches several of them in one script: on a Cluster they would need
 one slot (budgets of one call sharing a tag); a single primary or Sentinel needs nothing.
 """
@@ -22,6 +23,7 @@ one slot (budgets of one call sharing a tag); a single primary or Sentinel needs
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,14 +71,31 @@ class BudgetLedger(Protocol):
 @dataclass
 class _Period:
     spent: int = 0
+    reserved_total: int = 0
     reservations: dict[str, tuple[int, float]] = field(default_factory=dict)
+    expiries: list[tuple[float, str]] = field(default_factory=list)
+    """A min-heap of (expiry, id): expired reservations are dropped in O(log n) each."""
     applied: set[str] = field(default_factory=set)
     expires_at: float = 0.0
 
     def reserved(self, now: float) -> int:
-        for rid in [r for r, (_, until) in self.reservations.items() if until <= now]:
-            del self.reservations[rid]
-        return sum(amount for amount, _ in self.reservations.values())
+        while self.expiries and self.expiries[0][0] <= now:
+            until, rid = heapq.heappop(self.expiries)
+            held = self.reservations.get(rid)
+            if held is not None and held[1] == until:
+                del self.reservations[rid]
+                self.reserved_total -= held[0]
+        return self.reserved_total
+
+    def hold(self, rid: str, amount: int, until: float) -> None:
+        self.reservations[rid] = (amount, until)
+        self.reserved_total += amount
+        heapq.heappush(self.expiries, (until, rid))
+
+    def drop(self, rid: str) -> None:
+        held = self.reservations.pop(rid, None)
+        if held is not None:
+            self.reserved_total -= held[0]
 
 
 class MemoryBudgetLedger:
@@ -108,7 +127,7 @@ class MemoryBudgetLedger:
                 if period.spent + reserved + amount > key.limit:
                     return Reservation(False, key, period.spent, reserved)
             for _, amount, period in periods:
-                period.reservations[reservation_id] = (amount, now + hold_seconds)
+                period.hold(reservation_id, amount, now + hold_seconds)
             return Reservation(True)
 
     async def _apply(self, op_id: str, entries: Entries, release: bool) -> Counters:
@@ -120,7 +139,7 @@ class MemoryBudgetLedger:
                 if op_id not in period.applied:
                     period.applied.add(op_id)
                     if release:
-                        period.reservations.pop(op_id, None)
+                        period.drop(op_id)
                     period.spent += amount
                 counters[key] = (period.spent, period.reserved(now))
         return counters
@@ -136,7 +155,7 @@ class MemoryBudgetLedger:
             for key in keys:
                 period = self._periods.get((key.budget, key.period))
                 if period is not None:
-                    period.reservations.pop(reservation_id, None)
+                    period.drop(reservation_id)
 
     async def status(self, keys: Sequence[LedgerKey]) -> Counters:
         now = self._clock.monotonic()
@@ -146,84 +165,107 @@ class MemoryBudgetLedger:
             }
 
 
-# Per budget period, three keys under one hash tag: <tag>:spent (integer), <tag>:open (hash:
-# reservation id -> "amount expiry_ms"), <tag>:done (set of applied operation ids).
-_RESERVED = """
-local function reserved(key, now)
-  local total = 0
-  local fields = redis.call('HGETALL', key)
-  for i = 1, #fields, 2 do
-    local amount, untill = string.match(fields[i + 1], '^(%d+) (%d+)$')
-    if tonumber(untill) <= now then
-      redis.call('HDEL', key, fields[i])
-    else
-      total = total + tonumber(amount)
+# Per budget period, five keys under one hash tag: <tag>:spent and <tag>:reserved (integers),
+# <tag>:open (hash: reservation id -> amount), <tag>:exp (sorted set: id by expiry in ms),
+# <tag>:done (set of applied operation ids). A running `reserved` total and the expiry index
+# keep every operation O(log n) in the open reservations, however many there are.
+_PURGE = """
+local function purge(base, now)
+  local spent, reserved, open, exp = KEYS[base], KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
+  local expired = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, 10000)
+  for _, id in ipairs(expired) do
+    local amount = redis.call('HGET', open, id)
+    if amount then
+      redis.call('DECRBY', reserved, amount)
+      redis.call('HDEL', open, id)
+    end
+    redis.call('ZREM', exp, id)
+  end
+  return tonumber(redis.call('GET', spent) or '0'), tonumber(redis.call('GET', reserved) or '0')
+end
+local function drop(base, id)
+  local amount = redis.call('HGET', KEYS[base + 2], id)
+  if amount then
+    redis.call('DECRBY', KEYS[base + 1], amount)
+    redis.call('HDEL', KEYS[base + 2], id)
+  end
+  redis.call('ZREM', KEYS[base + 3], id)
+end
+local function keep(base, ttl)
+  for k = base, base + 4 do
+    if redis.call('EXISTS', KEYS[k]) == 1 and redis.call('PTTL', KEYS[k]) < ttl then
+      redis.call('PEXPIRE', KEYS[k], ttl)
     end
   end
-  return total
 end
 """
 
-# KEYS: spent, open, done per budget. ARGV: now_ms, id, hold_ms, then per budget: amount,
-# limit, ttl_ms. Returns {1} when granted, or {0, index, spent, reserved} (1-based index).
+# KEYS: five per budget. ARGV: now_ms, id, hold_ms, then per budget: amount, limit, ttl_ms.
+# Returns {1} when granted, or {0, index, spent, reserved} (1-based index).
 _RESERVE = (
-    _RESERVED
+    _PURGE
     + """
 local now = tonumber(ARGV[1])
 local id = ARGV[2]
 local hold = tonumber(ARGV[3])
-local n = #KEYS / 3
+local n = #KEYS / 5
 local held = true
 for i = 1, n do
-  if redis.call('HEXISTS', KEYS[3 * i - 1], id) == 0 then held = false end
+  if redis.call('HEXISTS', KEYS[5 * i - 2], id) == 0 then held = false end
 end
 if held then return {1} end
 for i = 1, n do
+  local spent, reserved = purge(5 * i - 4, now)
   local amount = tonumber(ARGV[3 + 3 * i - 2])
-  local limit = tonumber(ARGV[3 + 3 * i - 1])
-  local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]) or '0')
-  local open = reserved(KEYS[3 * i - 1], now)
-  if spent + open + amount > limit then
-    return {0, i, spent, open}
+  if spent + reserved + amount > tonumber(ARGV[3 + 3 * i - 1]) then
+    return {0, i, spent, reserved}
   end
 end
 for i = 1, n do
-  local ttl = tonumber(ARGV[3 + 3 * i])
-  redis.call('HSET', KEYS[3 * i - 1], id, ARGV[3 + 3 * i - 2] .. ' ' .. tostring(now + hold))
-  for k = 3 * i - 2, 3 * i do
-    if redis.call('PTTL', KEYS[k]) < ttl then redis.call('PEXPIRE', KEYS[k], ttl) end
+  local base = 5 * i - 4
+  local amount = tonumber(ARGV[3 + 3 * i - 2])
+  if redis.call('HSETNX', KEYS[base + 2], id, amount) == 1 then
+    redis.call('INCRBY', KEYS[base + 1], amount)
+    redis.call('ZADD', KEYS[base + 3], now + hold, id)
   end
+  redis.call('SETNX', KEYS[base], 0)
+  keep(base, tonumber(ARGV[3 + 3 * i]))
 end
 return {1}
 """
 )
 
-# KEYS: spent, open, done per budget. ARGV: now_ms, id, release (1/0), then per budget:
+# KEYS: five per budget. ARGV: now_ms, id ('' for none), release (1/0), then per budget:
 # amount, ttl_ms. Returns spent, reserved per budget (flat).
 _APPLY = (
-    _RESERVED
+    _PURGE
     + """
 local now = tonumber(ARGV[1])
 local id = ARGV[2]
 local release = ARGV[3] == '1'
-local n = #KEYS / 3
+local n = #KEYS / 5
 local out = {}
 for i = 1, n do
-  local amount = tonumber(ARGV[3 + 2 * i - 1])
-  local ttl = tonumber(ARGV[3 + 2 * i])
-  if id ~= '' and redis.call('SADD', KEYS[3 * i], id) == 1 then
-    if release then redis.call('HDEL', KEYS[3 * i - 1], id) end
-    redis.call('INCRBY', KEYS[3 * i - 2], amount)
+  local base = 5 * i - 4
+  if id ~= '' and redis.call('SADD', KEYS[base + 4], id) == 1 then
+    if release then drop(base, id) end
+    redis.call('INCRBY', KEYS[base], tonumber(ARGV[3 + 2 * i - 1]))
+    keep(base, tonumber(ARGV[3 + 2 * i]))
   end
-  for k = 3 * i - 2, 3 * i do
-    if redis.call('EXISTS', KEYS[k]) == 1 and redis.call('PTTL', KEYS[k]) < ttl then
-      redis.call('PEXPIRE', KEYS[k], ttl)
-    end
-  end
-  table.insert(out, tonumber(redis.call('GET', KEYS[3 * i - 2]) or '0'))
-  table.insert(out, reserved(KEYS[3 * i - 1], now))
+  local spent, reserved = purge(base, now)
+  table.insert(out, spent)
+  table.insert(out, reserved)
 end
 return out
+"""
+)
+
+# KEYS: five per budget. ARGV: id.
+_RELEASE = (
+    _PURGE
+    + """
+for i = 1, #KEYS / 5 do drop(5 * i - 4, ARGV[1]) end
+return 1
 """
 )
 
@@ -240,10 +282,11 @@ class RedisBudgetLedger:
         self._prefix = store.key_prefix
         self._reserve = store.client.register_script(_RESERVE)
         self._apply_script = store.client.register_script(_APPLY)
+        self._release = store.client.register_script(_RELEASE)
 
     def _keys(self, key: LedgerKey) -> list[str]:
         tag = "{" + f"{self._prefix}budget:{key.budget}:{key.period}" + "}"
-        return [f"{tag}:spent", f"{tag}:open", f"{tag}:done"]
+        return [f"{tag}:{part}" for part in ("spent", "reserved", "open", "exp", "done")]
 
     def _now_ms(self) -> int:
         return int(self._clock.now() * 1000)  # wall time: replicas share it
@@ -280,11 +323,11 @@ class RedisBudgetLedger:
         return await self._apply(record_id, entries, release=False)
 
     async def release(self, reservation_id: str, keys: Sequence[LedgerKey]) -> None:
+        if not keys:
+            return
         async with self._store.guard("budget release"):
-            pipe = self._store.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.hdel(self._keys(key)[1], reservation_id)
-            await pipe.execute()
+            names = [name for k in keys for name in self._keys(k)]
+            await self._release(keys=names, args=[reservation_id])
 
     async def status(self, keys: Sequence[LedgerKey]) -> Counters:
         return await self._apply("", [(k, 0) for k in keys], release=False)

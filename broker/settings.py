@@ -647,6 +647,12 @@ class BrokerSettings(BaseSettings):
         backends = [b.name for b in self.secret_backends]
         if len(backends) != len(set(backends)):
             raise ValueError("secret backend names must be unique")
+        unknown = set(self.usage.alert_channels) - set(self.notifications.channels)
+        if unknown:
+            raise ValueError(
+                f"usage.alert_channels: no notification channel {sorted(unknown)[0]!r} is "
+                "configured"
+            )
         # JWT issuers and SAML entity ids are routed apart (one IdP may use one name for both).
         for family in (
             [p.issuer for p in self.identity_providers if p.kind != "saml"],
