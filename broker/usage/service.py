@@ -31,6 +31,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from cachetools import TTLCache
+
 from broker.audit import DecisionLog
 from broker.budget_ledger import BudgetLedger, LedgerKey
 from broker.client_auth import AuthenticatedClient
@@ -124,6 +126,9 @@ class BudgetGate:
         self._zone = ZoneInfo(time_zone)
         self._hold = hold_seconds
         self._grace = report_grace_seconds
+        # Fetches without a reservation are noted once a minute per (gateway, token,
+        # credential) by this process, not on every call: the note outlives the token anyway.
+        self._noted: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=100_000, ttl=60)
 
     def keyed(self, budgets: Sequence[tuple[str, Budget]], at: datetime) -> list[_Keyed]:
         keyed = []
@@ -173,6 +178,9 @@ class BudgetGate:
                     reason="budget_exceeded",
                 )
             record["budget_reservation"] = reservation
+        noted = (gateway, token.jti, who.credential)
+        if reservation is None and noted in self._noted:
+            return None
         ttl = max(token.expires_at - self._clock.now(), 0.0) + self._grace
         try:
             await self._state.note_fetch(
@@ -191,6 +199,8 @@ class BudgetGate:
                 reason="usage_state_unavailable",
                 headers={"Retry-After": "1"},
             ) from None
+        if reservation is None:
+            self._noted[noted] = True
         return reservation
 
     async def release(
