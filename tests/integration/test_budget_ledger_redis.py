@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from broker.budget_ledger import LedgerKey, build_ledger
-from broker.budget_ledger_redis import RedisBudgetLedger
+from broker.budget_ledger import LedgerKey, RedisBudgetLedger, build_ledger
 from broker.clock import SystemClock
 from broker.state import StateUnavailable
 from broker.state_redis import RedisStateStore
@@ -70,7 +69,7 @@ class TestRedisBudgetLedgerContract(BudgetLedgerContract):
     def kit(self, make_store: Callable[..., RedisStateStore]) -> LedgerKit:
         # The contract is about answers, not latency: generous timeouts on a busy machine.
         store = make_store(socket_timeout=3.0, connect_timeout=3.0)
-        return LedgerKit(RedisBudgetLedger(store), asyncio.sleep)
+        return LedgerKit(RedisBudgetLedger(store, SystemClock()), asyncio.sleep)
 
 
 async def test_build_ledger_uses_the_state_stores_redis(
@@ -79,7 +78,7 @@ async def test_build_ledger_uses_the_state_stores_redis(
     store = make_store()
     ledger = build_ledger(store, SystemClock())
     assert isinstance(ledger, RedisBudgetLedger)
-    assert ledger._redis is store.client  # no pool of its own
+    assert ledger._store is store  # its client: no pool of its own
 
 
 # -- replicas and keys ---------------------------------------------------------------------
@@ -88,8 +87,11 @@ async def test_build_ledger_uses_the_state_stores_redis(
 async def test_two_replicas_share_the_counters(
     make_store: Callable[..., RedisStateStore],
 ) -> None:
-    a, b = RedisBudgetLedger(make_store()), RedisBudgetLedger(make_store())
-    k = LedgerKey("cost_centre:claims-ops", "2026-11", 100, TTL)
+    a, b = (
+        RedisBudgetLedger(make_store(), SystemClock()),
+        RedisBudgetLedger(make_store(), SystemClock()),
+    )
+    k = LedgerKey("cc-claims-ops", "2026-11", 100, TTL)
     assert (await a.reserve([(k, 60)], "fetch-1", 60)).granted
     refused = await b.reserve([(k, 50)], "fetch-2", 60)
     assert (refused.granted, refused.spent, refused.reserved) == (False, 0, 60)
@@ -98,43 +100,62 @@ async def test_two_replicas_share_the_counters(
     assert (await a.reserve([(k, 50)], "fetch-2", 60)).granted
 
 
+def _layout(prefix: str, budget: str, period: str) -> list[str]:
+    """The documented keys of a budget period (broker.budget_ledger's module doc)."""
+    tag = f"{{{prefix}budget:{budget}:{period}}}"
+    return [f"{tag}:{part}" for part in ("spent", "reserved", "open", "exp", "done")]
+
+
 async def test_a_budget_period_is_one_hash_tag_with_its_lifetime(
     make_store: Callable[..., RedisStateStore], redis_server: RedisServer, prefix: str
 ) -> None:
-    ledger = RedisBudgetLedger(make_store())
-    k = LedgerKey("person:dev/alice", "2026-11-30", 1000, 30.0)
-    other = LedgerKey("person:dev/bob", "2026-11-30", 1000, 30.0)
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
+    k = LedgerKey("alice-daily", "2026-11-30", 1000, 30.0)
+    other = LedgerKey("bob-daily", "2026-11-30", 1000, 30.0)
     await ledger.reserve([(k, 10), (other, 10)], "r1", 60)
     await ledger.settle("r1", [(k, 8), (other, 8)])
     await ledger.reserve([(k, 10)], "r2", 60)
-    keys = ledger.keys_of(k)
-    assert keys[0] == f"{{{prefix}budget:person%3Adev%2Falice:2026-11-30}}:c"
-    assert len({key_slot(x.encode()) for x in keys}) == 1
+    keys = _layout(prefix, k.budget, k.period)
+    assert len({key_slot(x.encode()) for x in keys}) == 1  # one Cluster slot per period
     admin = redis_server.client()
     try:
         stored = sorted(x.decode() for x in admin.scan_iter(match=f"{{{prefix}*"))
-        bob = ledger.keys_of(other)
+        spent, reserved, _, _, done = _layout(prefix, other.budget, other.period)
         # Bob holds nothing any more: Redis dropped his emptied hash and sorted set.
-        assert stored == sorted([*keys, bob[0], bob[3]])
+        assert stored == sorted([*keys, spent, reserved, done])
         assert all(0 < admin.pttl(x) <= 30_000 for x in stored)
+        assert (int(admin.get(keys[0])), int(admin.get(keys[1]))) == (8, 10)
         # A later write never lowers a lifetime, a longer one raises it.
         await ledger.record([(LedgerKey(k.budget, k.period, 1000, 5.0), 1)], "rec")
         assert all(admin.pttl(x) > 20_000 for x in keys)
         await ledger.record([(LedgerKey(k.budget, k.period, 1000, 90.0), 1)], "rec2")
         assert all(admin.pttl(x) > 60_000 for x in keys)
         # Status and release of an unknown period create nothing.
-        unknown = LedgerKey("agent:nobody", "2026-11", 10, TTL)
+        unknown = LedgerKey("nobody-monthly", "2026-11", 10, TTL)
         assert await ledger.status([unknown]) == {unknown: (0, 0)}
         await ledger.release("r9", [unknown])
-        assert not list(admin.scan_iter(match=f"{{{prefix}budget:agent*"))
+        assert not list(admin.scan_iter(match=f"{{{prefix}budget:nobody*"))
     finally:
         admin.close()
+
+
+async def test_counters_live_for_their_ttl(
+    make_store: Callable[..., RedisStateStore],
+) -> None:
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
+    short = LedgerKey("short-lived", "2026-11", 100, 1.0)
+    await ledger.reserve([(short, 40)], "a", 60)
+    await ledger.record([(short, 60)], "r")
+    assert not (await ledger.reserve([(short, 1)], "b", 60)).granted
+    await asyncio.sleep(1.5)
+    assert await ledger.status([short]) == {short: (0, 0)}
+    assert (await ledger.reserve([(short, 100)], "b", 60)).granted
 
 
 async def test_reserve_is_one_script_call(
     make_store: Callable[..., RedisStateStore], redis_server: RedisServer
 ) -> None:
-    ledger = RedisBudgetLedger(make_store())
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
     keys = [LedgerKey(f"b{i}", "2026-11", 100, TTL) for i in range(3)]
     await ledger.status(keys)  # loads the script
     admin = redis_server.client()
@@ -171,22 +192,29 @@ async def _replica(
         connect_timeout=5.0,
         max_connections=120,
     )
-    ledger = RedisBudgetLedger(store)
+    ledger = RedisBudgetLedger(store, SystemClock())
     k = LedgerKey(args["budget"], "2026-11", args["limit"], TTL)
     try:
         await store.ping()
         await ledger.status([k])  # scripts loaded, a connection open: the race is the reserves
         await asyncio.to_thread(barrier.wait, 60)
         if job == "burst":
-            results = await asyncio.gather(
-                *(
-                    ledger.reserve([(k, args["amount"])], f"{args['me']}-{i}", 120)
-                    for i in range(args["count"])
+            entries = [(k, args["amount"])]
+            if "person_limit" in args:  # and a budget of this process's own "person"
+                own = LedgerKey(
+                    f"{args['budget']}-{args['me']}", "2026-11", args["person_limit"], TTL
                 )
+                entries.append((own, args["amount"]))
+            results = await asyncio.gather(
+                *(ledger.reserve(entries, f"{args['me']}-{i}", 120) for i in range(args["count"]))
             )
             return {
                 "granted": [f"{args['me']}-{i}" for i, r in enumerate(results) if r.granted],
-                "refusals": [(r.spent, r.reserved) for r in results if not r.granted],
+                "refusals": [
+                    (r.refused_by.budget if r.refused_by else None, r.spent, r.reserved)
+                    for r in results
+                    if not r.granted
+                ],
             }
         # job == "loops": fetch-and-report loops, each reserving an estimate, "calling the
         # provider", settling the actual.
@@ -241,7 +269,7 @@ async def test_concurrent_reserves_from_two_processes_fill_the_limit_exactly(
     redis_server: RedisServer, make_store: Callable[..., RedisStateStore], prefix: str
 ) -> None:
     limit, amount = 10_000, 70  # 142 fit, 200 try
-    common = {"budget": "cost_centre:burst", "limit": limit, "amount": amount, "count": 100}
+    common = {"budget": "cc-burst", "limit": limit, "amount": amount, "count": 100}
     results = await asyncio.to_thread(
         _run_two_replicas,
         redis_server,
@@ -254,10 +282,10 @@ async def test_concurrent_reserves_from_two_processes_fill_the_limit_exactly(
     assert len(granted) == limit // amount  # never more, and no refusal while room remained
     assert all(results_by_proc["granted"] for results_by_proc in results)  # both raced
     assert len(refusals) == 200 - limit // amount
-    assert all(spent + reserved + amount > limit for spent, reserved in refusals)
+    assert all(spent + reserved + amount > limit for _, spent, reserved in refusals)
 
-    ledger = RedisBudgetLedger(make_store())
-    k = LedgerKey("cost_centre:burst", "2026-11", limit, TTL)
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
+    k = LedgerKey("cc-burst", "2026-11", limit, TTL)
     assert await ledger.status([k]) == {k: (0, len(granted) * amount)}
     # Settle every reservation, some above their estimate: spend exceeds the limit only by the
     # sum of the excesses (the documented bound).
@@ -269,6 +297,45 @@ async def test_concurrent_reserves_from_two_processes_fill_the_limit_exactly(
     assert spent <= limit + sum(max(0, a - amount) for a in actuals.values())
 
 
+async def test_concurrent_reserves_over_several_budgets_are_all_or_nothing(
+    redis_server: RedisServer, make_store: Callable[..., RedisStateStore], prefix: str
+) -> None:
+    # Each reserve holds on the shared cost-centre budget (room for 142) and on its process's
+    # own person budget (room for 85 each): 142 granted in all, at most 85 per process, and a
+    # hold refused by one budget leaves nothing on the other.
+    limit, person_limit, amount = 10_000, 6_000, 70
+    common = {
+        "budget": "cc-multi",
+        "limit": limit,
+        "person_limit": person_limit,
+        "amount": amount,
+        "count": 100,
+    }
+    results = await asyncio.to_thread(
+        _run_two_replicas,
+        redis_server,
+        prefix,
+        "burst",
+        [{**common, "me": "a"}, {**common, "me": "b"}],
+    )
+    counts = [len(r["granted"]) for r in results]
+    assert sum(counts) == limit // amount
+    assert all(c <= person_limit // amount for c in counts)
+    for me, r in zip("ab", results, strict=True):
+        for budget, spent, reserved in r["refusals"]:
+            assert budget in ("cc-multi", f"cc-multi-{me}")
+            room = limit if budget == "cc-multi" else person_limit
+            assert spent + reserved + amount > room  # no false refusal
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
+    centre = LedgerKey("cc-multi", "2026-11", limit, TTL)
+    people = [LedgerKey(f"cc-multi-{me}", "2026-11", person_limit, TTL) for me in "ab"]
+    assert await ledger.status([centre, *people]) == {
+        centre: (0, sum(counts) * amount),
+        people[0]: (0, counts[0] * amount),
+        people[1]: (0, counts[1] * amount),
+    }
+
+
 @pytest.mark.parametrize("excess", [0, 15])
 async def test_fetch_and_report_loops_from_two_processes_respect_the_bound(
     redis_server: RedisServer,
@@ -278,7 +345,7 @@ async def test_fetch_and_report_loops_from_two_processes_respect_the_bound(
 ) -> None:
     limit, estimate = 20_000, 100
     common = {
-        "budget": f"cost_centre:loops-{excess}",
+        "budget": f"cc-loops-{excess}",
         "limit": limit,
         "estimate": estimate,
         "excess": excess,
@@ -294,7 +361,7 @@ async def test_fetch_and_report_loops_from_two_processes_respect_the_bound(
     )
     actuals = [a for r in results for a in r["actuals"]]
     refusals = [tuple(x) for r in results for x in r["refusals"]]
-    ledger = RedisBudgetLedger(make_store())
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
     k = LedgerKey(common["budget"], "2026-11", limit, TTL)
     spent, reserved = (await ledger.status([k]))[k]
     assert (spent, reserved) == (sum(actuals), 0)  # every settle counted once, no hold left
@@ -341,7 +408,7 @@ async def _assert_all_work(ledger: RedisBudgetLedger, tag: str) -> None:
 async def test_redis_stopped_then_restarted(
     make_store: Callable[..., RedisStateStore], redis_server: RedisServer
 ) -> None:
-    ledger = RedisBudgetLedger(make_store())
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
     await _assert_all_work(ledger, "before")
     redis_server.stop()
     try:
@@ -356,7 +423,7 @@ async def test_redis_stopped_then_restarted(
 async def test_hung_redis_times_out_then_recovers(
     make_store: Callable[..., RedisStateStore], redis_server: RedisServer
 ) -> None:
-    ledger = RedisBudgetLedger(make_store(socket_timeout=0.3, connect_timeout=0.3))
+    ledger = RedisBudgetLedger(make_store(socket_timeout=0.3, connect_timeout=0.3), SystemClock())
     await _assert_all_work(ledger, "pre")
     redis_server.freeze()
     try:
