@@ -178,7 +178,7 @@ def _process_main(
     url: str, prefix: str, job: str, args: dict[str, Any], barrier: Any, out: Any
 ) -> None:
     """One broker replica: its own state store (own connection pool) and ledger."""
-    out.put(asyncio.run(_replica(url, prefix, job, args, barrier)))
+    out.put({"me": args["me"], **asyncio.run(_replica(url, prefix, job, args, barrier))})
 
 
 async def _replica(
@@ -253,7 +253,8 @@ def _run_two_replicas(
     for p in processes:
         p.start()
     try:
-        results = [out.get(timeout=120) for _ in processes]
+        # In the order of `args` (the queue answers in the order the processes finish).
+        results = sorted((out.get(timeout=120) for _ in processes), key=lambda r: r["me"])
         for p in processes:
             p.join(timeout=30)
             assert p.exitcode == 0
