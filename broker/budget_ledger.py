@@ -88,6 +88,8 @@ class _Period:
         return self.reserved_total
 
     def hold(self, rid: str, amount: int, until: float) -> None:
+        if rid in self.reservations:
+            return
         self.reservations[rid] = (amount, until)
         self.reserved_total += amount
         heapq.heappush(self.expiries, (until, rid))
@@ -110,7 +112,9 @@ class MemoryBudgetLedger:
     def _period(self, key: LedgerKey, now: float) -> _Period:
         if len(self._periods) > self._max:
             self._periods = {k: p for k, p in self._periods.items() if p.expires_at > now}
-        period = self._periods.setdefault((key.budget, key.period), _Period())
+        period = self._periods.get((key.budget, key.period))
+        if period is None or period.expires_at <= now:  # past its lifetime: starts afresh
+            period = self._periods[(key.budget, key.period)] = _Period()
         period.expires_at = max(period.expires_at, now + key.ttl_seconds)
         return period
 
@@ -120,10 +124,14 @@ class MemoryBudgetLedger:
         now = self._clock.monotonic()
         async with self._lock:
             periods = [(key, amount, self._period(key, now)) for key, amount in entries]
+            for _, _, period in periods:
+                period.reserved(now)  # drop expired holds first: an expired hold is not held
             if all(reservation_id in p.reservations for _, _, p in periods):
                 return Reservation(True)
             for key, amount, period in periods:
                 reserved = period.reserved(now)
+                if reservation_id in period.reservations:
+                    continue  # held by this id already (a retry): not counted twice
                 if period.spent + reserved + amount > key.limit:
                     return Reservation(False, key, period.spent, reserved)
             for _, amount, period in periods:
@@ -211,13 +219,15 @@ local hold = tonumber(ARGV[3])
 local n = #KEYS / 5
 local held = true
 for i = 1, n do
+  purge(5 * i - 4, now)  -- an expired hold is not held
   if redis.call('HEXISTS', KEYS[5 * i - 2], id) == 0 then held = false end
 end
 if held then return {1} end
 for i = 1, n do
   local spent, reserved = purge(5 * i - 4, now)
   local amount = tonumber(ARGV[3 + 3 * i - 2])
-  if spent + reserved + amount > tonumber(ARGV[3 + 3 * i - 1]) then
+  local mine = redis.call('HEXISTS', KEYS[5 * i - 2], id) == 1  -- held already: a retry
+  if not mine and spent + reserved + amount > tonumber(ARGV[3 + 3 * i - 1]) then
     return {0, i, spent, reserved}
   end
 end

@@ -139,19 +139,6 @@ async def test_a_budget_period_is_one_hash_tag_with_its_lifetime(
         admin.close()
 
 
-async def test_counters_live_for_their_ttl(
-    make_store: Callable[..., RedisStateStore],
-) -> None:
-    ledger = RedisBudgetLedger(make_store(), SystemClock())
-    short = LedgerKey("short-lived", "2026-11", 100, 1.0)
-    await ledger.reserve([(short, 40)], "a", 60)
-    await ledger.record([(short, 60)], "r")
-    assert not (await ledger.reserve([(short, 1)], "b", 60)).granted
-    await asyncio.sleep(1.5)
-    assert await ledger.status([short]) == {short: (0, 0)}
-    assert (await ledger.reserve([(short, 100)], "b", 60)).granted
-
-
 async def test_reserve_is_one_script_call(
     make_store: Callable[..., RedisStateStore], redis_server: RedisServer
 ) -> None:

@@ -233,6 +233,35 @@ class BudgetLedgerContract:
         assert (spent, reserved) == (115, 0)
         assert spent <= 100 + sum(max(0, a - 25) for a in actuals)
 
+    async def test_a_retry_after_its_hold_expired_holds_again(
+        self, kit: LedgerKit, name: str
+    ) -> None:
+        k = key(name, limit=100)
+        await kit.ledger.reserve([(k, 50)], "a", HOLD)
+        await kit.advance(HOLD + 0.4)
+        assert (await kit.ledger.reserve([(k, 50)], "a", 60)).granted
+        assert await kit.ledger.status([k]) == {k: (0, 50)}  # granted means held
+
+    async def test_a_retry_with_another_budget_holds_each_once(
+        self, kit: LedgerKit, name: str
+    ) -> None:
+        a, b = key(f"{name}-a", limit=15), key(f"{name}-b", limit=100)
+        await kit.ledger.reserve([(a, 10)], "r", 60)
+        # Its own hold on `a` is not counted against it again (10 + 10 > 15).
+        assert (await kit.ledger.reserve([(a, 10), (b, 10)], "r", 60)).granted
+        assert await kit.ledger.status([a, b]) == {a: (0, 10), b: (0, 10)}
+        await kit.ledger.release("r", [a, b])
+        assert await kit.ledger.status([a, b]) == {a: (0, 0), b: (0, 0)}
+
+    async def test_counters_live_for_their_ttl(self, kit: LedgerKit, name: str) -> None:
+        short = key(name, limit=100, ttl=1.0)
+        await kit.ledger.reserve([(short, 40)], "a", 60)
+        await kit.ledger.record([(short, 60)], "r")
+        assert not (await kit.ledger.reserve([(short, 1)], "b", 60)).granted
+        await kit.advance(1.5)
+        assert await kit.ledger.status([short]) == {short: (0, 0)}
+        assert (await kit.ledger.reserve([(short, 100)], "b", 60)).granted
+
     # -- concurrency -----------------------------------------------------------------------
 
     async def test_concurrent_reserves_never_exceed_and_never_falsely_refuse(
