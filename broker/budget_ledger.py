@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -66,6 +67,29 @@ class BudgetLedger(Protocol):
     async def release(self, reservation_id: str, keys: Sequence[LedgerKey]) -> None: ...
 
     async def status(self, keys: Sequence[LedgerKey]) -> Counters: ...
+
+
+def _checked(entries: Entries) -> Entries:
+    """Refuse, before anything is stored, what would corrupt the counters: amounts or limits
+    that are not non-negative integers (a negative amount would lower spent), lifetimes that
+    are not positive finite seconds, one budget period twice in one call."""
+    seen: set[tuple[str, str]] = set()
+    for key, amount in entries:
+        for value in (amount, key.limit):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("budget amounts and limits are non-negative integers")
+        _check_seconds(key.ttl_seconds, "ttl_seconds")
+        if (key.budget, key.period) in seen:
+            raise ValueError(f"budget {key.budget!r} period {key.period!r} given twice")
+        seen.add((key.budget, key.period))
+    return entries
+
+
+def _check_seconds(value: float, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be positive and finite")
 
 
 @dataclass
@@ -121,6 +145,8 @@ class MemoryBudgetLedger:
     async def reserve(
         self, entries: Entries, reservation_id: str, hold_seconds: float
     ) -> Reservation:
+        _checked(entries)
+        _check_seconds(hold_seconds, "hold_seconds")
         now = self._clock.monotonic()
         async with self._lock:
             periods = [(key, amount, self._period(key, now)) for key, amount in entries]
@@ -139,6 +165,7 @@ class MemoryBudgetLedger:
             return Reservation(True)
 
     async def _apply(self, op_id: str, entries: Entries, release: bool) -> Counters:
+        _checked(entries)
         now = self._clock.monotonic()
         counters: Counters = {}
         async with self._lock:
@@ -304,6 +331,8 @@ class RedisBudgetLedger:
     async def reserve(
         self, entries: Entries, reservation_id: str, hold_seconds: float
     ) -> Reservation:
+        _checked(entries)
+        _check_seconds(hold_seconds, "hold_seconds")
         args: list[Any] = [self._now_ms(), reservation_id, int(hold_seconds * 1000)]
         for key, amount in entries:
             args += [amount, key.limit, int(key.ttl_seconds * 1000)]
@@ -316,7 +345,7 @@ class RedisBudgetLedger:
         return Reservation(False, key, int(answer[2]), int(answer[3]))
 
     async def _apply(self, op_id: str, entries: Entries, release: bool) -> Counters:
-        if not entries:
+        if not _checked(entries):
             return {}
         args: list[Any] = [self._now_ms(), op_id, "1" if release else "0"]
         for key, amount in entries:

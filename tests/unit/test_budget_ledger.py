@@ -9,6 +9,7 @@ and lifetimes below are short (and the margins generous).
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -275,6 +276,39 @@ class BudgetLedgerContract:
         assert granted == 1000 // 30
         assert all(r.spent + r.reserved + 30 > 1000 for r in results if not r.granted)
         assert await kit.ledger.status([k]) == {k: (0, granted * 30)}
+
+    # -- input -----------------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "entries",
+        [
+            [(key("x"), -1)],  # would lower spent
+            [(key("x"), 1.5)],
+            [(key("x"), True)],
+            [(key("x"), 1), (key("x", limit=5), 1)],  # one period twice
+            [(LedgerKey("x", "2026-11", -1, TTL), 1)],
+            [(LedgerKey("x", "2026-11", 10, math.nan), 1)],
+            [(LedgerKey("x", "2026-11", 10, 0), 1)],
+        ],
+    )
+    async def test_bad_input_is_refused_before_anything_is_stored(
+        self, kit: LedgerKit, entries: list[tuple[LedgerKey, Any]]
+    ) -> None:
+        with pytest.raises(ValueError):
+            await kit.ledger.reserve(entries, "a", 60)
+        with pytest.raises(ValueError):
+            await kit.ledger.settle("a", entries)
+        with pytest.raises(ValueError):
+            await kit.ledger.record(entries, "a")
+        x = key("x")
+        assert await kit.ledger.status([x]) == {x: (0, 0)}
+
+    @pytest.mark.parametrize("hold", [0, -1, math.inf, math.nan])
+    async def test_bad_hold_is_refused(self, kit: LedgerKit, name: str, hold: float) -> None:
+        k = key(name)
+        with pytest.raises(ValueError):
+            await kit.ledger.reserve([(k, 1)], "a", hold)
+        assert await kit.ledger.status([k]) == {k: (0, 0)}
 
     async def test_empty_entries(self, kit: LedgerKit) -> None:
         assert (await kit.ledger.reserve([], "a", 60)).granted
