@@ -204,25 +204,34 @@ async def _replica(
                 ],
             }
         # job == "loops": fetch-and-report loops, each reserving an estimate, "calling the
-        # provider", settling the actual.
+        # provider", settling the actual; optionally some calls are never reported (their
+        # hold expires) and some are reported after their hold expired.
         rng = random.Random(args["seed"])
+        hold = args.get("hold", 120)
         actuals: list[int] = []
+        late: list[int] = []
+        silent: list[str] = []
         refusals: list[tuple[int, int]] = []
 
         async def loop(n: int) -> None:
             for i in range(args["rounds"]):
                 rid = f"{args['me']}-{n}-{i}"
-                result = await ledger.reserve([(k, args["estimate"])], rid, 120)
+                result = await ledger.reserve([(k, args["estimate"])], rid, hold)
                 if not result.granted:
                     refusals.append((result.spent, result.reserved))
                     continue
-                await asyncio.sleep(rng.uniform(0, 0.005))
+                roll = rng.random()
+                if roll < args.get("silent", 0.0):
+                    silent.append(rid)  # the gateway never reports this call
+                    continue
+                is_late = roll < args.get("silent", 0.0) + args.get("late", 0.0)
+                await asyncio.sleep(hold * 1.5 if is_late else rng.uniform(0, 0.005))
                 actual = rng.randint(args["estimate"] // 2, args["estimate"] + args["excess"])
                 await ledger.settle(rid, [(k, actual)])
-                actuals.append(actual)
+                (late if is_late else actuals).append(actual)
 
         await asyncio.gather(*(loop(n) for n in range(args["loops"])))
-        return {"actuals": actuals, "refusals": refusals}
+        return {"actuals": actuals, "late": late, "silent": silent, "refusals": refusals}
     finally:
         await store.close()
 
@@ -360,6 +369,48 @@ async def test_fetch_and_report_loops_from_two_processes_respect_the_bound(
         assert spent > limit - estimate - 20 * 2 * estimate  # filled, bar the last in flight
     else:
         assert spent <= limit + sum(max(0, a - estimate) for a in actuals)
+
+
+async def test_unreported_and_late_calls_from_two_processes(
+    redis_server: RedisServer, make_store: Callable[..., RedisStateStore], prefix: str
+) -> None:
+    # Some calls are never reported (their holds expire and give the room back), some are
+    # reported after their hold expired (their actual is spent beyond what was held): spend
+    # passes the limit by at most those late actuals, and every hold ends.
+    limit, estimate, hold = 5_000, 100, 0.3
+    common = {
+        "budget": "cc-unreported",
+        "limit": limit,
+        "estimate": estimate,
+        "excess": 0,
+        "loops": 10,
+        "rounds": 12,
+        "hold": hold,
+        "silent": 0.2,
+        "late": 0.1,
+    }
+    results = await asyncio.to_thread(
+        _run_two_replicas,
+        redis_server,
+        prefix,
+        "loops",
+        [{**common, "me": "a", "seed": 3}, {**common, "me": "b", "seed": 4}],
+    )
+    actuals = [a for r in results for a in r["actuals"]]
+    late = [a for r in results for a in r["late"]]
+    silent = [rid for r in results for rid in r["silent"]]
+    refusals = [tuple(x) for r in results for x in r["refusals"]]
+    assert silent and late and refusals  # the scenario happened
+    assert all(s + r + estimate > limit for s, r in refusals)  # no false refusal
+    granted = len(actuals) + len(late) + len(silent)
+    assert granted * estimate > limit  # room came back as holds were settled or expired
+    ledger = RedisBudgetLedger(make_store(), SystemClock())
+    k = LedgerKey("cc-unreported", "2026-11", limit, TTL)
+    await asyncio.sleep(hold + 0.2)
+    spent, reserved = (await ledger.status([k]))[k]
+    assert reserved == 0  # every unreported hold released by its expiry
+    assert spent == sum(actuals) + sum(late)
+    assert spent <= limit + sum(late)
 
 
 # -- outages -------------------------------------------------------------------------------
