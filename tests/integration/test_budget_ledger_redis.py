@@ -2,11 +2,13 @@
 
 Runs the shared `BudgetLedgerContract`, then what only the shared ledger has: two replicas (two
 state stores) on the same counters; the keys of a budget period under one hash tag (one Cluster
-slot) with their lifetimes; a concurrency proof from two processes (a burst of reserves against
-one limit: exactly as many granted as fit, none falsely refused; then fetch-and-settle loops:
-spend never above the limit when actuals stay within their estimates, above it only by the
-documented bound otherwise); Redis stopped or hung -> `StateUnavailable` promptly, then healing
-without rebuilding the ledger.
+slot) with their lifetimes; one script call per reserve; a concurrency proof from two processes,
+each a replica with its own connection pool: bursts of reserves against one budget and against a
+shared and a per-process budget (exactly as many granted as fit, all or nothing, none falsely
+refused), fetch-and-report loops (spend never above the limit when actuals stay within their
+estimates, above it only by the excesses otherwise), calls never reported or reported after
+their hold expired (holds end, spend above the limit only by the late actuals); Redis stopped or
+hung -> `StateUnavailable` promptly, then healing without rebuilding the ledger.
 """
 
 from __future__ import annotations
