@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,6 +69,29 @@ class BudgetLedger(Protocol):
     async def status(self, keys: Sequence[LedgerKey]) -> Counters: ...
 
 
+def _checked(entries: Entries) -> Entries:
+    """Refuse, before anything is stored, what would corrupt the counters: amounts or limits
+    that are not non-negative integers (a negative amount would lower spent), lifetimes that
+    are not positive finite seconds, one budget period twice in one call."""
+    seen: set[tuple[str, str]] = set()
+    for key, amount in entries:
+        for value in (amount, key.limit):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("budget amounts and limits are non-negative integers")
+        _check_seconds(key.ttl_seconds, "ttl_seconds")
+        if (key.budget, key.period) in seen:
+            raise ValueError(f"budget {key.budget!r} period {key.period!r} given twice")
+        seen.add((key.budget, key.period))
+    return entries
+
+
+def _check_seconds(value: float, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be positive and finite")
+
+
 @dataclass
 class _Period:
     spent: int = 0
@@ -88,6 +112,8 @@ class _Period:
         return self.reserved_total
 
     def hold(self, rid: str, amount: int, until: float) -> None:
+        if rid in self.reservations:
+            return
         self.reservations[rid] = (amount, until)
         self.reserved_total += amount
         heapq.heappush(self.expiries, (until, rid))
@@ -110,20 +136,28 @@ class MemoryBudgetLedger:
     def _period(self, key: LedgerKey, now: float) -> _Period:
         if len(self._periods) > self._max:
             self._periods = {k: p for k, p in self._periods.items() if p.expires_at > now}
-        period = self._periods.setdefault((key.budget, key.period), _Period())
+        period = self._periods.get((key.budget, key.period))
+        if period is None or period.expires_at <= now:  # past its lifetime: starts afresh
+            period = self._periods[(key.budget, key.period)] = _Period()
         period.expires_at = max(period.expires_at, now + key.ttl_seconds)
         return period
 
     async def reserve(
         self, entries: Entries, reservation_id: str, hold_seconds: float
     ) -> Reservation:
+        _checked(entries)
+        _check_seconds(hold_seconds, "hold_seconds")
         now = self._clock.monotonic()
         async with self._lock:
             periods = [(key, amount, self._period(key, now)) for key, amount in entries]
+            for _, _, period in periods:
+                period.reserved(now)  # drop expired holds first: an expired hold is not held
             if all(reservation_id in p.reservations for _, _, p in periods):
                 return Reservation(True)
             for key, amount, period in periods:
                 reserved = period.reserved(now)
+                if reservation_id in period.reservations:
+                    continue  # held by this id already (a retry): not counted twice
                 if period.spent + reserved + amount > key.limit:
                     return Reservation(False, key, period.spent, reserved)
             for _, amount, period in periods:
@@ -131,6 +165,7 @@ class MemoryBudgetLedger:
             return Reservation(True)
 
     async def _apply(self, op_id: str, entries: Entries, release: bool) -> Counters:
+        _checked(entries)
         now = self._clock.monotonic()
         counters: Counters = {}
         async with self._lock:
@@ -211,13 +246,15 @@ local hold = tonumber(ARGV[3])
 local n = #KEYS / 5
 local held = true
 for i = 1, n do
+  purge(5 * i - 4, now)  -- an expired hold is not held
   if redis.call('HEXISTS', KEYS[5 * i - 2], id) == 0 then held = false end
 end
 if held then return {1} end
 for i = 1, n do
   local spent, reserved = purge(5 * i - 4, now)
   local amount = tonumber(ARGV[3 + 3 * i - 2])
-  if spent + reserved + amount > tonumber(ARGV[3 + 3 * i - 1]) then
+  local mine = redis.call('HEXISTS', KEYS[5 * i - 2], id) == 1  -- held already: a retry
+  if not mine and spent + reserved + amount > tonumber(ARGV[3 + 3 * i - 1]) then
     return {0, i, spent, reserved}
   end
 end
@@ -294,6 +331,8 @@ class RedisBudgetLedger:
     async def reserve(
         self, entries: Entries, reservation_id: str, hold_seconds: float
     ) -> Reservation:
+        _checked(entries)
+        _check_seconds(hold_seconds, "hold_seconds")
         args: list[Any] = [self._now_ms(), reservation_id, int(hold_seconds * 1000)]
         for key, amount in entries:
             args += [amount, key.limit, int(key.ttl_seconds * 1000)]
@@ -306,7 +345,7 @@ class RedisBudgetLedger:
         return Reservation(False, key, int(answer[2]), int(answer[3]))
 
     async def _apply(self, op_id: str, entries: Entries, release: bool) -> Counters:
-        if not entries:
+        if not _checked(entries):
             return {}
         args: list[Any] = [self._now_ms(), op_id, "1" if release else "0"]
         for key, amount in entries:
