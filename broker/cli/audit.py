@@ -20,6 +20,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -219,43 +220,32 @@ def _paying_agent(record: dict[str, Any]) -> str:
     return str(chain[-1]) if isinstance(chain, list) and chain else UNASSIGNED
 
 
-@usage_app.command("report")
-def report(
-    files: FilesArgument,
-    by: Annotated[
-        Literal["person", "agent", "credential", "cost_centre"],
-        typer.Option(help="Group by; agent and cost_centre use the agent the person invoked."),
-    ] = "credential",
-    period: Annotated[Literal["day", "month"], typer.Option(help="Time bucket.")] = "day",
-    output_format: Annotated[
-        Literal["table", "csv"], typer.Option("--format", help="Output format.")
-    ] = "table",
-    policy_dir: Annotated[
-        Path,
-        typer.Option(help="Policy directory mapping agents to cost centres.", file_okay=False),
-    ] = Path("policies"),
-) -> None:
-    """Sum granted credential fetches per period and person, agent, credential or cost centre."""
-    centres = _cost_centres(policy_dir) if by == "cost_centre" else {}
-    counts: Counter[tuple[str, str]] = Counter()
-    for record in _records(files):
-        if record.get("event") != "credential.fetch" or record.get("outcome") != "granted":
-            continue
-        at = _record_time(record)
-        if at is None:
-            continue
-        bucket = at.astimezone(UTC).strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
-        if by == "person":
-            key = str(record.get("person") or UNASSIGNED)
-        elif by == "credential":
-            key = str(record.get("credential") or UNASSIGNED)
-        elif by == "agent":
-            key = _paying_agent(record)
-        else:  # recorded at fetch time under the policy then in force; else today's policy
-            key = str(record.get("cost_centre") or centres.get(_paying_agent(record), UNASSIGNED))
-        counts[(bucket, key)] += 1
-    rows = [(bucket, key, count) for (bucket, key), count in sorted(counts.items())]
-    header = (period, by, "fetches")
+By = Literal["person", "agent", "credential", "cost_centre", "provider", "model"]
+
+
+def _key_of(record: dict[str, Any], by: By, centres: dict[str, str]) -> str:
+    if by == "person":
+        return str(record.get("person") or UNASSIGNED)
+    if by == "credential":
+        return str(record.get("credential") or UNASSIGNED)
+    if by == "agent":
+        return _paying_agent(record)
+    if by == "provider":
+        return str(record.get("provider") or UNASSIGNED)
+    if by == "model":
+        return f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
+    # recorded at fetch time under the policy then in force; else today's policy
+    return str(record.get("cost_centre") or centres.get(_paying_agent(record), UNASSIGNED))
+
+
+def _usage_time(record: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(record["occurred_at"])).astimezone(UTC)
+    except (KeyError, ValueError):
+        return None
+
+
+def _emit(header: tuple[str, ...], rows: list[tuple[str, ...]], output_format: str) -> None:
     if output_format == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -263,10 +253,135 @@ def report(
         writer.writerows(rows)
         typer.echo(out.getvalue(), nl=False)
         return
-    table = [header, *((b, k, str(c)) for b, k, c in rows)]
-    widths = [max(len(str(row[i])) for row in table) for i in range(3)]
+    table = [header, *rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
-        typer.echo(
-            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]!s:>{widths[2]}}".rstrip()
+        cells = [
+            f"{cell!s:<{widths[i]}}" if i < 2 else f"{cell!s:>{widths[i]}}"
+            for i, cell in enumerate(row)
+        ]
+        typer.echo("  ".join(cells).rstrip())
+
+
+@usage_app.command("report")
+def report(
+    files: FilesArgument,
+    by: Annotated[
+        By,
+        typer.Option(
+            help="Group by; agent and cost_centre use the agent the person invoked; provider and "
+            "model apply to spend and units."
+        ),
+    ] = "credential",
+    period: Annotated[Literal["day", "month"], typer.Option(help="Time bucket (UTC).")] = "day",
+    measure: Annotated[
+        Literal["fetches", "spend", "units"],
+        typer.Option(
+            help="fetches: granted credential fetches; spend: the cost of reported calls, per "
+            "currency (unpriced calls counted apart, never as zero); units: tokens and other "
+            "units reported."
+        ),
+    ] = "fetches",
+    output_format: Annotated[
+        Literal["table", "csv", "focus"],
+        typer.Option(
+            "--format",
+            help="table, csv, or focus: a FOCUS 1.2 cost and usage CSV of the reported calls.",
+        ),
+    ] = "table",
+    since: Annotated[
+        str | None, typer.Option(help="Only calls or fetches at or after this ISO 8601 time.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Only those before this ISO 8601 time.")] = None,
+    billing_account: Annotated[
+        str, typer.Option(help="--format focus: the BillingAccountId and name.")
+    ] = "agent-identity-broker",
+    policy_dir: Annotated[
+        Path,
+        typer.Option(help="Policy directory mapping agents to cost centres.", file_okay=False),
+    ] = Path("policies"),
+) -> None:
+    """What agents used: granted fetches, or the spend and units gateways reported, per period
+    and person, agent, credential, cost centre, provider or model; or the FOCUS export."""
+    start = _parse_time(since, "--since") if since else None
+    end = _parse_time(until, "--until") if until else None
+    if output_format == "focus":
+        from broker.focus import focus_export
+
+        export = focus_export(
+            _records(files), billing_account=billing_account, since=start, until=end
         )
-    typer.echo(f"{'total':<{widths[0]}}  {'':<{widths[1]}}  {sum(counts.values()):>{widths[2]}}")
+        typer.echo(export.csv(), nl=False)
+        if export.unpriced:
+            typer.echo(
+                f"note: {export.unpriced} unpriced call(s) left out (no cost to report); "
+                "`--measure spend` lists them",
+                err=True,
+            )
+        return
+    if by in ("provider", "model") and measure == "fetches":
+        _fail("--by provider or model applies to --measure spend or units (fetches name neither)")
+    centres = _cost_centres(policy_dir) if by == "cost_centre" else {}
+    fmt = "%Y-%m-%d" if period == "day" else "%Y-%m"
+    if measure == "fetches":
+        counts: Counter[tuple[str, str]] = Counter()
+        for record in _records(files):
+            if record.get("event") != "credential.fetch" or record.get("outcome") != "granted":
+                continue
+            at = _record_time(record)
+            if at is None or (start and at < start) or (end and at >= end):
+                continue
+            counts[(at.astimezone(UTC).strftime(fmt), _key_of(record, by, centres))] += 1
+        rows = [(bucket, key, str(count)) for (bucket, key), count in sorted(counts.items())]
+        _emit((period, by, "fetches"), rows, output_format)
+        if output_format == "table":
+            typer.echo(f"total  {sum(counts.values())}")
+        return
+    spend: dict[tuple[str, str, str], Decimal] = {}
+    calls: Counter[tuple[str, str, str]] = Counter()
+    units: dict[tuple[str, str, str], Decimal] = {}
+    mix: dict[tuple[str, str], dict[str, Decimal]] = {}
+    for record in _records(files):
+        if record.get("event") != "usage.recorded":
+            continue
+        at = _usage_time(record)
+        if at is None or (start and at < start) or (end and at >= end):
+            continue
+        bucket, key = at.strftime(fmt), _key_of(record, by, centres)
+        if measure == "units":
+            for unit, quantity in (record.get("units") or {}).items():
+                slot = (bucket, key, str(unit))
+                units[slot] = units.get(slot, Decimal(0)) + Decimal(str(quantity))
+            continue
+        cost, currency = record.get("cost"), record.get("currency")
+        slot = (bucket, key, str(currency) if cost is not None and currency else "unpriced")
+        calls[slot] += 1
+        if cost is not None and currency:
+            spend[slot] = spend.get(slot, Decimal(0)) + Decimal(str(cost))
+            model = f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
+            share = mix.setdefault((bucket, f"{key} {currency}"), {})
+            share[model] = share.get(model, Decimal(0)) + Decimal(str(cost))
+    if measure == "units":
+        rows = [(b, k, u, _plain(q)) for (b, k, u), q in sorted(units.items())]
+        _emit((period, by, "unit", "quantity"), rows, output_format)
+        return
+    rows = [
+        (b, k, c, f"{spend[(b, k, c)]:.6f}" if c != "unpriced" else "-", str(calls[(b, k, c)]))
+        for (b, k, c) in sorted(calls)
+    ]
+    _emit((period, by, "currency", "spend", "calls"), rows, output_format)
+    if by == "cost_centre" and output_format == "table" and mix:
+        typer.echo("")
+        typer.echo("model mix (share of spend):")
+        for (bucket, centre), models in sorted(mix.items()):
+            total = sum(models.values(), Decimal(0))
+            shares = ", ".join(
+                f"{model} {amount / total * 100:.0f} %" if total else f"{model} -"
+                for model, amount in sorted(models.items(), key=lambda kv: -kv[1])
+            )
+            typer.echo(f"  {bucket}  {centre}: {shares}")
+
+
+def _plain(quantity: Decimal) -> str:
+    text = format(quantity.normalize(), "f")
+    return text

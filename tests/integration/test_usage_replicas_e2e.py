@@ -10,6 +10,9 @@ while under budget): exactly amount / cost calls are admitted, all recorded once
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import os
 import shutil
 import threading
@@ -20,9 +23,13 @@ from typing import Any
 
 import httpx
 import yaml
+from typer.testing import CliRunner
 
 from broker.audit import read_trail
+from broker.cli import app
 from broker.client_secrets import generate_client_secret, hash_client_secret
+from broker.focus import MANDATORY_1_2
+from tests.support.focus import FocusValidator
 from tests.support.harness import (
     EXAMPLE_POLICIES,
     broker_process,
@@ -191,3 +198,36 @@ def test_one_deny_budget_across_two_replicas_is_never_overspent_nor_refused_earl
     ]
     assert sorted(r["call_id"] for r in recorded) == sorted(admitted)
     assert sum(Decimal(r["cost"]) for r in recorded) == AMOUNT
+
+    # What finance sees: the spend per cost centre, with its model mix, and the FOCUS export,
+    # checked by the FinOps Foundation's own validator.
+    runner = CliRunner()
+    spent = runner.invoke(
+        app,
+        [
+            "usage",
+            "report",
+            *map(str, audits),
+            "--by",
+            "cost_centre",
+            "--measure",
+            "spend",
+            "--period",
+            "month",
+        ],
+    )
+    assert spent.exit_code == 0, spent.output
+    assert "race-ops" in spent.output and "1.000000" in spent.output and " 20" in spent.output
+    assert "openai/gpt-4o-mini 100 %" in spent.output
+    exported = runner.invoke(app, ["usage", "report", *map(str, audits), "--format", "focus"])
+    assert exported.exit_code == 0, exported.output
+    focus_csv = tmp_path / "focus.csv"
+    focus_csv.write_text(exported.output)
+    header = exported.output.splitlines()[0].split(",")
+    assert set(header) >= MANDATORY_1_2
+    rows = list(csv.DictReader(io.StringIO(exported.output)))
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == AMOUNT
+    assert {r["x_CostCentre"] for r in rows} == {"race-ops"}
+    assert json.loads(rows[0]["Tags"])["agent_chain"] == ["spend-agent"]
+    checked = FocusValidator(tmp_path / "focus-venv").validate(focus_csv)
+    assert "Validation succeeded" in checked.stdout, checked.stdout + checked.stderr
