@@ -17,6 +17,7 @@ import base64
 import contextlib
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,22 @@ GATEWAY_SECRET_ENV = "LLM_GATEWAY_SECRET"
 
 SERVE = "broker serve"
 FETCH = f"{SERVE}: credential fetch"
+FETCH_BUDGET = f"{SERVE}: credential fetch, deny budget"
+BUDGET_PERSON = "bob"
+"""The person of the fetches a deny budget governs (alice's fetches meet only alert budgets)."""
+BENCH_BUDGET = {
+    "budgets": {
+        "bench-deny": {
+            "description": "Never reached: every fetch reserves, and the ledger is measured",
+            "scope": {"person": f"dev/{BUDGET_PERSON}"},
+            "period": "month",
+            "amount": "1000000000",
+            "currency": "USD",
+            "action": "deny",
+            "reserve_per_call": "0.000001",
+        }
+    }
+}
 HEALTHZ = f"{SERVE}: GET /healthz"
 BAO_READ = "OpenBao KV read"
 BAO_READ_AUDIT = "OpenBao KV read + audit"
@@ -277,6 +294,12 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
 
         gateway_secret = secrets.token_urlsafe(32)
         backends = vault_backends(store.url)
+        policy_dir = workdir / "policies"
+        shutil.copytree(REPO / "policies", policy_dir)
+        (policy_dir / "zz-bench-budget.yaml").write_text(yaml.safe_dump(BENCH_BUDGET))
+        budget_person_token = issuer.provider.mint(
+            BUDGET_PERSON, token_type="id_token", lifetime=24 * 3600
+        )
         broker_started = time.time()
         broker = stack.enter_context(
             broker_server(
@@ -284,7 +307,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
                 workdir,
                 workers=options.workers,
                 name="broker-credentials",
-                extra_config={"secret_backends": backends},
+                extra_config={"secret_backends": backends, "policy_dir": str(policy_dir)},
                 extra_env={
                     VAULT_TOKEN_ENV: store_tokens[BROKER_TOKEN_NAME],
                     GATEWAY_SECRET_ENV: gateway_secret,
@@ -297,12 +320,12 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         )
         probe_ms = keepalive_probe_ms(broker.port)
 
-        def fetch_spec() -> LoadSpec:
-            headers, body = fetch_request(gateway_secret, _agent_token(broker, person_token))
+        def fetch_spec(label: str = FETCH, token_of: str = person_token) -> LoadSpec:
+            headers, body = fetch_request(gateway_secret, _agent_token(broker, token_of))
             _preflight_fetch(broker, headers, body, api_key)
             path = f"/v1/credentials/{CREDENTIAL}"
             request = build_request("POST", LOOPBACK, broker.port, path, headers=headers, body=body)
-            return LoadSpec(FETCH, LOOPBACK, broker.port, request)
+            return LoadSpec(label, LOOPBACK, broker.port, request)
 
         def read_spec(label: str, bao: OpenBao, token: str) -> Callable[[], LoadSpec]:
             _preflight_read(bao, credential.path, token, field_name, api_key)
@@ -322,6 +345,11 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         targets = [
             _Target(HEALTHZ, broker.pid, lambda: healthz),
             _Target(FETCH, broker.pid, fetch_spec),
+            _Target(
+                FETCH_BUDGET,
+                broker.pid,
+                lambda: fetch_spec(FETCH_BUDGET, budget_person_token),
+            ),
             _Target(
                 BAO_READ, plain.pid, read_spec(BAO_READ, plain, plain_tokens[DIRECT_TOKEN_NAME])
             ),
@@ -446,6 +474,19 @@ def _comparison(rows: list[Row]) -> str:
                 "fetches/s vs OpenBao KV reads + audit/s",
                 f"{fx.rps:,.0f} vs {audited.result.rps:,.0f}",
                 f"{fx.rps / audited.result.rps:.2f}x",
+                "",
+                "",
+            ]
+        )
+    budgeted = _median_row(rows, FETCH_BUDGET)
+    if budgeted is not None and budgeted.result.rps:
+        bx = budgeted.result
+        body.append(
+            [
+                "fetches/s with a deny budget vs without",
+                f"{bx.rps:,.0f} vs {fx.rps:,.0f} (p99 {bx.percentile_ms(99):.1f} vs "
+                f"{p99:.1f} ms)",
+                f"{bx.rps / fx.rps:.2f}x",
                 "",
                 "",
             ]

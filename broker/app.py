@@ -25,6 +25,7 @@ from broker.endpoints.credentials import credential_routes
 from broker.endpoints.edge import NO_STORE, Edge, GetRoute, PostRoute, Routes, claimed_client_id
 from broker.endpoints.oauth import authorization_server_metadata, oauth_routes
 from broker.endpoints.ops import ops_routes
+from broker.endpoints.usage import usage_routes
 from broker.errors import InvalidRequest, OAuthError, ServerError
 from broker.logs import configure_logging, request_id_var
 from broker.policy.watch import PolicyWatcher
@@ -121,6 +122,7 @@ def create_app(settings: BrokerSettings, *, services: BrokerServices | None = No
     mount(app, edge, oauth_routes(edge))
     mount(app, edge, admin_routes(edge, policy_watcher))
     mount(app, edge, credential_routes(edge))
+    mount(app, edge, usage_routes(edge))
     mount(app, edge, ops_routes(edge))
     mount(app, edge, ciba_routes(edge))
     install_approvals(app, edge)

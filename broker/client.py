@@ -42,12 +42,21 @@ from collections.abc import (
     Generator,
     Iterable,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 import httpx
 
+from broker.client_usage import (
+    AsyncUsageReporter,
+    UsageRecord,
+    UsageReporter,
+    UsageResult,
+    usage_body,
+    usage_results,
+)
 from broker.dpop import DPoPKey
 
 __all__ = [
@@ -63,11 +72,15 @@ __all__ = [
     "AsyncAgentClient",
     "AsyncCredentialAuth",
     "AsyncGatewayClient",
+    "AsyncUsageReporter",
     "BrokerClientError",
     "BrokerUnavailable",
     "Credential",
     "CredentialAuth",
     "GatewayClient",
+    "UsageRecord",
+    "UsageReporter",
+    "UsageResult",
 ]
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
@@ -174,6 +187,8 @@ class Credential:
     stage: str | None = None
     stale: bool = False
     fields: Mapping[str, str] | None = field(default=None, repr=False)
+    usage_ref: str | None = None
+    """The budget reservation this fetch holds: name it in the call's usage report."""
 
 
 def _space_list(value: str | Iterable[str] | None) -> str | None:
@@ -389,6 +404,7 @@ def _credential(response: httpx.Response, credential: str) -> Credential:
             stage=body.get("stage"),
             stale=bool(body.get("stale")),
             fields=dict(fields) if isinstance(fields, dict) else None,
+            usage_ref=body.get("usage_ref") if isinstance(body.get("usage_ref"), str) else None,
         )
     except (KeyError, TypeError, ValueError):
         raise BrokerClientError(
@@ -452,6 +468,8 @@ class _ProviderHeader:
         self._lock = threading.Lock()
         self.retries = 0
         self.last_version: str | None = None
+        self.last_usage_ref: str | None = None
+        """The ``usage_ref`` of the credential last set (report it with the call's usage)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(credential={self._credential!r}, header={self._header!r})"
@@ -482,6 +500,7 @@ class _ProviderHeader:
             f"{self._scheme} {fetched.value}" if self._scheme else fetched.value
         )
         self.last_version = fetched.version
+        self.last_usage_ref = fetched.usage_ref
 
 
 class _AgentIdentity:
@@ -796,6 +815,15 @@ class GatewayClient(_GatewayIdentity, _HttpOwner):
         )
         return _credential(response, credential)
 
+    def report_usage(self, records: Sequence[UsageRecord]) -> list[UsageResult]:
+        """Report provider calls (``POST /v1/usage``, at most 100): one result per record. For
+        reporting that never holds up the provider call, use a `UsageReporter`."""
+        response = self._http.post(
+            f"{self.broker_url}/v1/usage", json=usage_body(records), auth=self._auth
+        )
+        _raise_for_error(response)
+        return usage_results(_json_object(response))
+
     def auth(
         self,
         credential: str,
@@ -1091,6 +1119,15 @@ class AsyncGatewayClient(_GatewayIdentity, _AsyncHttpOwner):
             headers=_forwarded_proof(dpop_proof),
         )
         return _credential(response, credential)
+
+    async def report_usage(self, records: Sequence[UsageRecord]) -> list[UsageResult]:
+        """Report provider calls (see `GatewayClient.report_usage`; `AsyncUsageReporter`
+        batches them in the background)."""
+        response = await self._http.post(
+            f"{self.broker_url}/v1/usage", json=usage_body(records), auth=self._auth
+        )
+        _raise_for_error(response)
+        return usage_results(_json_object(response))
 
     def auth(
         self,

@@ -58,6 +58,7 @@ from broker.policy.model import Credential
 from broker.revocation import Revocations, check_not_revoked
 from broker.state import StateStore, enforce_rate_limit
 from broker.tokens import BrokerTokenVerifier
+from broker.usage.service import BudgetGate, attribution_of
 from idp_adapters.base import TokenRejected
 from secret_backends.base import SecretRef
 
@@ -76,6 +77,7 @@ _FETCH_REFUSALS: dict[AccessReason, type[OAuthError]] = {
     AccessReason.MISSING_PERMISSION: InsufficientScope,
     AccessReason.PERMISSION_WITHDRAWN: InsufficientScope,
     AccessReason.PREVIOUS_NOT_ALLOWED: AccessDenied,
+    AccessReason.BUDGET_EXCEEDED: AccessDenied,
 }
 """A refused fetch decision in the protocol's terms (401, 403)."""
 MAX_VERSION_ID_LENGTH = 128
@@ -112,7 +114,9 @@ class CredentialService:
         revocations: Revocations,
         state: StateStore,
         binding: TokenBinding,
+        budgets: BudgetGate | None = None,
     ) -> None:
+        self._budgets = budgets
         self._binding = binding
         self._revocations = revocations
         self._state = state
@@ -261,6 +265,18 @@ class CredentialService:
             )
         credential = policy.credentials[name]
 
+        # Budgets: a deny budget's reservation for this call, or a refusal naming it.
+        who = attribution_of(agent_token, record.get("cost_centre"), name)
+        reservation = None
+        if self._budgets is not None:
+            reservation = await self._budgets.admit(
+                policy,
+                who,
+                gateway=client.client_id,
+                token=agent_token,
+                request_id=record["request_id"],
+                record=record,
+            )
         ref, plan = self._plan(policy, name, credential)
         try:
             if rejected_version is None:
@@ -270,6 +286,8 @@ class CredentialService:
                 record["hint_outcome"] = hinted.outcome
                 cached = hinted.cached
         except CredentialUnavailable as exc:
+            if reservation is not None and self._budgets is not None:
+                await self._budgets.release_for(policy, who, reservation)
             if exc.condition == "not_found" or isinstance(exc, VersionUnavailable):
                 # The broker's own words by condition: the cache's message names the store
                 # path, which the gateway has no business learning.
@@ -305,6 +323,8 @@ class CredentialService:
             response["fields"] = {k: v.reveal() for k, v in secret.fields.items()}
         if secret.expires_at is not None:
             response["expires_at"] = int(secret.expires_at)
+        if reservation is not None:
+            response["usage_ref"] = reservation  # name it in the usage report to settle it
         return response
 
     async def refresh(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import jwt
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc.jwk import JWKRegistry
 
@@ -212,10 +213,28 @@ class DPoPVerifier:
         self._skew = future_skew_seconds
         self._nonces = nonces
         self._prefix = replay_prefix
+        self._keys: LRUCache[str, tuple[Any, str]] = LRUCache(maxsize=10_000)
 
     @property
     def algorithms(self) -> list[str]:
         return [a for a in DPOP_ALGORITHMS if a in self._algorithms]
+
+    def _public_key(self, jwk: dict[str, Any]) -> tuple[Any, str]:
+        """The loaded key and its RFC 7638 thumbprint, remembered per JWK (an agent proves
+        with the same key on every request; loading and hashing it is most of a check)."""
+        try:
+            canonical = json.dumps(jwk, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError):
+            raise InvalidDPoPProof("DPoP proof jwk is malformed") from None
+        known = self._keys.get(canonical)
+        if known is None:
+            key = load_public_key(jwk)
+            try:
+                thumbprint = jwk_thumbprint(jwk) if key is not None else ""
+            except Exception:  # joserfc's own errors for a key it cannot read
+                raise InvalidDPoPProof("DPoP proof jwk is not a usable public key") from None
+            known = self._keys[canonical] = (key, thumbprint)
+        return known
 
     @property
     def nonces(self) -> DPoPNonces | None:
@@ -258,7 +277,7 @@ class DPoPVerifier:
             raise InvalidDPoPProof("DPoP proof has no jwk header")
         if PRIVATE_JWK_MEMBERS & set(jwk):
             raise InvalidDPoPProof("DPoP proof jwk contains private key material")
-        key = load_public_key(jwk)
+        key, thumbprint = self._public_key(jwk)
         if key is None or not key.fits(alg):
             raise InvalidDPoPProof("DPoP proof jwk is not a usable public key for its alg")
         try:
@@ -300,7 +319,6 @@ class DPoPVerifier:
                 raise InvalidDPoPProof("DPoP proof ath does not match the access token")
         elif "ath" in claims:
             raise InvalidDPoPProof("DPoP proof carries ath but no access token was presented")
-        thumbprint = jwk_thumbprint(jwk)
         if jkt is not None and not hmac.compare_digest(thumbprint, jkt):
             raise InvalidDPoPProof("DPoP proof is not signed by the key the token is bound to")
         replay_key = self._prefix + b64url(

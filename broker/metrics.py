@@ -100,7 +100,56 @@ class BrokerMetrics:
             ("channel", "outcome"),
             registry=self.registry,
         )
+        self.usage_cost = Counter(
+            "broker_usage_cost",
+            "Spend reported by gateways, priced, by cost centre, provider, model and currency "
+            "(label values from the policy only: anything else is 'other').",
+            ("cost_centre", "provider", "model", "currency"),
+            registry=self.registry,
+        )
+        self.usage_units = Counter(
+            "broker_usage_units",
+            "Units reported by gateways (tokens, ...), by cost centre, provider, model, unit.",
+            ("cost_centre", "provider", "model", "unit"),
+            registry=self.registry,
+        )
+        self.usage_unpriced = Counter(
+            "broker_usage_unpriced_calls",
+            "Calls recorded without a cost (unknown model, unit not in the price), by provider "
+            "and model as the policy knows them.",
+            ("provider", "model", "reason"),
+            registry=self.registry,
+        )
+        self.budget_utilisation = Gauge(
+            "broker_budget_utilisation_ratio",
+            "Spent (settled) over the amount, per budget, for its current period (as last seen "
+            "by this replica).",
+            ("budget",),
+            registry=self.registry,
+        )
         self._bound = False
+
+    def observe_usage(
+        self,
+        cost_centre: str,
+        provider: str,
+        model: str,
+        units: Mapping[str, float],
+        cost: float | None,
+        currency: str | None,
+        unpriced_reason: str | None,
+    ) -> None:
+        """One recorded call. Label values are the caller's, already mapped to names the
+        policy knows (or ``other``), so the label set stays bounded."""
+        for unit, quantity in units.items():
+            self.usage_units.labels(cost_centre, provider, model, unit[:40]).inc(quantity)
+        if cost is not None and currency is not None:
+            self.usage_cost.labels(cost_centre, provider, model, currency).inc(cost)
+        if unpriced_reason is not None:
+            self.usage_unpriced.labels(provider, model, label_value(unpriced_reason)).inc()
+
+    def set_budget_utilisation(self, budget: str, ratio: float) -> None:
+        self.budget_utilisation.labels(budget[:64]).set(ratio)
 
     def count_notification(self, channel: str, outcome: str) -> None:
         """Channel names come from the configuration (or ``unknown``): a bounded label set."""

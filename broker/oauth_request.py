@@ -144,3 +144,29 @@ async def read_form_or_json(request: Request, *, max_bytes: int) -> OAuthForm:
     if len(pairs) > MAX_FIELDS or not all(isinstance(v, str) for _, v in pairs):
         raise InvalidRequest("every member of the request body must be a string")
     return OAuthForm(pairs, frozenset())
+
+
+class JsonDocument(OAuthForm):
+    """A JSON object body (the broker's own APIs that take structured documents, such as usage
+    reports): `document` is the whole object; its string members are also the form's, so
+    client authentication reads them as for any other body."""
+
+    def __init__(self, document: dict[str, object]) -> None:
+        super().__init__([(k, v) for k, v in document.items() if isinstance(v, str)], frozenset())
+        self.document = document
+
+
+async def read_json_document(request: Request, *, max_bytes: int) -> JsonDocument:
+    """A JSON object body, strictly: no duplicate members, no NaN or infinities, at most
+    `MAX_JSON_DEPTH` levels."""
+    from idp_adapters._json import StrictJsonError, loads_strict_object
+
+    if _media_type(request) != JSON_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"the request body must be {JSON_CONTENT_TYPE}")
+    body = await _read_body(request, max_bytes)
+    if json_depth_exceeds(body):
+        raise InvalidRequest(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return JsonDocument(loads_strict_object(body))
+    except (StrictJsonError, UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidRequest("the request body must be one well-formed JSON object") from None

@@ -26,7 +26,7 @@ from broker.types import TokenType
 OPENAPI_PATH = "/openapi.json"
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
-Body = Literal["form", "form_or_json", "none"]
+Body = Literal["form", "form_or_json", "json", "none"]
 Caller = Literal["agent", "gateway", "resource_server", "admin", "approver", "anyone"]
 
 _ERROR_TEXT: Mapping[int, str] = {
@@ -196,6 +196,9 @@ _CREDENTIAL = {
         "refresh_in": {"type": "number"},
         "stale": {"type": "boolean"},
         "expires_at": {"type": "integer"},
+        "usage_ref": _string(
+            "The budget reservation this fetch holds: name it in the call's usage report."
+        ),
         "served_for": {
             "type": "object",
             "properties": {
@@ -238,6 +241,55 @@ _METADATA = {
         "grant_types_supported": {"type": "array", "items": {"type": "string"}},
         "token_endpoint_auth_methods_supported": {"type": "array", "items": {"type": "string"}},
         "openapi_uri": _string("This document."),
+    },
+}
+_USAGE_RECORD = {
+    "type": "object",
+    "required": ["call_id", "token", "credential", "provider", "model", "units"],
+    "properties": {
+        "call_id": _string("The gateway's id of the call (idempotency key).", maxLength=128),
+        "token": _AGENT_TOKEN,
+        "usage_ref": _string("The fetch's `usage_ref`: the reservation this call settles."),
+        "credential": _string("The credential the call used."),
+        "provider": _string("e.g. openai."),
+        "model": _string("e.g. gpt-4o-mini."),
+        "units": {
+            "type": "object",
+            "description": "Units used: input_tokens, output_tokens, cached_tokens, ...",
+            "additionalProperties": {"type": "number", "minimum": 0},
+        },
+        "status": _string("ok (default), error, ..."),
+        "occurred_at": {"type": "number", "description": "Seconds since the epoch."},
+        "cost": {
+            "type": "object",
+            "description": "The gateway's own cost of the call (taken as is).",
+            "required": ["amount", "currency"],
+            "properties": {
+                "amount": _string("A decimal amount."),
+                "currency": _string("ISO 4217.", pattern="^[A-Z]{3}$"),
+            },
+        },
+    },
+}
+_USAGE_RESULTS = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "call_id": {"type": ["string", "null"]},
+                    "outcome": _string("recorded or duplicate", enum=["recorded", "duplicate"]),
+                    "cost": {"type": ["string", "null"]},
+                    "currency": {"type": ["string", "null"]},
+                    "priced_by": _string("price_table, gateway or unpriced"),
+                    "error": {"type": "string"},
+                    "error_description": {"type": "string"},
+                },
+            },
+        }
     },
 }
 _JWKS = {
@@ -566,6 +618,32 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=(400, 401, 403, 404, 413, 415, 429, 500, 503),
     ),
     Operation(
+        "post",
+        "/v1/usage",
+        "reportUsage",
+        "Report usage of provider calls (gateways)",
+        "A gateway reports the calls it made with credentials it fetched for agent tokens: the "
+        "broker attributes each from its token (expired or revoked alike), prices it (the "
+        "gateway's `cost`, else the policy's price table, else unpriced), counts it against "
+        "budgets (settling the fetch's reservation, `usage_ref`), and records it. Idempotent by "
+        "`call_id` per gateway (`duplicate`). One result per record, in order; a record that "
+        "cannot be accepted gets its own `error`.",
+        "Credentials",
+        "gateway",
+        _USAGE_RESULTS,
+        body="json",
+        fields={
+            "records": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 100,
+                "items": _USAGE_RECORD,
+            }
+        },
+        required=("records",),
+        errors=(*_POST_ERRORS, 403),
+    ),
+    Operation(
         "get",
         "/oauth2/authorize",
         "authorize",
@@ -691,6 +769,8 @@ def _request_body(op: Operation) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object", "properties": dict(op.fields or {})}
     if op.required:
         schema["required"] = list(op.required)
+    if op.body == "json":  # a structured JSON document, only
+        return {"required": op.body_required, "content": {JSON: {"schema": schema}}}
     content: dict[str, Any] = {FORM: {"schema": schema}}
     if op.repeatable:  # repeated parameters, as RFC 8693 §2.1 allows for these
         content[FORM]["encoding"] = {

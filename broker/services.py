@@ -27,6 +27,7 @@ from broker.audit import (
     keeps_trail,
 )
 from broker.binding import TokenBinding
+from broker.budget_ledger import build_ledger
 from broker.cache import CredentialCache
 from broker.client_auth import ClientAuthenticator, FailedAuthThrottle, WorkloadActorResolver
 from broker.client_secrets import BoundedSecretVerifier
@@ -48,6 +49,8 @@ from broker.state import StateStore
 from broker.state_factory import build_state_store
 from broker.tokens import BrokerTokenVerifier, Keyring, TokenIssuer
 from broker.tracing import Tracing, build_tracing
+from broker.usage.service import BudgetGate, UsageService
+from broker.usage.state import build_usage_state
 from idp_adapters.registry import (
     IdentityRoutes,
     build_identity_adapters,
@@ -90,6 +93,8 @@ class BrokerServices:
     """The token endpoint's grant handlers by ``grant_type``."""
     binding: TokenBinding
     """Where DPoP proofs are asked for and checked (token endpoint, credential fetch)."""
+    usage: UsageService
+    """Usage reports from gateways (``POST /v1/usage``): pricing, budgets, alerts."""
     identities: IdentityRoutes = field(default_factory=IdentityRoutes)
     """People's identity adapters by exact issuer (approvers' sign-in and API tokens)."""
 
@@ -292,6 +297,17 @@ def build_services(
         max_entries=settings.credential_cache_max_entries,
         on_event=lambda event: record_cache_event(decisions, event, policies.current()),
     )
+    usage_settings = settings.usage
+    ledger = build_ledger(state, clock)
+    usage_state = build_usage_state(state, clock)
+    budget_gate = BudgetGate(
+        ledger=ledger,
+        state=usage_state,
+        clock=clock,
+        time_zone=usage_settings.time_zone,
+        hold_seconds=usage_settings.reservation_hold_seconds,
+        report_grace_seconds=usage_settings.report_grace_seconds,
+    )
     credentials = CredentialService(
         verifier=broker_tokens,
         policy=policies.current,
@@ -301,6 +317,7 @@ def build_services(
         revocations=revocations,
         state=state,
         binding=binding,
+        budgets=budget_gate,
     )
     notifier = Notifier(
         build_channels(settings.notifications.channels, http),
@@ -370,6 +387,21 @@ def build_services(
             jwt_bearer.grant_type: jwt_bearer,
         },
         binding=binding,
+        usage=UsageService(
+            verifier=broker_tokens,
+            policy=policies.current,
+            gate=budget_gate,
+            ledger=ledger,
+            state=usage_state,
+            store=state,
+            decisions=decisions,
+            notifier=notifier,
+            metrics=metrics,
+            clock=clock,
+            call_id_ttl_seconds=usage_settings.call_id_ttl_seconds,
+            alert_channels=usage_settings.alert_channels,
+            issuer=settings.issuer,
+        ),
         identities=adapters,
         readiness=Readiness(
             policies=policies,

@@ -338,6 +338,48 @@ class IdJagConfig(_Strict):
     trusted_issuers: list[IdJagIssuerConfig] = Field(default_factory=list)
 
 
+class UsageConfig(_Strict):
+    """Usage, pricing and budgets. See README, "Spend and budgets"."""
+
+    time_zone: str = Field(
+        "UTC", description="Where budget days and months begin and end (an IANA zone)."
+    )
+    reservation_hold_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="How long a fetch's budget reservation waits for the gateway's usage report "
+        "before it is released.",
+    )
+    call_id_ttl_seconds: float = Field(
+        40 * 86400.0,
+        ge=3600,
+        description="How long a reported call id is remembered (a repeat within it is a "
+        "duplicate).",
+    )
+    report_grace_seconds: float = Field(
+        86400.0,
+        ge=60,
+        description="How long after an agent token expires a gateway may still report usage for "
+        "the calls it made with it.",
+    )
+    alert_channels: list[str] = Field(
+        default_factory=list,
+        description="Notification channels told about unknown models (budgets name their own).",
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+
 class DevOpenBaoConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8200, ge=1, le=65535)
@@ -565,6 +607,7 @@ class BrokerSettings(BaseSettings):
     approvals: ApprovalsConfig = ApprovalsConfig()
     dpop: DPoPConfig = DPoPConfig()
     id_jag: IdJagConfig = IdJagConfig()
+    usage: UsageConfig = UsageConfig()
     state: StateConfig = StateConfig()
     audit: AuditConfig = AuditConfig()
     notifications: NotificationSettings = NotificationSettings()
@@ -604,6 +647,12 @@ class BrokerSettings(BaseSettings):
         backends = [b.name for b in self.secret_backends]
         if len(backends) != len(set(backends)):
             raise ValueError("secret backend names must be unique")
+        unknown = set(self.usage.alert_channels) - set(self.notifications.channels)
+        if unknown:
+            raise ValueError(
+                f"usage.alert_channels: no notification channel {sorted(unknown)[0]!r} is "
+                "configured"
+            )
         # JWT issuers and SAML entity ids are routed apart (one IdP may use one name for both).
         for family in (
             [p.issuer for p in self.identity_providers if p.kind != "saml"],

@@ -465,7 +465,14 @@ class BrokerTokenVerifier:
         self._verdicts[digest] = (verified_token, kid)
         return verified_token
 
-    async def _verify(self, token: str) -> tuple[BrokerToken, str]:
+    async def verify_for_accounting(self, token: str) -> BrokerToken:
+        """A token this broker issued, verified in every respect but expiry (never cached):
+        what usage reports for calls made before it expired are attributed from. Never a
+        grant of anything."""
+        verified_token, _ = await self._verify(token, check_expiry=False)
+        return verified_token
+
+    async def _verify(self, token: str, *, check_expiry: bool = True) -> tuple[BrokerToken, str]:
         try:
             verified = await verify_jwt(
                 token,
@@ -478,6 +485,7 @@ class BrokerTokenVerifier:
                 max_bytes=self._max_bytes,
                 require=("exp", "iat", "iss", "sub", "jti", "client_id", "act", "provenance"),
                 allowed_typ=(ACCESS_TOKEN_TYP,),
+                check_expiry=check_expiry,
             )
         except TokenRejected as exc:
             if _claims_another_issuer(token, self._issuer):
@@ -485,7 +493,7 @@ class BrokerTokenVerifier:
                 raise TokenRejected(NOT_ISSUED_HERE, debug=exc.reason) from None
             raise
         claims = verified.claims
-        if self._clock.now() >= claims["exp"]:  # the skew above never extends expiry
+        if check_expiry and self._clock.now() >= claims["exp"]:  # skew never extends expiry
             raise TokenRejected("token has expired")
         try:
             chain = actor_chain_from_claim(claims["act"])

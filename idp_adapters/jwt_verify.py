@@ -165,12 +165,14 @@ def unverified_claims(token: str, *, max_bytes: int) -> dict[str, Any]:
     return _decode_json_segment(segments[1], "payload")
 
 
-def _check_times(claims: Mapping[str, Any], now: float, leeway: int) -> None:
+def _check_times(
+    claims: Mapping[str, Any], now: float, leeway: int, *, check_expiry: bool = True
+) -> None:
     for name in ("exp", "nbf", "iat"):
         if name in claims and not _is_number(claims[name]):
             raise TokenRejected(f"token claim {name!r} is not a number")
     exp = claims.get("exp")
-    if exp is not None and now >= exp + leeway:
+    if check_expiry and exp is not None and now >= exp + leeway:
         raise TokenRejected("token has expired")
     nbf = claims.get("nbf")
     if nbf is not None and now + leeway < nbf:
@@ -192,6 +194,7 @@ async def verify_jwt(
     max_bytes: int,
     require: Collection[str] = ("exp", "iat", "iss", "sub"),
     allowed_typ: Collection[str | None] | None = None,
+    check_expiry: bool = True,
 ) -> VerifiedJwt:
     """Verify a compact JWS JWT strictly and return its header and claims.
 
@@ -240,7 +243,7 @@ async def verify_jwt(
         raise TokenRejected("token issuer is not the expected issuer")
     if "sub" in claims and not isinstance(claims["sub"], str):
         raise TokenRejected("token subject is malformed")
-    _check_times(claims, clock.now(), leeway)
+    _check_times(claims, clock.now(), leeway, check_expiry=check_expiry)
     if audiences is not None:
         accepted = set(audiences)
         if not any(aud in accepted for aud in claim_audiences(claims)):

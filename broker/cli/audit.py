@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, TextIO
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 
 from broker.audit import read_trail, verify_trail
-from broker.focus import UsageRecord, decimal_text, focus_rows, parse_usage, write_focus_csv
 
 audit_app = typer.Typer(
     help="Verify and query the audit trail.", no_args_is_help=True, add_completion=False
@@ -221,171 +220,47 @@ def _paying_agent(record: dict[str, Any]) -> str:
     return str(chain[-1]) if isinstance(chain, list) and chain else UNASSIGNED
 
 
-Measure = Literal["fetches", "spend", "units"]
-By = Literal["person", "agent", "cost_centre", "credential", "provider", "model"]
-UNPRICED = "(unpriced)"
+By = Literal["person", "agent", "credential", "cost_centre", "provider", "model"]
 
 
-def _usage_key(usage: UsageRecord, by: By) -> str:
+def _key_of(record: dict[str, Any], by: By, centres: dict[str, str]) -> str:
     if by == "person":
-        return usage.person or UNASSIGNED
-    if by == "agent":
-        return usage.agent or UNASSIGNED
-    if by == "cost_centre":
-        return usage.cost_centre or UNASSIGNED
+        return str(record.get("person") or UNASSIGNED)
     if by == "credential":
-        return usage.credential
+        return str(record.get("credential") or UNASSIGNED)
+    if by == "agent":
+        return _paying_agent(record)
     if by == "provider":
-        return usage.provider
-    return usage.sku
+        return str(record.get("provider") or UNASSIGNED)
+    if by == "model":
+        return f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
+    # recorded at fetch time under the policy then in force; else today's policy
+    return str(record.get("cost_centre") or centres.get(_paying_agent(record), UNASSIGNED))
 
 
-def _usage_records(
-    files: list[Path], start: datetime | None, end: datetime | None
-) -> Iterator[UsageRecord]:
-    """The ``usage.recorded`` records whose call happened in [start, end); malformed ones are
-    counted on stderr, never silently dropped."""
-    malformed = 0
-    for record in _records(files):
-        if record.get("event") != "usage.recorded":
-            continue
-        try:
-            usage = parse_usage(record)
-        except ValueError as exc:
-            malformed += 1
-            typer.echo(
-                f"warning: {record.get('chain', '-')}#{record.get('seq', '-')}: "
-                f"usage record skipped: {exc}",
-                err=True,
-            )
-            continue
-        if (start and usage.occurred_at < start) or (end and usage.occurred_at >= end):
-            continue
-        yield usage
-    if malformed:
-        typer.echo(f"warning: {malformed} malformed usage record(s) skipped", err=True)
+def _usage_time(record: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(record["occurred_at"])).astimezone(UTC)
+    except (KeyError, ValueError):
+        return None
 
 
-def _bucket(at: datetime, period: str) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
-
-
-def _print(
-    header: tuple[str, ...],
-    rows: list[tuple[str, ...]],
-    output_format: str,
-    numeric: set[int],
-    out: TextIO,
-) -> None:
+def _emit(header: tuple[str, ...], rows: list[tuple[str, ...]], output_format: str) -> None:
     if output_format == "csv":
+        out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+        typer.echo(out.getvalue(), nl=False)
         return
     table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
         cells = [
-            f"{cell:>{widths[i]}}" if i in numeric else f"{cell:<{widths[i]}}"
+            f"{cell!s:<{widths[i]}}" if i < 2 else f"{cell!s:>{widths[i]}}"
             for i, cell in enumerate(row)
         ]
-        out.write("  ".join(cells).rstrip() + "\n")
-
-
-def _fetch_report(
-    files: list[Path], by: By, period: str, output_format: str, policy_dir: Path,
-    start: datetime | None, end: datetime | None, out: TextIO,
-) -> None:  # fmt: skip
-    if by in ("provider", "model"):
-        _fail(f"--by {by} needs --measure spend or units (fetch records name no model)")
-    centres = _cost_centres(policy_dir) if by == "cost_centre" else {}
-    counts: Counter[tuple[str, str]] = Counter()
-    for record in _records(files):
-        if record.get("event") != "credential.fetch" or record.get("outcome") != "granted":
-            continue
-        at = _record_time(record)
-        if at is None or (start and at < start) or (end and at >= end):
-            continue
-        bucket = _bucket(at, period)
-        if by == "person":
-            key = str(record.get("person") or UNASSIGNED)
-        elif by == "credential":
-            key = str(record.get("credential") or UNASSIGNED)
-        elif by == "agent":
-            key = _paying_agent(record)
-        else:  # recorded at fetch time under the policy then in force; else today's policy
-            key = str(record.get("cost_centre") or centres.get(_paying_agent(record), UNASSIGNED))
-        counts[(bucket, key)] += 1
-    rows = [(bucket, key, str(count)) for (bucket, key), count in sorted(counts.items())]
-    _print((period, by, "fetches"), rows, output_format, {2}, out)
-    if output_format == "table":
-        widths = [max(len(r[i]) for r in [(period, by, "fetches"), *rows]) for i in range(3)]
-        out.write(
-            f"{'total':<{widths[0]}}  {'':<{widths[1]}}  {sum(counts.values()):>{widths[2]}}\n"
-        )
-
-
-def _spend_report(
-    usages: list[UsageRecord], by: By, period: str, output_format: str, out: TextIO
-) -> None:
-    spend: dict[tuple[str, str, str], Decimal] = {}
-    calls: Counter[tuple[str, str, str]] = Counter()
-    for usage in usages:
-        currency = usage.currency if usage.cost is not None and usage.currency else UNPRICED
-        key = (_bucket(usage.occurred_at, period), _usage_key(usage, by), currency)
-        calls[key] += 1
-        if currency != UNPRICED:
-            assert usage.cost is not None
-            spend[key] = spend.get(key, Decimal(0)) + usage.cost
-    blank = "" if output_format == "csv" else "-"
-    rows = [
-        (*key, decimal_text(spend[key]) if key in spend else blank, str(calls[key]))
-        for key in sorted(calls)
-    ]
-    _print((period, by, "currency", "spend", "calls"), rows, output_format, {3, 4}, out)
-    if output_format != "table":
-        return
-    totals: dict[str, Decimal] = {}
-    for (_, _, currency), amount in spend.items():
-        totals[currency] = totals.get(currency, Decimal(0)) + amount
-    for currency, amount in sorted(totals.items()):
-        out.write(f"total {currency} {decimal_text(amount)}\n")
-    unpriced = sum(n for (_, _, currency), n in calls.items() if currency == UNPRICED)
-    if unpriced:
-        out.write(f"unpriced calls (no cost known, not counted as zero): {unpriced}\n")
-    if by == "cost_centre":
-        _model_mix(usages, out)
-
-
-def _model_mix(usages: list[UsageRecord], out: TextIO) -> None:
-    """Per cost centre and currency: each provider/model's share of the spend."""
-    spend: dict[tuple[str, str], dict[str, Decimal]] = {}
-    for usage in usages:
-        if usage.cost is None or usage.currency is None:
-            continue
-        models = spend.setdefault((usage.cost_centre or UNASSIGNED, usage.currency), {})
-        models[usage.sku] = models.get(usage.sku, Decimal(0)) + usage.cost
-    rows: list[tuple[str, ...]] = []
-    for (centre, currency), models in sorted(spend.items()):
-        total = sum(models.values(), Decimal(0))
-        for sku, amount in sorted(models.items(), key=lambda item: (-item[1], item[0])):
-            share = (amount / total * 100) if total else Decimal(0)
-            rows.append((centre, currency, sku, decimal_text(amount), f"{share:.1f}%"))
-    out.write("\nmodel mix\n")
-    _print(("cost_centre", "currency", "model", "spend", "share"), rows, "table", {3, 4}, out)
-
-
-def _units_report(
-    usages: list[UsageRecord], by: By, period: str, output_format: str, out: TextIO
-) -> None:
-    totals: dict[tuple[str, str, str], Decimal] = {}
-    for usage in usages:
-        bucket, key = _bucket(usage.occurred_at, period), _usage_key(usage, by)
-        for unit, quantity in usage.units.items():
-            slot = (bucket, key, unit)
-            totals[slot] = totals.get(slot, Decimal(0)) + quantity
-    rows = [(*slot, format(totals[slot], "f")) for slot in sorted(totals)]
-    _print((period, by, "unit", "quantity"), rows, output_format, {3}, out)
+        typer.echo("  ".join(cells).rstrip())
 
 
 @usage_app.command("report")
@@ -394,65 +269,119 @@ def report(
     by: Annotated[
         By,
         typer.Option(
-            help="Group by; agent is the one the person invoked (the last of agent_chain); "
-            "model is provider/model."
+            help="Group by; agent and cost_centre use the agent the person invoked; provider and "
+            "model apply to spend and units."
         ),
     ] = "credential",
-    period: Annotated[
-        Literal["day", "month"], typer.Option(help="Time bucket (UTC; usage by occurred_at).")
-    ] = "day",
+    period: Annotated[Literal["day", "month"], typer.Option(help="Time bucket (UTC).")] = "day",
     measure: Annotated[
-        Measure,
+        Literal["fetches", "spend", "units"],
         typer.Option(
-            help="fetches: granted credential fetches; spend: the cost of reported usage per "
-            "currency (unpriced calls counted apart, never as zero); units: each unit summed."
+            help="fetches: granted credential fetches; spend: the cost of reported calls, per "
+            "currency (unpriced calls counted apart, never as zero); units: tokens and other "
+            "units reported."
         ),
     ] = "fetches",
     output_format: Annotated[
         Literal["table", "csv", "focus"],
         typer.Option(
             "--format",
-            help="focus: a FOCUS 1.2 CSV with one row per priced usage record (ignores --by, "
-            "--period and --measure).",
+            help="table, csv, or focus: a FOCUS 1.2 cost and usage CSV of the reported calls.",
         ),
     ] = "table",
-    since: Annotated[str | None, typer.Option(help="ISO time, inclusive (UTC if no zone).")] = None,
-    until: Annotated[str | None, typer.Option(help="ISO time, exclusive.")] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    since: Annotated[
+        str | None, typer.Option(help="Only calls or fetches at or after this ISO 8601 time.")
     ] = None,
+    until: Annotated[str | None, typer.Option(help="Only those before this ISO 8601 time.")] = None,
+    billing_account: Annotated[
+        str, typer.Option(help="--format focus: the BillingAccountId and name.")
+    ] = "agent-identity-broker",
     policy_dir: Annotated[
         Path,
-        typer.Option(
-            help="Policy directory mapping agents to cost centres (fetch records written "
-            "before cost centres were recorded).",
-            file_okay=False,
-        ),
+        typer.Option(help="Policy directory mapping agents to cost centres.", file_okay=False),
     ] = Path("policies"),
 ) -> None:
-    """Credential fetches, spend or units per period and person, agent, cost centre, credential,
-    provider or model; or the usage as a FOCUS 1.2 CSV for finance tools."""
+    """What agents used: granted fetches, or the spend and units gateways reported, per period
+    and person, agent, credential, cost centre, provider or model; or the FOCUS export."""
     start = _parse_time(since, "--since") if since else None
     end = _parse_time(until, "--until") if until else None
-    out = io.StringIO()
     if output_format == "focus":
-        usages = list(_usage_records(files, start, end))
-        written = write_focus_csv(focus_rows(usages), out)
-        unpriced = len(usages) - written
-        message = f"{written} FOCUS row(s)"
-        if unpriced:
-            message += f"; {unpriced} unpriced call(s) have no cost and no row"
-        typer.echo(message, err=True)
-    elif measure == "fetches":
-        _fetch_report(files, by, period, output_format, policy_dir, start, end, out)
-    elif measure == "spend":
-        _spend_report(list(_usage_records(files, start, end)), by, period, output_format, out)
-    else:
-        _units_report(list(_usage_records(files, start, end)), by, period, output_format, out)
-    if output is None:
-        typer.echo(out.getvalue(), nl=False)
-    else:
-        try:
-            output.write_text(out.getvalue(), encoding="utf-8")
-        except OSError as exc:
-            _fail(f"cannot write {output}: {exc}")
+        from broker.focus import focus_export
+
+        export = focus_export(
+            _records(files), billing_account=billing_account, since=start, until=end
+        )
+        typer.echo(export.csv(), nl=False)
+        if export.unpriced:
+            typer.echo(
+                f"note: {export.unpriced} unpriced call(s) left out (no cost to report); "
+                "`--measure spend` lists them",
+                err=True,
+            )
+        return
+    if by in ("provider", "model") and measure == "fetches":
+        _fail("--by provider or model applies to --measure spend or units (fetches name neither)")
+    centres = _cost_centres(policy_dir) if by == "cost_centre" else {}
+    fmt = "%Y-%m-%d" if period == "day" else "%Y-%m"
+    if measure == "fetches":
+        counts: Counter[tuple[str, str]] = Counter()
+        for record in _records(files):
+            if record.get("event") != "credential.fetch" or record.get("outcome") != "granted":
+                continue
+            at = _record_time(record)
+            if at is None or (start and at < start) or (end and at >= end):
+                continue
+            counts[(at.astimezone(UTC).strftime(fmt), _key_of(record, by, centres))] += 1
+        rows = [(bucket, key, str(count)) for (bucket, key), count in sorted(counts.items())]
+        _emit((period, by, "fetches"), rows, output_format)
+        if output_format == "table":
+            typer.echo(f"total  {sum(counts.values())}")
+        return
+    spend: dict[tuple[str, str, str], Decimal] = {}
+    calls: Counter[tuple[str, str, str]] = Counter()
+    units: dict[tuple[str, str, str], Decimal] = {}
+    mix: dict[tuple[str, str], dict[str, Decimal]] = {}
+    for record in _records(files):
+        if record.get("event") != "usage.recorded":
+            continue
+        at = _usage_time(record)
+        if at is None or (start and at < start) or (end and at >= end):
+            continue
+        bucket, key = at.strftime(fmt), _key_of(record, by, centres)
+        if measure == "units":
+            for unit, quantity in (record.get("units") or {}).items():
+                slot = (bucket, key, str(unit))
+                units[slot] = units.get(slot, Decimal(0)) + Decimal(str(quantity))
+            continue
+        cost, currency = record.get("cost"), record.get("currency")
+        slot = (bucket, key, str(currency) if cost is not None and currency else "unpriced")
+        calls[slot] += 1
+        if cost is not None and currency:
+            spend[slot] = spend.get(slot, Decimal(0)) + Decimal(str(cost))
+            model = f"{record.get('provider') or '?'}/{record.get('model') or '?'}"
+            share = mix.setdefault((bucket, f"{key} {currency}"), {})
+            share[model] = share.get(model, Decimal(0)) + Decimal(str(cost))
+    if measure == "units":
+        rows = [(b, k, u, _plain(q)) for (b, k, u), q in sorted(units.items())]
+        _emit((period, by, "unit", "quantity"), rows, output_format)
+        return
+    rows = [
+        (b, k, c, f"{spend[(b, k, c)]:.6f}" if c != "unpriced" else "-", str(calls[(b, k, c)]))
+        for (b, k, c) in sorted(calls)
+    ]
+    _emit((period, by, "currency", "spend", "calls"), rows, output_format)
+    if by == "cost_centre" and output_format == "table" and mix:
+        typer.echo("")
+        typer.echo("model mix (share of spend):")
+        for (bucket, centre), models in sorted(mix.items()):
+            total = sum(models.values(), Decimal(0))
+            shares = ", ".join(
+                f"{model} {amount / total * 100:.0f} %" if total else f"{model} -"
+                for model, amount in sorted(models.items(), key=lambda kv: -kv[1])
+            )
+            typer.echo(f"  {bucket}  {centre}: {shares}")
+
+
+def _plain(quantity: Decimal) -> str:
+    text = format(quantity.normalize(), "f")
+    return text

@@ -11,6 +11,7 @@ import json
 import re
 import sys
 from dataclasses import replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn, cast
 
@@ -48,6 +49,7 @@ from broker.policy.loader import load_policy_tests as _load_policy_tests
 from broker.policy.model import ADMIN_PERMISSIONS, AdminPermission, PolicyDocument, PolicyTestFile
 from broker.policy.testing import id_jag_verdict, named_person, run_policy_tests
 from broker.types import normalise_groups
+from broker.usage.budgets import Attribution, BudgetVerdict, applicable, check_budgets
 
 policy_app = typer.Typer(
     help="Validate, test and explain the policy files.",
@@ -327,6 +329,14 @@ def explain_command(
     resource: Annotated[
         str | None, typer.Option("--resource", help="With --id-jag: the resource asked for.")
     ] = None,
+    spent: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--spent",
+            help="With a fetch: BUDGET=AMOUNT spent (and reserved) so far this period "
+            "(repeatable); a deny budget whose reservation no longer fits refuses the fetch.",
+        ),
+    ] = None,
     directory: DirOption = DEFAULT_DIR,
 ) -> None:
     """Explain the decision for a request (exit 0 granted, 2 denied).
@@ -393,6 +403,9 @@ def explain_command(
         typer.echo(explain_fetch(policy, fetch))
         if not decide_fetch(policy, fetch).allowed:
             raise typer.Exit(EXIT_DENIED)
+        verdict = _explain_budgets(policy, the_person, agents, credential, spent)
+        if verdict is not None and not verdict.allowed:
+            raise typer.Exit(EXIT_DENIED)
         return
     covered = frozenset(_split(approved, None))
     index, request, decision = walk_chain(policy, the_person, agents, scopes, audiences, covered)
@@ -406,6 +419,37 @@ def explain_command(
         typer.echo(_explain_approver(policy, request, approver, approver_group, approver_idp_role))
     if not decision.allowed:
         raise typer.Exit(EXIT_DENIED)
+
+
+def _explain_budgets(
+    policy: Policy, person: Person, agents: list[str], credential: str, spent: list[str] | None
+) -> BudgetVerdict | None:
+    """The budgets a fetch counts against, their use (--spent) and their answer."""
+    amounts: dict[str, Decimal] = {}
+    for item in spent or ():
+        name, _, amount = item.partition("=")
+        try:
+            amounts[name] = Decimal(amount)
+        except InvalidOperation:
+            _fail(f"--spent must be BUDGET=AMOUNT, got {item!r}")
+        if name not in policy.budgets:
+            _fail(f"--spent: no budget {name!r} in the policy")
+    invoked = agents[0]
+    who = Attribution(
+        person=person.person_id,
+        agent=invoked,
+        cost_centre=policy.cost_centre_of(invoked, person.idp, person.groups),
+        credential=credential,
+    )
+    budgets = applicable(policy, who)
+    if not budgets:
+        typer.echo("budgets:        none applies")
+        return None
+    verdict = check_budgets(budgets, amounts, "this period")
+    for line in verdict.lines:
+        typer.echo(line)
+    typer.echo(verdict.description)
+    return verdict
 
 
 def _explain_approver(

@@ -335,6 +335,31 @@ WALKTHROUGH = """
       --person-token "$PERSON_TOKEN" --agent-secret {triage_secret} \
       --gateway-secret {gateway_secret}
 
+14. Spend: the gateway reports step 6's call (POST /v1/usage); the broker prices it with the
+    policy's price table (policies/usage.yaml) and attributes it to Alice and the triage agent;
+    then the month's spend, and the FOCUS export finance imports:
+
+    curl -s -u llm-gateway:{gateway_secret} {issuer}/v1/usage -H 'Content-Type: application/json' \
+      -d '{{"records": [{{"call_id": "demo-call-1", "token": "'"$LLM_TOKEN"'", "credential": "openai-api-key", "provider": "openai", "model": "gpt-4o-mini", "units": {{"input_tokens": 1200, "output_tokens": 300}}}}]}}'
+    {broker_cmd} usage report {audit_file} --measure spend --by agent --period month
+    {broker_cmd} usage report {audit_file} --format focus | python3 -c 'import csv, sys; [print(r["ChargePeriodStart"], r["BilledCost"], r["BillingCurrency"], r["ServiceCategory"], r["SkuId"], r["x_Person"], r["x_AgentChain"], sep=" | ") for r in csv.DictReader(sys.stdin)]'
+
+15. A budget: Dave's agents may spend 0.03 USD a day, each fetch reserving 0.01 until its call
+    is reported; the fourth unreported fetch is refused, naming the budget and its reset:
+
+    DAVE_LLM=$(curl -s -u triage-agent:{triage_secret} {issuer}/oauth2/token \
+      -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+      -d subject_token="$DAVE_TOKEN" \
+      -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
+      -d scope=llm:openai:chat -d audience=llm-gateway \
+      | python3 -c 'import sys, json; print(json.load(sys.stdin)["access_token"])')
+    for call in 1 2 3 4; do curl -s -u llm-gateway:{gateway_secret} -X POST \
+      {issuer}/v1/credentials/openai-api-key -d token="$DAVE_LLM" | python3 -c \
+      'import sys, json; a = json.load(sys.stdin); print(a.get("error_description") or "served")'; done
+    {broker_cmd} policy explain --gateway llm-gateway --credential openai-api-key \
+      --person dev/dave --group support-leads --agent triage-agent --scope llm:openai:chat \
+      --audience llm-gateway --spent dave-daily=0.03
+
  Decision records are printed below as JSON lines. Ctrl-C stops everything.
 ==============================================================================
 """

@@ -25,7 +25,7 @@ from broker.audit import AuditUnavailable, NonFiniteValue, recorded_request_var
 from broker.client_auth import AuthenticatedClient, source_address
 from broker.errors import OAuthError, ServerError, render_error
 from broker.logs import client_request_id, client_request_id_var, new_request_id, request_id_var
-from broker.oauth_request import OAuthForm, read_form, read_form_or_json
+from broker.oauth_request import OAuthForm, read_form, read_form_or_json, read_json_document
 from broker.services import BrokerServices
 from broker.tracing import SpanKind, StatusCode, incoming_context
 
@@ -47,6 +47,8 @@ class PostRoute:
     handler: Handler
     json_body: bool = False
     """Accept a JSON object as well as a form (the broker's own APIs; OAuth endpoints: forms)."""
+    json_document: bool = False
+    """Take a JSON object of any shape (a `JsonDocument`; usage reports), and nothing else."""
     repeatable: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -218,7 +220,9 @@ class Edge:
             client: AuthenticatedClient | None = None
             form: OAuthForm | None = None
             try:
-                if route.json_body:
+                if route.json_document:
+                    form = await read_json_document(request, max_bytes=max_body)
+                elif route.json_body:
                     form = await read_form_or_json(request, max_bytes=max_body)
                 else:
                     form = await read_form(request, max_bytes=max_body, repeatable=route.repeatable)

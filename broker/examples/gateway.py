@@ -36,6 +36,7 @@ event loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -48,7 +49,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from broker.client import BrokerClientError, CredentialAuth, GatewayClient
+from broker.client import (
+    BrokerClientError,
+    CredentialAuth,
+    GatewayClient,
+    UsageRecord,
+    UsageReporter,
+)
 
 __all__ = ["GatewayConfig", "create_gateway_app", "refusal_for"]
 
@@ -70,6 +77,8 @@ class GatewayConfig:
     header: str = "Authorization"
     """The provider's API key header, and its `scheme` (None for a bare key)."""
     scheme: str | None = "Bearer"
+    provider_name: str = "openai"
+    """The provider as the broker's price table names it (usage reports)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,16 +152,51 @@ def _agent_token(request: Request) -> tuple[str, str | None] | None:
     return None
 
 
+def usage_of(
+    config: GatewayConfig, token: str, auth: CredentialAuth, body: bytes, answer: bytes
+) -> UsageRecord | None:
+    """The usage record of a provider answer carrying OpenAI's ``usage`` (None without one)."""
+    try:
+        sent = json.loads(body) if body else {}
+        received = json.loads(answer)
+    except ValueError:
+        return None
+    usage = received.get("usage") if isinstance(received, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    if not all(isinstance(n, int) and n >= 0 for n in (prompt, completion, cached)):
+        return None
+    model = received.get("model") or (sent.get("model") if isinstance(sent, dict) else None)
+    return UsageRecord(
+        call_id=uuid.uuid4().hex,
+        agent_token=token,
+        credential=config.credential,
+        provider=config.provider_name,
+        model=str(model or "unknown"),
+        units={
+            "input_tokens": max(prompt - cached, 0),
+            "output_tokens": completion,
+            "cached_tokens": cached,
+        },
+        usage_ref=auth.last_usage_ref,
+    )
+
+
 def create_gateway_app(
     config: GatewayConfig,
     broker: GatewayClient,
     provider: httpx.Client,
     *,
     logger: logging.Logger | None = None,
+    usage: UsageReporter | None = None,
 ) -> FastAPI:
     """The gateway's ASGI app. `broker` fetches credentials (the gateway's own client
     credentials); `provider` is an `httpx.Client` with the provider's ``base_url`` (and its
-    timeouts). Both stay open, owned by the caller."""
+    timeouts). Both stay open, owned by the caller. With `usage`, each answered call is
+    reported to the broker (queued: the agent never waits for it)."""
     log = logger or logging.getLogger("broker.examples.gateway")
     app = FastAPI(title="Example LLM gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -238,6 +282,10 @@ def create_gateway_app(
             if name in upstream.headers
         }
         headers.setdefault("X-Request-Id", request_id)
+        if usage is not None and upstream.status_code == 200:
+            record = usage_of(config, token, auth, body, upstream.content)
+            if record is not None:
+                usage.submit(record)
         return Response(upstream.content, status_code=upstream.status_code, headers=headers)
 
     for path in _unique(config.paths):

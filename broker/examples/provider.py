@@ -125,6 +125,13 @@ class StandInProvider:
                         }
                     ],
                     "key_generation": generation,
+                    # OpenAI's usage shape: what the example gateway reports to the broker.
+                    "usage": {
+                        "prompt_tokens": 12 * count + 8,
+                        "completion_tokens": 9,
+                        "total_tokens": 12 * count + 17,
+                        "prompt_tokens_details": {"cached_tokens": 0},
+                    },
                 }
             )
 

@@ -36,6 +36,7 @@ class AccessReason(enum.StrEnum):
     MISSING_PERMISSION = "missing_permission"
     PERMISSION_WITHDRAWN = "permission_withdrawn"
     PREVIOUS_NOT_ALLOWED = "previous_not_allowed"
+    BUDGET_EXCEEDED = "budget_exceeded"
     # introspection
     NOT_AN_INTROSPECTOR = "not_an_introspector"
     # admin API
@@ -80,6 +81,7 @@ _ERROR_FOR_REASON: Mapping[AccessReason, str] = {
     AccessReason.MISSING_PERMISSION: "insufficient_scope",
     AccessReason.PERMISSION_WITHDRAWN: "insufficient_scope",
     AccessReason.PREVIOUS_NOT_ALLOWED: "access_denied",
+    AccessReason.BUDGET_EXCEEDED: "access_denied",
     AccessReason.NOT_AN_INTROSPECTOR: "unauthorized_client",
     AccessReason.NOT_AN_ADMIN: "invalid_client",
     AccessReason.ADMIN_PERMISSION_MISSING: "access_denied",

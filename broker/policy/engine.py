@@ -24,8 +24,10 @@ from broker.policy.model import (
     Admin,
     Agent,
     AuthorizationServer,
+    Budget,
     Credential,
     Gateway,
+    Price,
     ResourceServer,
 )
 from broker.policy.permissions import EMPTY, PermissionSet, is_permission
@@ -119,6 +121,10 @@ class Policy:
     """``approvals:`` rules in name order (empty: nothing ever needs approval)."""
     authorization_servers: Mapping[str, AuthorizationServer] = field(default_factory=dict)
     """Where agents may take ID-JAGs (enterprise-managed authorization), by name."""
+    prices: tuple[Price, ...] = ()
+    """What provider models cost, by (provider, model, valid_from)."""
+    budgets: Mapping[str, Budget] = field(default_factory=dict)
+    """Spending limits and alerts, by name."""
 
     def authorization_server(
         self, issuer: str, own_issuer: str

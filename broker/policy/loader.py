@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from broker.policy.approvals import CompiledApprovalRule
 from broker.policy.engine import CompiledAgent, Policy
-from broker.policy.model import AnyPolicyTestCase, PolicyDocument, PolicyTestFile
+from broker.policy.model import AnyPolicyTestCase, Budget, PolicyDocument, PolicyTestFile, Price
 from broker.policy.permissions import PermissionSet, pattern_overlaps
 from broker.policy.selectors import Selectors, compile_selectors
 
@@ -173,13 +173,15 @@ class _Merged:
     admins: dict
     approvals: dict
     authorization_servers: dict
+    budgets: dict
+    prices: list
     limits: object
     origin: dict[str, str]
     files: list[str]
 
 
 def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> _Merged:
-    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, {}, {}, None, {}, [])
+    merged = _Merged({}, [], [], {}, {}, {}, {}, {}, {}, {}, {}, [], None, {}, [])
     for name, doc in documents:
         merged.files.append(name)
         for section in (
@@ -191,6 +193,7 @@ def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> 
             "admins",
             "approvals",
             "authorization_servers",
+            "budgets",
         ):
             target = getattr(merged, section)
             for key, value in getattr(doc, section).items():
@@ -202,6 +205,7 @@ def _merge(documents: list[tuple[str, PolicyDocument]], problems: list[str]) -> 
                 merged.origin[where] = name
         merged.group_bindings.extend((name, b) for b in doc.group_bindings)
         merged.person_bindings.extend((name, b) for b in doc.person_bindings)
+        merged.prices.extend((name, p) for p in doc.prices)
         if doc.limits is not None:
             if merged.limits is not None:
                 problems.append(f"{name}: limits: already defined in {merged.origin['limits']}")
@@ -383,6 +387,9 @@ def _compile(
                     "ID-JAG can be issued for it"
                 )
 
+    prices = _compile_prices(merged, problems)
+    budgets = _compile_budgets(merged, problems, warnings, known_notification_channels)
+
     approval_rules = _compile_approvals(
         merged, problems, warnings, selectors, everything_granted, known_notification_channels
     )
@@ -404,8 +411,58 @@ def _compile(
         group_cost_centres=tuple(group_cost_centres.items()),
         approval_rules=approval_rules,
         authorization_servers=dict(merged.authorization_servers),
+        prices=prices,
+        budgets=budgets,
     )
     return policy, warnings
+
+
+def _compile_prices(merged: _Merged, problems: list[str]) -> tuple[Price, ...]:
+    """Price entries by (provider, model, valid_from); the same three twice is an error."""
+    seen: dict[tuple[str, str, object], str] = {}
+    for origin, price in merged.prices:
+        key = (price.provider, price.model, price.valid_from)
+        if key in seen:
+            problems.append(
+                f"{origin}: prices: {price.provider}/{price.model} from {price.valid_from} is "
+                f"already priced in {seen[key]}"
+            )
+        seen[key] = origin
+    return tuple(
+        sorted((p for _, p in merged.prices), key=lambda p: (p.provider, p.model, p.valid_from))
+    )
+
+
+def _compile_budgets(
+    merged: _Merged,
+    problems: list[str],
+    warnings: list[str],
+    known_notification_channels: Iterable[str] | None,
+) -> dict[str, Budget]:
+    channels = None if known_notification_channels is None else set(known_notification_channels)
+    centres = {a.cost_centre for a in merged.agents.values() if a.cost_centre} | {
+        b.cost_centre for _, b in merged.group_bindings if b.cost_centre
+    }
+    for name, budget in merged.budgets.items():
+        where = f"{merged.origin[f'budgets.{name}']}: budgets.{name}"
+        scope = budget.scope
+        if scope.agent and scope.agent not in merged.agents:
+            problems.append(f"{where}.scope.agent: unknown agent {scope.agent!r}")
+        if scope.credential and scope.credential not in merged.credentials:
+            problems.append(f"{where}.scope.credential: unknown credential {scope.credential!r}")
+        if scope.cost_centre and scope.cost_centre not in centres:
+            warnings.append(
+                f"{where}.scope.cost_centre: no agent or group binding has cost centre "
+                f"{scope.cost_centre!r}; nothing is counted against this budget"
+            )
+        for channel in budget.channels:
+            if channels is not None and channel not in channels:
+                configured = ", ".join(sorted(channels)) or "none"
+                problems.append(
+                    f"{where}.channels: no notification channel {channel!r} is configured "
+                    f"(configured: {configured})"
+                )
+    return dict(merged.budgets)
 
 
 def _compile_approvals(

@@ -8,6 +8,8 @@ sections below and they are merged (a name defined twice is an error). Policy te
 from __future__ import annotations
 
 import re
+from datetime import date
+from decimal import Decimal
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -507,6 +509,94 @@ class ApprovalRule(_Strict):
         return tuple(a for a in self.approvers if a != "person")
 
 
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. EUR.")]
+Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+UnitName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+Percent = Annotated[int, Field(ge=1, le=1000)]
+
+
+class Price(_Strict):
+    """What one model of one provider costs, per million units of each unit it bills by, from
+    `valid_from` (a UTC date) until the next entry for the same provider and model."""
+
+    provider: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+    model: Annotated[str, Field(min_length=1, max_length=128)]
+    currency: Currency
+    valid_from: date
+    per_million: dict[UnitName, Money] = Field(
+        min_length=1,
+        description="Price per million units, by unit (input_tokens, output_tokens, "
+        "cached_tokens, images, ...). A unit reported but not listed is not priced: the "
+        "record is then unpriced, never silently zero.",
+    )
+
+
+class BudgetScope(_Strict):
+    """What a budget counts: exactly one of a cost centre, an agent (the one the person
+    invoked), a person (<idp>/<subject>) or a credential."""
+
+    cost_centre: str | None = Field(None, max_length=128)
+    agent: Name | None = None
+    person: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}/.+$")
+    credential: Name | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetScope:
+        given = [v for v in (self.cost_centre, self.agent, self.person, self.credential) if v]
+        if len(given) != 1:
+            raise ValueError(
+                "a budget scope names exactly one of cost_centre, agent, person, credential"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        for name in ("cost_centre", "agent", "person", "credential"):
+            if getattr(self, name):
+                return name
+        raise AssertionError("validated")
+
+    @property
+    def value(self) -> str:
+        return str(getattr(self, self.kind))
+
+
+class Budget(_Strict):
+    """A spending limit per day or calendar month (in the configuration's time zone), in one
+    currency (costs in another currency are not counted against it)."""
+
+    description: str = ""
+    scope: BudgetScope
+    period: Literal["day", "month"] = "month"
+    amount: Money = Field(gt=0)
+    currency: Currency
+    action: Literal["deny", "alert"] = Field(
+        "alert",
+        description="deny: credential fetches in scope are refused once spent (and reserved) "
+        "reaches the amount; alert: only alerts.",
+    )
+    reserve_per_call: Money | None = Field(
+        None,
+        description="deny budgets: what a fetch reserves until the gateway reports the call's "
+        "cost (an unreported reservation is released after usage.reservation_hold_seconds).",
+    )
+    thresholds: Annotated[list[Percent], AfterValidator(_distinct)] = Field(
+        default_factory=lambda: [80, 100],
+        description="Percentages of the amount at which an alert goes out, once per period.",
+    )
+    channels: Annotated[list[Name], AfterValidator(_distinct)] = Field(
+        default_factory=list, description="Notification channels of the broker configuration."
+    )
+
+    @model_validator(mode="after")
+    def _deny_reserves(self) -> Budget:
+        if self.action == "deny" and self.reserve_per_call is None:
+            raise ValueError("a deny budget needs reserve_per_call (what a fetch reserves)")
+        if self.reserve_per_call is not None and self.reserve_per_call > self.amount:
+            raise ValueError("reserve_per_call exceeds the budget's amount")
+        return self
+
+
 class PolicyDocument(_Strict):
     """One policy file. Every section is optional; files in a directory are merged."""
 
@@ -518,6 +608,12 @@ class PolicyDocument(_Strict):
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
     credentials: dict[Name, Credential] = Field(default_factory=dict)
     admins: dict[Name, Admin] = Field(default_factory=dict)
+    prices: list[Price] = Field(
+        default_factory=list, description="What provider models cost (usage is priced by it)."
+    )
+    budgets: dict[Name, Budget] = Field(
+        default_factory=dict, description="Spending limits and alerts per scope and period."
+    )
     authorization_servers: dict[Name, AuthorizationServer] = Field(
         default_factory=dict,
         description="Authorization servers agents may obtain ID-JAGs for (enterprise-managed "
@@ -659,6 +755,11 @@ class FetchTestCase(_Strict):
     version: Literal["current", "previous"] = "current"
     approved: list[Permission] = Field(
         default_factory=list, description="The permissions the token's approval covers."
+    )
+    spent: dict[Name, Money] = Field(
+        default_factory=dict,
+        description="What each budget has spent (and reserved) so far this period: a deny "
+        "budget refuses the fetch (budget_exceeded) when its reservation does not fit.",
     )
     expect: Literal["allowed", "denied"]
     expect_reason: str | None = Field(None, description=_REASON_DESCRIPTION)

@@ -21,9 +21,11 @@ it or ``refused`` (with a reason), as the approvals service decides (`broker.pol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from broker.policy.access import (
     AccessDecision,
+    AccessReason,
     FetchRequest,
     decide_admin,
     decide_fetch,
@@ -42,6 +44,9 @@ from broker.policy.model import (
     PolicyTestCase,
 )
 from broker.types import normalise_groups
+
+if TYPE_CHECKING:
+    from broker.usage.budgets import BudgetVerdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +120,37 @@ def fetch_request(case: FetchTestCase) -> FetchRequest:
     )
 
 
+def fetch_budgets(policy: Policy, case: FetchTestCase) -> BudgetVerdict:
+    """The budgets' answer for a fetch test's token, given its `spent`."""
+    from broker.usage.budgets import Attribution, applicable, check_budgets
+
+    person = named_person(case.person, case.groups, case.idp_roles)
+    invoked = case.agents[0]
+    who = Attribution(
+        person=person.person_id,
+        agent=invoked,
+        cost_centre=policy.cost_centre_of(invoked, person.idp, person.groups),
+        credential=case.credential,
+    )
+    return check_budgets(applicable(policy, who), case.spent, "this period")
+
+
 def access_decision(
     policy: Policy, case: FetchTestCase | IntrospectionTestCase | AdminTestCase
 ) -> AccessDecision:
     """The broker's decision for a fetch, introspection or admin test case."""
     if isinstance(case, FetchTestCase):
-        return decide_fetch(policy, fetch_request(case))
+        decision = decide_fetch(policy, fetch_request(case))
+        if decision.allowed:
+            verdict = fetch_budgets(policy, case)
+            if not verdict.allowed:
+                return AccessDecision(
+                    False,
+                    AccessReason.BUDGET_EXCEEDED,
+                    verdict.description,
+                    decision.policy_version,
+                )
+        return decision
     if isinstance(case, IntrospectionTestCase):
         return decide_introspection(policy, case.client, tuple(case.audience))
     return decide_admin(policy, case.admin, case.permission, case.credential)

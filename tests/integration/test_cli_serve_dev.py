@@ -456,6 +456,11 @@ def test_the_printed_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path)
     assert "token_type DPoP, bound to cnf.jkt" in output  # step 13
     assert "the token alone (a stolen copy): refused, invalid_dpop_proof" in output
     assert "the same proof again (a replay): refused, invalid_dpop_proof" in output
+    assert '"outcome":"recorded"' in output.replace('": "', '":"')  # step 14: usage reported
+    assert "triage-agent" in output and "USD" in output and "0.000360" in output  # its spend
+    assert "| AI and Machine Learning | openai/gpt-4o-mini | dev/alice | triage-agent" in output
+    assert output.count("served") >= 3 and "budget 'dave-daily'" in output  # step 15
+    assert "this fetch would be refused: person dev/dave has spent 100 %" in output
     assert (state / "audit.jsonl").stat().st_size > 0
 
 
@@ -479,6 +484,9 @@ def test_the_readme_walkthrough_works_pasted_into_a_fresh_shell(tmp_path: Path) 
         output.replace('": "', '":"')
     )  # step 10: the ID-JAG redeemed
     assert "the same proof again (a replay): refused, invalid_dpop_proof" in output  # step 11
+    assert "triage-agent" in output and "0.000360" in output  # step 12: the month's spend
+    assert (tmp_path / "var" / "dev" / "focus.csv").read_text().startswith("AvailabilityZone,")
+    assert output.count("served") >= 3 and "budget 'dave-daily'" in output  # step 13
 
 
 def test_dev_writes_the_audit_file_and_honours_overrides(
