@@ -1,5 +1,6 @@
-"""broker.focus: usage audit records as FOCUS 1.2 rows (pure; the validator run is in
-tests/integration/test_usage_report.py)."""
+"""broker.focus: ``usage.recorded`` audit records as FOCUS 1.2 rows, aggregated per day and
+dimension (pure; the FinOps Foundation validator runs in tests/integration/test_usage_report.py).
+"""
 
 from __future__ import annotations
 
@@ -13,28 +14,18 @@ from typing import Any
 
 import pytest
 
-from broker.focus import (
-    COLUMNS,
-    CUSTOM_COLUMNS,
-    MANDATORY_COLUMNS,
-    decimal_text,
-    focus_csv,
-    focus_row,
-    parse_usage,
-    publisher_name,
-)
+from broker.focus import COLUMNS, MANDATORY_1_2, focus_export
 
 FOCUS_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-DECIMAL_COLUMNS = (
-    "BilledCost",
-    "EffectiveCost",
-    "ListCost",
-    "ContractedCost",
-    "ListUnitPrice",
-    "ContractedUnitPrice",
-    "PricingQuantity",
-    "ConsumedQuantity",
-)
+COSTS = ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost")
+# FOCUS 1.2: the columns every cost and usage dataset carries, whatever the provider supports.
+FOCUS_1_2_MANDATORY = {
+    "BilledCost", "BillingAccountId", "BillingAccountName", "BillingCurrency",
+    "BillingPeriodEnd", "BillingPeriodStart", "ChargeCategory", "ChargeClass",
+    "ChargeDescription", "ChargePeriodEnd", "ChargePeriodStart", "ContractedCost",
+    "EffectiveCost", "InvoiceIssuerName", "ListCost", "PricingQuantity", "PricingUnit",
+    "ProviderName", "PublisherName", "ServiceCategory", "ServiceName",
+}  # fmt: skip
 
 
 def _record(**overrides: Any) -> dict[str, Any]:
@@ -42,12 +33,12 @@ def _record(**overrides: Any) -> dict[str, Any]:
         "time": "2026-11-30T12:00:01.000+00:00",
         "event": "usage.recorded",
         "outcome": "recorded",
-        "call_id": "gw-123",
+        "call_id": "gw-1",
         "gateway": "llm-gateway",
         "credential": "openai-api-key",
         "provider": "openai",
         "model": "gpt-4o-mini",
-        "units": {"input_tokens": 120, "output_tokens": 30, "cached_tokens": 0},
+        "units": {"input_tokens": 120, "output_tokens": 30},
         "status": "ok",
         "occurred_at": "2026-11-30T12:34:56+00:00",
         "cost": "0.001200",
@@ -58,169 +49,144 @@ def _record(**overrides: Any) -> dict[str, Any]:
         "idp": "dev",
         "agent_chain": ["summariser-agent", "triage-agent"],
         "cost_centre": "support-ops",
-        "jti": "j-1",
-        "policy_version": "v1",
         "request_id": "req-1",
-        "chain": "chain-a",
-        "seq": 7,
     }
     record.update(overrides)
-    return record
+    return {k: v for k, v in record.items() if v is not None}  # the trail omits nulls
 
 
-def test_the_columns_hold_every_focus_1_2_mandatory_column_and_custom_ones_are_prefixed() -> None:
-    assert len(MANDATORY_COLUMNS) == 21
-    assert set(MANDATORY_COLUMNS) <= set(COLUMNS)
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_every_focus_1_2_mandatory_column_is_a_column() -> None:
+    assert FOCUS_1_2_MANDATORY <= MANDATORY_1_2 <= set(COLUMNS)
     assert len(set(COLUMNS)) == len(COLUMNS)
-    for column in COLUMNS:
-        if column in CUSTOM_COLUMNS:
-            assert column.startswith("x_")
-        else:  # FOCUS column ids: PascalCase, alphanumeric
-            assert re.fullmatch(r"[A-Z][A-Za-z]+", column), column
+    header = next(csv.reader(io.StringIO(focus_export([_record()]).csv())))
+    assert header == list(COLUMNS)
 
 
-def test_a_priced_record_is_one_usage_row_with_exact_costs() -> None:
-    row = focus_row(parse_usage(_record()))
-    assert all(row[column] != "" for column in MANDATORY_COLUMNS if column != "ChargeClass")
+def test_a_priced_call_is_a_usage_row_with_its_cost_and_attribution() -> None:
+    export = focus_export([_record()])
+    [row] = _csv_rows(export.csv())
+    assert export.unpriced == 0
+    for column in FOCUS_1_2_MANDATORY - {"ChargeClass"}:
+        assert row[column] != "", column
     assert row["ChargeClass"] == ""  # null: not a correction
-    assert row["ChargeCategory"] == "Usage"
-    assert row["ChargeFrequency"] == "Usage-Based"
-    for column in ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost"):
-        assert Decimal(row[column]) == Decimal("0.0012")
+    assert row["ChargeCategory"] == "Usage" and row["ChargeFrequency"] == "Usage-Based"
+    assert {Decimal(row[c]) for c in COSTS} == {Decimal("0.0012")}
     assert row["BillingCurrency"] == "USD"
-    # unit price x quantity = cost, exactly
-    assert Decimal(row["ListUnitPrice"]) * Decimal(row["PricingQuantity"]) == Decimal(
-        row["ListCost"]
-    )
-    assert Decimal(row["ContractedUnitPrice"]) * Decimal(row["PricingQuantity"]) == Decimal(
-        row["ContractedCost"]
-    )
-    assert (row["PricingUnit"], row["ConsumedUnit"]) == ("Requests", "Requests")
-    for column in DECIMAL_COLUMNS:
-        assert "." in row[column] and "E" not in row[column].upper(), (column, row[column])
     assert row["ProviderName"] == row["PublisherName"] == row["InvoiceIssuerName"] == "OpenAI"
-    assert row["ServiceName"] == "OpenAI API"
     assert row["ServiceCategory"] == "AI and Machine Learning"
     assert row["SkuId"] == "openai/gpt-4o-mini"
     assert row["SkuPriceId"] == "openai/gpt-4o-mini@2026-11-01"
-    assert row["ResourceName"] == "openai-api-key"
-    assert row["ResourceId"] != row["ResourceName"]
-    assert row["ChargePeriodStart"] == "2026-11-30T12:00:00Z"
-    assert row["ChargePeriodEnd"] == "2026-11-30T13:00:00Z"
-    assert row["BillingPeriodStart"] == "2026-11-01T00:00:00Z"
-    assert row["BillingPeriodEnd"] == "2026-12-01T00:00:00Z"
+    assert row["ResourceId"] == "openai-api-key"
+    assert (row["ChargePeriodStart"], row["ChargePeriodEnd"]) == (
+        "2026-11-30T00:00:00Z",
+        "2026-12-01T00:00:00Z",
+    )
+    assert (row["BillingPeriodStart"], row["BillingPeriodEnd"]) == (
+        "2026-11-01T00:00:00Z",
+        "2026-12-01T00:00:00Z",
+    )
     for column in ("ChargePeriodStart", "ChargePeriodEnd", "BillingPeriodStart"):
-        assert FOCUS_TIME.match(row[column])
-
-
-def test_attribution_in_tags_and_custom_columns() -> None:
-    row = focus_row(parse_usage(_record()))
+        assert FOCUS_TIME.match(row[column]), column
     tags = json.loads(row["Tags"])
-    assert tags == {
-        "broker/cost-centre": "support-ops",
-        "broker/person": "dev/alice",
-        "broker/agent": "triage-agent",  # the paying agent: the last of the chain
-        "broker/agent-chain": "summariser-agent < triage-agent",
-    }
-    assert all(isinstance(value, str) for value in tags.values())
-    assert row["x_CostCentre"] == "support-ops"
-    assert row["x_Person"] == "dev/alice"
-    assert row["x_Agent"] == "triage-agent"
-    assert json.loads(row["x_AgentChain"]) == ["summariser-agent", "triage-agent"]
-    assert (row["x_InputTokens"], row["x_OutputTokens"], row["x_CachedTokens"]) == (
-        "120",
-        "30",
-        "0",
+    assert isinstance(tags, dict)
+    assert tags["person"] == "dev/alice" and tags["cost_centre"] == "support-ops"
+    assert tags["agent"] == "triage-agent"  # the one the person invoked: the last of the chain
+    assert row["x_Agent"] == "triage-agent" and row["x_Person"] == "dev/alice"
+    assert row["x_CostCentre"] == "support-ops" and row["x_CallCount"] == "1"
+    assert (Decimal(row["x_InputTokens"]), Decimal(row["x_OutputTokens"])) == (120, 30)
+
+
+def test_calls_of_one_day_and_dimension_are_one_row_and_others_are_not() -> None:
+    records = [
+        _record(call_id="a", occurred_at="2026-11-30T01:00:00+00:00", cost="0.001"),
+        _record(call_id="b", occurred_at="2026-11-30T23:59:59+00:00", cost="0.002"),
+        _record(call_id="c", occurred_at="2026-12-01T00:00:00+00:00", cost="0.004"),
+        _record(call_id="d", occurred_at="2026-11-30T05:00:00+00:00", person="dev/bob"),
+        _record(call_id="e", occurred_at="2026-11-30T06:00:00+00:00", cost_centre=None),
+        _record(call_id="f", occurred_at="2026-11-30T07:00:00+00:00", model="gpt-4o"),
+    ]
+    rows = _csv_rows(focus_export(records).csv())
+    assert len(rows) == 5
+    [both] = [
+        r
+        for r in rows
+        if r["x_Person"] == "dev/alice"
+        and r["x_CostCentre"] == "support-ops"
+        and r["SkuId"] == "openai/gpt-4o-mini"
+        and r["ChargePeriodStart"] == "2026-11-30T00:00:00Z"
+    ]
+    assert both["x_CallCount"] == "2"
+    assert Decimal(both["BilledCost"]) == Decimal("0.003")
+    assert Decimal(both["x_InputTokens"]) == 240
+    [december] = [r for r in rows if r["ChargePeriodStart"] == "2026-12-01T00:00:00Z"]
+    assert december["BillingPeriodStart"] == "2026-12-01T00:00:00Z"
+    assert december["BillingPeriodEnd"] == "2027-01-01T00:00:00Z"
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == Decimal("0.0106")
+
+
+def test_a_price_change_within_a_day_keeps_each_price_on_its_own_row() -> None:
+    rows = _csv_rows(
+        focus_export(
+            [
+                _record(call_id="old"),
+                _record(call_id="new", price={"valid_from": "2026-11-30", "currency": "USD"}),
+                _record(call_id="gw", priced_by="gateway", price=None, cost="0.5", currency="EUR"),
+            ]
+        ).csv()
     )
-    assert json.loads(row["x_Units"]) == {
-        "input_tokens": 120,
-        "output_tokens": 30,
-        "cached_tokens": 0,
-    }
-    assert (row["x_CallId"], row["x_AuditChain"], row["x_AuditSeq"]) == ("gw-123", "chain-a", "7")
-    assert row["x_CallCount"] == "1"
+    assert sorted(r["SkuPriceId"] for r in rows) == [
+        "openai/gpt-4o-mini@2026-11-01",
+        "openai/gpt-4o-mini@2026-11-30",
+        "openai/gpt-4o-mini@gateway",
+    ]
+    [euro] = [r for r in rows if r["BillingCurrency"] == "EUR"]
+    assert Decimal(euro["BilledCost"]) == Decimal("0.5")
 
 
-def test_no_cost_centre_leaves_the_tag_out_and_the_column_null() -> None:
-    row = focus_row(parse_usage(_record(cost_centre=None)))
-    assert "broker/cost-centre" not in json.loads(row["Tags"])
-    assert row["x_CostCentre"] == ""
-
-
-def test_december_bills_into_january_of_the_next_year() -> None:
-    row = focus_row(parse_usage(_record(occurred_at="2026-12-31T23:59:59Z")))
-    assert row["BillingPeriodStart"] == "2026-12-01T00:00:00Z"
-    assert row["BillingPeriodEnd"] == "2027-01-01T00:00:00Z"
-    assert row["ChargePeriodEnd"] == "2027-01-01T00:00:00Z"
-
-
-def test_an_occurred_at_with_an_offset_is_converted_to_utc() -> None:
-    usage = parse_usage(_record(occurred_at="2026-12-01T00:30:00+02:00"))
-    assert usage.occurred_at == datetime(2026, 11, 30, 22, 30, tzinfo=UTC)
-    assert focus_row(usage)["BillingPeriodStart"] == "2026-11-01T00:00:00Z"
-
-
-def test_gateway_priced_record_names_the_gateway_price() -> None:
-    row = focus_row(
-        parse_usage(
-            _record(cost="0.5", currency="eur", priced_by="gateway", price=None, provider="mistral")
-        )
+def test_unpriced_calls_are_left_out_and_counted_never_zero() -> None:
+    unpriced = _record(
+        call_id="u", model="mystery-9", cost=None, currency=None, price=None, priced_by="unpriced"
     )
-    assert row["BillingCurrency"] == "EUR"
-    assert row["BilledCost"] == "0.5"
-    assert row["SkuPriceId"] == "mistral/gpt-4o-mini@gateway"
-    assert row["ProviderName"] == "Mistral AI"
+    export = focus_export([_record(), unpriced, unpriced | {"call_id": "u2"}])
+    assert export.unpriced == 2
+    rows = _csv_rows(export.csv())
+    assert [r["SkuId"] for r in rows] == ["openai/gpt-4o-mini"]
+    assert all(Decimal(r["BilledCost"]) != 0 for r in rows)
 
 
-def test_unpriced_records_have_no_row_never_a_zero_one() -> None:
-    unpriced = parse_usage(_record(cost=None, currency=None, priced_by="unpriced", price=None))
-    assert unpriced.cost is None
-    with pytest.raises(ValueError, match="unpriced"):
-        focus_row(unpriced)
-    text = focus_csv([parse_usage(_record()), unpriced, parse_usage(_record(call_id="gw-2"))])
-    rows = list(csv.DictReader(io.StringIO(text)))
-    assert [r["x_CallId"] for r in rows] == ["gw-123", "gw-2"]
-    assert list(rows[0]) == list(COLUMNS)
+def test_since_and_until_select_by_when_the_call_happened() -> None:
+    records = [
+        _record(call_id=str(day), occurred_at=f"2026-11-{day:02d}T12:00:00+00:00")
+        for day in (28, 29, 30)
+    ]
+    export = focus_export(
+        records,
+        since=datetime(2026, 11, 29, tzinfo=UTC),
+        until=datetime(2026, 11, 30, 12, tzinfo=UTC),
+    )
+    assert [r["ChargePeriodStart"] for r in _csv_rows(export.csv())] == ["2026-11-29T00:00:00Z"]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"event": "credential.fetch"}, "not a usage.recorded"),
-        ({"cost": "0.1", "currency": None}, "without a currency"),
-        ({"cost": "lots"}, "cost is not a number"),
-        ({"cost": "NaN"}, "not finite"),
-        ({"units": {"input_tokens": True}}, "units.input_tokens"),
-        ({"units": ["input_tokens"]}, "units is not an object"),
-        ({"occurred_at": "yesterday"}, "occurred_at"),
-        ({"occurred_at": None}, "occurred_at"),
-        ({"credential": None}, "credential"),
-        ({"agent_chain": "triage-agent"}, "agent_chain"),
-    ],
-)
-def test_malformed_records_are_refused_with_the_reason(
-    overrides: dict[str, Any], message: str
-) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_usage(_record(**overrides))
+def test_decimals_always_carry_a_fraction_and_no_exponent() -> None:
+    rows = _csv_rows(
+        focus_export([_record(cost="2"), _record(call_id="x", model="m", cost="1E-7")]).csv()
+    )
+    for row in rows:
+        for column in (*COSTS, "PricingQuantity", "ConsumedQuantity"):
+            assert "." in row[column] and "E" not in row[column].upper(), (column, row[column])
+    assert {r["BilledCost"] for r in rows} == {"2.0", "0.0000001"}
 
 
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [
-        ("5", "5.0"),
-        ("0.001200", "0.001200"),
-        ("1E-7", "0.0000001"),
-        ("-0", "0.0"),
-        ("12.5", "12.5"),
-        ("1E+3", "1000.0"),
-    ],
-)
-def test_decimal_text_is_plain_with_a_fraction(value: str, text: str) -> None:
-    assert decimal_text(Decimal(value)) == text
+@pytest.mark.parametrize("event", ["credential.fetch", "usage.unpriced", "audit.checkpoint"])
+def test_other_events_are_not_usage(event: str) -> None:
+    export = focus_export([_record(event=event)])
+    assert export.rows == [] and export.unpriced == 0
 
 
-def test_unknown_providers_keep_their_name() -> None:
-    assert publisher_name("anthropic") == "Anthropic"
-    assert publisher_name("OpenAI") == "OpenAI"
-    assert publisher_name("acme-llm") == "acme-llm"
+def test_the_billing_account_is_configurable() -> None:
+    [row] = _csv_rows(focus_export([_record()], billing_account="acme-ai").csv())
+    assert row["BillingAccountId"] == row["BillingAccountName"] == "acme-ai"
