@@ -14,6 +14,7 @@ with one); records written before cost centres were recorded fall back to the ag
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -300,9 +301,25 @@ def report(
         Path,
         typer.Option(help="Policy directory mapping agents to cost centres.", file_okay=False),
     ] = Path("policies"),
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the report to this file instead of stdout."),
+    ] = None,
 ) -> None:
     """What agents used: granted fetches, or the spend and units gateways reported, per period
     and person, agent, credential, cost centre, provider or model; or the FOCUS export."""
+    if output is not None:  # the same report, captured; notes and errors still go to stderr
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            report(
+                files, by, period, measure, output_format, since, until, billing_account,
+                policy_dir,
+            )  # fmt: skip
+        try:
+            output.write_text(captured.getvalue(), encoding="utf-8")
+        except OSError as exc:
+            _fail(f"cannot write {output}: {exc}")
+        return
     start = _parse_time(since, "--since") if since else None
     end = _parse_time(until, "--until") if until else None
     if output_format == "focus":

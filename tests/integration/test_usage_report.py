@@ -465,3 +465,20 @@ def test_the_focus_export_says_what_it_left_out_and_honours_since(
     )
     assert {r["BillingPeriodStart"] for r in rows} == {_iso(BOUNDARY)}
     assert sum(int(r["x_CallCount"]) for r in rows) == 3  # c4, c5, c7 (c6 is unpriced)
+
+
+def test_output_writes_the_report_to_a_file(trail: Trail, tmp_path: Path) -> None:
+    on_stdout = _report(trail, "--format", "focus").stdout
+    out = tmp_path / "reports" / "focus.csv"
+    out.parent.mkdir()
+    result = _report(trail, "--format", "focus", "--output", str(out))
+    assert result.stdout == ""
+    assert out.read_text() == on_stdout
+    assert "1 unpriced call(s) left out" in result.stderr  # notes stay on stderr
+    spend = tmp_path / "spend.csv"
+    _report(trail, "--measure", "spend", "--by", "person", "--format", "csv", "-o", str(spend))
+    assert _csv(spend.read_text())[0] == ["day", "person", "currency", "spend", "calls"]
+    failed = runner.invoke(
+        app, ["usage", "report", str(trail.file), "--output", str(tmp_path / "missing" / "x")]
+    )
+    assert failed.exit_code == 1 and "cannot write" in failed.output
