@@ -19,12 +19,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from broker.dpop import DPoPError, DPoPProof, DPoPVerifier, UseDPoPNonce, one_header
-from broker.errors import DPoPProofRefused, InvalidDPoPProof, InvalidRequest, OAuthError
+from broker.errors import (
+    DPoPProofRefused,
+    InvalidDPoPProof,
+    InvalidRequest,
+    OAuthError,
+    TemporarilyUnavailable,
+)
 from broker.errors import UseDPoPNonce as UseDPoPNonceError
 from broker.oauth_request import OAuthForm
+from broker.state import StateUnavailable
 
 SUBJECT_PROOF_PARAMETER = "subject_token_dpop"
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def _state_down() -> TemporarilyUnavailable:
+    return TemporarilyUnavailable(
+        "DPoP proof replay state cannot be checked right now; refusing (fail closed)",
+        reason="state_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _refusal(exc: DPoPError, *, at_resource: bool = False, what: str = "") -> OAuthError:
@@ -61,6 +76,8 @@ class TokenBinding:
             )
         except DPoPError as exc:
             raise _refusal(exc) from None
+        except StateUnavailable:
+            raise _state_down() from None
 
     @staticmethod
     def require(agent: str, required: bool, proof: DPoPProof | None, *, parent_bound: bool) -> None:
@@ -100,6 +117,8 @@ class TokenBinding:
             )
         except DPoPError as exc:
             raise _refusal(exc, what=f"{SUBJECT_PROOF_PARAMETER}: ") from None
+        except StateUnavailable:
+            raise _state_down() from None
 
     async def presented(
         self,
@@ -143,3 +162,5 @@ class TokenBinding:
             )
         except DPoPError as exc:
             raise _refusal(exc, at_resource=True, what="agent's DPoP proof: ") from None
+        except StateUnavailable:
+            raise _state_down() from None

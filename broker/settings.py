@@ -460,6 +460,34 @@ class NotificationSettings(_Strict):
     )
 
 
+class SentinelConfig(_Strict):
+    """Redis Sentinel: the sentinels that know the primary of `service_name` (redis-py's own
+    Sentinel support: a failover is followed without a restart)."""
+
+    service_name: str = Field(min_length=1, max_length=128)
+    addresses: list[str] = Field(min_length=1, description="host:port of each sentinel.")
+    password_ref: SecretReference | None = Field(
+        None, description="env:NAME or file:/path: the sentinels' own password, if any."
+    )
+    db: int = Field(0, ge=0, le=15)
+    tls: bool = Field(
+        False, description="TLS to sentinels and primary (state.tls_ca_file: the CA bundle)."
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"sentinel address {address!r} is not host:port")
+        return value
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        pairs = (a.rpartition(":") for a in self.addresses)
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
+
 class StateConfig(_Strict):
     """Shared state (single-use ids, revocations, rate limits). `redis` when running replicas."""
 
@@ -475,6 +503,17 @@ class StateConfig(_Strict):
     socket_timeout_seconds: float = Field(0.5, gt=0.0, le=30.0)
     connect_timeout_seconds: float = Field(0.5, gt=0.0, le=30.0)
     max_connections: int = Field(50, ge=1, le=10000)
+    sentinel: SentinelConfig | None = Field(
+        None, description="Reach the primary through Redis Sentinel instead of `url`."
+    )
+    min_replica_acks: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="Writes that must survive a failover (revocations, single-use ids) are "
+        "answered only once this many replicas acknowledged them (Redis WAIT); fewer in time: "
+        "refused (503).",
+    )
     allow_memory_with_workers: bool = Field(
         False,
         description="Benchmarks only: accept kind memory with several workers, knowing that "
@@ -484,11 +523,26 @@ class StateConfig(_Strict):
     @model_validator(mode="after")
     def _url(self) -> StateConfig:
         if self.kind == "memory":
-            if self.url or self.password_ref or self.tls_ca_file:
-                raise ValueError("state: url, password_ref and tls_ca_file need kind: redis")
+            if self.url or self.password_ref or self.tls_ca_file or self.sentinel:
+                raise ValueError(
+                    "state: url, sentinel, password_ref and tls_ca_file need kind: redis"
+                )
+            return self
+        if self.sentinel is not None:
+            if self.url:
+                raise ValueError("state: give either url or sentinel, not both")
+            if not self.sentinel.tls:
+                loopback = all(
+                    is_loopback_url(f"redis://{host}:{port}")
+                    for host, port in self.sentinel.endpoints()
+                )
+                if not loopback:
+                    raise ValueError("state.sentinel: tls: true (plain text only on loopback)")
+            if self.tls_ca_file and not self.sentinel.tls:
+                raise ValueError("state.tls_ca_file needs state.sentinel.tls: true")
             return self
         if not self.url:
-            raise ValueError("state: kind redis needs a url")
+            raise ValueError("state: kind redis needs a url (or sentinel)")
         parts = urlsplit(self.url)
         _ = parts.port  # ValueError when the port is not a number in range
         if parts.scheme not in {"redis", "rediss"} or not parts.hostname:

@@ -19,9 +19,29 @@ def build_state_store(config: StateConfig, clock: Clock) -> StateStore:
         return InMemoryStateStore(clock)
     from broker.state_redis import RedisStateStore  # redis is only imported when configured
 
+    reference = config.password_ref
+    if config.sentinel is not None:
+        sentinel = config.sentinel
+        sentinel_reference = sentinel.password_ref
+        return RedisStateStore.via_sentinel(
+            sentinel.service_name,
+            sentinel.endpoints(),
+            db=sentinel.db,
+            clock=clock,
+            key_prefix=config.key_prefix,
+            socket_timeout=config.socket_timeout_seconds,
+            connect_timeout=config.connect_timeout_seconds,
+            max_connections=config.max_connections,
+            password=(lambda: resolve_secret_reference(reference).reveal()) if reference else None,
+            sentinel_password=(lambda: resolve_secret_reference(sentinel_reference).reveal())
+            if sentinel_reference
+            else None,
+            tls=sentinel.tls,
+            ssl_ca_certs=str(config.tls_ca_file) if config.tls_ca_file else None,
+            min_replica_acks=config.min_replica_acks,
+        )
     if config.url is None:  # the settings validator already refuses this
         raise ValueError("state: kind redis needs a url")
-    reference = config.password_ref
     return RedisStateStore(
         config.url,
         clock=clock,
@@ -31,4 +51,5 @@ def build_state_store(config: StateConfig, clock: Clock) -> StateStore:
         max_connections=config.max_connections,
         password=(lambda: resolve_secret_reference(reference).reveal()) if reference else None,
         ssl_ca_certs=str(config.tls_ca_file) if config.tls_ca_file else None,
+        min_replica_acks=config.min_replica_acks,
     )

@@ -29,6 +29,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -158,10 +159,18 @@ class RedisStateStore:
         password: Callable[[], str] | None = None,
         ssl_ca_certs: str | None = None,
         health_check_interval: int = 10,
+        min_replica_acks: int = 0,
+        client: Redis | None = None,
     ) -> None:
         self._clock = clock
         self._prefix = key_prefix
         self._deadline = 2 * connect_timeout + socket_timeout
+        self._acks = min_replica_acks
+        self._ack_timeout_ms = max(1, int(socket_timeout * 1000))
+        if client is not None:  # built by `via_sentinel`
+            self._redis = client
+            self._scripts()
+            return
         options: dict[str, object] = {}
         if password is not None:
             url, username = _without_userinfo(url)
@@ -182,9 +191,79 @@ class RedisStateStore:
             **options,
         )
         self._redis = Redis.from_pool(pool)
+        self._scripts()
+
+    def _scripts(self) -> None:
         self._revoke_tokens = self._redis.register_script(_REVOKE_TOKENS)
         self._revoke_before = self._redis.register_script(_REVOKE_BEFORE)
         self._rate_limit = self._redis.register_script(_RATE_LIMIT)
+
+    @classmethod
+    def via_sentinel(
+        cls,
+        service_name: str,
+        sentinels: list[tuple[str, int]],
+        *,
+        db: int,
+        clock: Clock,
+        key_prefix: str = "broker:",
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        max_connections: int = 50,
+        password: Callable[[], str] | None = None,
+        sentinel_password: Callable[[], str] | None = None,
+        tls: bool = False,
+        ssl_ca_certs: str | None = None,
+        min_replica_acks: int = 0,
+    ) -> RedisStateStore:
+        """The primary of `service_name` as the sentinels name it (redis-py's Sentinel
+        support): after a failover, the next connection goes to the new primary; requests in
+        between fail with `StateUnavailable` (the broker answers 503)."""
+        from redis.asyncio.sentinel import Sentinel
+
+        common: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+        }
+        if tls:
+            common["ssl"] = True
+            if ssl_ca_certs is not None:
+                common["ssl_ca_certs"] = ssl_ca_certs
+        sentinel_kwargs = dict(common)
+        if sentinel_password is not None:
+            sentinel_kwargs["credential_provider"] = _PasswordProvider(None, sentinel_password)
+        primary_kwargs = dict(common)
+        if password is not None:
+            primary_kwargs["credential_provider"] = _PasswordProvider(None, password)
+        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **primary_kwargs)
+        client = sentinel.master_for(
+            service_name,
+            db=db,
+            max_connections=max_connections,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            client_name="agent-identity-broker",
+        )
+        return cls(
+            "redis://sentinel",
+            clock=clock,
+            key_prefix=key_prefix,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            min_replica_acks=min_replica_acks,
+            client=client,
+        )
+
+    async def _acknowledged(self, operation: str) -> None:
+        """With `min_replica_acks`: the write just made is on that many replicas (Redis WAIT),
+        or `StateUnavailable` (it might not survive a failover: the caller refuses)."""
+        if not self._acks:
+            return
+        async with self._guard(operation):
+            acked = await self._redis.execute_command("WAIT", self._acks, self._ack_timeout_ms)
+        if int(acked) < self._acks:
+            raise StateUnavailable(
+                f"{operation}: acknowledged by {int(acked)} of {self._acks} replica(s) in time"
+            )
 
     @property
     def client(self) -> Redis:
@@ -215,6 +294,8 @@ class RedisStateStore:
         ttl_ms = _ms(max(ttl_seconds, 1.0))
         async with self._guard("use_once"):
             created = await self._redis.set(f"{self._prefix}once:{key}", b"1", nx=True, px=ttl_ms)
+        if created:
+            await self._acknowledged("use_once")
         return bool(created)
 
     async def revoke_tokens(self, expiries: Mapping[str, float]) -> None:
@@ -226,12 +307,14 @@ class RedisStateStore:
         keys = [f"{self._prefix}revoked:{t}" for t in live]
         async with self._guard("revoke_tokens"):
             await self._revoke_tokens(keys=keys, args=list(live.values()))
+        await self._acknowledged("revoke_tokens")
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
         require_finite((not_before, ttl_seconds), "not_before and its lifetime")
         args = [repr(float(not_before)), _ms(ttl_seconds)]
         async with self._guard("revoke_before"):
             await self._revoke_before(keys=[f"{self._prefix}nbf:{subject}"], args=args)
+        await self._acknowledged("revoke_before")
 
     async def revocation_status(
         self, token_ids: Iterable[str], subjects: Iterable[str]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -59,6 +60,16 @@ def _policy_extra() -> dict[str, Any]:
                 "act_for": ["group:dev/support"],
                 "cost_centre": "research",
             },
+            "alert-agent": {
+                "authentication": {
+                    "method": "client_secret_basic",
+                    "secret_hash": hash_client_secret(USAGE_AGENT_SECRET, method="sha256"),
+                },
+                "ceiling": ["llm:openai:chat"],
+                "audiences": ["llm-gateway"],
+                "act_for": ["group:dev/support"],
+                "cost_centre": "alerts-ops",
+            },
             "budget-agent": {
                 "authentication": {
                     "method": "client_secret_basic",
@@ -97,6 +108,15 @@ def _policy_extra() -> dict[str, Any]:
             },
         ],
         "budgets": {
+            "alerts-daily": {
+                "scope": {"cost_centre": "alerts-ops"},
+                "period": "day",
+                "amount": "0.01",
+                "currency": "EUR",
+                "action": "alert",
+                "thresholds": [100],
+                "channels": ["finance-hook"],
+            },
             "claims-daily": {
                 "scope": {"cost_centre": "claims-ops"},
                 "period": "day",
@@ -161,7 +181,7 @@ def _token(stack: Any, agent: str = "usage-agent", person: str = "alice") -> str
     running, idp, _clock = stack
     secret = (
         USAGE_AGENT_SECRET
-        if agent in ("usage-agent", "budget-agent")
+        if agent in ("usage-agent", "budget-agent", "alert-agent")
         else SECRETS["TRIAGE_AGENT_SECRET"]
     )
     response = httpx.post(
@@ -428,3 +448,32 @@ def test_an_unreachable_state_store_refuses_fetches_under_a_deny_budget(
             assert "sk-usage-test" not in refused.text
             ready = httpx.get(f"{running.url}/readyz")
             assert ready.status_code == 503 and ready.json()["checks"]["state"]["ok"] is False
+
+
+def test_an_alert_goes_out_once_per_threshold_in_each_period(
+    stack: Any, receiver: tuple[str, list[dict[str, Any]]]
+) -> None:
+    running, _, _ = stack
+    token = _token(stack, agent="alert-agent")
+    assert _fetch(running, token).status_code == 200  # an alert budget never refuses
+    yesterday = (START - timedelta(days=1)).timestamp()
+    big = {"input_tokens": 2000}  # 0.02 EUR at 10/M: over the 0.01 of the day at once
+    for n, occurred in enumerate((yesterday, yesterday, START.timestamp(), START.timestamp())):
+        answer = _report(running, _call(token, f"c-alert-{n}", units=big, occurred_at=occurred))
+        assert answer.json()["results"][0]["outcome"] == "recorded"
+
+    def alerts() -> list[dict[str, Any]]:
+        return [m for m in receiver[1] if m["title"] == "Budget alerts-daily: 100 % reached"]
+
+    _wait_for(lambda: len(alerts()) >= 2)
+    time.sleep(0.3)
+    periods = sorted(
+        dict(f.items())["value"] for a in alerts() for f in a["fields"] if f["name"] == "period"
+    )
+    berlin = ZoneInfo("Europe/Berlin")
+    assert periods == sorted(
+        {
+            (START - timedelta(days=1)).astimezone(berlin).strftime("%Y-%m-%d"),
+            START.astimezone(berlin).strftime("%Y-%m-%d"),
+        }
+    )

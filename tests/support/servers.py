@@ -46,6 +46,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -594,3 +595,93 @@ def run_postgres() -> Iterator[PostgresServer]:
             yield server
         finally:
             server.stop()
+
+
+@dataclass
+class SentinelSet:
+    """A Redis primary, two replicas of it and three sentinels watching it, on loopback."""
+
+    service: str
+    primary: RedisServer
+    replicas: list[RedisServer]
+    sentinels: list[subprocess.Popen[bytes]]
+    sentinel_ports: list[int]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.sentinel_ports]
+
+    def kill_primary(self) -> None:
+        """SIGKILL: the primary dies as a crashed host would (no goodbye to anyone)."""
+        process = self.primary._process
+        assert process is not None
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+        self.primary._process = None
+
+    def current_primary_port(self) -> int | None:
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+                    host_port = client.sentinel_get_master_addr_by_name(self.service)
+                if host_port:
+                    return int(host_port[1])
+            except redis.RedisError:
+                continue
+        return None
+
+
+@contextlib.contextmanager
+def run_sentinel_set(workdir: Path, service: str = "broker") -> Iterator[SentinelSet]:
+    """Primary, two replicas and three sentinels (quorum 2; a primary silent for 1 s is down);
+    all stopped on every path."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerStartError("redis-server is not on PATH")
+    with contextlib.ExitStack() as stack:
+        primary = stack.enter_context(run_redis(workdir))
+        replicas = [
+            stack.enter_context(run_redis(workdir, "--replicaof", "127.0.0.1", str(primary.port)))
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 15
+        for replica in replicas:
+            while replica.client().info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise ServerStartError("a replica did not sync with the primary")
+                time.sleep(0.05)
+        sentinels: list[subprocess.Popen[bytes]] = []
+        ports: list[int] = []
+        for _ in range(3):
+            port = free_loopback_port()
+            conf = workdir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                f"logfile {workdir / f'sentinel-{port}.log'}\n"
+                f"sentinel monitor {service} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {service} 1000\n"
+                f"sentinel failover-timeout {service} 5000\n"
+                f"sentinel parallel-syncs {service} 1\n"
+            )
+            process = subprocess.Popen(
+                [binary, str(conf), "--sentinel"],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            stack.callback(_stop, process)
+            sentinels.append(process)
+            ports.append(port)
+        found = SentinelSet(service, primary, replicas, sentinels, ports)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with redis.Redis(host="127.0.0.1", port=ports[0], socket_timeout=1) as client:
+                    known = client.sentinel_sentinels(service)
+                if len(known) >= 2 and found.current_primary_port() == primary.port:
+                    break
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerStartError("the sentinels did not find each other")
+            time.sleep(0.1)
+        yield found
