@@ -8,11 +8,12 @@ publisher and invoice issuer, the credential as the resource, ``provider/model``
 cost centre as the sub account. The person, the agent chain and the cost centre are in ``Tags``
 (a JSON object) and in ``x_`` custom columns, as the specification's extensibility rules ask.
 
-Every FOCUS 1.2 mandatory column is present. The FinOps Foundation's validator on PyPI
-(``focus-validator`` 1.0.0) checks FOCUS 1.0's columns under their pre-release names
-(``Provider``, ``Publisher``, ``InvoiceIssuer``, ``ResourceID``, and ``ChargeType`` in a rule on
-``SkuPriceId``); those five are written as well, with the same values as their 1.2 names, so
-the file passes it.
+Every FOCUS 1.2 mandatory column is present, custom columns are ``x_`` prefixed, tag values
+are strings under a ``broker/`` prefix, and unit prices are the calls' blended price per token.
+The FinOps Foundation's validator on PyPI (``focus-validator`` 1.0.0) still checks a few FOCUS
+1.0 columns under their pre-release names (``Provider``, ``Publisher``, ``InvoiceIssuer``,
+``ResourceID``, and ``ChargeType`` in its rule on ``SkuPriceId``): `VALIDATOR_OVERRIDES` names
+those five rules for its ``--override-file`` (the columns exist under their 1.0 names).
 
 A call the broker could not price is **left out** (a cost is mandatory and must not be a
 made-up zero); `FocusExport.unpriced` counts them, and the CLI says so.
@@ -88,12 +89,6 @@ COLUMNS: tuple[str, ...] = (
     "SubAccountName",
     "SubAccountType",
     "Tags",
-    # FOCUS 1.0-preview names the PyPI validator (focus-validator 1.0.0) requires or queries
-    "ChargeType",
-    "InvoiceIssuer",
-    "Provider",
-    "Publisher",
-    "ResourceID",
     # custom columns (x_ prefixed)
     "x_AgentChain",
     "x_Agent",
@@ -132,6 +127,16 @@ MANDATORY_1_2: frozenset[str] = frozenset(
     }
 )
 """What FOCUS 1.2 requires of every cost and usage dataset."""
+
+VALIDATOR_OVERRIDES: tuple[str, ...] = (
+    "InvoiceIssuer_Required",
+    "Provider_Required",
+    "Publisher_Required",
+    "ResourceID_Required",
+    "SkuPriceId_Nullable",
+)
+"""focus-validator 1.0.0's rules on pre-release column names (the export has their 1.0 names:
+InvoiceIssuerName, ProviderName, PublisherName, ResourceId; SkuPriceId is always set)."""
 
 DISPLAY_NAMES = {
     "openai": "OpenAI",
@@ -207,7 +212,11 @@ def focus_export(
             continue
         if (since is not None and occurred < since) or (until is not None and occurred >= until):
             continue
-        if record.get("cost") is None or not record.get("currency"):
+        try:
+            cost = Decimal(str(record["cost"])) if record.get("cost") is not None else None
+        except ArithmeticError:
+            cost = None  # a hand-edited trail: counted as unpriced, never guessed
+        if cost is None or not cost.is_finite() or not record.get("currency"):
             unpriced += 1
             continue
         chain = [str(a) for a in record.get("agent_chain") or []]
@@ -231,7 +240,7 @@ def focus_export(
             str(record["currency"]),
         )
         row = groups.setdefault(key, _Row())
-        row.cost += Decimal(str(record["cost"]))
+        row.cost += cost
         row.calls += 1
         units = record.get("units") or {}
         for unit, quantity in units.items() if isinstance(units, Mapping) else ():
@@ -251,7 +260,14 @@ def _row(key: tuple[Any, ...], row: _Row, billing_account: str) -> dict[str, str
     tokens = sum((q for u, q in row.units.items() if u.endswith("_tokens")), Decimal(0))
     cost = _number(row.cost)
     agent = chain[-1] if chain else ""
-    tags = {"cost_centre": centre, "person": person, "agent": agent, "agent_chain": list(chain)}
+    tags = {
+        "broker/person": person,
+        "broker/agent": agent,
+        "broker/agent_chain": " <- ".join(chain),
+    }
+    if centre:
+        tags["broker/cost_centre"] = str(centre)
+    unit_price = _number((row.cost / tokens).quantize(Decimal("1e-12"))) if tokens else "0.0"
     return {
         "BilledCost": cost,
         "BillingAccountId": billing_account,
@@ -270,12 +286,16 @@ def _row(key: tuple[Any, ...], row: _Row, billing_account: str) -> dict[str, str
         "ConsumedQuantity": _number(tokens),
         "ConsumedUnit": "Tokens",
         "ContractedCost": cost,
+        "ContractedUnitPrice": unit_price,
         "EffectiveCost": cost,
         "InvoiceIssuerName": name,
         "ListCost": cost,
+        "ListUnitPrice": unit_price,
         "PricingCategory": "Standard",
         "PricingCurrency": currency,
+        "PricingCurrencyContractedUnitPrice": unit_price,
         "PricingCurrencyEffectiveCost": cost,
+        "PricingCurrencyListUnitPrice": unit_price,
         "PricingQuantity": _number(tokens),
         "PricingUnit": "Tokens",
         "ProviderName": name,
@@ -295,11 +315,6 @@ def _row(key: tuple[Any, ...], row: _Row, billing_account: str) -> dict[str, str
         "SubAccountName": centre or "",
         "SubAccountType": "Cost Centre" if centre else "",
         "Tags": json.dumps(tags, sort_keys=True),
-        "ChargeType": "Usage",
-        "InvoiceIssuer": name,
-        "Provider": name,
-        "Publisher": name,
-        "ResourceID": credential,
         "x_AgentChain": " <- ".join(chain),
         "x_Agent": agent,
         "x_CachedTokens": _number(row.units.get("cached_tokens", Decimal(0))),

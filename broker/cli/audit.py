@@ -383,7 +383,15 @@ def report(
         _emit((period, by, "unit", "quantity"), rows, output_format)
         return
     rows = [
-        (b, k, c, f"{spend[(b, k, c)]:.6f}" if c != "unpriced" else "-", str(calls[(b, k, c)]))
+        (
+            b,
+            k,
+            c,
+            f"{spend[(b, k, c)]:.6f}"
+            if c != "unpriced"
+            else ("" if output_format == "csv" else "-"),
+            str(calls[(b, k, c)]),
+        )
         for (b, k, c) in sorted(calls)
     ]
     _emit((period, by, "currency", "spend", "calls"), rows, output_format)

@@ -228,6 +228,6 @@ def test_one_deny_budget_across_two_replicas_is_never_overspent_nor_refused_earl
     rows = list(csv.DictReader(io.StringIO(exported.output)))
     assert sum(Decimal(r["BilledCost"]) for r in rows) == AMOUNT
     assert {r["x_CostCentre"] for r in rows} == {"race-ops"}
-    assert json.loads(rows[0]["Tags"])["agent_chain"] == ["spend-agent"]
+    assert json.loads(rows[0]["Tags"])["broker/agent_chain"] == "spend-agent"
     checked = FocusValidator(tmp_path / "focus-venv").validate(focus_csv)
     assert "Validation succeeded" in checked.stdout, checked.stdout + checked.stderr

@@ -92,9 +92,9 @@ def test_a_priced_call_is_a_usage_row_with_its_cost_and_attribution() -> None:
     for column in ("ChargePeriodStart", "ChargePeriodEnd", "BillingPeriodStart"):
         assert FOCUS_TIME.match(row[column]), column
     tags = json.loads(row["Tags"])
-    assert isinstance(tags, dict)
-    assert tags["person"] == "dev/alice" and tags["cost_centre"] == "support-ops"
-    assert tags["agent"] == "triage-agent"  # the one the person invoked: the last of the chain
+    assert isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values())
+    assert tags["broker/person"] == "dev/alice" and tags["broker/cost_centre"] == "support-ops"
+    assert tags["broker/agent"] == "triage-agent"  # the one the person invoked: the last
     assert row["x_Agent"] == "triage-agent" and row["x_Person"] == "dev/alice"
     assert row["x_CostCentre"] == "support-ops" and row["x_CallCount"] == "1"
     assert (Decimal(row["x_InputTokens"]), Decimal(row["x_OutputTokens"])) == (120, 30)
