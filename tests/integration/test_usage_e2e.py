@@ -41,7 +41,8 @@ OTHER_GATEWAY_SECRET = generate_client_secret()
 USAGE_AGENT_SECRET = generate_client_secret()
 HOOK_SECRET = "whsec-usage-test"
 START = datetime.fromtimestamp(int(time.time()), UTC)
-"""The broker's clock at the start (a frozen clock the tests move; the IdP signs in real time)."""
+"""When the module was collected: the price table's dates are days before it. The broker's
+clock starts when its fixture does (the IdP signs in real time, minutes later in a full run)."""
 EARLY_PRICE = (START - timedelta(days=20)).date()
 PRICE_CHANGE = (START - timedelta(days=5)).date()
 """The price of testai/m1 changes five days ago (tenfold)."""
@@ -152,7 +153,7 @@ def stack(
 ) -> Iterator[tuple[RunningBroker, DevIdentityProvider, FrozenClock]]:
     tmp = tmp_path_factory.mktemp("usage")
     write_provider_keys(tmp / "keys.yaml", "sk-usage-test")
-    clock = FrozenClock(START.timestamp())
+    clock = FrozenClock(time.time())
     mp = pytest.MonkeyPatch()
     mp.setenv("USAGE_HOOK_SECRET", HOOK_SECRET)
     channels = {
@@ -453,12 +454,13 @@ def test_an_unreachable_state_store_refuses_fetches_under_a_deny_budget(
 def test_an_alert_goes_out_once_per_threshold_in_each_period(
     stack: Any, receiver: tuple[str, list[dict[str, Any]]]
 ) -> None:
-    running, _, _ = stack
+    running, _, clock = stack
     token = _token(stack, agent="alert-agent")
+    now = datetime.fromtimestamp(clock.now(), UTC)
     assert _fetch(running, token).status_code == 200  # an alert budget never refuses
-    yesterday = (START - timedelta(days=1)).timestamp()
+    yesterday = (now - timedelta(days=1)).timestamp()
     big = {"input_tokens": 2000}  # 0.02 EUR at 10/M: over the 0.01 of the day at once
-    for n, occurred in enumerate((yesterday, yesterday, START.timestamp(), START.timestamp())):
+    for n, occurred in enumerate((yesterday, yesterday, now.timestamp(), now.timestamp())):
         answer = _report(running, _call(token, f"c-alert-{n}", units=big, occurred_at=occurred))
         assert answer.json()["results"][0]["outcome"] == "recorded"
 
@@ -473,7 +475,7 @@ def test_an_alert_goes_out_once_per_threshold_in_each_period(
     berlin = ZoneInfo("Europe/Berlin")
     assert periods == sorted(
         {
-            (START - timedelta(days=1)).astimezone(berlin).strftime("%Y-%m-%d"),
-            START.astimezone(berlin).strftime("%Y-%m-%d"),
+            (now - timedelta(days=1)).astimezone(berlin).strftime("%Y-%m-%d"),
+            now.astimezone(berlin).strftime("%Y-%m-%d"),
         }
     )

@@ -311,7 +311,9 @@ def test_spend_by_cost_centre_per_month_crosses_the_boundary(trail: Trail) -> No
     assert (before, "(unassigned)", "USD") in months  # c3: anthropic for bob
     assert (after, "(unassigned)", "EUR") in months  # c4: the gateway's euro price
     assert (after, "support-ops", "unpriced") in months  # c6: mystery-9
-    cost = {(row[0], row[1], row[2]): Decimal(row[3]) for row in rows[1:] if row[3] not in ("-", "")}
+    cost = {
+        (row[0], row[1], row[2]): Decimal(row[3]) for row in rows[1:] if row[3] not in ("-", "")
+    }
     assert cost[(before, "support-ops", "USD")] == Decimal(trail.records["c1"]["cost"]) + Decimal(
         trail.records["c2"]["cost"]
     )
