@@ -474,3 +474,16 @@ def redis_server(workdir: Path) -> Iterator[RedisProcess]:
         yield RedisProcess(f"redis://{LOOPBACK}:{port}/0", port, proc.pid, log, version)
     finally:
         _stop_process(proc)
+
+
+def production_shape(stack: contextlib.ExitStack, workdir: Path) -> tuple[dict[str, Any], Path]:
+    """What a platform team runs on one host, as `broker_server` extra config: a Redis state
+    store (a throwaway ``redis-server`` on loopback, started here) and the durable audit file
+    (fsync'ed group commit, its default), nothing on stdout. Returns the config and the file."""
+    (workdir / "redis").mkdir(exist_ok=True)
+    redis = stack.enter_context(redis_server(workdir / "redis"))
+    audit = workdir / "audit.jsonl"
+    return {
+        "state": {"kind": "redis", "url": redis.url},
+        "audit": {"file": str(audit), "stdout": False},
+    }, audit

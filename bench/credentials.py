@@ -40,6 +40,7 @@ from bench._servers import (
     broker_server,
     dev_issuer,
     openbao_server,
+    production_shape,
     wait_until_idle,
     work_directory,
 )
@@ -300,6 +301,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         budget_person_token = issuer.provider.mint(
             BUDGET_PERSON, token_type="id_token", lifetime=24 * 3600
         )
+        production, audit = production_shape(stack, workdir) if options.production else ({}, None)
         broker_started = time.time()
         broker = stack.enter_context(
             broker_server(
@@ -307,7 +309,11 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
                 workdir,
                 workers=options.workers,
                 name="broker-credentials",
-                extra_config={"secret_backends": backends, "policy_dir": str(policy_dir)},
+                extra_config={
+                    "secret_backends": backends,
+                    "policy_dir": str(policy_dir),
+                    **production,
+                },
                 extra_env={
                     VAULT_TOKEN_ENV: store_tokens[BROKER_TOKEN_NAME],
                     GATEWAY_SECRET_ENV: gateway_secret,
@@ -372,7 +378,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
                 row.label = label
                 rows.append(row)
         measured_until = windows.edges[-1][1]
-        fetched_total = _count_fetch_records(broker.log)
+        fetched_total = _count_fetch_records(audit or broker.log)
         entries = _audit_times(store.audit_log, BROKER_TOKEN_NAME)
 
         print_("")
@@ -484,8 +490,7 @@ def _comparison(rows: list[Row]) -> str:
         body.append(
             [
                 "fetches/s with a deny budget vs without",
-                f"{bx.rps:,.0f} vs {fx.rps:,.0f} (p99 {bx.percentile_ms(99):.1f} vs "
-                f"{p99:.1f} ms)",
+                f"{bx.rps:,.0f} vs {fx.rps:,.0f} (p99 {bx.percentile_ms(99):.1f} vs {p99:.1f} ms)",
                 f"{bx.rps / fx.rps:.2f}x",
                 "",
                 "",

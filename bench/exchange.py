@@ -40,6 +40,7 @@ from bench._servers import (
     machine_busy_seconds,
     openbao_server,
     process_tree,
+    production_shape,
     work_directory,
 )
 
@@ -63,6 +64,8 @@ class Options:
     rounds: int = 1
     bao_audit: bool = True
     keep: bool = False
+    production: bool = False
+    """The broker in the production shape: Redis state and the durable audit file."""
 
 
 @dataclass
@@ -273,9 +276,12 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         servers: dict[str, int] = {}
         logs: dict[str, Path] = {}
 
-        broker = stack.enter_context(broker_server(issuer, workdir, workers=options.workers))
+        extra, audit = production_shape(stack, workdir) if options.production else ({}, None)
+        broker = stack.enter_context(
+            broker_server(issuer, workdir, workers=options.workers, extra_config=extra)
+        )
         targets = _broker_targets(broker, SERVE, person_token)
-        servers[SERVE], logs[SERVE] = broker.pid, broker.log
+        servers[SERVE], logs[SERVE] = broker.pid, audit or broker.log
         probe_ms = keepalive_probe_ms(broker.port)
 
         bao = stack.enter_context(openbao_server(issuer, workdir))
