@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,9 +19,8 @@ from tests.support.harness import (
     TICKETS,
     example_client_secrets,
     exchange_form,
-    oidc_provider_config,
-    run_broker,
-    serve_idp,
+    run_example_stack,
+    write_provider_keys,
 )
 from tests.support.servers import run_sentinel_set
 
@@ -32,10 +32,10 @@ RESUMED_WITHIN = 20.0
 def test_the_broker_follows_a_failover_and_keeps_what_was_acknowledged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name, value in SECRETS.items():
-        monkeypatch.setenv(name, value)
     triage = ("triage-agent", SECRETS["TRIAGE_AGENT_SECRET"])
-    with run_sentinel_set(tmp_path) as sentinels, serve_idp() as (idp, _):
+    gateway = ("llm-gateway", SECRETS["LLM_GATEWAY_SECRET"])
+    write_provider_keys(tmp_path / "keys.yaml", "sk-sentinel-test")
+    with run_sentinel_set(tmp_path) as sentinels:
         state = {
             "kind": "redis",
             "sentinel": {"service_name": sentinels.service, "addresses": sentinels.addresses},
@@ -43,16 +43,41 @@ def test_the_broker_follows_a_failover_and_keeps_what_was_acknowledged(
             "socket_timeout_seconds": 0.3,
             "connect_timeout_seconds": 0.3,
         }
-        with run_broker(tmp_path, [oidc_provider_config(idp)], state=state) as running:
+        with run_example_stack(tmp_path, SECRETS, tmp_path / "keys.yaml", state=state) as (
+            running,
+            idp,
+        ):
 
-            def exchange(**extra: str) -> httpx.Response:
+            def exchange(audience: str = TICKETS, **extra: Any) -> httpx.Response:
+                scope = "llm:openai:chat" if audience == "llm-gateway" else "tickets:read"
                 return httpx.post(
                     running.token_endpoint,
-                    data=exchange_form(idp.mint("alice"), audience=TICKETS),
+                    data=exchange_form(idp.mint("alice"), audience=audience, scope=scope),
                     auth=triage,
                     timeout=10,
                     **extra,
                 )
+
+            llm_token = exchange(audience="llm-gateway").json()["access_token"]
+
+            def fetch() -> int:
+                return httpx.post(
+                    f"{running.url}/v1/credentials/openai-api-key",
+                    data={"token": llm_token},
+                    auth=gateway,
+                    timeout=10,
+                ).status_code
+
+            def revoke_one() -> int:
+                answer = exchange()
+                if answer.status_code != 200:
+                    return answer.status_code
+                return httpx.post(
+                    f"{running.url}/oauth2/revoke",
+                    data={"token": answer.json()["access_token"]},
+                    auth=triage,
+                    timeout=10,
+                ).status_code
 
             token = exchange().json()["access_token"]
             revoked = httpx.post(
@@ -67,18 +92,23 @@ def test_the_broker_follows_a_failover_and_keeps_what_was_acknowledged(
             sentinels.kill_primary()
             killed = time.monotonic()
             statuses: list[int] = []
+            others: list[int] = []
             while time.monotonic() - killed < RESUMED_WITHIN:
                 # Each proof's jti is a write the state store must take (and a replica
                 # acknowledge): no answer remembered from before the failover can stand in.
                 status = exchange(headers={"DPoP": key.proof("POST", running.token_endpoint)})
                 status = status.status_code
                 statuses.append(status)
+                others += [fetch(), revoke_one()]  # fetches and revocations meanwhile
                 if status == 200:
                     break
                 time.sleep(0.2)
             resumed = time.monotonic() - killed
             assert statuses[-1] == 200, statuses
             assert set(statuses) <= {200, 503}, statuses  # never a 500, never a wrong answer
+            assert set(others) <= {200, 503}, others
+            assert 503 in statuses  # the failover was seen, not slept through
+            assert fetch() == 200 and revoke_one() == 200
             assert sentinels.current_primary_port() not in (None, old_port)
 
             # What was acknowledged before the failover holds after it.
