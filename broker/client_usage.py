@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -39,6 +40,7 @@ log = logging.getLogger("broker.client.usage")
 MAX_BATCH = 100
 """The broker takes at most this many records per report."""
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_ERROR = "temporarily_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,14 @@ def usage_results(body: Mapping[str, Any]) -> list[UsageResult]:
     ]
 
 
+def _dated(record: UsageRecord) -> UsageRecord:
+    """The record dated now when the gateway left `occurred_at` out (a retried report must not
+    be dated at delivery)."""
+    if record.occurred_at is not None:
+        return record
+    return dataclasses.replace(record, occurred_at=time.time())
+
+
 def _retryable(exc: BaseException) -> bool:
     from broker.client import BrokerClientError
 
@@ -138,13 +148,28 @@ class _Counters:
         self.failed_batches = 0
         """Batches refused as a whole (the gateway's own credentials, say): not sent again."""
         self._drop_logged = 0.0
+        self._count_lock = threading.Lock()
 
     def note_drop(self) -> None:
-        self.dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged >= 60:
+        with self._count_lock:  # submit may be called from many threads
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._drop_logged < 60:
+                return
             self._drop_logged = now
-            log.warning("usage queue full: %d record(s) dropped so far", self.dropped)
+        log.warning("usage queue full: %d record(s) dropped so far", self.dropped)
+
+    def again(
+        self, batch: Sequence[UsageRecord], results: Sequence[UsageResult]
+    ) -> list[UsageRecord]:
+        """Count the final answers; return the records the broker could not store yet
+        (``temporarily_unavailable`` per record: its state store is unreachable)."""
+        if len(results) != len(batch):
+            self.note_answer(results)
+            return []
+        retry = [rec for rec, res in zip(batch, results, strict=True) if res.error == RETRY_ERROR]
+        self.note_answer([res for res in results if res.error != RETRY_ERROR])
+        return retry
 
     def note_answer(self, results: Sequence[UsageResult]) -> None:
         self.sent += len(results)
@@ -179,7 +204,6 @@ class UsageReporter(_Counters):
         self._queue: queue.Queue[UsageRecord] = queue.Queue(maxsize=max_queue)
         self._closing = threading.Event()
         self._idle = threading.Condition()
-        self._in_flight = 0
         self._thread = threading.Thread(target=self._run, name="usage-reporter", daemon=True)
         self._thread.start()
 
@@ -188,12 +212,14 @@ class UsageReporter(_Counters):
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + self._in_flight
+        """Records queued or being sent: taken from the queue but not yet answered included
+        (`queue.Queue`'s unfinished tasks, so there is no moment a record is in neither)."""
+        return self._queue.unfinished_tasks
 
     def submit(self, record: UsageRecord) -> bool:
         """Queue `record`; False (and counted) when the queue is full. Never blocks."""
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(_dated(record))
         except queue.Full:
             self.note_drop()
             return False
@@ -217,25 +243,21 @@ class UsageReporter(_Counters):
         self._thread.join(timeout)
         return flushed
 
-    def _get(self, timeout: float) -> UsageRecord:
-        record = self._queue.get(timeout=timeout)
-        with self._idle:
-            self._in_flight += 1  # taken out of the queue: pending until answered
-        return record
-
     def _take(self) -> list[UsageRecord]:
         try:
-            first = self._get(0.1)
+            batch = [self._queue.get(timeout=0.1)]
         except queue.Empty:
             return []
-        batch = [first]
-        deadline = time.monotonic() + (0.0 if self._closing.is_set() else self._interval)
+        deadline = time.monotonic() + self._interval
         while len(batch) < self._batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                batch.append(self._get(remaining))
+                if self._closing.is_set():  # draining: take what is there, no waiting
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                batch.append(self._queue.get(timeout=remaining))
             except queue.Empty:
                 break
         return batch
@@ -246,16 +268,23 @@ class UsageReporter(_Counters):
             if not batch:
                 continue
             self._send(batch)
+            for _ in batch:
+                self._queue.task_done()
             with self._idle:
-                self._in_flight = 0
                 self._idle.notify_all()
 
     def _send(self, batch: list[UsageRecord]) -> None:
         pause = 0.5
         while True:
             try:
-                self.note_answer(self._gateway.report_usage(batch))
-                return
+                batch = self.again(batch, self._gateway.report_usage(batch))
+                if not batch:
+                    return
+                if self._closing.is_set():
+                    self.failed_batches += 1
+                    log.error("usage report of %d record(s) failed: %s", len(batch), RETRY_ERROR)
+                    return
+                reason = RETRY_ERROR
             except Exception as exc:
                 if not _retryable(exc) or self._closing.is_set():
                     self.failed_batches += 1
@@ -263,10 +292,11 @@ class UsageReporter(_Counters):
                         "usage report of %d record(s) failed: %s", len(batch), type(exc).__name__
                     )
                     return
-                log.info("usage report failed (%s); retrying in %.1f s", type(exc).__name__, pause)
-                if self._closing.wait(pause):
-                    pause = 0.0  # closing: one last immediate try
-                pause = min(max(pause * 2, 0.5), self._max_backoff)
+                reason = type(exc).__name__
+            log.info("usage report failed (%s); retrying in %.1f s", reason, pause)
+            if self._closing.wait(pause):
+                pause = 0.0  # closing: one last immediate try
+            pause = min(max(pause * 2, 0.5), self._max_backoff)
 
 
 class AsyncUsageReporter(_Counters):
@@ -305,7 +335,7 @@ class AsyncUsageReporter(_Counters):
     def submit(self, record: UsageRecord) -> bool:
         """Queue `record`; False (and counted) when the queue is full. Never waits."""
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(_dated(record))
         except asyncio.QueueFull:
             self.note_drop()
             return False
@@ -354,8 +384,10 @@ class AsyncUsageReporter(_Counters):
         pause = 0.5
         while True:
             try:
-                self.note_answer(await self._gateway.report_usage(batch))
-                return
+                batch = self.again(batch, await self._gateway.report_usage(batch))
+                if not batch:
+                    return
+                reason = RETRY_ERROR
             except Exception as exc:
                 if not _retryable(exc) or self._closing.is_set():
                     self.failed_batches += 1
@@ -363,6 +395,7 @@ class AsyncUsageReporter(_Counters):
                         "usage report of %d record(s) failed: %s", len(batch), type(exc).__name__
                     )
                     return
-                log.info("usage report failed (%s); retrying in %.1f s", type(exc).__name__, pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self._max_backoff)
+                reason = type(exc).__name__
+            log.info("usage report failed (%s); retrying in %.1f s", reason, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self._max_backoff)
