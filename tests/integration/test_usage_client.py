@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,46 @@ def test_the_example_gateway_reports_each_call_and_the_broker_prices_it(tmp_path
         # 20 prompt tokens at 0.15/M and 9 completion tokens at 0.60/M (policies/usage.yaml)
         assert record["units"] == {"input_tokens": 20, "output_tokens": 9, "cached_tokens": 0}
         assert record["cost"] == "0.000008" and record["currency"] == "USD"
+
+
+def test_calls_reported_while_the_state_store_is_down_are_recorded_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The broker answers such records `temporarily_unavailable`; the reporter keeps them and
+    sends them again, dated when they were submitted, until the broker can store them."""
+    from tests.support.servers import run_redis
+
+    write_provider_keys(tmp_path / "keys.yaml", KEY)
+    with run_redis(tmp_path) as redis:
+        state = {
+            "kind": "redis",
+            "url": redis.url,
+            "socket_timeout_seconds": 0.3,
+            "connect_timeout_seconds": 0.3,
+        }
+        with (
+            run_example_stack(tmp_path, SECRETS, tmp_path / "keys.yaml", state=state) as (
+                running,
+                idp,
+            ),
+            GatewayClient(running.url, "llm-gateway", SECRETS["LLM_GATEWAY_SECRET"]) as broker,
+            AgentClient(running.url, "triage-agent", SECRETS["TRIAGE_AGENT_SECRET"]) as agent,
+        ):
+            token = agent.exchange(
+                idp.mint("alice"), scope="llm:openai:chat", audience="llm-gateway"
+            )
+            broker.fetch("openai-api-key", token)  # the gateway fetched it: reports are its own
+            reporter = UsageReporter(broker, flush_interval=0.05, max_backoff=0.5)
+            redis.freeze()  # unreachable (hung), its data kept: the gateway's fetch ticket too
+            submitted = time.time()
+            for n in range(3):
+                reporter.submit(_record(n, token.access_token))
+            time.sleep(1.0)  # attempts meet the outage and are kept
+            assert reporter.pending == 3
+            redis.thaw()
+            assert reporter.close(timeout=20)
+            records = [r for r in running.decisions.records if r.get("event") == "usage.recorded"]
+    assert sorted(r["call_id"] for r in records) == ["call-0", "call-1", "call-2"]
+    for record in records:  # dated at submit, not at delivery
+        occurred = datetime.fromisoformat(record["occurred_at"]).timestamp()
+        assert abs(occurred - submitted) < 1.0
