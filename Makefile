@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: dev test bench lint install install-test compose system-packages clean
+.PHONY: dev test bench lint install install-test compose kubectl system-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
-install-test: system-packages $(VENV)/.installed-test compose
+install-test: system-packages kubectl $(VENV)/.installed-test compose
 
 ## make system-packages: the programs the suite runs that pip cannot install, from the machine's
 ## apt where missing: xmlsec1 (the pysaml2 test IdP signs with it), redis-server (the suite
@@ -57,6 +57,12 @@ system-packages:
 	$(APT_GET) install -y --no-install-recommends $(missing) \
 	  || { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(missing); } \
 	  || { echo "make system-packages: could not install $(missing)" >&2; exit 1; },:)
+
+## make kubectl: the tests render deploy/kubernetes with `kubectl kustomize` (kubectl >= 1.27;
+## Debian's own kubernetes-client is 1.20, too old for the manifests' kustomization syntax, and
+## the Kubernetes release downloads are not reachable from every machine): one line if missing.
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { echo "make test: install kubectl >= 1.27 (kubectl kustomize renders deploy/kubernetes): https://kubernetes.io/docs/tasks/tools/" >&2; exit 1; }
 
 ## make compose: a docker compose v2 binary for the tests of docker-compose.yml, where the
 ## machine has neither `docker compose` nor `docker-compose`: Debian's docker-compose package
