@@ -2,10 +2,13 @@
 
 How it works: `processes` worker processes (spawned, not forked) each run one asyncio event loop
 holding ``concurrency / processes`` keep-alive TCP connections. Each connection is a bare
-`asyncio.Protocol` that writes one pre-built request (the exact bytes, built once), parses the
+`asyncio.Protocol` that writes pre-built requests (the exact bytes, built once), parses each
 response just enough to find its end (status line, ``Content-Length`` or chunked framing) and
 sends the next request at once: a closed loop, one request in flight per connection. Latency is
-``time.perf_counter_ns()`` from the write to the last byte of the response.
+``time.perf_counter_ns()`` from the write to the last byte of the response. A target may carry
+several requests (`LoadSpec.requests`, e.g. one per person token): each connection sends them in
+round robin, connection ``i`` of ``n`` starting at request ``i * len(requests) // n``, so
+different connections have different requests in flight.
 
 All workers start at the same monotonic instant and open their connections one by one over the
 first part of the warm-up (clients arriving, not one burst); responses that complete during the
@@ -35,12 +38,29 @@ _HEADER_END = b"\r\n\r\n"
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    """One target: where to connect and the exact request bytes to send, over and over."""
+    """One target: where to connect and the exact request bytes to send, over and over.
+
+    `requests` holds one or more pre-built requests, sent in round robin by every connection
+    (each from its own starting point); `LoadSpec.one` builds a target with a single request.
+    """
 
     label: str
     host: str
     port: int
-    request: bytes
+    requests: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.requests, tuple) or not self.requests:
+            raise TypeError(
+                "LoadSpec.requests is a non-empty tuple of requests (LoadSpec.one for one request)"
+            )
+        if not all(isinstance(request, bytes) for request in self.requests):
+            raise TypeError("LoadSpec.requests holds request bytes")
+
+    @classmethod
+    def one(cls, label: str, host: str, port: int, request: bytes) -> LoadSpec:
+        """A target sending the same request every time."""
+        return cls(label, host, port, (request,))
 
 
 @dataclass(slots=True)
@@ -89,6 +109,27 @@ def build_request(
     if body or method in {"POST", "PUT", "PATCH"}:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def first_request(connection: int, connections: int, requests: int) -> int:
+    """Where connection `connection` (of `connections`, over every process) starts its round
+    robin over `requests` requests: evenly apart, so the connections send different ones."""
+    return connection * requests // max(1, connections) % requests
+
+
+class _Cycle:
+    """A connection's round robin over a target's requests (kept across reconnections)."""
+
+    __slots__ = ("_next", "_requests")
+
+    def __init__(self, requests: tuple[bytes, ...], start: int) -> None:
+        self._requests = requests
+        self._next = start % len(requests)
+
+    def next(self) -> bytes:
+        request = self._requests[self._next]
+        self._next = (self._next + 1) % len(self._requests)
+        return request
 
 
 class _ParseError(Exception):
@@ -159,8 +200,9 @@ class _Run:
 class _Client(asyncio.Protocol):
     """One keep-alive connection with at most one request in flight."""
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _Run, cycle: _Cycle) -> None:
         self._run = run
+        self._cycle = cycle
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._header_end = -1
@@ -183,7 +225,7 @@ class _Client(asyncio.Protocol):
         self._header_end = -1
         self._in_flight = True
         self._started_ns = time.perf_counter_ns()
-        self._transport.write(self._run.spec.request)
+        self._transport.write(self._cycle.next())
 
     def _close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -223,14 +265,14 @@ class _Client(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def _connection_loop(run: _Run, delay: float) -> None:
+async def _connection_loop(run: _Run, delay: float, cycle: _Cycle) -> None:
     """Keep one connection open until the run stops (reconnecting if the server drops it)."""
     loop = asyncio.get_running_loop()
     await asyncio.sleep(delay)
     while not run.stopping:
         try:
             _, client = await loop.create_connection(
-                lambda: _Client(run), run.spec.host, run.spec.port
+                lambda: _Client(run, cycle), run.spec.host, run.spec.port
             )
         except OSError:
             run.dropped_connection()
@@ -246,7 +288,11 @@ async def _run_worker(
     warmup: float,
     seconds: float,
     offset: float = 0.0,
+    first_connection: int = 0,
+    total_connections: int = 0,
 ) -> dict[str, Any]:
+    """One worker process's share: `connections` of `total_connections` in all, the first of
+    them the `first_connection`-th over every process (where its round robin starts)."""
     # start_at is on the monotonic clock shared by every process (CLOCK_MONOTONIC on Linux).
     now_mono = time.monotonic()
     now_ns = time.perf_counter_ns()
@@ -258,8 +304,16 @@ async def _run_worker(
     # Clients arrive over the first part of the warm-up rather than in one burst: a burst lets
     # whichever server process wakes first accept every connection.
     spread = min(0.5, warmup / 2)
+    requests = spec.requests
+    total = total_connections or connections
     tasks = [
-        asyncio.create_task(_connection_loop(run, spread * (i + offset) / connections))
+        asyncio.create_task(
+            _connection_loop(
+                run,
+                spread * (i + offset) / connections,
+                _Cycle(requests, first_request(first_connection + i, total, len(requests))),
+            )
+        )
         for i in range(connections)
     ]
     await asyncio.sleep(max(0.0, (measure_start_ns - time.perf_counter_ns()) / 1e9))
@@ -292,11 +346,24 @@ def _worker_main(
     warmup: float,
     seconds: float,
     offset: float,
+    first_connection: int,
+    total_connections: int,
     out: Connection,
 ) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = asyncio.run(_run_worker(spec, connections, start_at, warmup, seconds, offset))
+        result = asyncio.run(
+            _run_worker(
+                spec,
+                connections,
+                start_at,
+                warmup,
+                seconds,
+                offset,
+                first_connection,
+                total_connections,
+            )
+        )
         out.send(result)
     except KeyboardInterrupt:
         pass
@@ -330,9 +397,20 @@ def run_load(
     try:
         for index, share in enumerate(shares):
             receiver, sender = ctx.Pipe(duplex=False)
+            first_connection = sum(shares[:index])
             proc = ctx.Process(
                 target=_worker_main,
-                args=(spec, share, start_at, warmup, seconds, index / processes, sender),
+                args=(
+                    spec,
+                    share,
+                    start_at,
+                    warmup,
+                    seconds,
+                    index / processes,
+                    first_connection,
+                    concurrency,
+                    sender,
+                ),
                 name=f"bench-loadgen-{spec.label}",
                 daemon=True,
             )

@@ -331,7 +331,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
             _preflight_fetch(broker, headers, body, api_key)
             path = f"/v1/credentials/{CREDENTIAL}"
             request = build_request("POST", LOOPBACK, broker.port, path, headers=headers, body=body)
-            return LoadSpec(label, LOOPBACK, broker.port, request)
+            return LoadSpec.one(label, LOOPBACK, broker.port, request)
 
         def read_spec(label: str, bao: OpenBao, token: str) -> Callable[[], LoadSpec]:
             _preflight_read(bao, credential.path, token, field_name, api_key)
@@ -342,10 +342,10 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
                 f"/v1/{KV_MOUNT}/data/{credential.path}",
                 headers={"X-Vault-Token": token},
             )
-            spec = LoadSpec(label, LOOPBACK, bao.port, request)
+            spec = LoadSpec.one(label, LOOPBACK, bao.port, request)
             return lambda: spec
 
-        healthz = LoadSpec(
+        healthz = LoadSpec.one(
             HEALTHZ, LOOPBACK, broker.port, build_request("GET", LOOPBACK, broker.port, "/healthz")
         )
         targets = [

@@ -234,7 +234,7 @@ def _broker_targets(broker: Broker, group: str, person_token: str) -> list[tuple
     _preflight_exchange(broker, headers, body)
     return [
         (
-            LoadSpec(
+            LoadSpec.one(
                 f"{group}: GET /healthz",
                 LOOPBACK,
                 broker.port,
@@ -243,7 +243,7 @@ def _broker_targets(broker: Broker, group: str, person_token: str) -> list[tuple
             group,
         ),
         (
-            LoadSpec(
+            LoadSpec.one(
                 f"{group}: token exchange",
                 LOOPBACK,
                 broker.port,
@@ -262,7 +262,7 @@ def _bao_target(bao: OpenBao, label: str, person_token: str) -> tuple[LoadSpec, 
     request = build_request(
         "POST", LOOPBACK, bao.port, "/v1/auth/jwt/login", headers=headers, body=body
     )
-    return LoadSpec(label, LOOPBACK, bao.port, request), label
+    return LoadSpec.one(label, LOOPBACK, bao.port, request), label
 
 
 def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:

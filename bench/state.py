@@ -271,7 +271,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
                 request = build_request(
                     "POST", LOOPBACK, broker.port, path, headers=headers, body=body
                 )
-                return LoadSpec(_label(store, operation), LOOPBACK, broker.port, request)
+                return LoadSpec.one(_label(store, operation), LOOPBACK, broker.port, request)
 
             return build
 
