@@ -1,19 +1,31 @@
-"""A lean closed-loop HTTP/1.1 load generator, the same for every target.
+"""A lean HTTP/1.1 load generator, the same for every target: closed loop, or open loop at a
+fixed rate.
 
 How it works: `processes` worker processes (spawned, not forked) each run one asyncio event loop
 holding ``concurrency / processes`` keep-alive TCP connections. Each connection is a bare
-`asyncio.Protocol` that writes pre-built requests (the exact bytes, built once), parses each
-response just enough to find its end (status line, ``Content-Length`` or chunked framing) and
-sends the next request at once: a closed loop, one request in flight per connection. Latency is
-``time.perf_counter_ns()`` from the write to the last byte of the response. A target may carry
-several requests (`LoadSpec.requests`, e.g. one per person token): each connection sends them in
-round robin, connection ``i`` of ``n`` starting at request ``i * len(requests) // n``, so
-different connections have different requests in flight.
+`asyncio.Protocol` that writes pre-built requests (the exact bytes, built once) and parses each
+response just enough to find its end (status line, ``Content-Length`` or chunked framing). A
+target may carry several requests (`LoadSpec.requests`, e.g. one per person token): each
+connection sends them in round robin, connection ``i`` of ``n`` starting at request
+``i * len(requests) // n``, so different connections have different requests in flight.
+
+Closed loop (the default): a connection sends its next request as soon as the previous response
+ends, one request in flight per connection. Latency is ``time.perf_counter_ns()`` from the write
+to the last byte of the response.
+
+Open loop (`run_load(..., rate=R)`): requests are due at fixed instants, ``1 / R`` apart over all
+processes (process ``p`` of ``P`` sends the requests ``p, p + P, p + 2P, ...``). A due request
+goes to an idle connection of the process's pool; when none is idle it waits in the generator's
+queue (first in, first out) for the next connection to finish. Its latency runs from its *due*
+time to the last byte of the response, so time spent queued in the generator counts: a slow
+server cannot slow the generator down and hide its own stalls (no coordinated omission).
 
 All workers start at the same monotonic instant and open their connections one by one over the
-first part of the warm-up (clients arriving, not one burst); responses that complete during the
-warm-up are discarded, then every response completing in the measured window is counted
-(requests still in flight when the window closes are not). A non-2xx status or a dropped
+first part of the warm-up (clients arriving, not one burst). Closed loop: every response
+completing in the measured window is counted, responses of the warm-up are discarded, and
+requests still in flight when the window closes are not counted. Open loop: every request *due*
+in the window is counted; after the window the generator waits (up to `OPEN_LOOP_DRAIN_SECONDS`)
+for their answers, and one still unanswered then is an error. A non-2xx status or a dropped
 connection is an error.
 
 The generator shares the machine's cores with the server under test; the CPU it uses is measured
@@ -29,11 +41,14 @@ import os
 import signal
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 _HEADER_END = b"\r\n\r\n"
+OPEN_LOOP_DRAIN_SECONDS = 5.0
+"""Open loop: how long after the window the requests due in it may still be answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +80,11 @@ class LoadSpec:
 
 @dataclass(slots=True)
 class LoadResult:
-    """What the workers measured in the window (latencies in nanoseconds)."""
+    """What the workers measured in the window (latencies in nanoseconds).
+
+    Open loop (`offered_rps` set): `seconds` runs from the window's start to the last answer to
+    a request due in the window (at least the window), so `rps` is the rate achieved.
+    """
 
     label: str
     seconds: float
@@ -75,6 +94,10 @@ class LoadResult:
     error_statuses: dict[int, int] = field(default_factory=dict)
     dropped_connections: int = 0
     generator_cpu_seconds: float = 0.0
+    offered_rps: float | None = None
+    """Open loop: the rate requests were due at (None: closed loop)."""
+    unanswered: int = 0
+    """Open loop: requests due in the window still unanswered after the drain (in `errors`)."""
 
     @property
     def rps(self) -> float:
@@ -165,12 +188,21 @@ def _response_end(buf: bytearray, header_end: int, headers: bytes) -> int | None
 
 
 class _Run:
-    """State shared by one worker's connections."""
+    """State shared by one worker's connections.
 
-    def __init__(self, spec: LoadSpec, measure_start_ns: int, measure_end_ns: int) -> None:
+    Closed loop: a request belongs to the window its response completes in. Open loop
+    (`open_loop`): to the window it was due in; `pending` holds the due times of requests
+    waiting for a connection, `idle` the connections waiting for a request, and `outstanding`
+    counts the window's requests not answered yet.
+    """
+
+    def __init__(
+        self, spec: LoadSpec, measure_start_ns: int, measure_end_ns: int, *, open_loop: bool
+    ) -> None:
         self.spec = spec
         self.measure_start_ns = measure_start_ns
         self.measure_end_ns = measure_end_ns
+        self.open_loop = open_loop
         self.latencies = array("q")
         self.ok = 0
         self.errors = 0
@@ -178,11 +210,20 @@ class _Run:
         self.dropped = 0
         self.stopping = False
         self.open_clients: set[_Client] = set()
-        self.idle = asyncio.Event()
+        self.pending: deque[int] = deque()
+        self.idle: deque[_Client] = deque()
+        self.outstanding = 0
+        self.last_answer_ns = measure_end_ns
+
+    def in_window(self, stamp_ns: int) -> bool:
+        return self.measure_start_ns <= stamp_ns < self.measure_end_ns
 
     def record(self, status: int, started_ns: int, finished_ns: int) -> None:
-        if not self.measure_start_ns <= finished_ns < self.measure_end_ns:
+        if not self.in_window(started_ns if self.open_loop else finished_ns):
             return
+        if self.open_loop:
+            self.outstanding -= 1
+            self.last_answer_ns = max(self.last_answer_ns, finished_ns)
         if 200 <= status < 300:
             self.ok += 1
             self.latencies.append(finished_ns - started_ns)
@@ -190,11 +231,39 @@ class _Run:
             self.errors += 1
             self.error_statuses[status] = self.error_statuses.get(status, 0) + 1
 
-    def dropped_connection(self) -> None:
-        now = time.perf_counter_ns()
-        if self.measure_start_ns <= now < self.measure_end_ns:
+    def dropped_connection(self, started_ns: int | None = None) -> None:
+        """A connection failed; `started_ns` is the start (open loop: due time) of the request
+        it lost, None when it had none in flight (a refused connect)."""
+        lost_request = self.open_loop and started_ns is not None
+        stamp = started_ns if lost_request and started_ns is not None else time.perf_counter_ns()
+        if self.in_window(stamp):
             self.dropped += 1
             self.errors += 1
+            if lost_request:
+                self.outstanding -= 1
+
+    # -- open loop ------------------------------------------------------------------------
+
+    def due(self, due_ns: int) -> None:
+        """A request is due: an idle connection sends it, or it queues in the generator."""
+        if self.in_window(due_ns):
+            self.outstanding += 1
+        while self.idle:
+            client = self.idle.popleft()
+            if client.usable:
+                client.send(due_ns)
+                return
+        self.pending.append(due_ns)
+
+    def ready(self, client: _Client) -> None:
+        """`client` can send: the oldest queued request, or it waits idle for the next one (or it
+        closes, the run being over)."""
+        if self.stopping:
+            client.close()
+        elif self.pending:
+            client.send(self.pending.popleft())
+        else:
+            self.idle.append(client)
 
 
 class _Client(asyncio.Protocol):
@@ -211,23 +280,34 @@ class _Client(asyncio.Protocol):
         self._in_flight = False
         self.closed = asyncio.get_running_loop().create_future()
 
+    @property
+    def usable(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._run.open_clients.add(self)
-        self._send()
+        self._next()
 
-    def _send(self) -> None:
+    def _next(self) -> None:
+        if self._run.open_loop:
+            self._run.ready(self)
+        else:
+            self.send(time.perf_counter_ns())
+
+    def send(self, started_ns: int) -> None:
+        """Write the next request of the round robin; its latency runs from `started_ns`."""
         if self._run.stopping or self._transport is None:
-            self._close()
+            self.close()
             return
         self._buf.clear()
         self._header_end = -1
         self._in_flight = True
-        self._started_ns = time.perf_counter_ns()
+        self._started_ns = started_ns
         self._transport.write(self._cycle.next())
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
@@ -243,8 +323,8 @@ class _Client(asyncio.Protocol):
             end = _response_end(self._buf, self._header_end, self._headers)
         except (_ParseError, ValueError):
             self._in_flight = False
-            self._run.dropped_connection()
-            self._close()
+            self._run.dropped_connection(self._started_ns)
+            self.close()
             return
         if end is None:
             return
@@ -253,14 +333,16 @@ class _Client(asyncio.Protocol):
         status = int(self._headers[9:12])
         self._run.record(status, self._started_ns, finished)
         if b"\r\nconnection: close" in self._headers.lower():
-            self._close()
+            self.close()
             return
-        self._send()
+        self._next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._run.open_clients.discard(self)
+        with contextlib.suppress(ValueError):
+            self._run.idle.remove(self)
         if self._in_flight and not self._run.stopping:
-            self._run.dropped_connection()
+            self._run.dropped_connection(self._started_ns)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -281,94 +363,154 @@ async def _connection_loop(run: _Run, delay: float, cycle: _Cycle) -> None:
         await client.closed
 
 
-async def _run_worker(
-    spec: LoadSpec,
-    connections: int,
-    start_at: float,
-    warmup: float,
-    seconds: float,
-    offset: float = 0.0,
-    first_connection: int = 0,
-    total_connections: int = 0,
-) -> dict[str, Any]:
-    """One worker process's share: `connections` of `total_connections` in all, the first of
-    them the `first_connection`-th over every process (where its round robin starts)."""
-    # start_at is on the monotonic clock shared by every process (CLOCK_MONOTONIC on Linux).
+async def _schedule(run: _Run, first_ns: int, interval_ns: float, until_ns: int) -> None:
+    """Open loop: make request ``k`` due at ``first_ns + k * interval_ns`` until `until_ns`.
+    When the loop wakes late, every request already due is issued at once, each with its own
+    due time (so the lateness counts in their latency)."""
+    k = 0
+    while not run.stopping:
+        due_ns = first_ns + round(k * interval_ns)
+        if due_ns >= until_ns:
+            return
+        wait_ns = due_ns - time.perf_counter_ns()
+        if wait_ns > 0:
+            await asyncio.sleep(wait_ns / 1e9)
+            continue
+        run.due(due_ns)
+        k += 1
+
+
+async def _drain(run: _Run, timeout: float) -> None:
+    """Open loop: wait until every request due in the window has its answer (or `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while run.outstanding > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One worker process's share of a run."""
+
+    spec: LoadSpec
+    connections: int
+    first_connection: int
+    """The global index of its first connection (over every process): its round robin start."""
+    total_connections: int
+    start_at: float
+    """On the monotonic clock shared by every process (CLOCK_MONOTONIC on Linux)."""
+    warmup: float
+    seconds: float
+    offset: float
+    """Its share of the connection spread: ``index / processes``."""
+    first_due: float | None = None
+    """Open loop: seconds after the start its first request is due (None: closed loop)."""
+    interval: float = 0.0
+    """Open loop: seconds between its requests."""
+
+
+async def _run_worker(plan: _Plan) -> dict[str, Any]:
     now_mono = time.monotonic()
     now_ns = time.perf_counter_ns()
-    start_ns = now_ns + int((start_at - now_mono) * 1e9)
-    measure_start_ns = start_ns + int(warmup * 1e9)
-    measure_end_ns = measure_start_ns + int(seconds * 1e9)
-    run = _Run(spec, measure_start_ns, measure_end_ns)
+    start_ns = now_ns + int((plan.start_at - now_mono) * 1e9)
+    measure_start_ns = start_ns + int(plan.warmup * 1e9)
+    measure_end_ns = measure_start_ns + int(plan.seconds * 1e9)
+    open_loop = plan.first_due is not None
+    run = _Run(plan.spec, measure_start_ns, measure_end_ns, open_loop=open_loop)
     await asyncio.sleep(max(0.0, (start_ns - time.perf_counter_ns()) / 1e9))
     # Clients arrive over the first part of the warm-up rather than in one burst: a burst lets
     # whichever server process wakes first accept every connection.
-    spread = min(0.5, warmup / 2)
-    requests = spec.requests
-    total = total_connections or connections
+    spread = min(0.5, plan.warmup / 2)
+    requests = plan.spec.requests
     tasks = [
         asyncio.create_task(
             _connection_loop(
                 run,
-                spread * (i + offset) / connections,
-                _Cycle(requests, first_request(first_connection + i, total, len(requests))),
+                spread * (i + plan.offset) / plan.connections,
+                _Cycle(
+                    requests,
+                    first_request(plan.first_connection + i, plan.total_connections, len(requests)),
+                ),
             )
         )
-        for i in range(connections)
+        for i in range(plan.connections)
     ]
+    if plan.first_due is not None:
+        first_ns = start_ns + round(plan.first_due * 1e9)
+        tasks.append(
+            asyncio.create_task(_schedule(run, first_ns, plan.interval * 1e9, measure_end_ns))
+        )
     await asyncio.sleep(max(0.0, (measure_start_ns - time.perf_counter_ns()) / 1e9))
     cpu_start = time.process_time()
     await asyncio.sleep(max(0.0, (measure_end_ns - time.perf_counter_ns()) / 1e9))
     cpu_used = time.process_time() - cpu_start
+    if open_loop:
+        await _drain(run, OPEN_LOOP_DRAIN_SECONDS)
+    unanswered = max(0, run.outstanding) if open_loop else 0
     run.stopping = True
+    for client in list(run.idle):
+        client.close()
     # Let in-flight requests finish (they are not counted), then close everything.
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5.0)
     for client in list(run.open_clients):
-        client._close()
+        client.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {
         "latencies": run.latencies.tobytes(),
         "ok": run.ok,
-        "errors": run.errors,
+        "errors": run.errors + unanswered,
         "error_statuses": run.error_statuses,
         "dropped": run.dropped,
+        "unanswered": unanswered,
         "cpu": cpu_used,
+        "seconds": (run.last_answer_ns - measure_start_ns) / 1e9 if open_loop else plan.seconds,
     }
 
 
-def _worker_main(
-    spec: LoadSpec,
-    connections: int,
-    start_at: float,
-    warmup: float,
-    seconds: float,
-    offset: float,
-    first_connection: int,
-    total_connections: int,
-    out: Connection,
-) -> None:
+def _worker_main(plan: _Plan, out: Connection) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = asyncio.run(
-            _run_worker(
-                spec,
-                connections,
-                start_at,
-                warmup,
-                seconds,
-                offset,
-                first_connection,
-                total_connections,
-            )
-        )
+        result = asyncio.run(_run_worker(plan))
         out.send(result)
     except KeyboardInterrupt:
         pass
     finally:
         out.close()
+
+
+def _plans(
+    spec: LoadSpec,
+    *,
+    concurrency: int,
+    processes: int,
+    start_at: float,
+    warmup: float,
+    seconds: float,
+    rate: float | None,
+) -> list[_Plan]:
+    """Split the connections (and, open loop, the due instants) over the processes."""
+    plans = []
+    first_connection = 0
+    for index in range(processes):
+        share = concurrency // processes + (1 if index < concurrency % processes else 0)
+        plans.append(
+            _Plan(
+                spec,
+                share,
+                first_connection,
+                concurrency,
+                start_at,
+                warmup,
+                seconds,
+                index / processes,
+                first_due=None if rate is None else index / rate,
+                interval=0.0 if rate is None else processes / rate,
+            )
+        )
+        first_connection += share
+    return plans
 
 
 def run_load(
@@ -379,38 +521,37 @@ def run_load(
     warmup: float,
     seconds: float,
     on_window: Any = None,
+    rate: float | None = None,
 ) -> LoadResult:
-    """Drive `spec` with `concurrency` connections spread over `processes` worker processes.
+    """Drive `spec` with `concurrency` connections spread over `processes` worker processes:
+    closed loop, or with `rate` open loop at `rate` requests per second in all (the connections
+    are then the pool the due requests wait for; see the module docstring).
 
     `on_window`, if given, is called as ``on_window("start")`` / ``on_window("end")`` in this
     process at the measured window's edges (used to sample the server's CPU time).
     """
+    if rate is not None and not rate > 0:
+        raise ValueError("an open-loop rate is a positive number of requests per second")
     processes = max(1, min(processes, concurrency))
-    shares = [
-        concurrency // processes + (1 if i < concurrency % processes else 0)
-        for i in range(processes)
-    ]
     ctx = multiprocessing.get_context("spawn")
     start_at = time.monotonic() + 1.0 + 0.1 * processes  # time for the workers to start
+    plans = _plans(
+        spec,
+        concurrency=concurrency,
+        processes=processes,
+        start_at=start_at,
+        warmup=warmup,
+        seconds=seconds,
+        rate=rate,
+    )
     workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
-    result = LoadResult(label=spec.label, seconds=seconds)
+    result = LoadResult(label=spec.label, seconds=seconds, offered_rps=rate)
     try:
-        for index, share in enumerate(shares):
+        for plan in plans:
             receiver, sender = ctx.Pipe(duplex=False)
-            first_connection = sum(shares[:index])
             proc = ctx.Process(
                 target=_worker_main,
-                args=(
-                    spec,
-                    share,
-                    start_at,
-                    warmup,
-                    seconds,
-                    index / processes,
-                    first_connection,
-                    concurrency,
-                    sender,
-                ),
+                args=(plan, sender),
                 name=f"bench-loadgen-{spec.label}",
                 daemon=True,
             )
@@ -432,15 +573,7 @@ def run_load(
                 raise RuntimeError(
                     f"load generator process {proc.pid} died (exit code {proc.exitcode})"
                 ) from None
-            latencies = array("q")
-            latencies.frombytes(part["latencies"])
-            result.latencies_ns.extend(latencies)
-            result.ok += part["ok"]
-            result.errors += part["errors"]
-            result.dropped_connections += part["dropped"]
-            result.generator_cpu_seconds += part["cpu"]
-            for status, count in part["error_statuses"].items():
-                result.error_statuses[status] = result.error_statuses.get(status, 0) + count
+            _merge(result, part)
     finally:
         for proc, receiver in workers:
             proc.join(timeout=5.0)
@@ -449,6 +582,21 @@ def run_load(
                 proc.join(timeout=2.0)
             receiver.close()
     return result
+
+
+def _merge(result: LoadResult, part: dict[str, Any]) -> None:
+    """Add one worker's report to `result` (open loop: the longest answer span wins)."""
+    latencies = array("q")
+    latencies.frombytes(part["latencies"])
+    result.latencies_ns.extend(latencies)
+    result.ok += part["ok"]
+    result.errors += part["errors"]
+    result.dropped_connections += part["dropped"]
+    result.unanswered += part["unanswered"]
+    result.generator_cpu_seconds += part["cpu"]
+    result.seconds = max(result.seconds, part["seconds"])
+    for status, count in part["error_statuses"].items():
+        result.error_statuses[status] = result.error_statuses.get(status, 0) + count
 
 
 def cpu_count() -> int:

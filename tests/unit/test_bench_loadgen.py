@@ -1,11 +1,13 @@
 """The benchmark load generator (bench/_loadgen.py) against a tiny local HTTP server: each
-connection cycles a target's requests in round robin from its own offset."""
+connection cycles a target's requests in round robin from its own offset, and the open loop sends
+at a fixed rate and counts time queued in the generator in the latency."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -115,3 +117,44 @@ def test_each_connection_cycles_the_requests_from_its_own_offset() -> None:
     for sequence in sequences:
         assert len(sequence) > variants
         assert all(b == (a + 1) % variants for a, b in itertools.pairwise(sequence))
+
+
+def test_open_loop_sends_at_the_rate_over_the_pool() -> None:
+    rate, seconds = 50.0, 2.0
+    with _serve(delay=0.01) as server:
+        result = run_load(
+            _spec(server.port, 1),
+            concurrency=4,
+            processes=2,
+            warmup=0.5,
+            seconds=seconds,
+            rate=rate,
+        )
+    assert result.offered_rps == rate
+    assert result.errors == 0
+    assert rate * seconds - 2 <= result.ok <= rate * seconds + 1
+    assert result.rps == pytest.approx(rate, rel=0.1)
+    assert 10.0 <= result.percentile_ms(50) < 40.0
+    arrivals = sorted(at for _, _, at in server.seen)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[len(arrivals) // 4 :])]
+    assert statistics.median(gaps) == pytest.approx(1 / rate, abs=0.004)
+
+
+def test_open_loop_latency_counts_the_wait_for_a_connection() -> None:
+    """One connection, 50 ms per answer (20/s at most), 40 requests/s due: the queue in the
+    generator grows, and the latency from each due time grows with it. A generator timing from
+    the write (or slowing down to the server's pace) would report about 50 ms."""
+    with _serve(delay=0.05) as server:
+        result = run_load(
+            _spec(server.port, 1),
+            concurrency=1,
+            processes=1,
+            warmup=0.2,
+            seconds=1.5,
+            rate=40.0,
+        )
+    assert result.errors == 0 and result.unanswered == 0
+    assert result.ok == 60  # every request due in the window, answered during the drain
+    assert result.percentile_ms(50) > 500.0
+    assert result.max_ms > 1000.0
+    assert result.rps < 25.0  # what the server managed, not what was offered
