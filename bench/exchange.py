@@ -1,9 +1,12 @@
 """Token exchanges per second and latency at N concurrent clients, beside same-run baselines:
 
 * ``GET /healthz`` on the same broker server: what HTTP + uvicorn + FastAPI alone cost;
-* OpenBao's JWT auth login (batch tokens) given the same person's ID token: what an established
-  secrets broker charges to verify the same JWT and hand back a token (with and without a file
+* OpenBao's JWT auth login (batch tokens) given the same people's ID tokens: what an established
+  secrets broker charges to verify the same JWTs and hand back a token (with and without a file
   audit device, since the broker is meant to write a decision record per exchange).
+
+The exchange and the logins cycle `PEOPLE` distinct person tokens (distinct ``sub``, each in
+Alice's group), so that no server answers from what it remembers of one token.
 
 The broker runs as ``broker serve`` as shipped. Before measuring, a keep-alive probe guards
 against the return of uvicorn #3149 (a multi-worker listening socket without ``IPPROTO_TCP``, so
@@ -21,9 +24,10 @@ import platform
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -33,6 +37,7 @@ from bench._report import table
 from bench._servers import (
     LOOPBACK,
     Broker,
+    Issuer,
     OpenBao,
     broker_server,
     cpu_seconds_by_pid,
@@ -47,6 +52,9 @@ from bench._servers import (
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
 PERSON = "alice"
+PEOPLE = 256
+"""How many distinct person tokens the exchange and OpenBao login targets cycle through."""
+PERSON_PREFIX = "bench-person-"
 SCOPE = "tickets:read kb:read"
 AUDIENCE = "https://tickets.internal.example"
 TARGET_P99_MS = 25.0
@@ -80,6 +88,8 @@ class Row:
 
 
 SERVE = "broker serve"
+BAO_LOGIN = "OpenBao JWT login"
+BAO_LOGIN_AUDIT = "OpenBao JWT login + audit"
 
 
 def exchange_request(
@@ -108,26 +118,51 @@ def exchange_request(
     return headers, body
 
 
+def person_tokens(issuer: Issuer, count: int = PEOPLE) -> tuple[str, ...]:
+    """`count` development-issuer RS256 ID tokens (24 h) of distinct people: ``sub``, ``email``
+    and ``name`` ``bench-person-000``... in place of `PERSON`'s, the rest of `PERSON`'s claims
+    kept, her ``groups`` (support) among them. The broker trusts the issuer as ``kind: oidc``
+    and grants by group, so each gets Alice's rights; OpenBao's role checks the audience and
+    takes ``sub`` and ``groups`` as they come."""
+    tokens = []
+    for index in range(count):
+        subject = f"{PERSON_PREFIX}{index:03d}"
+        claims = {"sub": subject, "email": f"{subject}@example.com", "name": f"Bench {subject}"}
+        tokens.append(
+            issuer.provider.mint(
+                PERSON, token_type="id_token", lifetime=24 * 3600, extra_claims=claims
+            )
+        )
+    return tuple(tokens)
+
+
 def _bao_request(bao: OpenBao, person_token: str) -> tuple[dict[str, str], bytes]:
     body = json.dumps({"role": bao.role, "jwt": person_token}).encode()
     return {"Content-Type": "application/json"}, body
 
 
-def _preflight_exchange(broker: Broker, headers: dict[str, str], body: bytes) -> None:
-    response = httpx.post(f"{broker.url}/oauth2/token", headers=headers, content=body, timeout=30)
-    if response.status_code != 200 or "access_token" not in response.json():
-        raise RuntimeError(
-            f"token exchange preflight failed: HTTP {response.status_code} {response.text}"
-        )
+def _preflight_all(
+    what: str, url: str, requests: Sequence[tuple[dict[str, str], bytes]], ok: Callable[[Any], bool]
+) -> None:
+    """POST every request variant to `url` once; the first one `ok` refuses fails the run."""
+    with httpx.Client(timeout=30) as client:
+        for index, (headers, body) in enumerate(requests):
+            response = client.post(url, headers=headers, content=body)
+            answer = response.json() if response.status_code == 200 else None
+            if not ok(answer):
+                raise RuntimeError(
+                    f"{what} preflight failed for variant {index + 1} of {len(requests)}: "
+                    f"HTTP {response.status_code} {response.text}"
+                )
 
 
-def _preflight_bao(bao: OpenBao, headers: dict[str, str], body: bytes) -> None:
-    response = httpx.post(f"{bao.url}/v1/auth/jwt/login", headers=headers, content=body, timeout=30)
-    auth = response.json().get("auth") if response.status_code == 200 else None
-    if not auth or not auth.get("client_token") or auth.get("token_type") != "batch":
-        raise RuntimeError(
-            f"OpenBao login preflight failed: HTTP {response.status_code} {response.text}"
-        )
+def _exchange_ok(answer: Any) -> bool:
+    return isinstance(answer, dict) and bool(answer.get("access_token"))
+
+
+def _bao_login_ok(answer: Any) -> bool:
+    auth = answer.get("auth") if isinstance(answer, dict) else None
+    return bool(auth and auth.get("client_token") and auth.get("token_type") == "batch")
 
 
 def keepalive_probe_ms(port: int, requests: int = 9) -> float:
@@ -229,40 +264,34 @@ def _count_decision_records(log: Path) -> int:
         return 0
 
 
-def _broker_targets(broker: Broker, group: str, person_token: str) -> list[tuple[LoadSpec, str]]:
-    headers, body = exchange_request(broker.client_id, broker.client_secret, person_token)
-    _preflight_exchange(broker, headers, body)
+def _broker_targets(
+    broker: Broker, group: str, tokens: Sequence[str]
+) -> list[tuple[LoadSpec, str]]:
+    """``GET /healthz`` and the exchange, one request per person token (each preflighted)."""
+    variants = [exchange_request(broker.client_id, broker.client_secret, t) for t in tokens]
+    _preflight_all("token exchange", f"{broker.url}/oauth2/token", variants, _exchange_ok)
+    path = "/oauth2/token"
+    requests = tuple(
+        build_request("POST", LOOPBACK, broker.port, path, headers=headers, body=body)
+        for headers, body in variants
+    )
+    healthz = build_request("GET", LOOPBACK, broker.port, "/healthz")
     return [
-        (
-            LoadSpec.one(
-                f"{group}: GET /healthz",
-                LOOPBACK,
-                broker.port,
-                build_request("GET", LOOPBACK, broker.port, "/healthz"),
-            ),
-            group,
-        ),
-        (
-            LoadSpec.one(
-                f"{group}: token exchange",
-                LOOPBACK,
-                broker.port,
-                build_request(
-                    "POST", LOOPBACK, broker.port, "/oauth2/token", headers=headers, body=body
-                ),
-            ),
-            group,
-        ),
+        (LoadSpec.one(f"{group}: GET /healthz", LOOPBACK, broker.port, healthz), group),
+        (LoadSpec(f"{group}: token exchange", LOOPBACK, broker.port, requests), group),
     ]
 
 
-def _bao_target(bao: OpenBao, label: str, person_token: str) -> tuple[LoadSpec, str]:
-    headers, body = _bao_request(bao, person_token)
-    _preflight_bao(bao, headers, body)
-    request = build_request(
-        "POST", LOOPBACK, bao.port, "/v1/auth/jwt/login", headers=headers, body=body
+def _bao_target(bao: OpenBao, label: str, tokens: Sequence[str]) -> tuple[LoadSpec, str]:
+    """OpenBao's JWT login, one request per person token (each preflighted)."""
+    variants = [_bao_request(bao, token) for token in tokens]
+    _preflight_all("OpenBao login", f"{bao.url}/v1/auth/jwt/login", variants, _bao_login_ok)
+    path = "/v1/auth/jwt/login"
+    requests = tuple(
+        build_request("POST", LOOPBACK, bao.port, path, headers=headers, body=body)
+        for headers, body in variants
     )
-    return LoadSpec.one(label, LOOPBACK, bao.port, request), label
+    return LoadSpec(label, LOOPBACK, bao.port, requests), label
 
 
 def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
@@ -272,7 +301,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         workdir = work_directory(stack, keep=options.keep, name="exchange")
         print_("starting the development issuer, the broker and OpenBao ...")
         issuer = stack.enter_context(dev_issuer())
-        person_token = issuer.provider.mint(PERSON, token_type="id_token", lifetime=24 * 3600)
+        tokens = person_tokens(issuer)
         servers: dict[str, int] = {}
         logs: dict[str, Path] = {}
 
@@ -280,17 +309,17 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         broker = stack.enter_context(
             broker_server(issuer, workdir, workers=options.workers, extra_config=extra)
         )
-        targets = _broker_targets(broker, SERVE, person_token)
+        targets = _broker_targets(broker, SERVE, tokens)
         servers[SERVE], logs[SERVE] = broker.pid, audit or broker.log
         probe_ms = keepalive_probe_ms(broker.port)
 
         bao = stack.enter_context(openbao_server(issuer, workdir))
-        targets.append(_bao_target(bao, "OpenBao JWT login", person_token))
-        servers["OpenBao JWT login"] = bao.pid
+        targets.append(_bao_target(bao, BAO_LOGIN, tokens))
+        servers[BAO_LOGIN] = bao.pid
         if options.bao_audit:
             audited = stack.enter_context(openbao_server(issuer, workdir, audit=True))
-            targets.append(_bao_target(audited, "OpenBao JWT login + audit", person_token))
-            servers["OpenBao JWT login + audit"] = audited.pid
+            targets.append(_bao_target(audited, BAO_LOGIN_AUDIT, tokens))
+            servers[BAO_LOGIN_AUDIT] = audited.pid
 
         print_(_header(options, bao, probe_ms))
         warn_if_busy(print_)
@@ -325,14 +354,17 @@ def _header(options: Options, bao: OpenBao, probe_ms: float) -> str:
         "== Token exchange: throughput and latency beside same-run baselines ==",
         machine_line(bao_version(bao)),
         f"broker: {options.workers} uvicorn workers, ES256 signing key, the example policies; "
-        f"subject token: a development-issuer RS256 ID token for {PERSON} (group support), "
+        f"subject tokens: {PEOPLE} distinct person tokens cycled (development-issuer RS256 ID "
+        f"tokens, sub {PERSON_PREFIX}000..{PEOPLE - 1:03d}, each with {PERSON}'s group support; "
+        f"every one preflighted), "
         f'scope "{SCOPE}", audience {AUDIENCE}, client triage-agent (HTTP Basic)',
         "OpenBao: `bao server -dev` (in memory), JWT auth with jwks_url (the same development "
         "issuer's JWKS), role_type jwt, token_type batch, bound_audiences, user_claim sub, "
-        "groups_claim groups; login with the same ID token",
+        f"groups_claim groups; login with the same {PEOPLE} ID tokens, cycled",
         f"load: closed loop, {options.concurrency} keep-alive connections spread over "
         f"{options.processes} generator processes (asyncio protocols writing pre-built HTTP/1.1 "
-        f"requests), {options.warmup:g} s warm-up + {options.seconds:g} s measured per target; "
+        f"requests, each connection cycling the {PEOPLE} requests from its own offset), "
+        f"{options.warmup:g} s warm-up + {options.seconds:g} s measured per target; "
         f"the generator shares the {cores} cores with the server under test (CPU shown below)",
     ]
     lines.append(
@@ -435,7 +467,7 @@ def target_rows(
 
 
 def _comparison(rows: list[Row], groups: list[str]) -> str:
-    bao = _median_row(rows, "OpenBao JWT login")
+    bao = _median_row(rows, BAO_LOGIN)
     if bao is None:
         return ""
     body: list[list[object]] = []
@@ -495,6 +527,10 @@ def _notes(rows: list[Row], records: dict[str, int], options: Options, kept: Pat
             f"- {group}: {count:,} decision records (token.exchange) written to its log during "
             f"the run, for {exchanges:,} exchanges in the measured windows (warm-up adds more)"
         )
+    notes.append(
+        f"- the exchange and the OpenBao logins cycle {PEOPLE} requests, one per person token; "
+        "each connection starts at its own offset, so different people's tokens are in flight."
+    )
     if options.bao_audit:
         notes.append(
             "- 'OpenBao JWT login + audit' adds a declared file audit device (a JSON line per "
