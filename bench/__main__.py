@@ -76,6 +76,12 @@ def _parse(argv: list[str] | None) -> tuple[exchange.Options, tuple[str, ...]]:
         help="skip the OpenBao rows with a file audit device (the broker's store keeps one)",
     )
     parser.add_argument(
+        "--no-open-loop",
+        action="store_true",
+        help="skip the open loop measurements at half each target's measured maximum rate "
+        "(exchange, credentials and production sections)",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="keep the temporary directory (configs, logs) for inspection",
@@ -91,6 +97,7 @@ def _parse(argv: list[str] | None) -> tuple[exchange.Options, tuple[str, ...]]:
         workers=args.workers,
         rounds=max(1, args.rounds),
         bao_audit=not args.no_bao_audit,
+        open_loop=not args.no_open_loop,
         keep=args.keep,
     )
     return options, args.only
