@@ -176,6 +176,8 @@ def build_services(
         signer=KeyringCheckpointSigner(keyring) if keeps_trail(sinks) else None,
         checkpoint_every=settings.audit.checkpoint_every_records,
         checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+        commit_window=settings.audit.group_commit_window_ms / 1000.0,
+        inline_sync_max=settings.audit.inline_sync_max_ms / 1000.0,
     )
     policies = PolicyStore(
         settings.policy_dir,

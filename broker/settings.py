@@ -585,8 +585,22 @@ class AuditConfig(_Strict):
     fsync: bool = Field(True, description="fdatasync records before the response is sent.")
     group_commit: bool = Field(
         True,
-        description="One fdatasync (off the event loop) covers every record written meanwhile; "
-        "responses still wait for their records to be durable.",
+        description="One fdatasync covers every record written meanwhile; responses still wait "
+        "for their records to be durable.",
+    )
+    group_commit_window_ms: float = Field(
+        0.5,
+        ge=0.0,
+        le=50.0,
+        description="Group commit on a fast disk: a worker syncs at most once per this window, "
+        "on its event loop. Longer windows mean fewer syncs and a longer wait per answer.",
+    )
+    inline_sync_max_ms: float = Field(
+        1.0,
+        ge=0.0,
+        le=50.0,
+        description="Syncs that take longer than this (a moving average) run on a background "
+        "thread instead, so a slow disk never stalls the event loop; 0: always on the thread.",
     )
     s3: AuditS3Config | None = None
     checkpoint_every_records: int = Field(

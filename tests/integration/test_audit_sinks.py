@@ -140,6 +140,120 @@ def test_group_commit_makes_every_awaited_record_durable_with_few_syncs(
     assert verify_trail([path]).ok
 
 
+def _concurrent_requests(log: DecisionLog, count: int, *, event: str = "token.exchange") -> None:
+    async def request(i: int) -> None:
+        log.record(event, outcome="granted", request_id=f"r{i}")
+        await log.wait_durable()
+
+    async def many() -> None:
+        await asyncio.gather(*(request(i) for i in range(count)))
+
+    asyncio.run(many())
+
+
+def test_on_a_fast_disk_group_commit_runs_on_the_event_loop_with_no_thread_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local disk syncs in well under a millisecond: rounds run on the waiting loop (no GIL
+    hand-off with the committer thread), each covering many records, none answered early."""
+    synced_size: list[int] = []
+    real_sync = os.fdatasync
+
+    def counting_sync(fd: int) -> None:
+        size = os.fstat(fd).st_size
+        real_sync(fd)
+        synced_size.append(size)
+
+    monkeypatch.setattr(os, "fdatasync", counting_sync)
+    path = tmp_path / "trail.jsonl"
+    log = DecisionLog(build_sinks(AuditConfig(stdout=False, file=path)), SystemClock())
+    committer = log._committer
+    assert committer is not None and committer.inline
+    answered: list[str] = []
+
+    async def request(i: int) -> None:
+        log.record("token.exchange", outcome="granted", request_id=f"r{i}")
+        await log.wait_durable()
+        # its own line was inside a completed sync before it could be answered
+        assert synced_size and synced_size[-1] >= _offset_after(path, f"r{i}")
+        answered.append(f"r{i}")
+
+    async def many() -> None:
+        await asyncio.gather(*(request(i) for i in range(300)))
+
+    asyncio.run(many())
+    assert len(answered) == 300
+    assert committer.inline_syncs == committer.syncs  # every round ran on the loop
+    assert 1 <= committer.syncs < 30
+    log.close()
+    assert verify_trail([path]).ok
+
+
+def _offset_after(path: Path, request_id: str) -> int:
+    """The file offset just past the line of `request_id`."""
+    position = 0
+    with path.open("rb") as lines:
+        for line in lines:
+            position += len(line)
+            if json.loads(line).get("request_id") == request_id:
+                return position
+    raise AssertionError(f"{request_id} is not in the trail")
+
+
+def test_a_slow_disk_moves_group_commit_to_its_thread_and_back_when_the_disk_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncs of several milliseconds would stall the event loop: rounds move to the committer
+    thread; the disk is probed again from the loop and, once fast, rounds come back to it."""
+    import broker.audit as audit
+
+    monkeypatch.setattr(audit, "_DISK_PROBE_SECONDS", 0.05)
+    real_sync = os.fdatasync
+    slow = {"on": True}
+
+    def maybe_slow_sync(fd: int) -> None:
+        if slow["on"]:
+            time.sleep(0.008)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", maybe_slow_sync)
+    path = tmp_path / "trail.jsonl"
+    log = DecisionLog(build_sinks(AuditConfig(stdout=False, file=path)), SystemClock())
+    committer = log._committer
+    assert committer is not None
+    for _ in range(5):
+        _concurrent_requests(log, 20)
+    assert not committer.inline
+    thread_rounds = committer.syncs - committer.inline_syncs
+    assert thread_rounds > 0
+
+    slow["on"] = False
+    deadline = time.monotonic() + 10
+    while not committer.inline and time.monotonic() < deadline:
+        time.sleep(0.06)  # past the probe interval: the next wait measures on the loop
+        _concurrent_requests(log, 5)
+    assert committer.inline, "the recovered disk was never measured again"
+    before = committer.syncs - committer.inline_syncs
+    _concurrent_requests(log, 50)
+    assert committer.syncs - committer.inline_syncs == before  # back on the loop
+    log.close()
+    assert verify_trail([path]).ok
+
+
+def test_with_inline_syncs_off_every_round_runs_on_the_thread(tmp_path: Path) -> None:
+    path = tmp_path / "trail.jsonl"
+    log = DecisionLog(
+        build_sinks(AuditConfig(stdout=False, file=path)), SystemClock(), inline_sync_max=0.0
+    )
+    committer = log._committer
+    assert committer is not None
+    _concurrent_requests(log, 100)
+    assert committer.syncs >= 1
+    assert committer.inline_syncs == 0
+    log.close()
+    assert verify_trail([path]).ok
+
+
 def test_a_failing_group_sync_fails_the_waiting_requests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
