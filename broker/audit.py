@@ -40,6 +40,7 @@ Sinks (several at once)
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import hashlib
 import json
@@ -49,6 +50,7 @@ import os
 import re
 import secrets
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -670,8 +672,9 @@ class _GroupCommitter:
     wakes every waiter whose N is covered. A failed sync fails the waiters it would have covered
     (their requests answer 500: nothing is answered unrecorded) and the next round tries again.
 
-    Where a round runs depends on how long the disk takes, measured on every round (a moving
-    average):
+    Where a round runs depends on how long the disk takes: the median of the last rounds run on
+    the loop (a median, because on a busy machine a round's wall time sometimes includes waiting
+    for a core, which says nothing about the disk):
 
     - **Fast disk** (a round under `inline_max` seconds, a local SSD's ~0.1-0.2 ms): on the
       waiting event loop itself, at most once per `window` seconds per loop. The loop is held
@@ -699,7 +702,8 @@ class _GroupCommitter:
         self._last_written = last_written  # () -> the seq of the last record written
         self._window = window
         self._inline_max = inline_max
-        self._round_seconds = 0.0  # moving average of an inline round's duration
+        self._round_seconds: collections.deque[float] = collections.deque(maxlen=15)
+        self._typical_round = 0.0  # the median of _round_seconds
         self._probe_at = 0.0  # monotonic time of the next inline round while on the thread
         self._cond = threading.Condition()
         self._requested = -1  # the highest seq a thread-mode waiter asked for
@@ -716,7 +720,7 @@ class _GroupCommitter:
     @property
     def inline(self) -> bool:
         """True while rounds run on the event loop (the disk syncs fast)."""
-        return self._inline_max > 0 and self._round_seconds <= self._inline_max
+        return self._inline_max > 0 and self._typical_round <= self._inline_max
 
     async def wait(self, seq: int) -> None:
         import asyncio
@@ -760,7 +764,8 @@ class _GroupCommitter:
             error = exc
             logger.error("audit trail sync failed: %s", type(exc).__name__)
         if measure:
-            self._round_seconds += (time.perf_counter() - started - self._round_seconds) * 0.2
+            self._round_seconds.append(time.perf_counter() - started)
+            self._typical_round = statistics.median(self._round_seconds)
         self._settle(target, error)
 
     def _run_inline(self, loop: Any) -> None:

@@ -11,12 +11,18 @@
   (a broker token, a client assertion, an SSO token, with the largest configured clock leeway)
   can still be accepted.
 
-Checks happen on every use (introspection, credential fetch, re-exchange), one state round trip
-each; when the state cannot be reached the caller fails closed.
+Checks happen on every use (introspection, credential fetch, exchange, re-exchange); when the
+state cannot be reached the caller fails closed. A "not revoked" answer is remembered per
+revocation epoch (`StateStore.revocation_epoch`, changed atomically with every revocation): a
+replica asks the store for the epoch at most every `recheck_after` seconds, one request at a time,
+and looks up a token, person or agent again only when the epoch moved. So a revocation anywhere
+holds everywhere within `recheck_after`, while the store sees a few epoch reads a second per
+replica instead of a query per token, person or agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,14 +133,22 @@ async def check_exchange_allowed(
         ) from None
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shared read's failure as seen: its awaiters may all have gone (cancelled)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Revocations:
     """Revocation checks and writes.
 
-    A gateway presents the same agent token on many calls; a "not revoked" answer for a token is
-    remembered for `recheck_after` seconds (under a second), so a revocation made at another
-    replica reaches this one within that time while the shared store sees one query per token per
-    interval instead of one per call. A revocation made here clears what this process remembered,
-    so it holds here at once. "Revoked" and "cannot tell" are never remembered.
+    A "not revoked" answer (for a token, or for what an exchange presents) is remembered with
+    the revocation epoch read before it was asked; it stands while the epoch, read again at most
+    every `recheck_after` seconds (under a second), has not moved. So a revocation made at
+    another replica reaches this one within that time, whether this replica has seen the token
+    or person before or not, while the shared store sees a few epoch reads a second instead of a
+    query per token, person or agent. A revocation made here clears what this process
+    remembered, so it holds here at once. "Revoked" and "cannot tell" are never remembered.
     """
 
     def __init__(
@@ -160,16 +174,40 @@ class Revocations:
             acceptance_window if acceptance_window is not None else 0, max_token_lifetime
         )
         self._recheck_after = recheck_after
-        self._not_revoked_until: LRUCache[str, float] = LRUCache(maxsize=10_000)
-        self._exchange_clear_until: LRUCache[tuple[tuple[str, ...], ...], float] = LRUCache(
-            maxsize=10_000
-        )
+        # "not revoked" answers -> the epoch they were read under
+        self._not_revoked: LRUCache[str, str] = LRUCache(maxsize=10_000)
+        self._exchange_clear: LRUCache[tuple[tuple[str, ...], ...], str] = LRUCache(maxsize=10_000)
+        self._epoch: str | None = None
+        self._epoch_until = -math.inf  # monotonic time until which _epoch may be used
+        self._epoch_read: asyncio.Task[str] | None = None
+
+    async def _current_epoch(self) -> str:
+        """The store's revocation epoch, as read at most `recheck_after` seconds ago. One
+        request at a time reads it; the others await that answer."""
+        if self._epoch is not None and self._clock.monotonic() < self._epoch_until:
+            return self._epoch
+        loop = asyncio.get_running_loop()
+        read = self._epoch_read
+        if read is None or read.done() or read.get_loop() is not loop:
+            read = self._epoch_read = loop.create_task(self._read_epoch())
+            read.add_done_callback(_retrieve)
+        return await asyncio.shield(read)
+
+    async def _read_epoch(self) -> str:
+        asked = self._clock.monotonic()
+        epoch = await self._state.revocation_epoch()
+        if epoch != self._epoch:
+            self._not_revoked.clear()
+            self._exchange_clear.clear()
+            self._epoch = epoch
+        self._epoch_until = asked + self._recheck_after
+        return epoch
 
     async def check(self, token: BrokerToken) -> None:
         """Raise `TokenRevoked` when the token, an ancestor, its person or one of its agents is
         revoked (raises `StateUnavailable` when that cannot be known)."""
-        now = self._clock.monotonic()
-        if self._not_revoked_until.get(token.jti, 0.0) > now:
+        epoch = await self._current_epoch() if self._recheck_after else None
+        if epoch is not None and self._not_revoked.get(token.jti) == epoch:
             return
         token_ids = (token.jti, *token.lineage)
         subjects = (person_key(token.subject), *(agent_key(a) for a in token.actor_chain))
@@ -179,8 +217,8 @@ class Revocations:
             raise TokenRevoked(f"{which} has been revoked")
         if status.revokes((), subjects, token.issued_at):
             raise TokenRevoked("tokens of this person or agent issued before a revocation time")
-        if self._recheck_after:
-            self._not_revoked_until[token.jti] = now + self._recheck_after
+        if epoch is not None:
+            self._not_revoked[token.jti] = epoch
 
     async def check_exchange(
         self,
@@ -202,7 +240,7 @@ class Revocations:
           assertion, workload token) was issued before it.
 
         Raises `StateUnavailable` when that cannot be known. A clear answer (no entry for any
-        of them) is remembered like `check`'s, for under a second.
+        of them) is remembered like `check`'s, per revocation epoch.
         """
         token_ids = (parent.jti, *parent.lineage) if parent is not None else ()
         person_k = person_key(person)
@@ -210,8 +248,8 @@ class Revocations:
         actor_k = agent_key(actor)
         subjects = tuple(dict.fromkeys((person_k, *chain, actor_k)))
         remembered = (token_ids, subjects)
-        monotonic = self._clock.monotonic()
-        if self._exchange_clear_until.get(remembered, 0.0) > monotonic:
+        epoch = await self._current_epoch() if self._recheck_after else None
+        if epoch is not None and self._exchange_clear.get(remembered) == epoch:
             return
         status = await self._state.revocation_status(token_ids, subjects)
         if parent is not None:
@@ -244,8 +282,8 @@ class Revocations:
                     f"the credential agent {actor!r} presented was issued before its revocation",
                     "agent_revoked",
                 )
-        if self._recheck_after and not status.revoked_ids and not status.not_before:
-            self._exchange_clear_until[remembered] = monotonic + self._recheck_after
+        if epoch is not None and not status.revoked_ids and not status.not_before:
+            self._exchange_clear[remembered] = epoch
 
     def valid_not_before(self, value: float | None) -> float:
         """An admin's not-before, or now. Refused (`InvalidRequest`, before anything changes)
@@ -290,8 +328,9 @@ class Revocations:
                 "issued_before": not_before,
             }
         # After the write: holds in this process at once.
-        self._not_revoked_until.clear()
-        self._exchange_clear_until.clear()
+        self._not_revoked.clear()
+        self._exchange_clear.clear()
+        self._epoch_until = -math.inf
         self._decisions.record(
             "token.revoked",
             outcome="revoked",

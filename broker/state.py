@@ -77,6 +77,13 @@ class StateStore(Protocol):
         """One round trip: which of `token_ids` are revoked, and the not-before of `subjects`."""
         ...
 
+    async def revocation_epoch(self) -> str:
+        """An opaque value that changes with every revocation, written atomically with it (one
+        round trip). A "not revoked" answer read after the epoch was E holds while the epoch
+        is still E, whoever asks: replicas remember such answers per epoch and ask only for
+        the epoch, a few times a second."""
+        ...
+
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:
         """Count one event against `limit` per `window_seconds` (sliding window)."""
         ...
@@ -132,6 +139,7 @@ class InMemoryStateStore:
         self._hits_expiry: dict[str, float] = {}  # key -> when its newest hit leaves the window
         self._hits_sweep_at = 1024
         self._lock = asyncio.Lock()
+        self._epoch = 0
 
     def _purge(self, now: float) -> None:
         while self._used_heap and self._used_heap[0][0] <= now:
@@ -160,6 +168,7 @@ class InMemoryStateStore:
         for token_id, expires_at in expiries.items():
             if expires_at > now:
                 self._revoked[token_id] = max(expires_at, self._revoked.get(token_id, 0.0))
+        self._epoch += 1
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
         require_finite((not_before, ttl_seconds), "not_before and its lifetime")
@@ -170,6 +179,7 @@ class InMemoryStateStore:
                 max(not_before, current[0] if current else not_before),
                 max(expires, current[1] if current else expires),
             )
+        self._epoch += 1
 
     async def revocation_status(
         self, token_ids: Iterable[str], subjects: Iterable[str]
@@ -182,6 +192,9 @@ class InMemoryStateStore:
             if (entry := self._not_before.get(s)) is not None and entry[1] > now
         }
         return RevocationStatus(revoked, not_before)
+
+    async def revocation_epoch(self) -> str:
+        return str(self._epoch)
 
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:
         now = self._clock.monotonic()

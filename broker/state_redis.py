@@ -42,11 +42,22 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from broker.clock import Clock
 from broker.state import RateLimitResult, RevocationStatus, StateUnavailable, require_finite
 
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
 # KEYS[i]: a revoked-token key; ARGV[i]: its TTL in ms. Creates missing keys, raises the expiry
-# of existing ones, never lowers it (a key without expiry is left alone).
+# of existing ones, never lowers it (a key without expiry is left alone). The last KEYS/ARGV
+# pair: the revocation epoch key and its new value, set in the same atomic step, living as long
+# as the longest entry (an epoch that expires reads as "": a change, never a return to a value a
+# replica may still hold, since entries live far longer than a replica's epoch read interval).
 _REVOKE_TOKENS = """
-for i, key in ipairs(KEYS) do
+local longest = 1000
+for i = 1, #KEYS - 1 do
+  local key = KEYS[i]
   local ttl = tonumber(ARGV[i])
+  longest = math.max(longest, ttl)
   local current = redis.call('PTTL', key)
   if current == -2 then
     redis.call('SET', key, '1', 'PX', ttl)
@@ -54,10 +65,12 @@ for i, key in ipairs(KEYS) do
     redis.call('PEXPIRE', key, ttl)
   end
 end
-return #KEYS
+redis.call('SET', KEYS[#KEYS], ARGV[#KEYS], 'PX', longest)
+return #KEYS - 1
 """
 
 # KEYS[1]: a not-before key; ARGV[1]: the not-before time (text); ARGV[2]: TTL in ms.
+# KEYS[2], ARGV[3]: the revocation epoch key and its new value, set in the same atomic step.
 # Keeps the larger time and the later expiry.
 _REVOKE_BEFORE = """
 local current_ttl = redis.call('PTTL', KEYS[1])
@@ -72,6 +85,7 @@ if current_ttl == -1 then
 elseif ttl > 0 then
   redis.call('SET', KEYS[1], value, 'PX', ttl)
 end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', math.max(ttl, 1000))
 return 1
 """
 
@@ -164,6 +178,7 @@ class RedisStateStore:
     ) -> None:
         self._clock = clock
         self._prefix = key_prefix
+        self._epoch_key = f"{key_prefix}revocation-epoch"
         self._deadline = 2 * connect_timeout + socket_timeout
         self._acks = min_replica_acks
         self._ack_timeout_ms = max(1, int(socket_timeout * 1000))
@@ -305,15 +320,18 @@ class RedisStateStore:
         if not live:
             return
         keys = [f"{self._prefix}revoked:{t}" for t in live]
+        keys.append(self._epoch_key)
+        args: list[int | str] = [*live.values(), _new_epoch()]
         async with self._guard("revoke_tokens"):
-            await self._revoke_tokens(keys=keys, args=list(live.values()))
+            await self._revoke_tokens(keys=keys, args=args)
         await self._acknowledged("revoke_tokens")
 
     async def revoke_before(self, subject: str, not_before: float, ttl_seconds: float) -> None:
         require_finite((not_before, ttl_seconds), "not_before and its lifetime")
-        args = [repr(float(not_before)), _ms(ttl_seconds)]
+        args = [repr(float(not_before)), _ms(ttl_seconds), _new_epoch()]
+        keys = [f"{self._prefix}nbf:{subject}", self._epoch_key]
         async with self._guard("revoke_before"):
-            await self._revoke_before(keys=[f"{self._prefix}nbf:{subject}"], args=args)
+            await self._revoke_before(keys=keys, args=args)
         await self._acknowledged("revoke_before")
 
     async def revocation_status(
@@ -342,6 +360,15 @@ class RedisStateStore:
                 raise StateUnavailable("shared state (redis) holds a malformed value")
             not_before[subject] = parsed
         return RevocationStatus(revoked, not_before)
+
+    async def revocation_epoch(self) -> str:
+        async with self._guard("revocation_epoch"):
+            value = await self._redis.get(self._epoch_key)
+        # None: no revocation since the store was empty. A random value per revocation (not a
+        # counter) stays unambiguous when a failover loses the last increments.
+        if value is None:
+            return ""
+        return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:
         return await self._run_rate_limit(key, limit, window_seconds, count=True)

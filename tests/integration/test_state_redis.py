@@ -145,6 +145,7 @@ async def test_keys_are_prefixed_and_expire(
         f"{prefix}nbf:agent:x",
         f"{prefix}once:assertion:c:j",
         f"{prefix}rate:exchange:x",
+        f"{prefix}revocation-epoch",
         f"{prefix}revoked:tok",
     ]
     assert all(0 < admin.pttl(k) <= 30_000 for k in keys)

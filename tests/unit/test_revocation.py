@@ -10,7 +10,7 @@ from broker.audit import DecisionLog, MemorySink
 from broker.clock import FrozenClock
 from broker.errors import InvalidRequest
 from broker.revocation import RevocationRequest, Revocations, TokenRevoked
-from broker.state import InMemoryStateStore
+from broker.state import InMemoryStateStore, StateUnavailable
 from broker.types import BrokerToken, Provenance, TokenType
 
 PROVENANCE = Provenance("dev", "alice", frozenset(), None, TokenType.ID_TOKEN, 1_800_003_600)
@@ -75,6 +75,91 @@ def test_another_replicas_revocation_is_seen_within_the_recheck_window() -> None
     clock.advance(0.51)
     with pytest.raises(TokenRevoked):
         asyncio.run(revocations.check(token))
+
+
+class _CountingState(InMemoryStateStore):
+    def __init__(self, clock: FrozenClock) -> None:
+        super().__init__(clock)
+        self.lookups = 0
+        self.epoch_reads = 0
+
+    async def revocation_status(self, token_ids, subjects):  # type: ignore[no-untyped-def]
+        self.lookups += 1
+        return await super().revocation_status(token_ids, subjects)
+
+    async def revocation_epoch(self) -> str:
+        self.epoch_reads += 1
+        return await super().revocation_epoch()
+
+
+def test_many_people_cost_epoch_reads_not_lookups_until_someone_is_revoked() -> None:
+    clock = FrozenClock()
+    state = _CountingState(clock)
+    replica = Revocations(state, clock, DecisionLog([MemorySink()], clock), max_token_lifetime=3600)
+    other = Revocations(state, clock, DecisionLog([MemorySink()], clock), max_token_lifetime=3600)
+    people = [f"dev/p{i}" for i in range(300)]
+
+    async def exchanges() -> None:
+        for person in people:
+            await replica.check_exchange(
+                person=person,
+                subject_time=clock.now(),
+                parent=None,
+                actor="triage",
+                actor_credential_time=None,
+            )
+
+    asyncio.run(exchanges())
+    assert state.lookups == 300
+    for _ in range(5):  # 2.5 s of traffic: the epoch is read again, nobody is looked up again
+        clock.advance(0.5)
+        asyncio.run(exchanges())
+    assert state.lookups == 300
+    assert state.epoch_reads == 6
+
+    # Another replica revokes one person: within the window this replica refuses them, and
+    # looks everyone up once more (the epoch moved).
+    before = clock.now()
+    clock.advance(1)
+    asyncio.run(other.revoke(RevocationRequest("person", "dev/p7"), by="x", request_id="r"))
+    clock.advance(0.5)
+    with pytest.raises(TokenRevoked):
+        asyncio.run(
+            replica.check_exchange(
+                person="dev/p7",
+                subject_time=before,
+                parent=None,
+                actor="triage",
+                actor_credential_time=None,
+            )
+        )
+    people.remove("dev/p7")
+    asyncio.run(exchanges())
+    assert state.lookups == 300 + 1 + 299
+
+
+def test_concurrent_checks_share_one_epoch_read_and_a_failed_read_fails_them_all() -> None:
+    clock = FrozenClock()
+    state = _CountingState(clock)
+    revocations = Revocations(
+        state, clock, DecisionLog([MemorySink()], clock), max_token_lifetime=3600
+    )
+
+    async def many() -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(revocations.check(_token(f"t{i}")) for i in range(50)), return_exceptions=True
+        )
+
+    assert asyncio.run(many()) == [None] * 50
+    assert state.epoch_reads == 1
+
+    async def broken() -> str:
+        raise StateUnavailable("down")
+
+    state.revocation_epoch = broken  # type: ignore[method-assign]
+    clock.advance(0.6)
+    results = asyncio.run(many())
+    assert all(isinstance(r, StateUnavailable) for r in results)  # fail closed, never cached
 
 
 def test_a_local_revocation_holds_at_once_and_the_window_is_under_a_second() -> None:

@@ -271,6 +271,9 @@ class _DeadState:
     ) -> RevocationStatus:
         raise StateUnavailable("down")
 
+    async def revocation_epoch(self) -> str:
+        raise StateUnavailable("down")
+
     async def rate_limit(self, key: str, limit: int, window_seconds: float) -> RateLimitResult:
         raise StateUnavailable("down")
 

@@ -87,6 +87,24 @@ class StateStoreContract:
         await kit.advance(0.7)
         assert (await kit.store.revocation_status(["t"], [])).revoked_ids == frozenset()
 
+    async def test_the_revocation_epoch_moves_with_every_revocation_and_only_then(
+        self, kit: StateKit
+    ) -> None:
+        seen = [await kit.store.revocation_epoch()]
+        assert await kit.store.revocation_epoch() == seen[0]
+        now = kit.clock.now()
+        await kit.store.revoke_tokens({"t": now + 60})
+        seen.append(await kit.store.revocation_epoch())
+        await kit.store.revoke_before("person:dev/alice", now, 60)
+        seen.append(await kit.store.revocation_epoch())
+        await kit.store.revoke_tokens({"t": now + 60})  # again: still a revocation written
+        seen.append(await kit.store.revocation_epoch())
+        assert len(set(seen)) == 4
+        await kit.store.use_once("x", 30)
+        await kit.store.rate_limit("r", 5, 30)
+        await kit.store.revocation_status(["t"], ["person:dev/alice"])
+        assert await kit.store.revocation_epoch() == seen[-1]
+
     async def test_revoke_before_keeps_the_latest_time(self, kit: StateKit) -> None:
         subject = "person:dev/alice"
         await kit.store.revoke_before(subject, 1_700_000_100.25, 60)
