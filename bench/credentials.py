@@ -81,6 +81,9 @@ BACKEND = "vault"
 KV_MOUNT = "secret"
 TARGET_RATIO = 2.0
 TARGET_P99_MS = 20.0
+PRODUCTION_TARGET_RATIO = 2.5
+PRODUCTION_TARGET_P99_MS = 25.0
+"""Issue 13's fetch targets in the production shape: against the audited scoped read."""
 BROKER_TOKEN_NAME = "bench-broker"
 """Display name of the broker's OpenBao token: its audit entries read ``token-bench-broker``."""
 DIRECT_TOKEN_NAME = "bench-direct"
@@ -403,7 +406,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         if open_rows:
             print_(open_loop_table(open_rows, options))
             print_("")
-        print_(_comparison(rows, open_rows))
+        print_(_comparison(rows, open_rows, production=options.production))
         print_("")
         window_calls = [_calls_between(entries, credential.path, a, b) for a, b in windows.edges]
         whole = _calls_between(entries, credential.path, broker_started, measured_until)
@@ -467,9 +470,14 @@ def _header(
     return "\n".join(lines)
 
 
-def _comparison(rows: list[Row], open_rows: Sequence[Row] = ()) -> str:
+def _comparison(rows: list[Row], open_rows: Sequence[Row] = (), *, production: bool = False) -> str:
+    """Against the targets: in the production shape the audited scoped read (the broker keeps
+    a durable trail too), else the plain read."""
+    baseline = BAO_READ_AUDIT if production else BAO_READ
+    min_ratio = PRODUCTION_TARGET_RATIO if production else TARGET_RATIO
+    max_p99 = PRODUCTION_TARGET_P99_MS if production else TARGET_P99_MS
     fetch = _median_row(rows, FETCH)
-    bao = _median_row(rows, BAO_READ)
+    bao = _median_row(rows, baseline)
     healthz = _median_row(rows, HEALTHZ)
     audited = _median_row(rows, BAO_READ_AUDIT)
     if fetch is None or bao is None:
@@ -478,12 +486,12 @@ def _comparison(rows: list[Row], open_rows: Sequence[Row] = ()) -> str:
     ratio = fx.rps / bl.rps if bl.rps else float("nan")
     p99 = fx.percentile_ms(99)
     body = target_rows(
-        ("fetches/s vs OpenBao KV reads/s", f"{fx.rps:,.0f} vs {bl.rps:,.0f}"),
+        (f"fetches/s vs {baseline}s/s", f"{fx.rps:,.0f} vs {bl.rps:,.0f}"),
         ratio,
-        TARGET_RATIO,
+        min_ratio,
         ("fetch p99", f"{p99:.1f} ms"),
         p99,
-        TARGET_P99_MS,
+        max_p99,
     )
     body += [
         [
@@ -494,7 +502,7 @@ def _comparison(rows: list[Row], open_rows: Sequence[Row] = ()) -> str:
             "",
         ],
     ]
-    if audited is not None and audited.result.rps:
+    if audited is not None and audited.result.rps and not production:
         body.append(
             [
                 "fetches/s vs OpenBao KV reads + audit/s",
@@ -549,12 +557,12 @@ def _comparison(rows: list[Row], open_rows: Sequence[Row] = ()) -> str:
         open_rows,
         (FETCH, "fetch"),
         [(BAO_READ_AUDIT, "OpenBao KV read + audit"), (BAO_READ, "OpenBao KV read")],
-        TARGET_P99_MS,
+        max_p99,
     )
     return (
-        f"Against the issue's targets (at least {TARGET_RATIO:g}x OpenBao's direct reads/s, p99 "
-        f"under {TARGET_P99_MS:g} ms; open loop: p50/p99 at half the measured maximum rate, "
-        "without saturation):\n" + table(COMPARISON_HEADERS, body)
+        f"Against the issue's targets (at least {min_ratio:g}x the {baseline}s/s, p99 under "
+        f"{max_p99:g} ms; open loop: p50/p99 at half the measured maximum rate, without "
+        "saturation):\n" + table(COMPARISON_HEADERS, body)
     )
 
 

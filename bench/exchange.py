@@ -67,6 +67,9 @@ PERSON_PREFIX = "bench-person-"
 SCOPE = "tickets:read kb:read"
 AUDIENCE = "https://tickets.internal.example"
 TARGET_P99_MS = 25.0
+PRODUCTION_TARGET_P99_MS = 40.0
+"""Issue 13's exchange target in the production shape: at least the audited login's rate, p99
+at 64 connections at most this."""
 STALL_MS = 20.0
 """A sequential keep-alive /healthz slower than this means responses wait on delayed ACKs."""
 
@@ -363,7 +366,7 @@ def run(options: Options, print_: Callable[[str], None] = print) -> list[Row]:
         if open_rows:
             print_(open_loop_table(open_rows, options))
             print_("")
-        print_(_comparison(rows, [SERVE], open_rows))
+        print_(_comparison(rows, [SERVE], open_rows, production=options.production))
         print_("")
         print_(_notes(rows, records, options, workdir if options.keep else None))
         if probe_ms > STALL_MS:
@@ -616,8 +619,15 @@ def target_rows(
     ]
 
 
-def _comparison(rows: list[Row], groups: list[str], open_rows: Sequence[Row] = ()) -> str:
-    bao = _median_row(rows, BAO_LOGIN)
+def _comparison(
+    rows: list[Row], groups: list[str], open_rows: Sequence[Row] = (), *, production: bool = False
+) -> str:
+    """Against the targets: in the production shape the audited login (the broker keeps a
+    durable trail too) and p99 at most `PRODUCTION_TARGET_P99_MS`; else the plain login and
+    `TARGET_P99_MS`."""
+    baseline = BAO_LOGIN_AUDIT if production else BAO_LOGIN
+    max_p99 = PRODUCTION_TARGET_P99_MS if production else TARGET_P99_MS
+    bao = _median_row(rows, baseline)
     if bao is None:
         return ""
     body: list[list[object]] = []
@@ -630,12 +640,12 @@ def _comparison(rows: list[Row], groups: list[str], open_rows: Sequence[Row] = (
         ratio = ex.rps / bl.rps if bl.rps else float("nan")
         p99 = ex.percentile_ms(99)
         body += target_rows(
-            (f"{group}: exchanges/s vs OpenBao logins/s", f"{ex.rps:,.0f} vs {bl.rps:,.0f}"),
+            (f"{group}: exchanges/s vs {baseline}s/s", f"{ex.rps:,.0f} vs {bl.rps:,.0f}"),
             ratio,
             1.0,
             (f"{group}: exchange p99", f"{p99:.1f} ms"),
             p99,
-            TARGET_P99_MS,
+            max_p99,
         )
         body += [
             [
@@ -657,11 +667,11 @@ def _comparison(rows: list[Row], groups: list[str], open_rows: Sequence[Row] = (
             open_rows,
             (f"{group}: token exchange", "exchange"),
             [(BAO_LOGIN_AUDIT, "OpenBao login + audit"), (BAO_LOGIN, "OpenBao login")],
-            TARGET_P99_MS,
+            max_p99,
         )
     return (
-        f"Against the issue's target (at least OpenBao's logins/s, p99 under {TARGET_P99_MS:g} "
-        "ms; open loop: p50/p99 at half the measured maximum rate, without saturation):\n"
+        f"Against the issue's target (at least the {baseline}s/s, p99 under {max_p99:g} ms; "
+        "open loop: p50/p99 at half the measured maximum rate, without saturation):\n"
         + table(COMPARISON_HEADERS, body)
     )
 
