@@ -486,7 +486,7 @@ def _comparison(rows: list[Row], open_rows: Sequence[Row] = (), *, production: b
     ratio = fx.rps / bl.rps if bl.rps else float("nan")
     p99 = fx.percentile_ms(99)
     body = target_rows(
-        (f"fetches/s vs {baseline}s/s", f"{fx.rps:,.0f} vs {bl.rps:,.0f}"),
+        (f"fetches/s vs {baseline} req/s", f"{fx.rps:,.0f} vs {bl.rps:,.0f}"),
         ratio,
         min_ratio,
         ("fetch p99", f"{p99:.1f} ms"),
@@ -560,7 +560,7 @@ def _comparison(rows: list[Row], open_rows: Sequence[Row] = (), *, production: b
         max_p99,
     )
     return (
-        f"Against the issue's targets (at least {min_ratio:g}x the {baseline}s/s, p99 under "
+        f"Against the issue's targets (at least {min_ratio:g}x the {baseline} req/s, p99 under "
         f"{max_p99:g} ms; open loop: p50/p99 at half the measured maximum rate, without "
         "saturation):\n" + table(COMPARISON_HEADERS, body)
     )

@@ -640,7 +640,7 @@ def _comparison(
         ratio = ex.rps / bl.rps if bl.rps else float("nan")
         p99 = ex.percentile_ms(99)
         body += target_rows(
-            (f"{group}: exchanges/s vs {baseline}s/s", f"{ex.rps:,.0f} vs {bl.rps:,.0f}"),
+            (f"{group}: exchanges/s vs {baseline} req/s", f"{ex.rps:,.0f} vs {bl.rps:,.0f}"),
             ratio,
             1.0,
             (f"{group}: exchange p99", f"{p99:.1f} ms"),
@@ -670,7 +670,7 @@ def _comparison(
             max_p99,
         )
     return (
-        f"Against the issue's target (at least the {baseline}s/s, p99 under {max_p99:g} ms; "
+        f"Against the issue's target (at least the {baseline} req/s, p99 under {max_p99:g} ms; "
         "open loop: p50/p99 at half the measured maximum rate, without saturation):\n"
         + table(COMPARISON_HEADERS, body)
     )
