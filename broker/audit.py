@@ -673,8 +673,8 @@ class _GroupCommitter:
     (their requests answer 500: nothing is answered unrecorded) and the next round tries again.
 
     Where a round runs depends on how long the disk takes: the median of the last rounds run on
-    the loop (a median, because on a busy machine a round's wall time sometimes includes waiting
-    for a core, which says nothing about the disk):
+    the loop, each without the time the thread then waited for a core (Linux's per-thread
+    schedstat; on a busy machine that wait says nothing about the disk):
 
     - **Fast disk** (a round under `inline_max` seconds, a local SSD's ~0.1-0.2 ms): on the
       waiting event loop itself, at most once per `window` seconds per loop. The loop is held
@@ -755,8 +755,10 @@ class _GroupCommitter:
 
     def _round(self, *, measure: bool) -> None:
         target = self._last_written()
+        if not measure and target <= self._synced:
+            return  # a round on a loop covered it meanwhile: nothing new to make durable
         error: BaseException | None = None
-        started = time.perf_counter()
+        started, queued = time.perf_counter(), _run_queue_wait() if measure else 0.0
         try:
             for sink in self._sinks:
                 sink.sync()
@@ -764,7 +766,8 @@ class _GroupCommitter:
             error = exc
             logger.error("audit trail sync failed: %s", type(exc).__name__)
         if measure:
-            self._round_seconds.append(time.perf_counter() - started)
+            took = time.perf_counter() - started - (_run_queue_wait() - queued)
+            self._round_seconds.append(max(took, 0.0))
             self._typical_round = statistics.median(self._round_seconds)
         self._settle(target, error)
 
@@ -810,6 +813,36 @@ class _GroupCommitter:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(10)
+
+
+class _SchedStat:
+    """This thread's ``/proc/thread-self/schedstat``, kept open while the thread lives."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # not Linux, or no procfs: rounds are measured by wall time alone
+            self.fd = -1
+
+    def __del__(self) -> None:  # the thread ended and its locals are dropped
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+_schedstat = threading.local()
+
+
+def _run_queue_wait() -> float:
+    """Seconds this thread has waited for a CPU since it started (0 where unknown)."""
+    stat: _SchedStat | None = getattr(_schedstat, "stat", None)
+    if stat is None:
+        stat = _schedstat.stat = _SchedStat()
+    if stat.fd < 0:
+        return 0.0
+    try:
+        return int(os.pread(stat.fd, 64, 0).split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _running_loop() -> Any:

@@ -370,3 +370,27 @@ def test_a_bucket_without_object_lock_is_refused(moto: MotoServer) -> None:
     )
     with pytest.raises((RuntimeError, botocore.exceptions.ClientError)):
         build_sinks(config)
+
+
+def test_round_timing_reads_each_threads_schedstat_and_closes_it_with_the_thread() -> None:
+    """Rounds on the loop are timed without the thread's waits for a CPU (a busy machine says
+    nothing about the disk); the per-thread schedstat descriptor must not outlive its thread."""
+    import threading
+
+    from broker.audit import _run_queue_wait
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    assert _run_queue_wait() >= 0.0
+    before = open_descriptors()
+    seen: list[float] = []
+    for _ in range(20):
+        worker = threading.Thread(target=lambda: seen.append(_run_queue_wait()))
+        worker.start()
+        worker.join()
+    import gc
+
+    gc.collect()
+    assert len(seen) == 20 and all(value >= 0.0 for value in seen)
+    assert open_descriptors() <= before + 1
