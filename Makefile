@@ -26,12 +26,12 @@ install-test: system-packages kubectl $(VENV)/.installed-test compose
 ## apt where missing: xmlsec1 (the pysaml2 test IdP signs with it), redis-server (the suite
 ## starts its own on free ports), PostgreSQL's initdb/postgres (OpenBao's database engine tests
 ## start their own cluster), chromium (the approvals page tests drive Debian's chromium through
-## Playwright: its own browser downloads are not used), and curl/xz for `make compose` when it
-## has to fetch compose.
+## Playwright: its own browser downloads are not used), and curl/xz for scripts/debian-binary
+## (`make kubectl` and `make compose` fetch from Debian's mirror what the machine lacks).
 ## As root: apt-get install (apt-get update first only if the install fails without it);
 ## otherwise one line naming the packages and the command, and make stops.
-SYSTEM_PROGRAMS  ?= xmlsec1=xmlsec1 redis-server=redis-server initdb=postgresql chromium=chromium
-COMPOSE_PROGRAMS ?= curl=curl xz=xz-utils
+SYSTEM_PROGRAMS  ?= xmlsec1=xmlsec1 redis-server=redis-server initdb=postgresql chromium=chromium \
+                    curl=curl xz=xz-utils
 POSTGRES_BINDIRS ?= /usr/lib/postgresql/*/bin
 SYSTEM_PACKAGES_UID ?= $(shell id -u)
 APT_GET ?= apt-get
@@ -40,9 +40,6 @@ APT_INSTALL = apt-get install -y --no-install-recommends
 # The packages whose program is missing (evaluated only when system-packages runs).
 SYSTEM_MISSING = $(strip $(shell \
 	programs="$(SYSTEM_PROGRAMS)"; \
-	if ! { docker compose version >/dev/null 2>&1 || docker-compose version >/dev/null 2>&1 \
-	    || $(BIN)/docker-compose version >/dev/null 2>&1; }; then \
-	  programs="$$programs $(COMPOSE_PROGRAMS)"; fi; \
 	has() { command -v "$$1" >/dev/null 2>&1 && return 0; \
 	  for dir in $(POSTGRES_BINDIRS); do [ -x "$$dir/$$1" ] && return 0; done; return 1; }; \
 	for pair in $$programs; do \
@@ -58,43 +55,27 @@ system-packages:
 	  || { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(missing); } \
 	  || { echo "make system-packages: could not install $(missing)" >&2; exit 1; },:)
 
-## make kubectl: the tests render deploy/kubernetes with `kubectl kustomize` (kubectl >= 1.27;
-## Debian's own kubernetes-client is 1.20, too old for the manifests' kustomization syntax, and
-## the Kubernetes release downloads are not reachable from every machine): one line if missing.
+## make kubectl: the tests render deploy/kubernetes with `kubectl kustomize` (kubectl >= 1.27:
+## Debian bookworm's kubernetes-client is 1.20, too old for the manifests' kustomization syntax).
+## Where the machine has none that new, Debian trixie's kubectl (a static Go binary; its only
+## dependency is libc6) is unpacked into $(BIN)/kubectl; the Kubernetes release downloads are
+## not reachable from every machine, Debian's mirror is.
+KUBECTL_MIN_MINOR ?= 27
 kubectl:
-	@command -v kubectl >/dev/null 2>&1 || { echo "make test: install kubectl >= 1.27 (kubectl kustomize renders deploy/kubernetes): https://kubernetes.io/docs/tasks/tools/" >&2; exit 1; }
+	@if $(BIN)/kubectl version --client >/dev/null 2>&1; then :; \
+	elif minor="$$(kubectl version --client -o json 2>/dev/null \
+	        | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | head -n 1)" \
+	    && [ -n "$$minor" ] && [ "$$minor" -ge $(KUBECTL_MIN_MINOR) ]; then :; \
+	else scripts/debian-binary kubectl usr/bin/kubectl $(BIN)/kubectl && $(BIN)/kubectl version --client; fi
 
 ## make compose: a docker compose v2 binary for the tests of docker-compose.yml, where the
-## machine has neither `docker compose` nor `docker-compose`: Debian's docker-compose package
-## (a static Go binary; its only dependency is libc6), unpacked into $(BIN)/docker-compose.
-DEBIAN_MIRROR ?= http://deb.debian.org/debian
-DEBIAN_SUITE  ?= trixie
-
+## machine has neither `docker compose` nor `docker-compose`: Debian trixie's docker-compose
+## package (a static Go binary; its only dependency is libc6), unpacked into $(BIN)/docker-compose.
 compose:
 	@if docker compose version >/dev/null 2>&1 || docker-compose version >/dev/null 2>&1 \
 	    || $(BIN)/docker-compose version >/dev/null 2>&1; then :; \
-	else $(MAKE) --no-print-directory $(BIN)/docker-compose; fi
-
-$(BIN)/docker-compose:
-	@set -eu; \
-	case "$$(uname -m)" in \
-	  x86_64|amd64) arch=amd64 ;; \
-	  aarch64|arm64) arch=arm64 ;; \
-	  *) echo "make compose: no Debian docker-compose build for $$(uname -m)" >&2; exit 1 ;; \
-	esac; \
-	tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; \
-	index="$(DEBIAN_MIRROR)/dists/$(DEBIAN_SUITE)/main/binary-$$arch/Packages.xz"; \
-	curl -fsSL "$$index" | xz -d > "$$tmp/Packages"; \
-	field() { awk -v f="$$1:" '/^Package: /{p=($$2=="docker-compose")} p&&$$1==f{print $$2; exit}' "$$tmp/Packages"; }; \
-	file="$$(field Filename)"; sha="$$(field SHA256)"; \
-	test -n "$$file" && test -n "$$sha" || { echo "make compose: docker-compose not in $$index" >&2; exit 1; }; \
-	echo "make compose: $(DEBIAN_MIRROR)/$$file"; \
-	curl -fsSL -o "$$tmp/compose.deb" "$(DEBIAN_MIRROR)/$$file"; \
-	echo "$$sha  $$tmp/compose.deb" | sha256sum -c --quiet -; \
-	dpkg-deb -x "$$tmp/compose.deb" "$$tmp/root"; \
-	mkdir -p "$(@D)"; \
-	install -m 0755 "$$tmp/root/usr/libexec/docker/cli-plugins/docker-compose" "$@"; \
-	"$@" version
+	else scripts/debian-binary docker-compose usr/libexec/docker/cli-plugins/docker-compose \
+	    $(BIN)/docker-compose && $(BIN)/docker-compose version; fi
 
 ## make dev: run the broker with embedded development defaults and print a walkthrough
 dev: install
