@@ -61,6 +61,9 @@ system-packages:
 ## dependency is libc6) is unpacked into $(BIN)/kubectl; the Kubernetes release downloads are
 ## not reachable from every machine, Debian's mirror is.
 KUBECTL_MIN_MINOR ?= 27
+DEBIAN_MIRROR     ?= http://deb.debian.org/debian
+DEBIAN_SUITE      ?= trixie
+export DEBIAN_MIRROR DEBIAN_SUITE
 kubectl:
 	@if $(BIN)/kubectl version --client >/dev/null 2>&1; then :; \
 	elif minor="$$(kubectl version --client -o json 2>/dev/null \
