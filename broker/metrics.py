@@ -58,6 +58,10 @@ def label_value(value: Any) -> str:
     return text if _LABEL_VALUE.fullmatch(text) else "other"
 
 
+_CHILDREN_REMEMBERED = 1024
+"""Labelled children a metric remembers by their raw label inputs (beyond: looked up each time)."""
+
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
@@ -88,6 +92,11 @@ class BrokerMetrics:
             buckets=APPROVAL_BUCKETS,
             registry=self.registry,
         )
+        # The labelled children of the per-request metrics, by their raw inputs: prometheus'
+        # labels() validates and locks on every call, a dict lookup does not. Bounded like the
+        # label sets themselves (route templates, status classes, fixed codes).
+        self._durations: dict[tuple[str, int], Any] = {}
+        self._decision_counts: dict[tuple[Any, Any, Any], Any] = {}
         self.approvals_pending = Gauge(
             "broker_approvals_pending",
             "Approval requests waiting for a decision, in the shared state (as last seen by "
@@ -172,14 +181,28 @@ class BrokerMetrics:
     # DecisionSink
     def write(self, record: Mapping[str, Any]) -> None:
         # Only fixed-format labels, so this cannot raise (a raising sink fails the request).
-        self.decisions.labels(
-            label_value(record.get("event")),
-            label_value(record.get("outcome")),
-            label_value(record.get("reason") or record.get("error")),
-        ).inc()
+        key = (
+            record.get("event"),
+            record.get("outcome"),
+            record.get("reason") or record.get("error"),
+        )
+        counter = self._decision_counts.get(key)
+        if counter is None:
+            counter = self.decisions.labels(*(label_value(value) for value in key))
+            if len(self._decision_counts) < _CHILDREN_REMEMBERED and all(
+                value is None or type(value) is str for value in key
+            ):
+                self._decision_counts[key] = counter
+        counter.inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.request_duration.labels(route, status_class(status)).observe(seconds)
+        key = (route, status)
+        histogram = self._durations.get(key)
+        if histogram is None:
+            histogram = self.request_duration.labels(route, status_class(status))
+            if len(self._durations) < _CHILDREN_REMEMBERED:
+                self._durations[key] = histogram
+        histogram.observe(seconds)
 
     def bind(
         self, *, policies: PolicyStore, cache: CredentialCache, decisions: DecisionLog

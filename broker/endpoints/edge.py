@@ -169,6 +169,13 @@ class Edge:
         except Exception as record_exc:
             log.error("a failed request could not be recorded: %s", type(record_exc).__name__)
 
+    def unexpected(self, route: str, exc: BaseException, request: Request) -> JSONResponse:
+        """What an exception no endpoint handled becomes: a log line naming its type (never its
+        message: it may hold data), a ``request.failed`` record, a plain 500."""
+        log.error("unexpected error: %s", type(exc).__name__)
+        self.record_failure(route, exc, None, None, request)
+        return self.error_response(ServerError("internal error"))
+
     def oauth_endpoint(self, route: PostRoute) -> Callable[[Request], Awaitable[JSONResponse]]:
         """One shape for every authenticated POST: read the body (capped), authenticate the
         caller, run the domain handler, render an error in one place, never cache, answer
