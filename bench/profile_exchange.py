@@ -47,7 +47,7 @@ from bench.exchange import AUDIENCE, PERSON, SCOPE, exchange_request
 
 STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-exchange cumulative table
-    ("whole ASGI app (FastAPI + Starlette + endpoint)", "fastapi/applications.py", "__call__"),
+    ("whole ASGI app (BrokerApp: straight to the endpoint)", "broker/app.py", "__call__"),
     ("  token endpoint body (endpoints/oauth.py token)", "broker/endpoints/oauth.py", "token"),
     ("    grant dispatch (TokenEndpoint.handle)", "broker/grants.py", "handle"),
     ("    read_form (body, parse_qsl)", "broker/oauth_request.py", "read_form"),

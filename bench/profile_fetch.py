@@ -28,7 +28,6 @@ import json
 import pstats
 import secrets
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -60,9 +59,9 @@ from bench.exchange import PERSON, exchange_request
 
 STEPS: list[tuple[str, str, str]] = [
     # (label, file suffix, function name) for the per-fetch cumulative table
-    ("whole ASGI app (FastAPI + Starlette + endpoint)", "fastapi/applications.py", "__call__"),
+    ("whole ASGI app (BrokerApp: straight to the endpoint)", "broker/app.py", "__call__"),
     ("  fetch endpoint body", "broker/endpoints/credentials.py", "fetch_credential"),
-    ("    request id (logs.py new_request_id, uuid4)", "broker/logs.py", "new_request_id"),
+    ("    request id (logs.py new_request_id)", "broker/logs.py", "new_request_id"),
     ("    read_form_or_json (body, parse_qsl)", "broker/oauth_request.py", "read_form_or_json"),
     ("    gateway authentication (Basic)", "broker/client_auth.py", "authenticate"),
     ("    CredentialService.fetch", "broker/credentials.py", "fetch"),
@@ -80,6 +79,7 @@ def _primitives(app: Any, agent_token: str, form_body: bytes, record: dict[str, 
 
     from broker.client_auth import _parse_basic
     from broker.endpoints.edge import NO_STORE as _NO_STORE
+    from broker.logs import new_request_id
     from broker.oauth_request import MAX_FIELDS
 
     services = app.state.services
@@ -93,10 +93,10 @@ def _primitives(app: Any, agent_token: str, form_body: bytes, record: dict[str, 
         "stale": False,
         "served_for": {"sub": "dev/alice", "act": {"sub": "triage-agent"}, "client_id": "x"},
     }
-    headers = {**_NO_STORE, "X-Request-Id": uuid.uuid4().hex}
+    headers = {**_NO_STORE, "X-Request-Id": secrets.token_hex(16)}
     text = form_body.decode()
     rows = [
-        micro("uuid.uuid4().hex (request id)", lambda: uuid.uuid4().hex, 20000),
+        micro("new_request_id() (secrets.token_hex(16))", new_request_id, 20000),
         micro(
             "parse_qsl of the fetch form",
             lambda: parse_qsl(
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(profiled())
         print(profile_tables(stats_holder[0], STEPS, n, args.top, "fetch"))
         record = {
-            "request_id": uuid.uuid4().hex,
+            "request_id": secrets.token_hex(16),
             "credential": CREDENTIAL,
             "policy_version": "sha256:" + "x" * 32,
             "gateway": "llm-gateway",

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import parse_qsl
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.requests import Request
 
 from broker.errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType
-from broker.oauth_request import json_depth_exceeds, read_form, read_form_or_json
+from broker.oauth_request import (
+    MAX_FIELDS,
+    json_depth_exceeds,
+    parse_form_pairs,
+    read_form,
+    read_form_or_json,
+)
 
 
 def _request(
@@ -86,3 +95,31 @@ def test_brackets_inside_json_strings_do_not_count_as_depth() -> None:
     form = asyncio.run(read_form_or_json(_request(body, "application/json"), max_bytes=1 << 20))
     assert form["token"].startswith("[{[{")
     assert json_depth_exceeds(b"[" * 33) and not json_depth_exceeds(b"[" * 32 + b"]" * 32)
+
+
+_FORM_ALPHABET = st.sampled_from([*"ab=&+%2F0fZé ~.-_", "%zz", "%C3%A9", "%ff", "%"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_FORM_ALPHABET, max_size=40).map("".join))
+def test_the_form_parser_parses_exactly_as_strict_parse_qsl(text: str) -> None:
+    """The broker's form parser is `parse_qsl` (strict, blank values kept, at most MAX_FIELDS
+    fields), only cheaper: same pairs for every input, an error wherever it raises."""
+    try:
+        expected: list[tuple[str, str]] | None = parse_qsl(
+            text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=MAX_FIELDS
+        )
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError):
+            parse_form_pairs(text)
+    else:
+        assert parse_form_pairs(text) == expected
+
+
+def test_the_form_parser_refuses_more_than_max_fields_as_parse_qsl_does() -> None:
+    at_limit = "&".join(f"f{i}=v" for i in range(MAX_FIELDS))
+    assert len(parse_form_pairs(at_limit)) == MAX_FIELDS
+    with pytest.raises(ValueError):
+        parse_form_pairs(at_limit + "&one=more")
