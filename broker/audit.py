@@ -105,14 +105,14 @@ _FORBIDDEN_KEYS = frozenset(
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """The bytes a record's hash is computed over (stable across a JSON round trip). NaN and
     the infinities are not JSON: they raise ``ValueError`` (`bound_fields` removes them first)."""
-    return json.dumps(
-        record,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
-        default=str,
-    ).encode("ascii")
+    return _CANONICAL_ENCODER.encode(record).encode("ascii")
+
+
+_CANONICAL_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=str
+)
+"""What ``json.dumps`` with these arguments would build for every call (it caches only the
+default encoder); `encode` keeps no state between calls."""
 
 
 # ------------------------------------------------------------------------------------ bounding

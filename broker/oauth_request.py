@@ -7,6 +7,7 @@ specification allows repetition (RFC 8693 ``audience``, RFC 8707 ``resource``).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from urllib.parse import unquote
@@ -73,9 +74,36 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _form_component(text: str) -> str:
+def _form_component(text: str, *, public: bool = False) -> str:
     if "%" not in text and "+" not in text:  # most names and values, JWTs included
         return text
+    if public and len(text) <= _REMEMBERED_COMPONENT_CHARS:
+        return _unquote_remembered(text)
+    return unquote(text.replace("+", " "), errors="replace")
+
+
+_PUBLIC_PARAMETERS = frozenset(
+    {
+        "grant_type",
+        "subject_token_type",
+        "actor_token_type",
+        "requested_token_type",
+        "client_assertion_type",
+        "token_type_hint",
+        "scope",
+        "audience",
+        "resource",
+    }
+)
+"""Parameters whose values are never secret and recur from request to request."""
+_REMEMBERED_COMPONENT_CHARS = 256
+
+
+@functools.lru_cache(maxsize=1024)
+def _unquote_remembered(text: str) -> str:
+    """A short encoded value of a public parameter (``urn%3Aietf%3Aparams%3A...``, scopes,
+    audiences), decoded once: a pure function of its argument, bounded in entries and size.
+    Names, and values that may be secret (tokens, assertions, secrets), are never kept."""
     return unquote(text.replace("+", " "), errors="replace")
 
 
@@ -94,7 +122,8 @@ def parse_form_pairs(text: str) -> list[tuple[str, str]]:
         name, equals, value = part.partition("=")
         if not equals:
             raise ValueError(f"bad query field: {part[:32]!r}")
-        pairs.append((_form_component(name), _form_component(value)))
+        name = _form_component(name)
+        pairs.append((name, _form_component(value, public=name in _PUBLIC_PARAMETERS)))
     return pairs
 
 

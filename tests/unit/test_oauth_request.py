@@ -97,7 +97,9 @@ def test_brackets_inside_json_strings_do_not_count_as_depth() -> None:
     assert json_depth_exceeds(b"[" * 33) and not json_depth_exceeds(b"[" * 32 + b"]" * 32)
 
 
-_FORM_ALPHABET = st.sampled_from([*"ab=&+%2F0fZé ~.-_", "%zz", "%C3%A9", "%ff", "%"])
+_FORM_ALPHABET = st.sampled_from(
+    [*"ab=&+%2F0fZé ~.-_", "%zz", "%C3%A9", "%ff", "%", "&scope=", "&audience=", "%3A"]
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -123,3 +125,17 @@ def test_the_form_parser_refuses_more_than_max_fields_as_parse_qsl_does() -> Non
     assert len(parse_form_pairs(at_limit)) == MAX_FIELDS
     with pytest.raises(ValueError):
         parse_form_pairs(at_limit + "&one=more")
+
+
+def test_only_public_parameter_values_are_remembered_decoded() -> None:
+    from broker.oauth_request import _unquote_remembered
+
+    _unquote_remembered.cache_clear()
+    secretish = "client_secret=s%2Bx&subject_token=a%2Bb&client_assertion=c%2Bd&x%2By=z%2Bz"
+    assert parse_form_pairs(secretish) == parse_qsl(secretish, strict_parsing=True)
+    assert _unquote_remembered.cache_info().currsize == 0  # never kept
+    public = "scope=a%3Ab+c&audience=https%3A%2F%2Fx&grant_type=urn%3Ax"
+    for _ in range(3):
+        assert parse_form_pairs(public) == parse_qsl(public, strict_parsing=True)
+    info = _unquote_remembered.cache_info()
+    assert info.currsize == 3 and info.hits == 6
