@@ -49,7 +49,7 @@ from broker.types import BrokerToken, IssuedToken, Provenance, Sensitive, TokenT
 if TYPE_CHECKING:
     from broker.id_jag import IdJagIssuance
 from idp_adapters.base import IdentityProviderUnavailable, TokenRejected
-from idp_adapters.jwt_verify import unverified_claims
+from idp_adapters.jwt_verify import unverified_issuer
 from idp_adapters.registry import IdentityRoutes
 from idp_adapters.saml import ReplayCheckUnavailable, saml_issuer
 
@@ -137,7 +137,7 @@ class SubjectTokenVerifier:
             issuer = (
                 saml_issuer(raw, max_bytes=self._max_bytes)
                 if token_type is TokenType.SAML2
-                else unverified_claims(raw, max_bytes=self._max_bytes).get("iss")
+                else unverified_issuer(raw, max_bytes=self._max_bytes)
             )
         except TokenRejected as exc:
             kind = "SAML assertion" if token_type is TokenType.SAML2 else "JWT"

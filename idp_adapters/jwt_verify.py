@@ -17,6 +17,7 @@ import base64
 import binascii
 import re
 from collections.abc import Collection, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +156,28 @@ def unverified_claims(token: str, *, max_bytes: int) -> dict[str, Any]:
 
     Only for routing (which issuer's keys to verify with); never trust what it returns.
     """
+    return _peek(token, max_bytes)[1]
+
+
+def unverified_issuer(token: str, *, max_bytes: int) -> object:
+    """The ``iss`` of a compact JWS (any JSON value, or None), parsed as `unverified_claims`
+    parses it, NOT verified: for routing only.
+
+    The parsed payload is kept for the current task's next `verify_jwt`, which then does not
+    parse the same segment again when it verifies this token: the same characters parse to the
+    same claims, and no caller ever holds that copy (this returns only the issuer), so nothing
+    can have changed it. Used once, and only for a payload segment equal to the one peeked."""
+    segment, claims = _peek(token, max_bytes)
+    _peeked_payload.set((segment, claims))
+    return claims.get("iss")
+
+
+_peeked_payload: ContextVar[tuple[str, dict[str, Any]] | None] = ContextVar(
+    "jwt_peeked_payload", default=None
+)
+
+
+def _peek(token: str, max_bytes: int) -> tuple[str, dict[str, Any]]:
     if not isinstance(token, str) or len(token) > max_bytes:
         raise TokenRejected("token is too large")
     if not token.isascii():
@@ -162,7 +185,18 @@ def unverified_claims(token: str, *, max_bytes: int) -> dict[str, Any]:
     segments = token.split(".")
     if len(segments) != 3:
         raise TokenRejected("token is malformed", debug=f"{len(segments)} segments, expected 3")
-    return _decode_json_segment(segments[1], "payload")
+    return segments[1], _decode_json_segment(segments[1], "payload")
+
+
+def _payload_claims(segment: str) -> dict[str, Any]:
+    """The payload segment parsed, or the claims `unverified_issuer` parsed from these same
+    characters in this task (taken once)."""
+    peeked = _peeked_payload.get()
+    if peeked is not None:
+        _peeked_payload.set(None)
+        if peeked[0] == segment:
+            return peeked[1]
+    return _decode_json_segment(segment, "payload")
 
 
 def _check_times(
@@ -225,7 +259,7 @@ async def verify_jwt(
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise TokenRejected("token key id is malformed")
-    claims = _decode_json_segment(payload_segment, "payload")
+    claims = _payload_claims(payload_segment)
     if not signature_segment:
         raise TokenRejected("token is not signed")
     try:

@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 from broker.clock import FrozenClock
 from idp_adapters.base import TokenRejected
 from idp_adapters.jwks import StaticJwks
-from idp_adapters.jwt_verify import VerifiedJwt, claim_audiences, normalize_typ, verify_jwt
+from idp_adapters.jwt_verify import (
+    VerifiedJwt,
+    claim_audiences,
+    normalize_typ,
+    unverified_issuer,
+    verify_jwt,
+)
 from tests.support.jose import compact
 
 ISSUER = "https://idp.example.com/tenant"
@@ -529,3 +535,93 @@ def test_any_single_character_change_is_rejected(
         return
     with pytest.raises(TokenRejected):
         verify(mutated, jwks)
+
+
+def _peek_then_verify(peeked: str, verified: str, keys: Any) -> tuple[object, VerifiedJwt]:
+    """As the token exchange routes and then verifies: both in one task."""
+
+    async def both() -> tuple[object, VerifiedJwt]:
+        issuer = unverified_issuer(peeked, max_bytes=16384)
+        result = await verify_jwt(
+            verified,
+            keys=keys,
+            issuer=ISSUER,
+            audiences=(AUDIENCE,),
+            algorithms=("RS256",),
+            clock=FrozenClock(start=NOW),
+            leeway=30,
+            max_bytes=16384,
+        )
+        return issuer, result
+
+    return asyncio.run(both())
+
+
+def _count_payload_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import idp_adapters.jwt_verify as module
+
+    parsed: list[str] = []
+    original = module._decode_json_segment
+
+    def counting(segment: str, what: str) -> dict[str, Any]:
+        if what == "payload":
+            parsed.append(segment)
+        return original(segment, what)
+
+    monkeypatch.setattr(module, "_decode_json_segment", counting)
+    return parsed
+
+
+def test_the_issuer_peek_saves_verification_a_second_parse_of_the_same_payload(
+    rsa_key: Any, jwks: StaticJwks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = _count_payload_parses(monkeypatch)
+    token = sign(rsa_key, claims(groups=["a", "b"]))
+    issuer, result = _peek_then_verify(token, token, jwks)
+    assert issuer == ISSUER
+    assert result.claims == claims(groups=["a", "b"])
+    assert len(parsed) == 1  # the peek's parse, used by the verification
+
+
+def test_a_peeked_payload_never_stands_in_for_another_tokens(
+    rsa_key: Any, other_rsa_key: Any, jwks: StaticJwks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed = _count_payload_parses(monkeypatch)
+    peeked = sign(rsa_key, claims(sub="someone-else"))
+    verified = sign(rsa_key, claims())
+    _, result = _peek_then_verify(peeked, verified, jwks)
+    assert result.claims["sub"] == "user-1" and len(parsed) == 2
+    # The same payload under a signature by a key the issuer does not have is still refused:
+    # the peek saves a parse, never a signature check.
+    forged = sign(other_rsa_key, claims())
+    with pytest.raises(TokenRejected, match="signature"):
+        _peek_then_verify(forged, forged, jwks)
+
+
+def test_a_peeked_payload_is_used_once(rsa_key: Any, jwks: StaticJwks) -> None:
+    token = sign(rsa_key, claims())
+
+    async def peek_once_verify_twice() -> list[Any]:
+        unverified_issuer(token, max_bytes=16384)
+        results = []
+        for _ in range(2):
+            verified = await verify_jwt(
+                token,
+                keys=jwks,
+                issuer=ISSUER,
+                audiences=(AUDIENCE,),
+                algorithms=("RS256",),
+                clock=FrozenClock(start=NOW),
+                leeway=30,
+                max_bytes=16384,
+            )
+            verified.claims["sub"] = "changed by the caller"  # a caller's own copy
+            results.append(verified.claims)
+        return results
+
+    first, second = asyncio.run(peek_once_verify_twice())
+    assert first is not second
+    assert second["sub"] == "changed by the caller" and claims()["sub"] == "user-1"
+    from idp_adapters.jwt_verify import _peeked_payload
+
+    assert _peeked_payload.get() is None  # nothing left in this (outer) context either
