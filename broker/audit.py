@@ -255,10 +255,25 @@ def _bound(
         if value is None:
             continue
         size += len(key) + 4
-        if type(value) is str and len(value) <= max_string:  # most fields: no call
+        kind = type(value)
+        if kind is str:
+            if len(value) <= max_string:  # most fields: no call
+                bounded[key] = value
+                size += len(value)
+                continue
+        elif kind is bool or (kind is int and -_BIG_INT < value < _BIG_INT):
             bounded[key] = value
-            size += len(value)
             continue
+        elif kind is list and len(value) <= max_items:  # scopes, audiences, agent chains
+            kept_size = 2
+            for item in value:
+                if type(item) is not str or len(item) > max_string:
+                    break
+                kept_size += len(item) + 3
+            else:
+                bounded[key] = list(value)
+                size += kept_size
+                continue
         kept = bounder.value(value, ((), key), 1)
         if kept is not _OMIT:
             bounded[key] = kept

@@ -18,11 +18,9 @@ class StrictJsonError(ValueError):
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise StrictJsonError("duplicate member name")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # a name given twice collapsed into one member
+        raise StrictJsonError("duplicate member name")
     return result
 
 
@@ -37,16 +35,19 @@ def _reject_constant(name: str) -> Any:
     raise StrictJsonError("NaN and Infinity are not JSON")
 
 
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_object_without_duplicates,
+    parse_float=_finite_float,
+    parse_constant=_reject_constant,
+)
+"""What ``json.loads`` with these hooks builds for every call; decoding keeps no state."""
+
+
 def loads_strict(data: bytes | str) -> Any:
     """Parse UTF-8 JSON, rejecting duplicate member names (at any depth) and non-finite numbers."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(
-            text,
-            object_pairs_hook=_object_without_duplicates,
-            parse_float=_finite_float,
-            parse_constant=_reject_constant,
-        )
+        return _STRICT_DECODER.decode(text)
     except StrictJsonError:
         raise
     except (UnicodeDecodeError, RecursionError, ValueError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,6 +33,18 @@ from broker.tracing import SpanKind, StatusCode, incoming_context
 log = logging.getLogger("broker.http")
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+_JSON_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+)
+
+
+class CompactJSONResponse(JSONResponse):
+    """Starlette's JSONResponse, rendered by one encoder built once (``json.dumps`` with these
+    arguments builds a new one for every response)."""
+
+    def render(self, content: Any) -> bytes:
+        return _JSON_ENCODER.encode(content).encode("utf-8")
 CLAIMED_CLIENT_ID_CHARS = 64
 
 Handler = Callable[[Request, OAuthForm, AuthenticatedClient | None, str], Awaitable[dict]]
@@ -98,7 +111,7 @@ class Edge:
             headers["X-Request-Id"] = request_id
         if err.debug:
             log.info("request refused: %s (%s) debug=%s", err.error, err.reason, err.debug)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return CompactJSONResponse(body, status_code=status, headers=headers)
 
     def source(self, request: Request) -> str:
         """The caller's address (X-Forwarded-For only through `http.trusted_proxies`)."""
@@ -253,6 +266,6 @@ class Edge:
                     else "internal error"
                 )
                 return self.error_response(ServerError(message), request_id)
-            return JSONResponse(body, headers={**NO_STORE, "X-Request-Id": request_id})
+            return CompactJSONResponse(body, headers={**NO_STORE, "X-Request-Id": request_id})
 
         return endpoint
