@@ -211,7 +211,15 @@ class _Bounder:
                 items = list(value.items())
                 kept: Any = {}
                 for key, item in items[: self.max_items]:
-                    name = self._string(str(key), (path, "<key>"))
+                    if type(key) is str and len(key) <= self.max_string:
+                        name = key
+                        self.size += len(key)
+                        if type(item) is str and len(item) <= self.max_string:
+                            kept[name] = item  # a short string member: no call
+                            self.size += len(item)
+                            continue
+                    else:
+                        name = self._string(str(key), (path, "<key>"))
                     bounded = self.value(item, (path, name), depth + 1)
                     if bounded is not _OMIT:
                         kept[name] = bounded

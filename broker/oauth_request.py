@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator, Mapping
+from typing import Any
 from urllib.parse import unquote
 
 from starlette.requests import Request
@@ -48,6 +49,13 @@ class OAuthForm(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._single)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._single
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        # The ABC's get raises and catches KeyError for every absent parameter.
+        return self._single.get(name, default)
 
     def get_all(self, name: str) -> list[str]:
         return list(self._multi.get(name, ()))

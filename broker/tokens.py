@@ -55,6 +55,18 @@ def _generate_private_key(algorithm: str) -> Any:
     raise ValueError(f"unsupported signing algorithm {algorithm}")
 
 
+_CLAIMS_ENCODER = json.JSONEncoder(separators=(",", ":"))
+"""The claims' JSON as PyJWT's ``jwt.encode`` writes it, by one encoder built once."""
+
+
+def sign_claims(claims: Mapping[str, Any], key: SigningKey, headers: dict[str, Any]) -> str:
+    """A compact JWS of `claims` signed with `key`: the claims serialized here (plain JSON
+    values only: numbers, strings, lists, objects), the JWS built and signed by PyJWT, as
+    ``jwt.encode`` does after the same serialization."""
+    payload = _CLAIMS_ENCODER.encode(claims).encode("utf-8")
+    return jwt.api_jws.encode(payload, key.private_key, algorithm=key.algorithm, headers=headers)
+
+
 @dataclass(frozen=True, slots=True)
 class SigningKey:
     kid: str
@@ -337,12 +349,7 @@ class TokenIssuer:
         if jkt is not None:
             claims["cnf"] = {"jkt": jkt}  # RFC 9449 §6: bound to the agent's DPoP key
         key = self._keyring.active
-        token = jwt.encode(
-            claims,
-            key.private_key,
-            algorithm=key.algorithm,
-            headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYP},
-        )
+        token = sign_claims(claims, key, {"kid": key.kid, "typ": ACCESS_TOKEN_TYP})
         if len(token) > self._max_bytes:
             raise TokenTooLarge(len(token), self._max_bytes)
         return IssuedToken(
@@ -393,12 +400,7 @@ class TokenIssuer:
         if jkt is not None:
             claims["cnf"] = {"jkt": jkt}
         key = self._keyring.active
-        token = jwt.encode(
-            claims,
-            key.private_key,
-            algorithm=key.algorithm,
-            headers={"kid": key.kid, "typ": ID_JAG_TYP},
-        )
+        token = sign_claims(claims, key, {"kid": key.kid, "typ": ID_JAG_TYP})
         if len(token) > self._max_bytes:
             raise TokenTooLarge(len(token), self._max_bytes)
         return IssuedToken(

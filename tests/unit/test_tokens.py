@@ -17,6 +17,7 @@ from broker.tokens import (
     TokenTooLarge,
     _nest_act,
     actor_chain_from_claim,
+    sign_claims,
 )
 from broker.types import Provenance, TokenType
 from idp_adapters.base import TokenRejected
@@ -196,3 +197,34 @@ def test_the_broker_accepts_its_own_tokens_until_exp_only_whatever_the_skew(
     for token in (cached, fresh):  # at exp, from the verdict cache or verified anew
         with pytest.raises(TokenRejected, match="expired"):
             asyncio.run(verifier.verify(token))
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "ES384", "EdDSA", "PS256"])
+def test_sign_claims_writes_what_jwt_encode_writes(tmp_path: Path, algorithm: str) -> None:
+    """The issuer serializes the claims itself and has PyJWT build and sign the JWS: the header
+    and payload are byte for byte what ``jwt.encode`` writes, and the signature verifies."""
+    keyring = Keyring(
+        tmp_path / "keys", algorithm=algorithm, clock=FrozenClock(), publish_grace_seconds=0
+    )
+    key = keyring.active
+    claims = {
+        "iss": "https://broker.example",
+        "sub": "dev/ålice",  # non-ASCII, escaped as jwt.encode escapes it
+        "aud": ["a", "b"],
+        "act": {"sub": "sub-agent", "act": {"sub": "triage-agent"}},
+        "iat": 1_800_000_000,
+        "exp": 1_800_000_900,
+        "provenance": {"idp": "dev", "groups": [], "auth_time": None},
+    }
+    headers = {"kid": key.kid, "typ": "at+jwt"}
+    token = sign_claims(claims, key, headers)
+    expected = jwt.encode(claims, key.private_key, algorithm=key.algorithm, headers=headers)
+    assert token.rsplit(".", 1)[0] == expected.rsplit(".", 1)[0]
+    decoded = jwt.decode(
+        token,
+        key.verification_key,
+        algorithms=[key.algorithm],
+        audience="a",
+        options={"verify_exp": False, "verify_iat": False},
+    )
+    assert decoded == claims
