@@ -100,6 +100,10 @@ def serve(
         log_config=None,  # the app configures logging (JSON lines with request ids)
         access_log=False,
         server_header=False,
+        # The broker alone decides whom to believe about the caller's address
+        # (http.trusted_proxies): uvicorn's own proxy-headers middleware would take
+        # X-Forwarded-For from any local peer before the broker saw the request.
+        proxy_headers=False,
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
     )
@@ -548,5 +552,9 @@ def _run_dev_broker(
         log_config=None,
         access_log=False,
         server_header=False,
+        # The broker alone decides whom to believe about the caller's address
+        # (http.trusted_proxies): uvicorn's own proxy-headers middleware would take
+        # X-Forwarded-For from any local peer before the broker saw the request.
+        proxy_headers=False,
     )
     uvicorn.Server(server_config).run(sockets=[sock])

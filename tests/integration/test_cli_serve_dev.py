@@ -566,3 +566,44 @@ def test_serve_names_a_busy_port_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_serve_believes_x_forwarded_for_only_through_trusted_proxies(tmp_path: Path) -> None:
+    """uvicorn's proxy-headers middleware is off under `broker serve`: a local caller's
+    X-Forwarded-For is not its address unless `http.trusted_proxies` says to believe it."""
+    port = _free_port()
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "issuer": f"http://127.0.0.1:{port}",
+                "http": {"port": port},
+                "policy_dir": str(REPO / "policies"),
+                "signing_keys": {"directory": str(tmp_path / "keys")},
+                **placeholder_vault(tmp_path),
+            }
+        )
+    )
+    log = tmp_path / "serve.log"
+    with broker_process(["serve", "--config", str(config)], log, dict(os.environ)) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, process, log)
+        refused = httpx.post(
+            f"{url}/oauth2/token",
+            data={"grant_type": "client_credentials"},
+            auth=("triage-agent", "not-the-secret"),
+            headers={"X-Forwarded-For": "203.0.113.7"},
+        )
+        assert refused.status_code == 401
+        request_id = refused.headers["x-request-id"]
+        deadline = time.monotonic() + 10
+        while request_id not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    records = [
+        json.loads(line)
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and request_id in line
+    ]
+    denied = [r for r in records if r.get("event") == "request.denied"]
+    assert denied and denied[0]["source"] == "127.0.0.1", records
+    assert "203.0.113.7" not in log.read_text()
