@@ -92,7 +92,7 @@ test: install-test
 ## make bench: benchmarks with same-run baselines (the test and bench extras), run by an
 ## interpreter built as production's is. The image's python:3.11-slim, like Debian's python3, is
 ## built with profile-guided and link-time optimisation; pyenv's default build is not, and runs
-## the broker about a fifth slower. BENCH_PYTHON (default: the machine's /usr/bin/python3 where
+## the broker 7-18 % slower. BENCH_PYTHON (default: the machine's /usr/bin/python3 where
 ## it is 3.11 or newer, else $(PYTHON)) gets its own venv, .venv-bench; the bench header names it.
 BENCH_PYTHON ?= $(or $(shell /usr/bin/python3 -c 'import sys, ensurepip; print(sys.executable if sys.version_info >= (3, 11) else "")' 2>/dev/null),$(PYTHON))
 BENCH_VENV   := .venv-bench
