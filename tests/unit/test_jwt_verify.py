@@ -537,22 +537,25 @@ def test_any_single_character_change_is_rejected(
         verify(mutated, jwks)
 
 
+async def _verify_rs256(token: str, keys: Any) -> VerifiedJwt:
+    return await verify_jwt(
+        token,
+        keys=keys,
+        issuer=ISSUER,
+        audiences=(AUDIENCE,),
+        algorithms=("RS256",),
+        clock=FrozenClock(start=NOW),
+        leeway=30,
+        max_bytes=16384,
+    )
+
+
 def _peek_then_verify(peeked: str, verified: str, keys: Any) -> tuple[object, VerifiedJwt]:
     """As the token exchange routes and then verifies: both in one task."""
 
     async def both() -> tuple[object, VerifiedJwt]:
         issuer = unverified_issuer(peeked, max_bytes=16384)
-        result = await verify_jwt(
-            verified,
-            keys=keys,
-            issuer=ISSUER,
-            audiences=(AUDIENCE,),
-            algorithms=("RS256",),
-            clock=FrozenClock(start=NOW),
-            leeway=30,
-            max_bytes=16384,
-        )
-        return issuer, result
+        return issuer, await _verify_rs256(verified, keys)
 
     return asyncio.run(both())
 
@@ -605,16 +608,7 @@ def test_a_peeked_payload_is_used_once(rsa_key: Any, jwks: StaticJwks) -> None:
         unverified_issuer(token, max_bytes=16384)
         results = []
         for _ in range(2):
-            verified = await verify_jwt(
-                token,
-                keys=jwks,
-                issuer=ISSUER,
-                audiences=(AUDIENCE,),
-                algorithms=("RS256",),
-                clock=FrozenClock(start=NOW),
-                leeway=30,
-                max_bytes=16384,
-            )
+            verified = await _verify_rs256(token, jwks)
             verified.claims["sub"] = "changed by the caller"  # a caller's own copy
             results.append(verified.claims)
         return results
