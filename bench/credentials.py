@@ -67,6 +67,7 @@ from bench.exchange import (
     open_loop_line,
     open_loop_rows,
     open_loop_table,
+    round_by_round,
     target_rows,
     warn_if_busy,
 )
@@ -493,6 +494,7 @@ def _comparison(rows: list[Row], open_rows: Sequence[Row] = (), *, production: b
         p99,
         max_p99,
     )
+    body += round_by_round(rows, FETCH, baseline)
     body += [
         [
             "fetch p50 vs OpenBao KV read p50",

@@ -475,6 +475,22 @@ def _median_row(rows: list[Row], label: str) -> Row | None:
     return sorted(matching, key=lambda r: r.result.rps)[len(matching) // 2]
 
 
+def round_by_round(rows: Sequence[Row], label: str, baseline: str) -> list[list[object]]:
+    """A row of `label`'s req/s over `baseline`'s in each round (rounds alternate, so each
+    pair ran minutes apart on the same machine): how much of a median ratio is the machine's
+    drift. No row with fewer than two rounds."""
+    rates = {r.label: r.result.rps for r in rows}
+    ratios = []
+    for round_no in range(1, len(rows) + 1):
+        ours, theirs = rates.get(f"{label} #{round_no}"), rates.get(f"{baseline} #{round_no}")
+        if ours is None or theirs is None:
+            break
+        ratios.append(f"{ours / theirs:.2f}x" if theirs else "-")
+    if len(ratios) < 2:
+        return []
+    return [[f"{label} vs {baseline}, round by round", ", ".join(ratios), "", "", ""]]
+
+
 def _cpu_ms(row: Row) -> float:
     return 1000.0 * row.server_cpu_seconds / row.result.ok if row.result.ok else float("nan")
 
@@ -655,6 +671,7 @@ def _comparison(
             p99,
             max_p99,
         )
+        body += round_by_round(rows, f"{group}: token exchange", baseline)
         body += [
             [
                 f"{group}: exchanges/s vs its /healthz req/s",
