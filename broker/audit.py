@@ -160,6 +160,13 @@ def _render(path: _Path) -> str:
     return text
 
 
+def _short_strings(value: list[Any], max_items: int, max_string: int) -> bool:
+    """Whether `value` is a list a record keeps as it is: few items, each a short string."""
+    return len(value) <= max_items and all(
+        type(item) is str and len(item) <= max_string for item in value
+    )
+
+
 class _Bounder:
     def __init__(self, max_string: int, max_items: int, max_depth: int) -> None:
         self.max_string, self.max_items, self.max_depth = max_string, max_items, max_depth
@@ -184,11 +191,8 @@ class _Bounder:
             return self._string(value, path)
         if kind is bool or (kind is int and -_BIG_INT < value < _BIG_INT):
             return value
-        if (
-            kind is list
-            and len(value) <= self.max_items
-            and all(type(item) is str and len(item) <= self.max_string for item in value)
-        ):  # a list of short strings (agent chains, scopes, groups): kept as it is
+        if kind is list and _short_strings(value, self.max_items, self.max_string):
+            # a list of short strings (agent chains, scopes, groups): kept as it is
             self.size += sum(map(len, value)) + 2
             return list(value)
         if isinstance(value, str):
@@ -272,16 +276,10 @@ def _bound(
         elif kind is bool or (kind is int and -_BIG_INT < value < _BIG_INT):
             bounded[key] = value
             continue
-        elif kind is list and len(value) <= max_items:  # scopes, audiences, agent chains
-            kept_size = 2
-            for item in value:
-                if type(item) is not str or len(item) > max_string:
-                    break
-                kept_size += len(item) + 3
-            else:
-                bounded[key] = list(value)
-                size += kept_size
-                continue
+        elif kind is list and _short_strings(value, max_items, max_string):
+            bounded[key] = list(value)  # scopes, audiences, agent chains: as `value` keeps them
+            size += sum(map(len, value)) + 2
+            continue
         kept = bounder.value(value, ((), key), 1)
         if kept is not _OMIT:
             bounded[key] = kept

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -19,6 +19,18 @@ from uvicorn.supervisors import Multiprocess
 
 from broker.policy import PolicyError
 from broker.settings import BrokerSettings, load_settings
+
+UVICORN_OPTIONS: dict[str, Any] = {
+    "log_level": "warning",
+    "log_config": None,  # the app configures logging (JSON lines with request ids)
+    "access_log": False,
+    "server_header": False,
+    # The broker alone decides whom to believe about the caller's address
+    # (http.trusted_proxies): uvicorn's own proxy-headers middleware would take
+    # X-Forwarded-For from any local peer before the broker saw the request.
+    "proxy_headers": False,
+}
+"""What `broker serve` and `broker dev` both tell uvicorn."""
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML configuration file.", exists=False)
@@ -96,14 +108,7 @@ def serve(
         "broker.app:create_app_from_environment",
         factory=True,
         workers=workers or settings.http.workers,
-        log_level="warning",
-        log_config=None,  # the app configures logging (JSON lines with request ids)
-        access_log=False,
-        server_header=False,
-        # The broker alone decides whom to believe about the caller's address
-        # (http.trusted_proxies): uvicorn's own proxy-headers middleware would take
-        # X-Forwarded-For from any local peer before the broker saw the request.
-        proxy_headers=False,
+        **UVICORN_OPTIONS,
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
     )
@@ -548,13 +553,6 @@ def _run_dev_broker(
     )
     server_config = uvicorn.Config(
         create_app(settings, services=services),
-        log_level="warning",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        # The broker alone decides whom to believe about the caller's address
-        # (http.trusted_proxies): uvicorn's own proxy-headers middleware would take
-        # X-Forwarded-For from any local peer before the broker saw the request.
-        proxy_headers=False,
+        **UVICORN_OPTIONS,
     )
     uvicorn.Server(server_config).run(sockets=[sock])

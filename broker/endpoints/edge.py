@@ -33,6 +33,7 @@ from broker.tracing import SpanKind, StatusCode, incoming_context
 log = logging.getLogger("broker.http")
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+CLAIMED_CLIENT_ID_CHARS = 64
 
 _JSON_ENCODER = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
@@ -45,7 +46,7 @@ class CompactJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return _JSON_ENCODER.encode(content).encode("utf-8")
-CLAIMED_CLIENT_ID_CHARS = 64
+
 
 Handler = Callable[[Request, OAuthForm, AuthenticatedClient | None, str], Awaitable[dict]]
 """A domain handler behind `Edge.oauth_endpoint`: (request, form, authenticated client or None,
